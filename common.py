@@ -142,6 +142,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def wrap_ddp(model, info, find_unused_parameters=False):
+    """DistributedDataParallel for multi-process runs (identity in one process).
+
+    broadcast_buffers=False matters: quantizer buffers (EMA statistics, the on/off switch, LRU
+    counters) are kept identical by all-reduce and broadcast inside the quantizer; DDP's default
+    buffer broadcast would silently overwrite every rank's EMA statistics with rank 0's each step.
+    find_unused_parameters=True is needed while a gradient codebook sits unused (Continuous Phase).
+    """
+    if not is_distributed():
+        return model
+    ids = [info.local_rank] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+
+
+def progress_bar(iterable=None, **kwargs):
+    """tqdm on rank 0 only (other ranks stay quiet)."""
+    from tqdm.auto import tqdm
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, disable=kwargs.pop("disable", False) or not is_main_process(), **kwargs)
+
+
 def autocast_for(device, enabled=True):
     """bf16 autocast on CUDA (paper-scale runs), plain float32 on CPU."""
     if enabled and device.type == "cuda":
@@ -519,7 +541,7 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     world = dist.get_world_size() if is_distributed() else 1
     per_rank = int(math.ceil(needed / world))
     collected, total = [], 0
-    bar = _progress(total=per_rank, desc="collecting embeddings", disable=not (progress and is_main_process()))
+    bar = progress_bar(total=per_rank, desc="collecting embeddings", disable=not progress)
     with torch.no_grad():
         for batch in batches:
             z = encode(batch).detach()
@@ -536,9 +558,7 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     return local.shape[0]
 
 
-def _progress(**kwargs):
-    from tqdm.auto import tqdm
-    return tqdm(**kwargs)
+# ---- Multi-scale residual quantizer (VAR, Tian et al. 2024), built on VectorQuantizer ---------
 
 
 # ================================================================================================
@@ -650,3 +670,18 @@ def codebook_metrics(codes, counts=None):
         out["perplexity"] = perplexity_from_counts(counts)
         out["used_codes"] = int((counts > 0).sum())
     return out
+
+
+# ================================================================================================
+# 4. Image metrics: MSE, PSNR, SSIM, LPIPS, FID / IS / precision-recall, pixel and LPIPS diversity
+# ================================================================================================
+
+
+# ================================================================================================
+# 5. Models shared by more than one script (VQGAN-style encoder/decoder, PatchGAN discriminator)
+# ================================================================================================
+
+
+# ================================================================================================
+# 6. Data: image folders, reproducible split files
+# ================================================================================================
