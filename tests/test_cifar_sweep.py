@@ -1,0 +1,271 @@
+"""cifar_sweep.py and its evaluate.py renderers, on a tiny CIFAR-10 folder in torchvision's real format.
+
+The fixture (tests/cifar_fixture.py) is read by the real torchvision.datasets.CIFAR10; only its md5
+check is replaced, in the test process (monkeypatch) and in the torchrun launcher the DDP test writes.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cifar_sweep
+import evaluate
+from cifar_fixture import allow_fixture_checksums, write_cifar_fixture
+from common import perplexity_from_counts, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = ("mse", "perplexity", "used_codes", "euclidean", "cosine", "vendi")
+TEST_IMAGES = 64  # smoke preset: the first 64 test images
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_cifar_fixture(str(tmp_path_factory.mktemp("cifar")))
+
+
+@pytest.fixture(autouse=True)
+def fixture_checksums(monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+def sweep(*argv):
+    return run_cli(cifar_sweep.main, cifar_sweep.build_parser(), ["--workers", "0", *map(str, argv)])
+
+
+def smoke(data_dir, out, method, *extra):
+    """Run one smoke configuration; returns (json record, checkpoint, run name)."""
+    args = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(
+        ["--preset", "smoke", "--method", method, "--num-codes", "32", *map(str, extra)]))
+    name = cifar_sweep.run_name(args)
+    sweep("--preset", "smoke", "--method", method, "--num-codes", 32, "--data-dir", data_dir, "--out", out, *extra)
+    with open(os.path.join(out, name + ".json")) as f:
+        record = json.load(f)
+    return record, torch.load(os.path.join(out, name + ".pt"), weights_only=False), name
+
+
+def test_fixture_is_read_by_the_real_loader(data_dir):
+    import pickle
+    with open(os.path.join(data_dir, "cifar-10-batches-py", "test_batch"), "rb") as f:
+        raw = pickle.load(f)["data"]
+    images = cifar_sweep.load_cifar(data_dir, train=False, download=False, subset=None)
+    assert images.dtype == torch.uint8 and images.shape == (TEST_IMAGES, 3, 32, 32)
+    # channel-major rows of 3072 -> (3, 32, 32): torchvision's HWC round trip must give them back
+    assert torch.equal(images, torch.from_numpy(raw.reshape(-1, 3, 32, 32)))
+    assert len(cifar_sweep.load_cifar(data_dir, True, False, None)) == 5 * 48
+
+
+def test_missing_folder_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep("--preset", "smoke", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: CIFAR-10 not found") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", sorted(cifar_sweep.METHODS))
+def test_every_method_writes_a_valid_result(data_dir, tmp_path, method):
+    record, ckpt, name = smoke(data_dir, str(tmp_path), method)
+    assert record["experiment"] == "cifar10" and record["method"] == method
+    assert record["args"]["num_codes"] == 32 and record["run_name"] == name
+    assert all(np.isfinite(record["metrics"][k]) for k in REQUIRED)
+    args = record["args"]
+    history = record["history"]
+    assert [h["epoch"] for h in history] == list(range(args["ae_epochs"] + args["vq_epochs"]))
+    for h in history:  # the quantizer is off exactly in the Continuous Phase
+        assert h["phase"] == ("continuous" if h["epoch"] < args["ae_epochs"] else "discretization")
+        assert (h["quantized_steps"] > 0) == (h["phase"] == "discretization")
+        assert np.isfinite(h["val_loss"]) and np.isfinite(h["train_loss"])
+    # usage counted over the whole test split; perplexity recomputed independently from the counts
+    counts = ckpt["code_counts"]
+    assert int(counts.sum()) == TEST_IMAGES * 8 * 8
+    assert record["metrics"]["perplexity"] == pytest.approx(perplexity_from_counts(counts))
+    assert record["metrics"]["used_codes"] == int((counts > 0).sum())
+    assert ckpt["codebook"].shape == (32, 32)
+
+
+def test_methods_configure_the_quantizer_as_documented():
+    def quantizer(method, **extra):
+        argv = ["--preset", "smoke", "--method", method] + [f"--{k}={v}" for k, v in extra.items()]
+        return cifar_sweep.build_model(cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(argv))).quantizer
+    assert quantizer("baseline_ema").ema_decay == 0.99 and quantizer("baseline").ema_decay is None
+    assert quantizer("affine").affine_lr == 5.0 and quantizer("sync").sync_nu == 0.1
+    q = quantizer("affine_sync")
+    assert (q.affine_lr, q.sync_nu) == (2.0, 2.0)
+    assert quantizer("lru_kmeans").dead_code_steps == 100
+    g = quantizer("gaussian", **{"init-std": 10})  # N(0, 10^2) codes, quantizing from the start
+    assert g.is_enabled and 8.0 < float(g.embed.std()) < 12.0
+    assert not quantizer("deferred").is_enabled
+    paper = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "deferred"]))
+    assert (paper.ae_epochs, paper.vq_epochs, paper.batch_size, paper.channels) == (50, 250, 128, 128)
+    with pytest.raises(cifar_sweep.UserError):
+        cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(
+            ["--method", "posthoc_kmeans", "--vq-epochs", "5"]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """Reference run: EMA codebook, dead-code replacement every step (uses the global RNG)."""
+    import torchvision.datasets.cifar as cifar
+    saved = cifar.check_integrity
+    allow_fixture_checksums()
+    try:
+        return smoke(data_dir, str(tmp_path_factory.mktemp("ref")), "deferred_ema",
+                     "--ae-epochs", 1, "--vq-epochs", 2, "--dead-code-steps", 1)[0]
+    finally:
+        cifar.check_integrity = saved
+
+
+@pytest.mark.parametrize("kill_after_saves", [1, 2])  # before the switch / inside the Discretization Phase
+def test_resume_after_kill_gives_the_same_result(data_dir, tmp_path, monkeypatch, uninterrupted, kill_after_saves):
+    real_save = cifar_sweep.save_checkpoint
+    saves = []
+
+    def save_then_die(path, **state):
+        real_save(path, **state)
+        saves.append(state["epoch"])
+        if len(saves) == kill_after_saves:
+            raise KeyboardInterrupt("simulated kill")
+
+    extra = ("--ae-epochs", 1, "--vq-epochs", 2, "--dead-code-steps", 1)
+    monkeypatch.setattr(cifar_sweep, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        smoke(data_dir, str(tmp_path), "deferred_ema", *extra)
+    monkeypatch.setattr(cifar_sweep, "save_checkpoint", real_save)
+    trained = []
+    real_evaluate = cifar_sweep.evaluate
+    monkeypatch.setattr(cifar_sweep, "evaluate", lambda *a: trained.append(1) or real_evaluate(*a))
+    resumed = smoke(data_dir, str(tmp_path), "deferred_ema", *extra, "--resume")[0]
+    assert len(trained) == 3 - kill_after_saves + 1  # only the remaining epochs (+ final test) ran
+    assert resumed["metrics"] == uninterrupted["metrics"]
+    assert resumed["history"] == uninterrupted["history"]
+
+
+def test_posthoc_kmeans_never_trains_the_decoder_on_quantized_inputs(data_dir, tmp_path, monkeypatch):
+    real_switch = cifar_sweep.switch
+    seen = {}
+
+    def spy(model, loader, args, epoch):  # snapshot the decoder the moment quantization turns on
+        seen["decoder"] = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+        seen["epoch"] = epoch
+        return real_switch(model, loader, args, epoch)
+
+    monkeypatch.setattr(cifar_sweep, "switch", spy)
+    record, ckpt, _ = smoke(data_dir, str(tmp_path), "posthoc_kmeans")
+    assert seen["epoch"] == len(record["history"]) == 2  # after the last training epoch
+    assert all(h["quantized_steps"] == 0 and h["phase"] == "continuous" for h in record["history"])
+    after = {k[len("decoder."):]: v for k, v in ckpt["model"].items() if k.startswith("decoder.")}
+    assert after.keys() == seen["decoder"].keys()
+    assert all(torch.equal(after[k], seen["decoder"][k]) for k in after)
+    assert bool(ckpt["model"]["quantizer.enabled"])
+    # the final test does go through the k-means codebook: its MSE differs from the continuous one
+    assert record["metrics"]["mse"] != record["history"][-1]["val_mse"]
+
+
+def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    out.mkdir()
+    ran = []
+    monkeypatch.setattr(cifar_sweep, "train_run", lambda args, info: ran.append(cifar_sweep.run_name(args)))
+    configs = cifar_sweep.grid_configs("table8")
+    names = []
+    for config in configs:
+        args = cifar_sweep.build_parser().parse_args([])
+        vars(args).update(config)
+        names.append(cifar_sweep.run_name(cifar_sweep.resolve_args(args)))
+    for name in names[1:]:
+        (out / f"{name}.json").write_text("{}")
+    sweep("--grid", "table8", "--out", out)
+    assert ran == names[:1] == ["baseline_ema_K8192_ae0_vq300_s0"]
+    # names are unique across every grid, so tables sharing a run reuse it and nothing collides
+    every = {}
+    for grid in cifar_sweep.GRIDS:
+        for config in cifar_sweep.grid_configs(grid):
+            args = cifar_sweep.build_parser().parse_args([])
+            vars(args).update(config)
+            key = tuple(sorted(config.items()))
+            every.setdefault(cifar_sweep.run_name(cifar_sweep.resolve_args(args)), set()).add(key)
+    assert all(len(v) == 1 for v in every.values())
+    assert len(every) == 26 + 1 + 7 + 4 + 30  # fig5 + table8/9/10/11 minus shared runs
+
+
+def test_two_process_ddp_keeps_identical_codebooks(data_dir, tmp_path):
+    """torchrun with 2 gloo processes: every rank records the codebook it holds after each epoch."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\n"
+        "from cifar_fixture import allow_fixture_checksums\n"
+        "allow_fixture_checksums()\n"
+        "import cifar_sweep\nfrom common import run_cli\n"
+        "run_cli(cifar_sweep.main, cifar_sweep.build_parser())\n")
+    out = tmp_path / "out"
+    method = ("lru_kmeans", "--dead-code-steps", "1")  # gradient codebook, k-means init, replacement
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+           "--preset", "smoke", "--method", *method, "--num-codes", "32", "--vq-epochs", "3", "--data-dir",
+           data_dir, "--out", str(out), "--workers", "0", "--debug-rank-hashes", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = "lru_kmeans_dead1_K32_ae0_vq3_s0_smoke"
+    ranks = [json.loads((out / f"{name}.rank{r}.debug.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["codebook_sha256"] == ranks[1]["codebook_sha256"]
+    assert len(set(ranks[0]["codebook_sha256"])) == 3  # the codebook did change every epoch
+    # the ranks trained on different shards, so equality is the sync, not identical inputs
+    assert all(a != b for a, b in zip(ranks[0]["first_batch_sha256"], ranks[1]["first_batch_sha256"]))
+    ckpt = torch.load(out / f"{name}.pt", weights_only=False)
+    assert hashlib.sha256(ckpt["codebook"].numpy().tobytes()).hexdigest() == ranks[0]["codebook_sha256"][-1]
+    record = json.loads((out / f"{name}.json").read_text())
+    assert record["world_size"] == 2 and int(ckpt["code_counts"].sum()) == TEST_IMAGES * 64
+
+
+# ---- evaluate.py renderers, from fixture JSONs with known numbers --------------------------------
+
+
+def fake_result(out, config, mse, perplexity, vendi, euclidean=1.5, history=None):
+    args = dict(config, preset="paper", seed=0)
+    args.setdefault("init_std", 1.0)
+    record = {"experiment": "cifar10", "method": config["method"], "args": args,
+              "metrics": {"mse": mse, "perplexity": perplexity, "vendi": vendi, "euclidean": euclidean,
+                          "cosine": 0.9, "used_codes": 10},
+              "history": history or [{"epoch": 0, "val_loss": 0.02}, {"epoch": 1, "val_loss": 0.01}]}
+    name = "_".join(f"{k}{v}" for k, v in sorted(config.items()))
+    (out / f"{name}.json").write_text(json.dumps(record))
+
+
+def test_evaluate_renders_every_cifar_table(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    written = set()
+    for grid in cifar_sweep.GRIDS:
+        for i, config in enumerate(cifar_sweep.grid_configs(grid)):
+            key = tuple(sorted(config.items()))
+            if key not in written:
+                written.add(key)
+                # distinctive numbers: mse 0.0xyz -> "xy.z0" in units of 1e-3
+                fake_result(runs, config, mse=0.00123 + 1e-5 * len(written), perplexity=1000.0 + len(written),
+                            vendi=1.0 + 0.001 * len(written))
+    # one known run, checked by value in several tables
+    t8 = cifar_sweep.grid_configs("table8")[1]  # posthoc_kmeans
+    fake_result(runs, t8, mse=0.0314, perplexity=2777.77, vendi=2.3456)
+    report = run_cli(evaluate.main, evaluate.build_parser(), ["tables", str(runs), "--out", str(tmp_path / "rep")])
+    for title in ("Figure 5", "Figure 6", "Table 8", "Table 9", "Table 10", "Table 11"):
+        assert title in report
+    table8 = report.split("## Table 8")[1].split("## ")[0]
+    assert "| Post-hoc k-means (300 ep AE) | 21.00 | 31.40 | 2724.57 | 2777.77 | 2.04 | 2.35 |" in table8
+    assert "| 2018.63 " in report.split("## Table 9")[1] and "3143.12" in report  # paper values beside ours
+    t10 = report.split("## Table 10")[1].split("## ")[0]
+    assert "Gaussian Init (sigma = 10)" in t10 and "2207.4" in t10 and "1.953" in t10
+    t11 = report.split("## Table 11")[1]
+    assert "| LRU + K-means | 12.24 |" in t11 and "6030.98" in t11
+    assert "| Affine + Sync (default) | – |" in t11  # the paper's failed 1K run
+    assert (tmp_path / "rep" / "fig5_cifar10.png").stat().st_size > 0
+    assert (tmp_path / "rep" / "fig6_cifar10_val_loss.png").stat().st_size > 0
+    # Figure 6 holds the eight Table 11 methods' curves, final value from the history
+    assert report.split("## Figure 6")[1].count("| 0.01000 |") == 8
