@@ -183,6 +183,12 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
         (out / f"{name}.json").write_text("{}")
     sweep("--grid", "table8", "--out", out)
     assert ran == names[:1] == ["baseline_ema_K8192_ae0_vq300_s0"]
+    (out / f"{names[2]}.json").unlink()  # (the mocked run above wrote nothing for names[0])
+    ran.clear()
+    sweep("--grid", "table8", "--grid-shard", "1/2", "--out", out)  # shard 1 of 2 holds config 1 only
+    assert ran == []
+    sweep("--grid", "table8", "--grid-shard", "0/2", "--out", out)  # configs 0 and 2
+    assert ran == [names[0], names[2]]
     # names are unique across every grid, so tables sharing a run reuse it and nothing collides
     every = {}
     for grid in cifar_sweep.GRIDS:
