@@ -241,6 +241,8 @@ def load_cifar(root, train, download, subset):
     except RuntimeError:
         raise UserError(f"CIFAR-10 not found or corrupted under {os.path.join(root, 'cifar-10-batches-py')}; "
                         "point --data-dir at the folder that holds cifar-10-batches-py, or add --download") from None
+    except OSError as err:  # --download without internet
+        raise UserError(f"could not download CIFAR-10 into {root}: {err}") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return images[:subset] if subset else images
 
@@ -270,7 +272,7 @@ def build_loaders(args, info):
                               num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0)
     test_shard = Subset(TensorDataset(test), range(info.rank, len(test), info.world_size))
     test_loader = DataLoader(test_shard, batch_size=max(per_rank, 256), shuffle=False,
-                             num_workers=args.workers, pin_memory=pin)
+                             num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0)
     return train_loader, sampler, test_loader
 
 
