@@ -725,8 +725,9 @@ def ssim(x, y, data_range=1.0):
     def blur(t):  # separable Gaussian, valid region only, each channel on its own
         return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
 
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    with torch.autocast(x.device.type, enabled=False):  # E[x^2] - E[x]^2 cancels badly in bf16
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return float(s.mean())
@@ -913,7 +914,8 @@ def lpips_diversity(images, lpips_model, max_pairs=None, generator=None, batch_s
     acc = torch.zeros((), dtype=torch.float64)
     for start in progress_bar(range(0, order.numel(), batch_size), desc="LPIPS diversity", disable=not progress):
         i, j = _pair_from_linear(order[start:start + batch_size], n)
-        d = lpips_model(images[i].to(device), images[j].to(device))
+        with torch.autocast(device.type, enabled=False):  # a metric: float32 even inside autocast_for()
+            d = lpips_model(images[i].to(device, torch.float32), images[j].to(device, torch.float32))
         acc += d.double().sum().cpu()
     return float(acc / order.numel())
 

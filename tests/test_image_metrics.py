@@ -68,6 +68,8 @@ def test_ssim_matches_independent_scipy_implementation():
     ours = common.ssim(x, y)
     assert 0.2 < ours < 0.95  # a regime where the stabilisers and the window both matter
     assert ours == pytest.approx(reference_ssim(x, y, 1.0), abs=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # callers may sit inside autocast_for()
+        assert common.ssim(x, y) == pytest.approx(ours, abs=1e-6)
 
 
 def test_ssim_identity_and_data_range():
