@@ -22,7 +22,9 @@ Choices the paper leaves open (documented here and in the report):
     divided by the data variance. Paper values of ~9e-3 are on this scale.
   * Batch size 128 (per step, across all GPUs: each of N ranks takes 128 / N).
   * Validation (Figure 6) = the CIFAR-10 test set, evaluated after every epoch; no training image is
-    held out (the paper does not say; the classic VQ-VAE CIFAR-10 code does the same).
+    held out (the paper does not say; the classic VQ-VAE CIFAR-10 code does the same). The plotted
+    "validation loss" is the training objective on it: MSE + VQ loss (codebook + beta * commitment;
+    beta * commitment with an EMA codebook; 0 in the Continuous Phase).
   * Table 10's Gaussian inits and Table 8/9's baseline use an EMA codebook: their paper numbers
     coincide with "Baseline + EMA" / "Deferred + EMA" of Table 11 (8,192 and 16,384 codes).
   * The Huh et al. (2023) / SoundStream methods use a gradient codebook, as vqtorch (which the
