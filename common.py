@@ -20,6 +20,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -804,6 +805,243 @@ def codebook_metrics(codes, counts=None):
 # 4. Image metrics: MSE, PSNR, SSIM, LPIPS, FID / IS / precision-recall, pixel and LPIPS diversity
 # ================================================================================================
 
+# All functions take float images (B, 3, H, W) in [0, 1] unless stated otherwise.
+
+def mse(x, y):
+    """Mean squared error over every pixel and channel of the batch (a float)."""
+    return float(F.mse_loss(x.float(), y.float()))
+
+
+def psnr(x, y, data_range=1.0):
+    """Mean over images of the per-image PSNR = 10 log10(data_range^2 / MSE_image), in dB.
+
+    `data_range` is the width of the value range the images live in: 1.0 for [0, 1], 255 for
+    [0, 255], 2.0 for [-1, 1]. It must match the images: [0, 1] images scored with 255 gain
+    20 log10(255) = 48.1 dB for nothing. Identical images give +inf (MSE 0).
+    """
+    err = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return float((10.0 * torch.log10(data_range ** 2 / err)).mean())
+
+
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+
+
+def _gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-0.5 * (r / sigma) ** 2)
+    return g / g.sum()
+
+
+def ssim(x, y, data_range=1.0):
+    """Mean SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, population
+    (co)variances; computed per channel and averaged over channels, pixels and images.
+
+    Same definition as skimage `structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=..., channel_axis=0)`: statistics only where the
+    window fits inside the image ('valid' filtering = skimage's filtering followed by its 5-pixel
+    border crop). `data_range` must match the images (1.0 for [0, 1], 255 for [0, 255]); it sets
+    the stabilisers C1 = (K1 L)^2, C2 = (K2 L)^2, and a wrong L changes the score. Images are
+    divided by L first (SSIM is invariant to scaling x, y and L together), so float32 is enough.
+    """
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        raise UserError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}")
+    x, y = x.float() / data_range, y.float() / data_range
+    c = x.shape[1]
+    g = _gaussian_window().to(device=x.device, dtype=x.dtype)
+    kh, kw = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+
+    def blur(t):  # separable Gaussian, valid region only, each channel on its own
+        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+# Backbone weights that lpips.LPIPS makes torchvision load (lpips ships only its linear layers).
+# File names and URLs from torchvision/models/alexnet.py and vgg.py (torchvision 0.29.1).
+LPIPS_BACKBONES = {
+    "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+}
+
+
+def hub_checkpoint_dir():
+    """Where torch.hub / torchvision look for downloaded weights: $TORCH_HOME/hub/checkpoints
+    (TORCH_HOME defaults to ~/.cache/torch; torch.hub.set_dir overrides the hub folder)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def _require_weights(path, url, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} weights not found: put {os.path.basename(path)} in {os.path.dirname(path)}/ "
+                        f"(download it on a machine with internet from {url})")
+
+
+def load_lpips(net="alex", device="cpu"):
+    """LPIPS (Zhang et al. 2018) in eval mode with frozen parameters, for images in [0, 1].
+
+    model(x, y) returns the per-image distances, shape (B,). The wrapper maps [0, 1] to the
+    [-1, 1] that lpips expects (its `normalize=True`). The ImageNet backbone must already be in
+    the torch hub cache (see LPIPS_BACKBONES); we check first because, offline, torchvision would
+    fail with a download error, and a randomly initialised backbone would silently give
+    meaningless distances.
+    """
+    if net not in LPIPS_BACKBONES:
+        raise UserError(f"unknown LPIPS network '{net}' (use {', '.join(LPIPS_BACKBONES)})")
+    filename, url = LPIPS_BACKBONES[net]
+    _require_weights(os.path.join(hub_checkpoint_dir(), filename), url, f"LPIPS backbone ({net})")
+    import lpips
+
+    class LPIPS01(lpips.LPIPS):
+        def forward(self, x, y):
+            return super().forward(x, y, normalize=True).flatten()
+
+    with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=True`
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        model = LPIPS01(net=net, pretrained=True, verbose=False).to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ---- FID / Inception Score / precision-recall through torch-fidelity 0.4.0 ----------------------
+
+# The TF-compatible Inception-v3 of torch-fidelity ('inception-v3-compat', the network of the
+# original TF FID / ADM evaluator). Name and URL from torch_fidelity/feature_extractor_inceptionv3.py.
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_ENV = "DQ_INCEPTION_WEIGHTS"
+
+
+def inception_weights_path(path=None):
+    """The Inception weights file to use: `path`, else $DQ_INCEPTION_WEIGHTS, else the torch hub
+    checkpoint folder (where torch-fidelity's own download would put it). Raises UserError when
+    the file is missing, instead of letting torch-fidelity try to download it."""
+    path = path or os.environ.get(INCEPTION_ENV) or os.path.join(hub_checkpoint_dir(), INCEPTION_WEIGHTS)
+    _require_weights(path, INCEPTION_URL, f"Inception-v3 (FID/IS; or set ${INCEPTION_ENV})")
+    return path
+
+
+def to_uint8(images):
+    """[0, 1] floats -> uint8 in [0, 255], rounded (what PNG files of the same images hold)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class FidelityInput(torch.utils.data.Dataset):
+    """Adapter to torch-fidelity's input convention: each item a uint8 (3, H, W) tensor.
+
+    Wraps a float tensor (N, 3, H, W) in [0, 1], or a dataset whose items are such images or
+    (image, label) tuples (e.g. SplitImageDataset). uint8 items are passed through unchanged.
+    """
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        item = self.source[i]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        return image if image.dtype == torch.uint8 else to_uint8(image)
+
+
+def _fidelity_source(x, name):
+    if isinstance(x, (str, os.PathLike)):
+        if not os.path.isdir(x):
+            raise UserError(f"{name} images: no such folder {x}")
+        return os.fspath(x)
+    if isinstance(x, torch.Tensor) or isinstance(x, torch.utils.data.Dataset):
+        return x if isinstance(x, FidelityInput) else FidelityInput(x)
+    raise UserError(f"{name} images must be a folder of PNGs, a Dataset or an image tensor, not {type(x).__name__}")
+
+
+def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, batch_size=64,
+                     device=None, weights_path=None, verbose=False, **fidelity_kwargs):
+    """FID, Inception Score and precision/recall with torch-fidelity's TF-compatible Inception-v3.
+
+    generated / reference: a folder of images (searched recursively, png/jpg), a torch Dataset
+    (items as for FidelityInput) or a float tensor (N, 3, H, W) in [0, 1]. r-FID: reconstructions
+    vs the test images; g-FID: samples vs the test images (paper section 6.1). The Inception Score
+    uses `generated` only. Precision/recall (Kynkaenniemi et al. 2019, k=3) are computed on the
+    same Inception pool features as FID (as the ADM evaluator does), not torch-fidelity's default
+    VGG-16. Returns a dict with the keys of the metrics asked for: fid, isc, isc_std, precision,
+    recall. Feature caching is off (a folder path is not a content hash); extra keyword arguments
+    go to torch_fidelity.calculate_metrics. `device`: 'cuda' / 'cpu' (default: CUDA when present).
+    """
+    if not (fid or isc or prc):
+        raise UserError("fidelity_metrics: ask for at least one of fid, isc, prc")
+    if (fid or prc) and reference is None:
+        raise UserError("FID and precision/recall need reference images")
+    weights = inception_weights_path(weights_path)
+    import torch_fidelity
+
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    kwargs = dict(input1=_fidelity_source(generated, "generated"), fid=fid, isc=isc, prc=prc,
+                  feature_extractor="inception-v3-compat", feature_extractor_weights_path=weights,
+                  batch_size=batch_size, cuda=cuda, samples_find_deep=True, cache=False, verbose=verbose)
+    if reference is not None:
+        kwargs["input2"] = _fidelity_source(reference, "reference")
+    kwargs.update(fidelity_kwargs)
+    raw = torch_fidelity.calculate_metrics(**kwargs)
+    names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc", "inception_score_std": "isc_std",
+             "precision": "precision", "recall": "recall"}
+    return {ours: float(raw[theirs]) for theirs, ours in names.items() if theirs in raw}
+
+
+# ---- Sample diversity (paper section 6.1, Tables 4 and 6) ---------------------------------------
+
+# Pixel distance = mean pairwise L2 distance between whole images in [0, 1]. The paper does not
+# state the scale; this one reproduces its range: ImageNet pixels have std ~0.226 (the usual
+# normalisation constants), so two independent 128x128 RGB images differ by about
+# sqrt(2 * 0.051 * 49152) = 71 in L2 on [0, 1], the paper's 70-81 (Table 4). Alternatives land
+# nearby but off: mean |diff| on 0-255 ~65, RMS diff on 0-255 ~81. `scale` rescales the images
+# (255: L2 on 0-255 values) for anyone who reads the paper otherwise.
+PIXEL_DISTANCE_SCALE = 1.0
+
+
+def pixel_diversity(images, scale=PIXEL_DISTANCE_SCALE):
+    """Mean pairwise L2 distance between the flattened images (each unordered pair once),
+    exact, in blocks (section 3's mean_pairwise_euclidean on the pixel vectors)."""
+    return mean_pairwise_euclidean(images.flatten(1).float() * scale)
+
+
+def _pair_from_linear(k, n):
+    """Row-major index k of the strict upper triangle of an n x n matrix -> (i, j), i < j.
+    Lets us walk or sample pairs without building the n(n-1)/2 index list."""
+    k = k.to(torch.float64)
+    i = n - 2 - torch.floor(torch.sqrt(-8 * k + 4 * n * (n - 1) - 7) / 2 - 0.5)
+    start = i * (2 * n - i - 1) / 2  # linear index of (i, i+1)
+    return i.long(), (k - start + i + 1).long()
+
+
+@torch.no_grad()
+def lpips_diversity(images, lpips_model, max_pairs=None, generator=None, batch_size=64, progress=False):
+    """LPIPS diversity: mean LPIPS distance over all unordered pairs of images (paper section 6.1),
+    or over `max_pairs` distinct pairs drawn at random (with `generator`) when set.
+
+    `lpips_model(x, y)` returns per-pair distances for [0, 1] images (load_lpips). Pairs are
+    evaluated `batch_size` at a time on the model's device; the images may stay on the CPU.
+    """
+    n = images.shape[0]
+    total = n * (n - 1) // 2
+    if total == 0:
+        raise UserError("LPIPS diversity needs at least two images")
+    if max_pairs is not None and max_pairs < total:
+        order = torch.randperm(total, generator=generator)[:max_pairs]
+    else:
+        order = torch.arange(total)
+    device = next(iter(lpips_model.parameters()), images).device
+    acc = torch.zeros((), dtype=torch.float64)
+    for start in progress_bar(range(0, order.numel(), batch_size), desc="LPIPS diversity", disable=not progress):
+        i, j = _pair_from_linear(order[start:start + batch_size], n)
+        d = lpips_model(images[i].to(device), images[j].to(device))
+        acc += d.double().sum().cpu()
+    return float(acc / order.numel())
+
 
 # ================================================================================================
 # 5. Models shared by more than one script (VQGAN-style encoder/decoder, PatchGAN discriminator)
@@ -1016,3 +1254,154 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
 # ================================================================================================
 # 6. Data: image folders, reproducible split files
 # ================================================================================================
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def scan_image_folder(root):
+    """(classes, [(relpath, label), ...]) of an ImageFolder tree (one subfolder per class), sorted
+    so the same tree always gives the same list. Relative paths use '/' on every platform."""
+    if not os.path.isdir(root):
+        raise UserError(f"data folder not found: {root}")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    items = []
+    for label, name in enumerate(classes):
+        for folder, dirs, files in os.walk(os.path.join(root, name)):
+            dirs.sort()
+            rel = os.path.relpath(folder, root).replace(os.sep, "/")
+            items += [(f"{rel}/{f}", label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not items:
+        raise UserError(f"no images found in {root} (expected one subfolder per class holding "
+                        f"{'/'.join(IMAGE_EXTENSIONS)} files)")
+    return classes, sorted(items)
+
+
+def _balanced_counts(capacity, total, rng):
+    """Split `total` over classes as evenly as their sizes allow (water-filling): every class gets
+    the same share unless it runs out, and the last few units go to randomly chosen classes, so
+    counts differ by at most 1 among classes that are not exhausted."""
+    counts = [0] * len(capacity)
+    remaining = total
+    while remaining > 0:
+        open_classes = [c for c, cap in enumerate(capacity) if counts[c] < cap]
+        share = remaining // len(open_classes)
+        if share == 0:
+            for c in rng.sample(open_classes, remaining):
+                counts[c] += 1
+            break
+        for c in open_classes:
+            add = min(share, capacity[c] - counts[c])
+            counts[c] += add
+            remaining -= add
+    return counts
+
+
+def _class_uniform_sample(by_class, size, rng):
+    """Draw `size` items spread uniformly over classes; removes them from `by_class` in place."""
+    counts = _balanced_counts([len(v) for v in by_class], size, rng)
+    picked = []
+    for items, k in zip(by_class, counts):
+        rng.shuffle(items)
+        picked += items[:k]
+        del items[:k]
+    return sorted(picked)
+
+
+def make_split(root, scheme, seed, out_path, test_size=20000, val_size=5000, test_fraction=0.2,
+               val_fraction=0.1):
+    """Write a reproducible train/val/test split of an ImageFolder tree to `out_path` (JSON).
+
+    scheme 'imagenet100' (paper section 6.1): `test_size` images (20,000) sampled uniformly over
+    all classes, then a `val_size` (5,000) validation set the same way; the rest is train.
+    scheme 'odir': a random 70/20/10 train/test/val split of all images (`test_fraction`,
+    `val_fraction`). Same tree + same seed -> same file. Returns the split dict.
+    """
+    classes, items = scan_image_folder(root)
+    rng = random.Random(seed)
+    if scheme == "imagenet100":
+        if test_size < 0 or val_size < 0 or test_size + val_size >= len(items):
+            raise UserError(f"{root} holds {len(items)} images, too few for a test set of {test_size} and a "
+                            f"validation set of {val_size} with training images left over")
+        by_class = [[] for _ in classes]
+        for it in items:
+            by_class[it[1]].append(it)
+        test = _class_uniform_sample(by_class, test_size, rng)
+        val = _class_uniform_sample(by_class, val_size, rng)
+        train = sorted(it for rest in by_class for it in rest)
+    elif scheme == "odir":
+        n_test, n_val = round(test_fraction * len(items)), round(val_fraction * len(items))
+        if n_test + n_val >= len(items) or min(n_test, n_val) < 1:
+            raise UserError(f"{root} holds {len(items)} images, too few for a {test_fraction:.0%} test / "
+                            f"{val_fraction:.0%} validation split with training images left over")
+        shuffled = list(items)
+        rng.shuffle(shuffled)
+        test, val, train = (sorted(p) for p in (shuffled[:n_test], shuffled[n_test:n_test + n_val],
+                                                 shuffled[n_test + n_val:]))
+    else:
+        raise UserError(f"unknown split scheme '{scheme}' (use imagenet100 or odir)")
+    split = {"scheme": scheme, "seed": seed, "root": os.path.abspath(root), "classes": classes,
+             "train": [list(it) for it in train], "val": [list(it) for it in val],
+             "test": [list(it) for it in test]}
+    write_json(out_path, split)
+    return split
+
+
+def load_split(path):
+    """Read a split file written by make_split and check its structure (UserError if not)."""
+    split = read_json(path)
+    keys = ("scheme", "seed", "root", "classes") + SPLIT_PARTS
+    if not isinstance(split, dict) or any(k not in split for k in keys):
+        raise UserError(f"{path} is not a split file (needs keys {', '.join(keys)})")
+    num_classes = len(split["classes"])
+    for part in SPLIT_PARTS:
+        entries = split[part]
+        if not isinstance(entries, list) or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int)
+                and 0 <= e[1] < num_classes for e in entries):
+            raise UserError(f"{path}: '{part}' must be a list of [relative path, class index] pairs")
+    return split
+
+
+class SplitImageDataset(torch.utils.data.Dataset):
+    """One part ('train' / 'val' / 'test') of a split: items (image, label) with the image a float
+    (3, resolution, resolution) tensor in [0, 1]: RGB, shorter side resized to `resolution`
+    (bicubic, PIL), centre-cropped; with `train_augment`, a random horizontal flip (torch RNG, so
+    DataLoader worker seeding applies). `root` overrides the split's root (data moved elsewhere).
+    """
+
+    def __init__(self, root, split, part, resolution, train_augment=False):
+        if part not in SPLIT_PARTS:
+            raise UserError(f"unknown split part '{part}' (use {', '.join(SPLIT_PARTS)})")
+        self.root = root if root is not None else split["root"]
+        if not os.path.isdir(self.root):
+            raise UserError(f"data folder not found: {self.root}")
+        self.items = split[part]
+        if not self.items:
+            raise UserError(f"the '{part}' part of the split is empty")
+        self.resolution, self.train_augment = resolution, train_augment
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        relpath, label = self.items[index]
+        path = os.path.join(self.root, relpath)
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read image {path}: {err}") from None
+        r = self.resolution
+        w, h = img.size
+        scale = r / min(w, h)
+        img = img.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - r) // 2, (h - r) // 2
+        img = img.crop((left, top, left + r, top + r))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        if self.train_augment and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, label

@@ -1,0 +1,146 @@
+"""Data (common.py section 6): reproducible split files and the split image dataset."""
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from common import UserError
+
+CLASS_SIZES = {"cat": 8, "dog": 8, "eel": 5}  # 21 images, one class smaller than the others
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A tiny ImageFolder tree of PNGs (sizes vary; a nested folder and a non-image file too)."""
+    root = tmp_path / "data"
+    for c, (name, count) in enumerate(CLASS_SIZES.items()):
+        for k in range(count):
+            folder = root / name / ("nested" if k == 0 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            color = (40 * c, 10 * k, 200)
+            Image.new("RGB", (20 + k, 16 + c), color).save(folder / f"img_{k:02d}.png")
+        (root / name / "notes.txt").write_text("not an image")
+    return root
+
+
+def all_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+                  for d, _, fs in os.walk(root) for f in fs if f.endswith(".png"))
+
+
+def test_imagenet100_split_is_deterministic_disjoint_and_class_uniform(image_folder, tmp_path):
+    a = common.make_split(image_folder, "imagenet100", 0, tmp_path / "a.json", test_size=7, val_size=5)
+    common.make_split(image_folder, "imagenet100", 0, tmp_path / "b.json", test_size=7, val_size=5)
+    c = common.make_split(image_folder, "imagenet100", 1, tmp_path / "c.json", test_size=7, val_size=5)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert a["test"] != c["test"]
+    assert a["classes"] == sorted(CLASS_SIZES)
+    paths = {part: [p for p, _ in a[part]] for part in common.SPLIT_PARTS}
+    assert len(paths["test"]) == 7 and len(paths["val"]) == 5 and len(paths["train"]) == 21 - 12
+    assert sorted(sum(paths.values(), [])) == all_files(image_folder)  # disjoint, covering every image
+    for part in ("test", "val"):
+        per_class = Counter(label for _, label in a[part])
+        counts = [per_class[c] for c in range(3)]
+        assert max(counts) - min(counts) <= 1, (part, counts)
+    # labels follow the class folder
+    assert all(p.split("/")[0] == a["classes"][label] for part in common.SPLIT_PARTS for p, label in a[part])
+
+
+def test_balanced_counts_fill_small_classes_then_spread_the_rest():
+    import random
+    counts = common._balanced_counts([2, 9, 9, 9], 14, random.Random(0))
+    assert sum(counts) == 14 and counts[0] == 2 and max(counts[1:]) - min(counts[1:]) <= 1
+    assert common._balanced_counts([3, 3], 6, random.Random(0)) == [3, 3]
+
+
+def test_odir_split_proportions(image_folder, tmp_path):
+    split = common.make_split(image_folder, "odir", 3, tmp_path / "odir.json")
+    sizes = {part: len(split[part]) for part in common.SPLIT_PARTS}
+    assert sizes == {"train": 15, "test": round(0.2 * 21), "val": round(0.1 * 21)}
+    assert sorted(p for part in common.SPLIT_PARTS for p, _ in split[part]) == all_files(image_folder)
+    assert common.make_split(image_folder, "odir", 4, tmp_path / "odir4.json")["test"] != split["test"]
+
+
+def test_split_errors_leave_existing_file_untouched(image_folder, tmp_path):
+    out = tmp_path / "split.json"
+    out.write_text("keep me")
+    with pytest.raises(UserError, match="too few"):
+        common.make_split(image_folder, "imagenet100", 0, out, test_size=15, val_size=6)
+    with pytest.raises(UserError, match="unknown split scheme"):
+        common.make_split(image_folder, "cifar", 0, out)
+    with pytest.raises(UserError, match="not found"):
+        common.make_split(tmp_path / "missing", "odir", 0, out)
+    (tmp_path / "empty" / "class_a").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images"):
+        common.make_split(tmp_path / "empty", "odir", 0, out)
+    assert out.read_text() == "keep me"
+
+
+def test_load_split_round_trip_and_validation(image_folder, tmp_path):
+    split = common.make_split(image_folder, "odir", 0, tmp_path / "s.json")
+    assert common.load_split(tmp_path / "s.json") == split
+    with pytest.raises(UserError, match="no such file"):
+        common.load_split(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        common.load_split(tmp_path / "bad.json")
+    broken = dict(split, test=[["x.png", 7]])  # label outside the 3 classes
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(UserError, match="'test'"):
+        common.load_split(tmp_path / "broken.json")
+    (tmp_path / "partial.json").write_text(json.dumps({"scheme": "odir"}))
+    with pytest.raises(UserError, match="not a split file"):
+        common.load_split(tmp_path / "partial.json")
+
+
+def test_split_image_dataset_shapes_values_and_labels(image_folder, tmp_path):
+    split = common.make_split(image_folder, "odir", 0, tmp_path / "s.json")
+    ds = common.SplitImageDataset(None, split, "train", 12)
+    assert len(ds) == 15
+    for k in range(len(ds)):
+        x, label = ds[k]
+        relpath, expected_label = split["train"][k]
+        assert x.shape == (3, 12, 12) and x.dtype == torch.float32 and label == expected_label
+        # every source image is one solid colour, so resizing and cropping must keep it exactly
+        color = torch.tensor(Image.open(image_folder / relpath).getpixel((0, 0)), dtype=torch.float32) / 255
+        assert torch.allclose(x, color.view(3, 1, 1).expand_as(x), atol=1 / 255)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_split_image_dataset_crop_and_flip(tmp_path):
+    root = tmp_path / "d"
+    (root / "a").mkdir(parents=True)
+    img = np.zeros((20, 40, 3), dtype=np.uint8)   # 40 wide, 20 high: left half red, right half blue
+    img[:, :20, 0] = 255
+    img[:, 20:, 2] = 255
+    Image.fromarray(img).save(root / "a" / "x.png")
+    Image.fromarray(img[:, ::-1].copy()).convert("L").save(root / "a" / "y.png")  # greyscale -> RGB
+    split = {"root": str(root), "train": [["a/x.png", 0], ["a/y.png", 0]]}
+    plain = common.SplitImageDataset(None, split, "train", 10)[0][0]
+    # shorter side 20 -> 10, width 40 -> 20, centre crop keeps columns 5..14: red left, blue right
+    assert plain.shape == (3, 10, 10)
+    assert plain[0, :, :4].min() > 0.9 and plain[2, :, 6:].min() > 0.9
+    grey = common.SplitImageDataset(None, split, "train", 10)[1][0]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    torch.manual_seed(0)
+    aug = common.SplitImageDataset(None, split, "train", 10, train_augment=True)
+    draws = [aug[0][0] for _ in range(20)]
+    flipped = [torch.equal(d, plain.flip(-1)) for d in draws]
+    assert all(f or torch.equal(d, plain) for f, d in zip(flipped, draws))
+    assert 0 < sum(flipped) < 20
+
+
+def test_split_image_dataset_errors(image_folder, tmp_path):
+    split = common.make_split(image_folder, "odir", 0, tmp_path / "s.json")
+    with pytest.raises(UserError, match="not found"):
+        common.SplitImageDataset(tmp_path / "moved", split, "train", 8)
+    with pytest.raises(UserError, match="unknown split part"):
+        common.SplitImageDataset(None, split, "training", 8)
+    os.remove(image_folder / split["test"][0][0])
+    with pytest.raises(UserError, match="cannot read image"):
+        common.SplitImageDataset(None, split, "test", 8)[0]
