@@ -1197,7 +1197,8 @@ class VQAutoencoder(nn.Module):
         return (self.decoder(self.post_quant_conv(z_q)) + 1.0) / 2.0
 
     def decode_indices(self, indices):
-        """Token indices (a (B, h, w) map, or a list of per-scale maps) -> images in [0, 1]."""
+        """Token indices (a (B, h, w) map, or a list of per-scale maps; dumps store int16) -> images in [0, 1]."""
+        indices = [i.long() for i in indices] if isinstance(indices, list) else indices.long()
         return self.decode(self.quantizer.decode_indices(indices))
 
     def forward(self, x):

@@ -183,8 +183,6 @@ def build_model(cfg):
 def load_data(args, info):
     """The split (made once on rank 0 and written to --split-file) and the three datasets."""
     split_file = args.split_file or os.path.join(args.out, f"split_{args.scheme}.json")
-    if not os.path.isdir(args.data_dir):
-        raise UserError(f"--data-dir {args.data_dir} is not a folder")
     if not os.path.exists(split_file) and info.is_main:
         common.make_split(args.data_dir, scheme=args.scheme, seed=args.seed, out_path=split_file,
                           test_size=args.test_size, val_size=args.val_size)
@@ -306,7 +304,7 @@ def score_fid(folder, args, device):
     if common.is_main_process():
         res = common.fidelity_metrics(os.path.join(folder, "recon"), os.path.join(folder, "real"),
                                       fid=True, batch_size=args.fid_batch_size)
-        value[0] = float(res["fid"] if "fid" in res else res["frechet_inception_distance"])
+        value[0] = res["fid"]
         shutil.rmtree(folder, ignore_errors=True)
     return common.broadcast_from_main(value).item()
 

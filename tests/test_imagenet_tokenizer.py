@@ -132,3 +132,150 @@ def test_encoder_decoder_shapes():
     dec = common.Decoder(ch=8, ch_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(16,),
                          resolution=128, z_channels=8)
     assert dec(z).shape == (1, 3, 128, 128)
+
+
+# ------------------------------------------------------------------------------------------------
+# The script, end to end on a tiny ImageFolder (real split files and loaders, CPU)
+# ------------------------------------------------------------------------------------------------
+
+import imagenet_tokenizer as tok  # noqa: E402
+
+TINY = ["--resolution", "32", "--ch", "8", "--ch-mult", "1,2,2", "--num-res-blocks", "1",
+        "--attn-resolutions", "8", "--z-channels", "8", "--token-dim", "4", "--codebook-size", "16",
+        "--scales", "1,2,4,8", "--test-size", "6", "--val-size", "6", "--batch-size", "4",
+        "--num-workers", "0", "--max-steps-per-epoch", "2", "--lpips-weight", "0", "--skip-lpips",
+        "--skip-fid", "--select-by", "val_loss", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """3 classes x 10 PNGs of 32x32 with class-dependent colours."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        os.makedirs(root / f"class{c}")
+        for i in range(10):
+            base = np.array([80 * c, 200 - 60 * c, 40 + 50 * c], dtype=np.float64)
+            img = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i:02d}.png")
+    return root
+
+
+def run_script(image_folder, out, *extra):
+    argv = ["--data-dir", str(image_folder), "--out", str(out),
+            "--split-file", str(out.parent / "split.json")] + TINY + list(extra)
+    args = tok.build_parser().parse_args(argv)
+    tok.main(args)
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, tmp_path_factory):
+    """Both tokenizers, both arms, a few steps each; shared split file."""
+    out = tmp_path_factory.mktemp("runs") / "out"
+    runs = {}
+    for quantizer in ("vq", "msvq"):
+        for deferred in (False, True):
+            extra = ["--quantizer", quantizer, "--epochs", "2"] + (["--deferred", "--ae-epochs", "1"] if deferred else [])
+            args = run_script(image_folder, out, *extra)
+            name = tok.run_name(args)
+            with open(out / f"{name}.json") as f:
+                runs[(quantizer, deferred)] = (name, json.load(f))
+    return out, runs
+
+
+def test_runs_write_results_with_all_metrics(trained):
+    out, runs = trained
+    assert set(runs) == {("vq", False), ("vq", True), ("msvq", False), ("msvq", True)}
+    for (quantizer, deferred), (name, record) in runs.items():
+        m = record["metrics"]
+        assert record["experiment"] == "imagenet_tokenizer"
+        assert record["method"] == f"{quantizer}_{'deferred' if deferred else 'baseline'}"
+        for key in ("mse", "psnr", "ssim", "perplexity", "used_codes", "euclidean", "cosine", "vendi"):
+            assert np.isfinite(m[key]), key
+        assert m["rfid"] is None and "skip-fid" in record["notes"]["rfid"]
+        assert m["num_images"] == 6 and 1 <= m["used_codes"] <= 16
+        phases = [h["phase"] for h in record["history"]]
+        assert phases == (["continuous", "quantized", "quantized"] if deferred else ["quantized", "quantized"])
+        ckpt = torch.load(out / f"{name}.pt", weights_only=False)
+        # usage counted over the whole test split: 6 images x (64 tokens, or 1+4+16+64 for msvq)
+        per_image = 64 if quantizer == "vq" else 1 + 4 + 16 + 64
+        assert ckpt["code_counts"].sum().item() == 6 * per_image
+        model = tok.build_model(ckpt["args"])
+        model.load_state_dict(ckpt["model"])
+        assert torch.allclose(ckpt["codebook"], model.quantizer.codebook.detach())
+        assert m["euclidean"] == pytest.approx(common.mean_pairwise_euclidean(ckpt["codebook"]))
+        assert os.path.exists(out / name / "best.pt") and os.path.exists(out / name / "last.pt")
+
+
+def test_split_file_is_deterministic(image_folder, trained, tmp_path):
+    out, _ = trained
+    again = common.make_split(str(image_folder), scheme="imagenet100", seed=0, out_path=tmp_path / "s.json",
+                              test_size=6, val_size=6)
+    with open(out.parent / "split.json") as f:
+        shared = json.load(f)
+    assert {k: shared[k] for k in ("train", "val", "test")} == {k: again[k] for k in ("train", "val", "test")}
+    assert len(shared["test"]) == 6 and len(shared["val"]) == 6 and len(shared["train"]) == 18
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "msvq"])
+def test_token_dump_round_trip(image_folder, trained, quantizer):
+    out, runs = trained
+    name, _ = runs[(quantizer, True)]
+    ckpt_path = out / name / "best.pt"
+    run_script(image_folder, out, "--quantizer", quantizer, "--deferred", "--dump-tokens", "test",
+               "--checkpoint", str(ckpt_path))
+    dump = torch.load(out / name / "tokens_test.pt", weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    model = tok.build_model(ckpt["args"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    split = common.load_split(out.parent / "split.json")
+    data = common.SplitImageDataset(str(image_folder), split, "test", 32)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        recon, indices, _ = model(x)
+        decoded = model.decode_indices(dump["tokens"])
+    assert torch.equal(dump["labels"], torch.tensor([data[i][1] for i in range(len(data))]))
+    if quantizer == "vq":
+        assert dump["tokens"].shape == (6, 8, 8) and dump["tokens"].dtype == torch.int16
+        assert torch.equal(dump["tokens"].long(), indices)
+    else:
+        assert [tuple(t.shape) for t in dump["tokens"]] == [(6, s, s) for s in (1, 2, 4, 8)]
+        assert all(torch.equal(a.long(), b) for a, b in zip(dump["tokens"], indices))
+    # equal up to float rounding (the straight-through sum f + (f_hat - f) is not bit-exact f_hat)
+    assert torch.allclose(decoded, recon, atol=1e-4)
+    assert dump["checkpoint"] == os.path.abspath(ckpt_path)
+
+
+def test_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path):
+    common_args = ["--quantizer", "vq", "--deferred", "--ae-epochs", "1"]
+    run_script(image_folder, tmp_path / "a", *common_args, "--epochs", "1", "--name", "r")
+    straight = torch.load(tmp_path / "a" / "r" / "last.pt", weights_only=False)
+    # interrupted after the Continuous Phase: a run capped there leaves last.pt at epoch 1 (and,
+    # with no quantized epoch to report, says so)
+    with pytest.raises(common.UserError, match="before any quantized epoch"):
+        run_script(image_folder, tmp_path / "b", *common_args, "--epochs", "0", "--name", "r")
+    run_script(image_folder, tmp_path / "b", *common_args, "--epochs", "1", "--name", "r", "--resume")
+    resumed = torch.load(tmp_path / "b" / "r" / "last.pt", weights_only=False)
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for k, v in straight["model"].items():
+        assert torch.allclose(v.float(), resumed["model"][k].float(), atol=1e-6), k
+
+
+def test_missing_lpips_weights_exit_2_naming_the_file(image_folder, tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty_torch_home"))
+    cmd = [sys.executable, os.path.join(ROOT, "imagenet_tokenizer.py"), "--data-dir", str(image_folder),
+           "--out", str(tmp_path / "o"), "--lpips-weight", "1.0", "--skip-fid", "--select-by", "val_loss",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "alexnet-owt-7be5be79.pth" in proc.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_select_by_fid_without_fid_is_refused(image_folder, tmp_path):
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "o"),
+                                          "--skip-fid", "--lpips-weight", "0", "--skip-lpips"])
+    with pytest.raises(common.UserError, match="select-by"):
+        tok.main(args)
