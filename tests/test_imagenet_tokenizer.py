@@ -3,6 +3,7 @@ quantizer (VAR), the VQGAN encoder/decoder, and the training / evaluation / toke
 tiny generated ImageFolder (CPU, tiny model, LPIPS weight 0, --skip-fid)."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -208,6 +209,17 @@ def test_runs_write_results_with_all_metrics(trained):
         assert os.path.exists(out / name / "best.pt") and os.path.exists(out / name / "last.pt")
 
 
+def test_eval_only_reproduces_the_final_evaluation(image_folder, trained):
+    out, runs = trained
+    name, record = runs[("msvq", False)]
+    os.remove(out / f"{name}.json")
+    run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
+    with open(out / f"{name}.json") as f:
+        again = json.load(f)
+    for key in ("mse", "psnr", "ssim", "perplexity", "used_codes", "euclidean", "vendi"):
+        assert again["metrics"][key] == pytest.approx(record["metrics"][key], rel=1e-6), key
+
+
 def test_split_file_is_deterministic(image_folder, trained, tmp_path):
     out, _ = trained
     again = common.make_split(str(image_folder), scheme="imagenet100", seed=0, out_path=tmp_path / "s.json",
@@ -279,3 +291,44 @@ def test_select_by_fid_without_fid_is_refused(image_folder, tmp_path):
                                           "--skip-fid", "--lpips-weight", "0", "--skip-lpips"])
     with pytest.raises(common.UserError, match="select-by"):
         tok.main(args)
+
+
+def test_adaptive_gan_weight_matches_gradient_norm_ratio():
+    layer = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    out = layer(x)
+    rec, gan = out.pow(2).mean(), -out.sum()
+    g_rec = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan, layer.weight, retain_graph=True)[0]
+    expected = g_rec.norm() / (g_gan.norm() + 1e-4)
+    assert torch.allclose(common.adaptive_gan_weight(rec, gan, layer.weight), expected)
+
+
+def test_gan_run_trains_the_discriminator(image_folder, tmp_path):
+    run_script(image_folder, tmp_path, "--quantizer", "vq", "--epochs", "1", "--gan-weight", "0.5",
+               "--disc-layers", "2", "--name", "g")
+    ckpt = torch.load(tmp_path / "g" / "last.pt", weights_only=False)
+    fresh = common.PatchDiscriminator(n_layers=2).state_dict()
+    assert ckpt["args"]["gan_weight"] == 0.5
+    # the first conv only moves through the discriminator's optimizer step (BatchNorm statistics
+    # would change from forward passes alone)
+    assert not torch.equal(ckpt["disc"]["main.0.weight"], fresh["main.0.weight"])
+
+
+def test_two_process_run_counts_every_test_image_once(image_folder, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU): usage is all-reduced over ranks, the test split is
+    sharded without padding, so the counts cover each test image exactly once."""
+    with socket.socket() as s:  # a free port: other test sessions may run torchrun at the same time
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           os.path.join(ROOT, "imagenet_tokenizer.py"), "--data-dir", str(image_folder), "--out", str(tmp_path),
+           "--quantizer", "msvq", "--deferred", "--ae-epochs", "1", "--epochs", "1", "--name", "ddp",
+           "--split-file", str(tmp_path / "split.json")] + TINY
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    assert ckpt["code_counts"].sum().item() == 6 * (1 + 4 + 16 + 64)
+    with open(tmp_path / "ddp.json") as f:
+        assert json.load(f)["metrics"]["num_images"] == 6
