@@ -35,6 +35,16 @@ Commands
     python imagenet_tokenizer.py --eval-only --checkpoint runs/in100/vq_deferred_imagenet100/best.pt ...
     python imagenet_tokenizer.py --dump-tokens train --checkpoint runs/in100/vq_deferred_imagenet100/best.pt ...
 
+Runs per table (add --deferred for the ✓ rows; 2 GPUs each; ImageNet-100 needs the Inception and
+LPIPS weights in $TORCH_HOME/hub/checkpoints):
+    Table 3   --scheme imagenet100 --quantizer vq | msvq                       (4 runs)
+    Table 2   Table 3's msvq runs, plus --quantizer msvq --simvq               (2 more runs)
+    Table 5   --scheme odir --quantizer msvq                                   (2 runs)
+    Table 15  --scheme imagenet100 --quantizer vq | msvq --gan-weight 0.5 --gan-start 20000 (4 runs)
+    Table 16  --scheme odir --quantizer msvq --gan-weight 0.5 --gan-start 20000 (2 runs)
+    Table 17  --scheme odir --quantizer vq [--gan-weight 0.5 --gan-start 20000] (4 runs)
+then `python evaluate.py tables <out>`. The GAN weight / start are LlamaGen's; the paper gives none.
+
 Outputs (rank 0): <out>/<name>.json (metrics on the test split, per-epoch history),
 <out>/<name>.pt (the evaluated checkpoint with `codebook` and `code_counts` for
 `python evaluate.py codebook`), <out>/<name>/{best,last}.pt, <out>/<name>/tokens_<split>.pt.
@@ -359,8 +369,12 @@ def main(args):
     # Bad settings fail before any file is written (conventions: nothing overwritten on bad input).
     if args.select_by == "fid" and args.skip_fid and not (args.eval_only or args.dump_tokens):
         raise UserError("--select-by fid needs r-FID; with --skip-fid use --select-by val_loss")
+    if not args.skip_fid and not args.dump_tokens:
+        common.inception_weights_path()  # fail now, not after the Continuous Phase
     if args.resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint at {last_path}")
+    if not (args.resume or args.eval_only or args.dump_tokens) and os.path.exists(last_path):
+        raise UserError(f"{last_path} exists: pass --resume to continue it, or another --name / --out")
     ckpt = None
     if args.eval_only or args.dump_tokens:
         ckpt_path = args.checkpoint or best_path
@@ -369,6 +383,7 @@ def main(args):
         for k in ARCH_KEYS + ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay", "simvq",
                               "scales", "num_phi", "phi_ratio", "deferred", "gan_weight"):
             setattr(args, k, ckpt["args"][k])
+        args.name = args.name or ckpt["args"].get("name")
         name = run_name(args)
         run_dir = os.path.join(args.out, name)
     model = build_model(args).to(info.device)

@@ -332,3 +332,13 @@ def test_two_process_run_counts_every_test_image_once(image_folder, tmp_path):
     assert ckpt["code_counts"].sum().item() == 6 * (1 + 4 + 16 + 64)
     with open(tmp_path / "ddp.json") as f:
         assert json.load(f)["metrics"]["num_images"] == 6
+
+
+def test_missing_inception_weights_fail_before_training(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.delenv("DQ_INCEPTION_WEIGHTS", raising=False)
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "o"),
+                                          "--lpips-weight", "0", "--skip-lpips", "--device", "cpu"])
+    with pytest.raises(common.UserError, match=r"Inception.*\.pth"):
+        tok.main(args)
+    assert not os.path.exists(tmp_path / "o")
