@@ -853,8 +853,9 @@ def ssim(x, y, data_range=1.0):
     def blur(t):  # separable Gaussian, valid region only, each channel on its own
         return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
 
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    with torch.autocast(x.device.type, enabled=False):  # E[x^2] - E[x]^2 cancels badly in bf16
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return float(s.mean())
@@ -995,11 +996,14 @@ def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, 
 # ---- Sample diversity (paper section 6.1, Tables 4 and 6) ---------------------------------------
 
 # Pixel distance = mean pairwise L2 distance between whole images in [0, 1]. The paper does not
-# state the scale; this one reproduces its range: ImageNet pixels have std ~0.226 (the usual
-# normalisation constants), so two independent 128x128 RGB images differ by about
-# sqrt(2 * 0.051 * 49152) = 71 in L2 on [0, 1], the paper's 70-81 (Table 4). Alternatives land
-# nearby but off: mean |diff| on 0-255 ~65, RMS diff on 0-255 ~81. `scale` rescales the images
-# (255: L2 on 0-255 values) for anyone who reads the paper otherwise.
+# state the scale; we chose the reading that lands in its range. ImageNet pixels have std ~0.226
+# over the dataset (the usual normalisation constants), so two independent 128x128 RGB images have
+# RMS L2 distance sqrt(2 * 0.051 * 49152) = 71 on [0, 1] (the mean over pairs is a little lower),
+# against the paper's 70.7-80.8 for generated images (Table 4). Other readings land nearby too:
+# mean |diff| on 0-255 ~65, RMS diff on 0-255 ~81 (= our L2 times 255 / sqrt(3HW); that reading
+# would put real data above every generator, the other two put the best generators above real
+# data). The numbers cannot settle it; `scale` multiplies the images first, so scale=255 gives L2
+# on 0-255 values and scale=255/sqrt(3*H*W) the RMS reading, and results record which one was used.
 PIXEL_DISTANCE_SCALE = 1.0
 
 
@@ -1038,7 +1042,8 @@ def lpips_diversity(images, lpips_model, max_pairs=None, generator=None, batch_s
     acc = torch.zeros((), dtype=torch.float64)
     for start in progress_bar(range(0, order.numel(), batch_size), desc="LPIPS diversity", disable=not progress):
         i, j = _pair_from_linear(order[start:start + batch_size], n)
-        d = lpips_model(images[i].to(device), images[j].to(device))
+        with torch.autocast(device.type, enabled=False):  # a metric: float32 even inside autocast_for()
+            d = lpips_model(images[i].to(device, torch.float32), images[j].to(device, torch.float32))
         acc += d.double().sum().cpu()
     return float(acc / order.numel())
 
@@ -1313,8 +1318,9 @@ def make_split(root, scheme, seed, out_path, test_size=20000, val_size=5000, tes
                val_fraction=0.1):
     """Write a reproducible train/val/test split of an ImageFolder tree to `out_path` (JSON).
 
-    scheme 'imagenet100' (paper section 6.1): `test_size` images (20,000) sampled uniformly over
-    all classes, then a `val_size` (5,000) validation set the same way; the rest is train.
+    scheme 'imagenet100' (paper section 6.1; `root` is the ImageNet-100 *training* folder):
+    `test_size` images (20,000) sampled uniformly over all classes, then a `val_size` (5,000)
+    validation set the same way; the rest is train.
     scheme 'odir': a random 70/20/10 train/test/val split of all images (`test_fraction`,
     `val_fraction`). Same tree + same seed -> same file. Returns the split dict.
     """

@@ -68,6 +68,8 @@ def test_ssim_matches_independent_scipy_implementation():
     ours = common.ssim(x, y)
     assert 0.2 < ours < 0.95  # a regime where the stabilisers and the window both matter
     assert ours == pytest.approx(reference_ssim(x, y, 1.0), abs=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # callers may sit inside autocast_for()
+        assert common.ssim(x, y) == pytest.approx(ours, abs=1e-6)
 
 
 def test_ssim_identity_and_data_range():
@@ -198,6 +200,24 @@ def test_fidelity_input_adapter_and_argument_errors(captured_fidelity, tmp_path)
         common.fidelity_metrics(str(tmp_path / "nowhere"), torch.rand(2, 3, 8, 8))
     common.fidelity_metrics(torch.rand(2, 3, 8, 8), None, fid=False, isc=True)  # IS needs no reference
     assert "input2" not in captured_fidelity[-1]
+
+
+def test_tensor_input_matches_the_same_images_saved_as_pngs(tmp_path):
+    """torch-fidelity's own input preparation: a folder of PNGs (read recursively) and our adapter
+    over the float tensor hand the feature extractor identical uint8 images, so r-FID from saved
+    reconstructions and from in-memory tensors agree."""
+    from PIL import Image
+    from torch_fidelity.utils import prepare_input_from_id
+    x = torch.rand(4, 3, 6, 5, generator=torch.Generator().manual_seed(5))
+    (tmp_path / "pngs" / "sub").mkdir(parents=True)
+    for k, img in enumerate(common.to_uint8(x)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "pngs" / ("sub" if k % 2 else "") / f"{k}.png")
+    folder = prepare_input_from_id(1, input1=str(tmp_path / "pngs"), samples_find_deep=True, verbose=False)
+    ours = prepare_input_from_id(1, input1=common.FidelityInput(x), verbose=False)
+    from_files = sorted((folder[k] for k in range(len(folder))), key=lambda t: t.sum().item())
+    from_tensor = sorted((ours[k] for k in range(len(ours))), key=lambda t: t.sum().item())
+    assert len(from_files) == 4 and all(a.dtype == torch.uint8 for a in from_files + from_tensor)
+    assert all(torch.equal(a, b) for a, b in zip(from_files, from_tensor))
 
 
 # ---- diversity ----------------------------------------------------------------------------------
