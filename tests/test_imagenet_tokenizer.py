@@ -342,3 +342,18 @@ def test_missing_inception_weights_fail_before_training(image_folder, tmp_path, 
     with pytest.raises(common.UserError, match=r"Inception.*\.pth"):
         tok.main(args)
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_tables_put_our_scaled_values_beside_the_papers():
+    import evaluate
+    metrics = {"rfid": 7.0, "mse": 3.0e-4, "lpips": 2.0e-3, "euclidean": 5.0, "cosine": 0.5, "vendi": 2.0,
+               "perplexity": 900.0}
+    run = {"experiment": "imagenet_tokenizer", "eval_split": "test", "metrics": metrics,
+           "args": {"quantizer": "vq", "deferred": False, "scheme": "imagenet100", "simvq": False, "gan_weight": 0.0}}
+    text = evaluate.render_tokenizer_table([run], "Table 3")
+    row = next(line for line in text.splitlines() if line.startswith("| MaskGIT ✗"))
+    # paper then ours per column; MSE x1e-4 and LPIPS x1e-3 as in the paper's columns
+    assert row.split(" | ")[1:7] == ["12.22", "7.00", "3.91", "3.00", "2.70", "2.00"]
+    assert evaluate.render_tokenizer_table([run], "Table 5") is None  # no ODIR run
+    absent = next(line for line in text.splitlines() if line.startswith("| VAR ✓")).split(" | ")
+    assert absent[1:3] == ["5.04", "–"]  # the paper's value stays, ours is marked absent
