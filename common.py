@@ -561,6 +561,134 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
 
 # ---- Multi-scale residual quantizer (VAR, Tian et al. 2024), built on VectorQuantizer ---------
 
+VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+class ScaleConv(nn.Conv2d):
+    """VAR's phi: a 3x3 convolution mixed residually into its input, (1 - r) h + r conv(h).
+
+    It lets the code of a coarse scale, once bicubic-upsampled to the full grid, be refined
+    before it is added to f_hat, so one shared codebook can serve every scale."""
+
+    def __init__(self, dim, ratio):
+        super().__init__(dim, dim, kernel_size=3, padding=1)
+        self.ratio = ratio
+
+    def forward(self, h):
+        return (1.0 - self.ratio) * h + self.ratio * super().forward(h)
+
+
+class MultiScaleQuantizer(nn.Module):
+    """VAR's multi-scale residual quantizer with one shared codebook (Tian et al. 2024, Alg. 1).
+
+    For scales s_1 < ... < s_K (the last equals the latent grid), starting from the residual
+    r = f and f_hat = 0:  r_k = area-downsample(r) to s_k x s_k; idx_k = nearest code of r_k;
+    h_k = phi_k(bicubic-upsample(codebook[idx_k])); f_hat += h_k; r -= h_k.
+    The loss, like VAR's, is averaged over scales and taken on the *accumulated* f_hat after each
+    scale: ||sg[f_hat_k] - f||^2 * beta (commitment, to the encoder) + ||f_hat_k - sg[f]||^2
+    (codebook term, to the codes and the phi convolutions). The output is f_hat with the
+    straight-through estimator, so the decoder gradient reaches the encoder unchanged.
+
+    The codebook, the nearest-code search, EMA / dead-code bookkeeping, SimVQ / affine options,
+    data-driven init and the straight-through estimator are those of the wrapped `VectorQuantizer`
+    (`self.vq`), so Deferred Quantization (`deferred_switch`), EMA and the diagnostics apply
+    unchanged. With an EMA codebook the codebook term still trains the phi convolutions (the codes
+    are buffers and get no gradient), and the EMA statistics are updated once per step from the
+    residual vectors of all scales together.
+
+    phi: `num_phi` convolutions shared across scales (VAR: 4, ratio 0.5); scale k at relative
+    position k/(K-1) uses the convolution whose tick in `phi_ticks` is nearest.
+    forward(f) returns (f_hat, [idx_1 (B, s_1, s_1), ..., idx_K], loss); while disabled (the
+    Continuous Phase) it is the identity with indices None and zero loss.
+    """
+
+    def __init__(self, num_codes, dim, scales=VAR_SCALES, num_phi=4, phi_ratio=0.5, enabled=True,
+                 **vq_options):
+        super().__init__()
+        if list(scales) != sorted(set(scales)):
+            raise UserError(f"scales must be strictly increasing, got {list(scales)}")
+        self.scales = tuple(int(s) for s in scales)
+        self.num_codes, self.dim = num_codes, dim
+        self.vq = VectorQuantizer(num_codes, dim, enabled=True, **vq_options)
+        self.beta = self.vq.beta
+        self.phis = nn.ModuleList(ScaleConv(dim, phi_ratio) for _ in range(num_phi))
+        self.register_buffer("enabled", torch.tensor(bool(enabled)))
+
+    @staticmethod
+    def phi_ticks(num_phi):
+        """Positions in [0, 1] that the shared phi convolutions stand for (as in VAR: evenly spaced,
+        with a margin of 1/(3K) for K = 4 and 1/(2K) otherwise)."""
+        margin = 1.0 / (3 * num_phi) if num_phi == 4 else 1.0 / (2 * num_phi)
+        return np.linspace(margin, 1.0 - margin, num_phi)
+
+    def phi_index(self, k):
+        """Which phi convolution scale k uses."""
+        position = k / max(1, len(self.scales) - 1)
+        return int(np.abs(self.phi_ticks(len(self.phis)) - position).argmin())
+
+    @property
+    def codebook(self):
+        return self.vq.codebook
+
+    @property
+    def is_enabled(self):
+        return bool(self.enabled.item())
+
+    def set_enabled(self, on):
+        self.enabled.fill_(bool(on))
+
+    def init_from_embeddings(self, embeddings, method="sample", kmeans_iters=20, seed=0):
+        """Initialise the shared codebook from encoder embeddings. `deferred_switch` passes the
+        encoder outputs at the finest scale (every vector of the 16x16 latent map): they are what
+        the first residual is made of, and unlike the area-averaged coarse scales they are not
+        shrunk towards the image mean. Resets the EMA state like `VectorQuantizer`."""
+        self.vq.init_from_embeddings(embeddings, method=method, kmeans_iters=kmeans_iters, seed=seed)
+
+    def _contribution(self, k, codes, size):
+        """h_k: the (B, dim, s_k, s_k) codes of scale k upsampled to the full grid and passed through phi."""
+        if codes.shape[-1] != size[-1] or codes.shape[-2] != size[-2]:
+            codes = F.interpolate(codes, size=size, mode="bicubic")
+        return self.phis[self.phi_index(k)](codes)
+
+    def forward(self, f):
+        if not self.is_enabled:
+            return f, None, f.new_zeros(())
+        f = f.float()  # search, residuals and losses in float32 even under bf16 autocast
+        b, c, h, w = f.shape
+        if (h, w) != (self.scales[-1], self.scales[-1]):
+            raise UserError(f"the finest scale {self.scales[-1]} must equal the latent grid {h}x{w}")
+        target = f.detach()
+        rest, f_hat = target.clone(), torch.zeros_like(target)
+        codebook = self.codebook.float()
+        indices, searched, loss = [], [], f.new_zeros(())
+        for k, s in enumerate(self.scales):
+            r = F.interpolate(rest, size=(s, s), mode="area") if s != h else rest
+            r_flat = r.permute(0, 2, 3, 1).reshape(-1, c)
+            idx = nearest_code(r_flat, codebook)
+            codes = F.embedding(idx, codebook).reshape(b, s, s, c).permute(0, 3, 1, 2)
+            contribution = self._contribution(k, codes, (h, w))
+            f_hat = f_hat + contribution
+            rest = rest - contribution.detach()
+            loss = loss + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, target)
+            indices.append(idx.reshape(b, s, s))
+            searched.append((r_flat, idx))
+        if self.training:
+            self.vq.update_after_assignment(torch.cat([r for r, _ in searched]),
+                                            torch.cat([i for _, i in searched]))
+        return self.vq.straight_through(f, f_hat), indices, loss / len(self.scales)
+
+    def decode_indices(self, indices):
+        """[idx_1 (B, s_1, s_1), ..., idx_K] -> (B, dim, H, W) f_hat, for decoding token dumps."""
+        if len(indices) != len(self.scales):
+            raise UserError(f"expected {len(self.scales)} index maps (scales {self.scales}), got {len(indices)}")
+        size = (self.scales[-1], self.scales[-1])
+        f_hat = 0.0
+        for k, idx in enumerate(indices):
+            codes = self.vq.lookup(idx.long()).permute(0, 3, 1, 2)
+            f_hat = f_hat + self._contribution(k, codes, size)
+        return f_hat
+
+
 
 # ================================================================================================
 # 3. Diagnostics: the coverage suite (paper appendix A.2) and usage perplexity
@@ -923,6 +1051,210 @@ def lpips_diversity(images, lpips_model, max_pairs=None, generator=None, batch_s
 # ================================================================================================
 # 5. Models shared by more than one script (VQGAN-style encoder/decoder, PatchGAN discriminator)
 # ================================================================================================
+
+
+def group_norm(channels):
+    """GroupNorm as in taming-transformers (32 groups, eps 1e-6); tiny test models with fewer
+    channels use the largest group count <= 32 that divides the channel count."""
+    groups = max(g for g in range(1, 33) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> swish -> conv3x3, twice, plus a (1x1-projected when widths differ) skip."""
+
+    def __init__(self, in_ch, out_ch, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all spatial positions, residual."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+def _stage_blocks(in_ch, out_ch, n, with_attn, dropout):
+    blocks, attns = nn.ModuleList(), nn.ModuleList()
+    for _ in range(n):
+        blocks.append(ResnetBlock(in_ch, out_ch, dropout))
+        attns.append(AttnBlock(out_ch) if with_attn else nn.Identity())
+        in_ch = out_ch
+    return blocks, attns
+
+
+class Encoder(nn.Module):
+    """VQGAN encoder (Esser et al. 2021): conv_in; per level `num_res_blocks` ResnetBlocks (with
+    attention at `attn_resolutions`) and a stride-2 downsampling after every level but the last;
+    mid block (res, attn, res); norm, swish, conv_out to `z_channels`.
+
+    len(ch_mult) levels give len(ch_mult) - 1 downsamplings: the paper's 128x128 tokenizer with
+    ch_mult (1, 1, 2, 4) keeps a 16x16 latent grid (one stage fewer than VQGAN's 256x256 model)."""
+
+    def __init__(self, in_channels=3, ch=64, ch_mult=(1, 1, 2, 4), num_res_blocks=2,
+                 attn_resolutions=(16,), resolution=128, z_channels=256, dropout=0.0):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.levels = nn.ModuleList()
+        res, in_ch = resolution, ch
+        for i, mult in enumerate(ch_mult):
+            blocks, attns = _stage_blocks(in_ch, ch * mult, num_res_blocks, res in attn_resolutions, dropout)
+            level = nn.Module()
+            level.blocks, level.attns = blocks, attns
+            # taming pads (0, 1, 0, 1) and convolves with stride 2 and no padding
+            level.down = nn.Conv2d(ch * mult, ch * mult, 3, stride=2) if i < len(ch_mult) - 1 else None
+            self.levels.append(level)
+            in_ch = ch * mult
+            res = res // 2 if level.down is not None else res
+        self.mid = nn.ModuleList([ResnetBlock(in_ch, in_ch, dropout), AttnBlock(in_ch),
+                                  ResnetBlock(in_ch, in_ch, dropout)])
+        self.norm_out = group_norm(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, z_channels, 3, padding=1)
+        self.latent_resolution = res
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.levels:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h))
+            if level.down is not None:
+                h = level.down(F.pad(h, (0, 1, 0, 1)))
+        for layer in self.mid:
+            h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """VQGAN decoder, the mirror of `Encoder`: conv_in from `z_channels`, mid block, per level
+    (deepest first) num_res_blocks + 1 ResnetBlocks (+ attention) and a nearest-neighbour x2
+    upsampling followed by a conv before every level but the shallowest; norm, swish, conv_out."""
+
+    def __init__(self, out_channels=3, ch=64, ch_mult=(1, 1, 2, 4), num_res_blocks=2,
+                 attn_resolutions=(16,), resolution=128, z_channels=256, dropout=0.0):
+        super().__init__()
+        in_ch = ch * ch_mult[-1]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, in_ch, 3, padding=1)
+        self.mid = nn.ModuleList([ResnetBlock(in_ch, in_ch, dropout), AttnBlock(in_ch),
+                                  ResnetBlock(in_ch, in_ch, dropout)])
+        self.levels = nn.ModuleList()
+        for i in reversed(range(len(ch_mult))):
+            blocks, attns = _stage_blocks(in_ch, ch * ch_mult[i], num_res_blocks + 1,
+                                          res in attn_resolutions, dropout)
+            level = nn.Module()
+            level.blocks, level.attns = blocks, attns
+            level.up = nn.Conv2d(ch * ch_mult[i], ch * ch_mult[i], 3, padding=1) if i > 0 else None
+            self.levels.append(level)
+            in_ch = ch * ch_mult[i]
+            res = res * 2 if level.up is not None else res
+        self.norm_out = group_norm(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        for layer in self.mid:
+            h = layer(h)
+        for level in self.levels:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h))
+            if level.up is not None:
+                h = level.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VQAutoencoder(nn.Module):
+    """Tokenizer = Encoder -> quant_conv (1x1, z_channels -> token dim) -> quantizer ->
+    post_quant_conv (1x1) -> Decoder. The quantizer is any module with the `VectorQuantizer` /
+    `MultiScaleQuantizer` interface; while it is disabled (Continuous Phase) this is a plain
+    autoencoder. Images go in and come out in [0, 1] (the networks see [-1, 1], as in VQGAN)."""
+
+    def __init__(self, quantizer, embed_dim, **arch):
+        super().__init__()
+        self.encoder, self.decoder = Encoder(**arch), Decoder(**arch)
+        z_channels = arch.get("z_channels", 256)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.quantizer = quantizer
+
+    def encode(self, x):
+        """Pre-quantization latents (B, embed_dim, h, w): what the codebook is initialised from."""
+        return self.quant_conv(self.encoder(x * 2.0 - 1.0))
+
+    def decode(self, z_q):
+        return (self.decoder(self.post_quant_conv(z_q)) + 1.0) / 2.0
+
+    def decode_indices(self, indices):
+        """Token indices (a (B, h, w) map, or a list of per-scale maps; dumps store int16) -> images in [0, 1]."""
+        indices = [i.long() for i in indices] if isinstance(indices, list) else indices.long()
+        return self.decode(self.quantizer.decode_indices(indices))
+
+    def forward(self, x):
+        z_q, indices, vq_loss = self.quantizer(self.encode(x))
+        return self.decode(z_q), indices, vq_loss
+
+    @property
+    def last_layer(self):
+        """The decoder's last weight, where taming balances the GAN and reconstruction gradients."""
+        return self.decoder.conv_out.weight
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator of pix2pix / taming (NLayerDiscriminator): stride-2 4x4 convs with
+    BatchNorm and LeakyReLU(0.2), one stride-1 layer, a 1-channel map of real/fake logits.
+    Weights initialised N(0, 0.02) (BatchNorm scale N(1, 0.02)) as in taming."""
+
+    def __init__(self, in_channels=3, ndf=64, n_layers=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        """Images in [0, 1] -> patch logits."""
+        return self.main(x * 2.0 - 1.0)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Discriminator hinge loss: mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))), halved."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_gan_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
+    """taming's calculate_adaptive_weight: ||grad rec|| / (||grad gan|| + 1e-4) at the decoder's
+    last layer, so the GAN term starts at the scale of the reconstruction term; detached."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
 # ================================================================================================

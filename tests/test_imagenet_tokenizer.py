@@ -1,0 +1,359 @@
+"""imagenet_tokenizer.py and the shared pieces it adds to common.py: the multi-scale residual
+quantizer (VAR), the VQGAN encoder/decoder, and the training / evaluation / token-dump paths on a
+tiny generated ImageFolder (CPU, tiny model, LPIPS weight 0, --skip-fid)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-scale residual quantizer
+# ------------------------------------------------------------------------------------------------
+
+
+def make_msvq(scales=(1, 2, 3, 4), dim=4, codes=32, **kw):
+    torch.manual_seed(0)
+    q = common.MultiScaleQuantizer(codes, dim, scales=scales, num_phi=2, **kw)
+    q.vq.set_codes(torch.ones(codes, dtype=torch.bool), torch.randn(codes, dim))
+    return q
+
+
+def reference_pass(q, f):
+    """Independent re-computation of VAR's residual pass: per-scale residual norms and contributions."""
+    b, c, h, w = f.shape
+    rest, contribs, norms = f.clone(), [], [f.norm().item()]
+    for k, s in enumerate(q.scales):
+        r = F.interpolate(rest, size=(s, s), mode="area")
+        flat = r.permute(0, 2, 3, 1).reshape(-1, c)
+        idx = torch.cdist(flat, q.codebook).argmin(1)
+        codes = q.codebook[idx].reshape(b, s, s, c).permute(0, 3, 1, 2)
+        up = F.interpolate(codes, size=(h, w), mode="bicubic") if s != h else codes
+        contribution = q.phis[q.phi_index(k)](up)
+        contribs.append(contribution)
+        rest = rest - contribution
+        norms.append(rest.norm().item())
+    return contribs, norms
+
+
+def test_msvq_index_shapes_and_f_hat_is_sum_of_scale_contributions():
+    q = make_msvq().eval()
+    f = torch.randn(3, 4, 4, 4)
+    with torch.no_grad():
+        z_q, indices, _ = q(f)
+        contribs, _ = reference_pass(q, f)
+    assert [tuple(i.shape) for i in indices] == [(3, 1, 1), (3, 2, 2), (3, 3, 3), (3, 4, 4)]
+    assert torch.allclose(z_q, sum(contribs), atol=1e-5)
+    # decoding the index pyramid gives the same f_hat (token dumps decode to the reconstruction)
+    assert torch.allclose(q.decode_indices(indices), z_q, atol=1e-5)
+
+
+def test_msvq_residual_decreases():
+    # phi = identity and a zero code available: each scale can at worst leave the residual as is,
+    # and the finest scale (no resampling) can only shrink it
+    q = make_msvq(phi_ratio=0.0, codes=64).eval()
+    q.vq.set_codes(torch.arange(64) == 0, torch.zeros(1, 4))
+    f = torch.randn(8, 4, 4, 4) * 2
+    with torch.no_grad():
+        _, norms = reference_pass(q, f)
+    assert norms[-1] <= norms[-2] + 1e-6
+    assert norms[-1] < 0.8 * norms[0]
+
+
+def test_msvq_beta_multiplies_the_commitment_term_only():
+    f = torch.randn(2, 4, 4, 4)
+    grads = {}
+    for beta in (0.25, 1.0):
+        q = make_msvq(beta=beta)
+        x = f.clone().requires_grad_(True)
+        _, _, loss = q(x)
+        # value: mean over scales of (1 + beta) * ||f_hat_k - f||^2 (both terms have the same value)
+        with torch.no_grad():
+            contribs, _ = reference_pass(q, f)
+            partial = torch.cumsum(torch.stack(contribs), 0)
+            expected = (1 + beta) * torch.stack([F.mse_loss(p, f) for p in partial]).mean()
+        assert torch.allclose(loss, expected, atol=1e-5)
+        loss.backward()
+        grads[beta] = (x.grad.clone(), q.vq.embed.grad.clone())
+    assert torch.allclose(grads[0.25][0], 0.25 * grads[1.0][0], atol=1e-7)  # encoder side scales
+    assert torch.allclose(grads[0.25][1], grads[1.0][1], atol=1e-7)  # codebook side does not
+    assert grads[1.0][0].abs().sum() > 0 and grads[1.0][1].abs().sum() > 0
+
+
+def test_msvq_straight_through_and_disabled_identity():
+    q = make_msvq()
+    x = torch.randn(2, 4, 4, 4, requires_grad=True)
+    z_q, _, _ = q(x)
+    w = torch.randn_like(z_q)
+    (z_q * w).sum().backward()
+    assert torch.allclose(x.grad, w)
+    q.set_enabled(False)
+    y = torch.randn(2, 4, 4, 4)
+    out, idx, loss = q(y)
+    assert out is y and idx is None and loss.item() == 0.0
+
+
+def test_msvq_ema_and_init_reuse_vector_quantizer():
+    q = common.MultiScaleQuantizer(16, 4, scales=(1, 2, 4), ema_decay=0.9, enabled=False)
+    emb = torch.randn(64, 4)
+    n = common.deferred_switch(q, lambda b: b, [emb[:32], emb[32:]], ratio=2.0)
+    assert n == 32 and q.is_enabled
+    # every code is one of the collected embeddings, EMA state reset with them
+    assert all((emb - c).norm(dim=1).min() < 1e-6 for c in q.codebook)
+    assert torch.equal(q.vq.embed_avg, q.vq.embed)
+    before = q.codebook.clone()
+    q.train()(torch.randn(2, 4, 4, 4))
+    assert not torch.allclose(before, q.codebook)  # the EMA step ran
+
+
+def test_msvq_phi_selection_follows_scale_position():
+    q = common.MultiScaleQuantizer(8, 4, scales=common.VAR_SCALES, num_phi=4)
+    chosen = [q.phi_index(k) for k in range(len(q.scales))]
+    assert chosen[0] == 0 and chosen[-1] == 3
+    assert chosen == sorted(chosen) and set(chosen) == {0, 1, 2, 3}
+
+
+def test_encoder_decoder_shapes():
+    enc = common.Encoder(ch=8, ch_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(16,),
+                         resolution=128, z_channels=8)
+    x = torch.randn(1, 3, 128, 128)
+    z = enc(x)
+    assert z.shape == (1, 8, 16, 16) and enc.latent_resolution == 16
+    dec = common.Decoder(ch=8, ch_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(16,),
+                         resolution=128, z_channels=8)
+    assert dec(z).shape == (1, 3, 128, 128)
+
+
+# ------------------------------------------------------------------------------------------------
+# The script, end to end on a tiny ImageFolder (real split files and loaders, CPU)
+# ------------------------------------------------------------------------------------------------
+
+import imagenet_tokenizer as tok  # noqa: E402
+
+TINY = ["--resolution", "32", "--ch", "8", "--ch-mult", "1,2,2", "--num-res-blocks", "1",
+        "--attn-resolutions", "8", "--z-channels", "8", "--token-dim", "4", "--codebook-size", "16",
+        "--scales", "1,2,4,8", "--test-size", "6", "--val-size", "6", "--batch-size", "4",
+        "--num-workers", "0", "--max-steps-per-epoch", "2", "--lpips-weight", "0", "--skip-lpips",
+        "--skip-fid", "--select-by", "val_loss", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """3 classes x 10 PNGs of 32x32 with class-dependent colours."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        os.makedirs(root / f"class{c}")
+        for i in range(10):
+            base = np.array([80 * c, 200 - 60 * c, 40 + 50 * c], dtype=np.float64)
+            img = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i:02d}.png")
+    return root
+
+
+def run_script(image_folder, out, *extra):
+    argv = ["--data-dir", str(image_folder), "--out", str(out),
+            "--split-file", str(out.parent / "split.json")] + TINY + list(extra)
+    args = tok.build_parser().parse_args(argv)
+    tok.main(args)
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, tmp_path_factory):
+    """Both tokenizers, both arms, a few steps each; shared split file."""
+    out = tmp_path_factory.mktemp("runs") / "out"
+    runs = {}
+    for quantizer in ("vq", "msvq"):
+        for deferred in (False, True):
+            extra = ["--quantizer", quantizer, "--epochs", "2"] + (["--deferred", "--ae-epochs", "1"] if deferred else [])
+            args = run_script(image_folder, out, *extra)
+            name = tok.run_name(args)
+            with open(out / f"{name}.json") as f:
+                runs[(quantizer, deferred)] = (name, json.load(f))
+    return out, runs
+
+
+def test_runs_write_results_with_all_metrics(trained):
+    out, runs = trained
+    assert set(runs) == {("vq", False), ("vq", True), ("msvq", False), ("msvq", True)}
+    for (quantizer, deferred), (name, record) in runs.items():
+        m = record["metrics"]
+        assert record["experiment"] == "imagenet_tokenizer"
+        assert record["method"] == f"{quantizer}_{'deferred' if deferred else 'baseline'}"
+        for key in ("mse", "psnr", "ssim", "perplexity", "used_codes", "euclidean", "cosine", "vendi"):
+            assert np.isfinite(m[key]), key
+        assert m["rfid"] is None and "skip-fid" in record["notes"]["rfid"]
+        assert m["num_images"] == 6 and 1 <= m["used_codes"] <= 16
+        phases = [h["phase"] for h in record["history"]]
+        assert phases == (["continuous", "quantized", "quantized"] if deferred else ["quantized", "quantized"])
+        ckpt = torch.load(out / f"{name}.pt", weights_only=False)
+        # usage counted over the whole test split: 6 images x (64 tokens, or 1+4+16+64 for msvq)
+        per_image = 64 if quantizer == "vq" else 1 + 4 + 16 + 64
+        assert ckpt["code_counts"].sum().item() == 6 * per_image
+        model = tok.build_model(ckpt["args"])
+        model.load_state_dict(ckpt["model"])
+        assert torch.allclose(ckpt["codebook"], model.quantizer.codebook.detach())
+        assert m["euclidean"] == pytest.approx(common.mean_pairwise_euclidean(ckpt["codebook"]))
+        assert os.path.exists(out / name / "best.pt") and os.path.exists(out / name / "last.pt")
+
+
+def test_eval_only_reproduces_the_final_evaluation(image_folder, trained):
+    out, runs = trained
+    name, record = runs[("msvq", False)]
+    os.remove(out / f"{name}.json")
+    run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
+    with open(out / f"{name}.json") as f:
+        again = json.load(f)
+    for key in ("mse", "psnr", "ssim", "perplexity", "used_codes", "euclidean", "vendi"):
+        assert again["metrics"][key] == pytest.approx(record["metrics"][key], rel=1e-6), key
+
+
+def test_split_file_is_deterministic(image_folder, trained, tmp_path):
+    out, _ = trained
+    again = common.make_split(str(image_folder), scheme="imagenet100", seed=0, out_path=tmp_path / "s.json",
+                              test_size=6, val_size=6)
+    with open(out.parent / "split.json") as f:
+        shared = json.load(f)
+    assert {k: shared[k] for k in ("train", "val", "test")} == {k: again[k] for k in ("train", "val", "test")}
+    assert len(shared["test"]) == 6 and len(shared["val"]) == 6 and len(shared["train"]) == 18
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "msvq"])
+def test_token_dump_round_trip(image_folder, trained, quantizer):
+    out, runs = trained
+    name, _ = runs[(quantizer, True)]
+    ckpt_path = out / name / "best.pt"
+    run_script(image_folder, out, "--quantizer", quantizer, "--deferred", "--dump-tokens", "test",
+               "--checkpoint", str(ckpt_path))
+    dump = torch.load(out / name / "tokens_test.pt", weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    model = tok.build_model(ckpt["args"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    split = common.load_split(out.parent / "split.json")
+    data = common.SplitImageDataset(str(image_folder), split, "test", 32)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        recon, indices, _ = model(x)
+        decoded = model.decode_indices(dump["tokens"])
+    assert torch.equal(dump["labels"], torch.tensor([data[i][1] for i in range(len(data))]))
+    if quantizer == "vq":
+        assert dump["tokens"].shape == (6, 8, 8) and dump["tokens"].dtype == torch.int16
+        assert torch.equal(dump["tokens"].long(), indices)
+    else:
+        assert [tuple(t.shape) for t in dump["tokens"]] == [(6, s, s) for s in (1, 2, 4, 8)]
+        assert all(torch.equal(a.long(), b) for a, b in zip(dump["tokens"], indices))
+    # equal up to float rounding (the straight-through sum f + (f_hat - f) is not bit-exact f_hat)
+    assert torch.allclose(decoded, recon, atol=1e-4)
+    assert dump["checkpoint"] == os.path.abspath(ckpt_path)
+
+
+def test_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path):
+    common_args = ["--quantizer", "vq", "--deferred", "--ae-epochs", "1"]
+    run_script(image_folder, tmp_path / "a", *common_args, "--epochs", "1", "--name", "r")
+    straight = torch.load(tmp_path / "a" / "r" / "last.pt", weights_only=False)
+    # interrupted after the Continuous Phase: a run capped there leaves last.pt at epoch 1 (and,
+    # with no quantized epoch to report, says so)
+    with pytest.raises(common.UserError, match="before any quantized epoch"):
+        run_script(image_folder, tmp_path / "b", *common_args, "--epochs", "0", "--name", "r")
+    run_script(image_folder, tmp_path / "b", *common_args, "--epochs", "1", "--name", "r", "--resume")
+    resumed = torch.load(tmp_path / "b" / "r" / "last.pt", weights_only=False)
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for k, v in straight["model"].items():
+        assert torch.allclose(v.float(), resumed["model"][k].float(), atol=1e-6), k
+
+
+def test_missing_lpips_weights_exit_2_naming_the_file(image_folder, tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty_torch_home"))
+    cmd = [sys.executable, os.path.join(ROOT, "imagenet_tokenizer.py"), "--data-dir", str(image_folder),
+           "--out", str(tmp_path / "o"), "--lpips-weight", "1.0", "--skip-fid", "--select-by", "val_loss",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "alexnet-owt-7be5be79.pth" in proc.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_select_by_fid_without_fid_is_refused(image_folder, tmp_path):
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "o"),
+                                          "--skip-fid", "--lpips-weight", "0", "--skip-lpips"])
+    with pytest.raises(common.UserError, match="select-by"):
+        tok.main(args)
+
+
+def test_adaptive_gan_weight_matches_gradient_norm_ratio():
+    layer = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    out = layer(x)
+    rec, gan = out.pow(2).mean(), -out.sum()
+    g_rec = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan, layer.weight, retain_graph=True)[0]
+    expected = g_rec.norm() / (g_gan.norm() + 1e-4)
+    assert torch.allclose(common.adaptive_gan_weight(rec, gan, layer.weight), expected)
+
+
+def test_gan_run_trains_the_discriminator(image_folder, tmp_path):
+    run_script(image_folder, tmp_path, "--quantizer", "vq", "--epochs", "1", "--gan-weight", "0.5",
+               "--disc-layers", "2", "--name", "g")
+    ckpt = torch.load(tmp_path / "g" / "last.pt", weights_only=False)
+    fresh = common.PatchDiscriminator(n_layers=2).state_dict()
+    assert ckpt["args"]["gan_weight"] == 0.5
+    # the first conv only moves through the discriminator's optimizer step (BatchNorm statistics
+    # would change from forward passes alone)
+    assert not torch.equal(ckpt["disc"]["main.0.weight"], fresh["main.0.weight"])
+
+
+def test_two_process_run_counts_every_test_image_once(image_folder, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU): usage is all-reduced over ranks, the test split is
+    sharded without padding, so the counts cover each test image exactly once."""
+    with socket.socket() as s:  # a free port: other test sessions may run torchrun at the same time
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           os.path.join(ROOT, "imagenet_tokenizer.py"), "--data-dir", str(image_folder), "--out", str(tmp_path),
+           "--quantizer", "msvq", "--deferred", "--ae-epochs", "1", "--epochs", "1", "--name", "ddp",
+           "--split-file", str(tmp_path / "split.json")] + TINY
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    assert ckpt["code_counts"].sum().item() == 6 * (1 + 4 + 16 + 64)
+    with open(tmp_path / "ddp.json") as f:
+        assert json.load(f)["metrics"]["num_images"] == 6
+
+
+def test_missing_inception_weights_fail_before_training(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.delenv("DQ_INCEPTION_WEIGHTS", raising=False)
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "o"),
+                                          "--lpips-weight", "0", "--skip-lpips", "--device", "cpu"])
+    with pytest.raises(common.UserError, match=r"Inception.*\.pth"):
+        tok.main(args)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_tables_put_our_scaled_values_beside_the_papers():
+    import evaluate
+    metrics = {"rfid": 7.0, "mse": 3.0e-4, "lpips": 2.0e-3, "euclidean": 5.0, "cosine": 0.5, "vendi": 2.0,
+               "perplexity": 900.0}
+    run = {"experiment": "imagenet_tokenizer", "eval_split": "test", "metrics": metrics,
+           "args": {"quantizer": "vq", "deferred": False, "scheme": "imagenet100", "simvq": False, "gan_weight": 0.0}}
+    text = evaluate.render_tokenizer_table([run], "Table 3")
+    row = next(line for line in text.splitlines() if line.startswith("| MaskGIT ✗"))
+    # paper then ours per column; MSE x1e-4 and LPIPS x1e-3 as in the paper's columns
+    assert row.split(" | ")[1:7] == ["12.22", "7.00", "3.91", "3.00", "2.70", "2.00"]
+    assert evaluate.render_tokenizer_table([run], "Table 5") is None  # no ODIR run
+    absent = next(line for line in text.splitlines() if line.startswith("| VAR ✓")).split(" | ")
+    assert absent[1:3] == ["5.04", "–"]  # the paper's value stays, ours is marked absent
