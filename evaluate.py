@@ -161,8 +161,9 @@ def renderer(name):
 # ---- synthetic mixture renderers ----
 
 SYNTH_COLUMNS = (("mse", "MSE", 3), ("modes_covered", "modes covered", 1), ("own_mode_share", "own-mode", 3),
-                 ("within_mode_spread", "spread", 2), ("perplexity", "perplexity", 1), ("used_codes", "used codes", 1),
-                 ("euclidean", "euclidean", 3), ("cosine", "cosine", 3), ("vendi", "vendi", 2))
+                 ("within_mode_spread", "spread", 2), ("perplexity", "perplexity", 1),
+                 ("used_codes", "used codes", 1), ("euclidean", "euclidean", 3), ("cosine", "cosine", 3),
+                 ("vendi", "vendi", 2))
 
 
 def mean_std(values, digits):
@@ -191,7 +192,8 @@ def render_synthetic(results, out_dir):
     header = (["input → token", "codebook", "method", "seeds"] + [c[1] for c in SYNTH_COLUMNS]
               + ["init euclidean", "paper (qualitative)"])
     rows = []
-    for (dim, token_dim, ema, method), group in sorted(groups.items(), key=lambda kv: (kv[0][:3], kv[0][3] != "baseline")):
+    for (dim, token_dim, ema, method) in sorted(groups):  # baseline sorts before deferred
+        group = groups[(dim, token_dim, ema, method)]
         cells = [mean_std([r["metrics"].get(k) for r in group], d) for k, _, d in SYNTH_COLUMNS]
         init = mean_std([(r.get("init_codebook") or {}).get("euclidean") for r in group], 3)
         rows.append([f"{dim} → {token_dim}", "EMA" if ema else "gradient", method, len(group)] + cells

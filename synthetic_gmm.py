@@ -22,8 +22,8 @@ torchrun is not supported: the whole job is a few seconds of one core.
 Outputs in --out (default runs/synthetic), <name> = <method>_d<dim>_t<token_dim>_s<seed>, method in
 baseline, deferred, baseline_ema, deferred_ema:
     <name>.json      metrics (mse, perplexity, used_codes, euclidean, cosine, vendi, modes_covered,
-                     own_mode_share, within_mode_spread) + "history" every --log-every epochs + "init_codebook", the
-                     diagnostics of the codebook right after its initialisation
+                     own_mode_share, within_mode_spread) + "history" every --log-every epochs +
+                     "init_codebook", the diagnostics of the codebook right after its initialisation
     <name>.pt        checkpoint (model, optimizer, epoch, history, RNG states, codebook, code_counts)
     <name>_fig2.png  Figure 2 panels of one arm; with --compare one figure compare<...>_fig2.png
                      (baseline top row, deferred bottom row, as in the paper)
@@ -231,12 +231,13 @@ def train_arm(args, method, data, device, resume_state=None):
         set_rng_state(resume_state["rng"])
         print0(f"{name}: resuming after epoch {start}")
 
+    t0, prior_s = time.time(), extra.get("train_seconds", 0.0)
+
     def checkpoint(epoch, **final):
         extra["train_seconds"] = prior_s + time.time() - t0
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
                         history=history, extra=extra, args=vars(args), init_digest=init_digest, **final)
 
-    t0, prior_s = time.time(), extra.get("train_seconds", 0.0)
     for epoch in range(start, args.epochs):
         batches = epoch_batches(x, args.seed, epoch, args.batch_size)
         if epoch == switch_epoch:
@@ -275,7 +276,8 @@ def train_arm(args, method, data, device, resume_state=None):
                  args, metrics, history, name=name, init_digest=init_digest,
                  init_codebook=extra["init_codebook"], switch_epoch=switch_epoch, train_seconds=train_s)
     print0(f"{name}: mse {metrics['mse']:.4f}  modes {metrics['modes_covered']}/{args.clusters}  "
-           f"own-mode {metrics['own_mode_share']:.3f}  spread {metrics['within_mode_spread']:.2f}  used codes {metrics['used_codes']}/{args.codebook_size}  "
+           f"own-mode {metrics['own_mode_share']:.3f}  spread {metrics['within_mode_spread']:.2f}  "
+           f"used codes {metrics['used_codes']}/{args.codebook_size}  "
            f"perplexity {metrics['perplexity']:.1f}  ({train_s:.1f} s)")
     if extra["ae_encoder"] is not None:
         ae_encoder = mlp(args.dim, args.hidden, args.token_dim).to(device)
@@ -297,9 +299,14 @@ def tsne(points, seed):
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points.numpy())
 
 
-def kde_curve(ax, values, grid, color, label, fill):
+def kde_curve(ax, values, grid, color, label, fill, hist=False):
+    """KDE with Scott's bandwidth; `hist` adds a thin histogram, because that bandwidth smooths
+    neighbouring modes of a 10-mode mixture together and the histogram shows the peaks."""
     from scipy.stats import gaussian_kde
     values = values.double().numpy()
+    if hist:
+        ax.hist(values, bins=grid[::4], density=True, histtype="step", color="#888888", lw=0.8,
+                label="histogram")
     if np.ptp(values) > 0:
         density = gaussian_kde(values)(grid)
     else:  # every value identical: a spike, which gaussian_kde cannot fit
@@ -335,7 +342,7 @@ def latent_panel(ax, arr, args, pick):
     if args.token_dim == 1:
         lo, hi = min(z.min(), codes.min()).item(), max(z.max(), codes.max()).item()
         grid = np.linspace(lo - 0.1 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6), 600)
-        kde_curve(ax, z[:, 0], grid, "#f4b6c2", "encoder embeddings", fill=True)
+        kde_curve(ax, z[:, 0], grid, "#f4b6c2", "encoder embeddings", fill=True, hist=True)
         kde_curve(ax, codes[:, 0], grid, "#c2185b", f"codebook ({codes.shape[0]} codes)", fill=False)
         ax.set_title("latent space (KDE)")
     else:
@@ -355,8 +362,9 @@ def plot_figure2(path, x, arms, args):
         latent_panel(row[1], arr, args, pick)
         m = arr["metrics"]
         row[0].set_ylabel(arr["method"], fontsize=12, fontweight="bold")
-        row[0].text(0.01, 0.01, f"MSE {m['mse']:.3f}, modes {m['modes_covered']}/{args.clusters}, "
-                    f"own-mode {m['own_mode_share']:.2f}, spread {m['within_mode_spread']:.2f}", transform=row[0].transAxes, fontsize=8)
+        row[0].text(0.01, 0.01, f"MSE {m['mse']:.3f}, modes {m['modes_covered']}/{args.clusters}, own-mode "
+                    f"{m['own_mode_share']:.2f}, spread {m['within_mode_spread']:.2f}",
+                    transform=row[0].transAxes, fontsize=8)
         row[1].text(0.01, 0.01, f"used codes {m['used_codes']}/{args.codebook_size}, "
                     f"perplexity {m['perplexity']:.1f}", transform=row[1].transAxes, fontsize=8)
     fig.suptitle(f"Figure 2: input dim {args.dim}, token dim {args.token_dim}"
@@ -374,7 +382,8 @@ def plot_figure3(path, untrained, trained, args):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
     view = "" if args.token_dim == 1 else " (first principal component)"
     for ax, values, title in ((axes[0], a, "(a) untrained encoder"), (axes[1], b, "(b) trained encoder")):
-        kde_curve(ax, values, grid, "#f4b6c2", None, fill=True)
+        kde_curve(ax, values, grid, "#f4b6c2", "KDE", fill=True, hist=True)
+        ax.legend(loc="upper right", fontsize=7)
         ax.set_title(f"{title}: range {np.ptp(values.numpy()):.2f}")
         ax.set_xlabel("encoder output" + view)
     fig.suptitle(f"Figure 3: encoder outputs, input dim {args.dim}, token dim {args.token_dim}, seed {args.seed}")

@@ -201,10 +201,10 @@ def cli(argv, capsys):
     ["--resume", "--lr", "0.01"],                # checkpoint made with other settings
 ])
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, bad):
-    sentinel = {"name": "baseline_d2_t1_s0.json", "text": "earlier result\n"}
-    (tmp_path / sentinel["name"]).write_text(sentinel["text"])
+    (tmp_path / "baseline_d2_t1_s0.json").write_text("earlier result\n")
     if "0.01" in bad:  # a checkpoint from a run with the default lr
-        torch.save({"args": vars(sg.build_parser().parse_args([])), "rng": None}, tmp_path / "baseline_d2_t1_s0.pt")
+        default_args = vars(sg.build_parser().parse_args([]))
+        torch.save({"args": default_args}, tmp_path / "baseline_d2_t1_s0.pt")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     code, err = cli(bad + ["--out", str(tmp_path)], capsys)
     assert code == 2
