@@ -330,10 +330,14 @@ def data_panel(ax, x, arr, args, pick):
         ax.scatter(recon[:, 0], recon[:, 1], s=2, c="#1f4e9c", label="reconstruction")
         ax.set_title("data space")
     else:
-        emb = tsne(torch.cat([x[pick], recon[pick]]), args.seed)
+        # Distinct reconstructions only: a collapsed decoder repeats a few outputs hundreds of
+        # times, and t-SNE would inflate those zero-distance copies into rings around the data.
+        distinct = recon[pick].unique(dim=0)
+        emb = tsne(torch.cat([x[pick], distinct]), args.seed)
         ax.scatter(*emb[:len(pick)].T, s=3, c="#a6cee3", label="data")
-        ax.scatter(*emb[len(pick):].T, s=3, c="#1f4e9c", label="reconstruction")
-        ax.set_title(f"data space (t-SNE, {len(pick)} points)")
+        ax.scatter(*emb[len(pick):].T, s=6, c="#1f4e9c", label="reconstruction")
+        ax.set_title(f"data space (t-SNE: {len(pick)} points, {len(distinct)} distinct reconstructions)",
+                     fontsize=10)
     ax.legend(loc="upper right", fontsize=7, markerscale=4)
 
 
