@@ -201,7 +201,7 @@ def evaluate(model, x, labels, means):
         counts = torch.bincount(indices, minlength=model.quantizer.num_codes).cpu()
         metrics.update(codebook_metrics(model.quantizer.codebook, counts))
     arrays = {"recon": recon.cpu(), "embeddings": z.cpu(), "codebook": model.quantizer.codebook.detach().cpu(),
-              "counts": counts}
+              "counts": counts, "indices": None if indices is None else indices.cpu()}
     return metrics, arrays
 
 
@@ -330,13 +330,14 @@ def data_panel(ax, x, arr, args, pick):
         ax.scatter(recon[:, 0], recon[:, 1], s=2, c="#1f4e9c", label="reconstruction")
         ax.set_title("data space")
     else:
-        # Distinct reconstructions only: a collapsed decoder repeats a few outputs hundreds of
+        # One reconstruction per code used: a collapsed decoder repeats a few outputs hundreds of
         # times, and t-SNE would inflate those zero-distance copies into rings around the data.
-        distinct = recon[pick].unique(dim=0)
+        idx = arr["indices"][pick]
+        distinct = recon[pick][torch.stack([(idx == c).nonzero()[0, 0] for c in idx.unique()])]
         emb = tsne(torch.cat([x[pick], distinct]), args.seed)
         ax.scatter(*emb[:len(pick)].T, s=3, c="#a6cee3", label="data")
         ax.scatter(*emb[len(pick):].T, s=6, c="#1f4e9c", label="reconstruction")
-        ax.set_title(f"data space (t-SNE: {len(pick)} points, {len(distinct)} distinct reconstructions)",
+        ax.set_title(f"data space (t-SNE: {len(pick)} points, their {len(distinct)} distinct reconstructions)",
                      fontsize=10)
     ax.legend(loc="upper right", fontsize=7, markerscale=4)
 
