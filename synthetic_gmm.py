@@ -410,9 +410,9 @@ def validate(args):
     if args.token_dim < 1 or args.token_dim > args.hidden:
         raise UserError(f"--token-dim must lie in [1, --hidden={args.hidden}], got {args.token_dim}")
     if min(args.dim, args.hidden, args.clusters, args.points_per_cluster, args.batch_size, args.epochs,
-           args.codebook_size, args.log_every, args.ckpt_every) < 1:
+           args.codebook_size, args.log_every, args.ckpt_every, args.tsne_points) < 1:
         raise UserError("--dim, --hidden, --clusters, --points-per-cluster, --batch-size, --epochs, "
-                        "--codebook-size, --log-every and --ckpt-every must all be >= 1")
+                        "--codebook-size, --log-every, --ckpt-every and --tsne-points must all be >= 1")
     n = args.clusters * args.points_per_cluster
     if args.codebook_size > n:
         raise UserError(f"codebook of {args.codebook_size} codes is larger than the {n} data points")
