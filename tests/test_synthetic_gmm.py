@@ -1,0 +1,258 @@
+"""synthetic_gmm.py: data, mode-coverage metric, outputs, identical arms under --compare, exact
+resume, bad input, divergence, and the evaluate.py renderer."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import synthetic_gmm as sg
+from common import run_cli
+
+# A few epochs are enough to exercise every phase (init, Continuous, switch, VQ, final).
+FAST = ["--epochs", "4", "--ae-epochs", "2", "--log-every", "1", "--ckpt-every", "2"]
+
+
+def run(argv):
+    return sg.main(sg.build_parser().parse_args(argv))
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    run(["--compare", "--out", str(out)] + FAST)
+    return out
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim", [2, 48])
+def test_mixture_is_standardised_ten_by_thousand(dim):
+    args = sg.build_parser().parse_args(["--dim", str(dim)])
+    x, labels, means = sg.make_mixture(args)
+    assert x.shape == (10_000, dim) and x.dtype == torch.float32
+    assert torch.bincount(labels).tolist() == [1000] * 10
+    xd = x.double()
+    assert torch.allclose(xd.mean(0), torch.zeros(dim, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(xd.std(0, unbiased=False), torch.ones(dim, dtype=torch.float64), atol=1e-5)
+    # the standardised means are where each cluster's points are (1000 samples: mean error ~ 0.03 std)
+    cluster_means = torch.stack([xd[labels == k].mean(0) for k in range(10)])
+    assert torch.allclose(cluster_means, means.double(), atol=0.05)
+    # modes are separated: nearest other mean far beyond the within-cluster spread
+    within = torch.stack([xd[labels == k].std(0).mean() for k in range(10)]).max()
+    between = torch.cdist(means.double(), means.double()) + torch.eye(10) * 1e9
+    assert between.min() > 4 * within
+
+
+def test_impossible_centre_packing_is_a_user_error():
+    rng = np.random.default_rng(0)
+    with pytest.raises(sg.UserError):
+        sg.cluster_centres(2, 10, box=1.0, min_separation=5.0, rng=rng)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a = sg.epoch_order(100, 0, 3)
+    assert torch.equal(a, sg.epoch_order(100, 0, 3))
+    assert sorted(a.tolist()) == list(range(100))
+    assert not torch.equal(a, sg.epoch_order(100, 0, 4))
+    assert not torch.equal(a, sg.epoch_order(100, 1, 3))
+
+
+# ---- mode coverage ------------------------------------------------------------------------------
+
+def test_mode_coverage_hand_made_case():
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 10)
+    recon = torch.cat([
+        means[0] + 0.1 * torch.ones(10, 2),          # cluster 0: reconstructed at its own mode
+        means[0].expand(10, 2),                     # cluster 1: collapsed onto mode 0
+        means[2].expand(9, 2),                      # cluster 2: 9 at its own mode ...
+        torch.tensor([[9.0, 1.0]]),                 # ... and 1 near mode 1 (1/30 < 5%)
+    ])
+    covered, own = sg.mode_coverage(recon, means, labels)
+    assert covered == 2
+    assert own == pytest.approx(19 / 30)
+    covered, _ = sg.mode_coverage(recon, means, labels, min_share=0.03)
+    assert covered == 3
+
+
+def test_within_mode_spread_hand_made_case():
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0], [10.0, 14.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    centre = torch.tensor([[1.0, 0.0], [1.0, 0.0], [10.0, 12.0], [10.0, 12.0]])
+    assert sg.within_mode_spread(x, x, labels) == pytest.approx(1.0)
+    assert sg.within_mode_spread(centre, x, labels) == pytest.approx(0.0)
+    assert sg.within_mode_spread(centre + 0.5 * (x - centre), x, labels) == pytest.approx(0.25)
+    # only cluster 1 keeps its spread: its variance (4) over the total (1 + 4)
+    assert sg.within_mode_spread(torch.cat([centre[:2], x[2:]]), x, labels) == pytest.approx(0.8)
+
+
+# ---- outputs of a short --compare run -----------------------------------------------------------
+
+def test_compare_writes_results_checkpoints_and_figures(compare_dir):
+    args = sg.build_parser().parse_args(["--compare"] + FAST)
+    x, labels, means = sg.make_mixture(args)
+    for method in ("baseline", "deferred"):
+        name = f"{method}_d2_t1_s0"
+        record = read(compare_dir / f"{name}.json")
+        assert record["experiment"] == "synthetic_gmm" and record["method"] == method
+        m = record["metrics"]
+        for key in ("mse", "perplexity", "used_codes", "euclidean", "cosine", "vendi",
+                    "modes_covered", "own_mode_share", "within_mode_spread"):
+            assert key in m and math.isfinite(m[key])
+        ckpt = torch.load(compare_dir / f"{name}.pt", weights_only=False)
+        assert ckpt["codebook"].shape == (128, 1) and ckpt["epoch"] == 4
+        counts = ckpt["code_counts"]
+        assert counts.sum() == 10_000 and m["used_codes"] == int((counts > 0).sum())
+        p = counts.double() / counts.sum()
+        p = p[p > 0]
+        assert m["perplexity"] == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-9)
+        # metrics recomputed from the saved weights, independently of the script's evaluate()
+        model = sg.VQVAE(args)
+        model.load_state_dict(ckpt["model"])
+        model.eval()
+        with torch.no_grad():
+            z = model.encoder(x)
+            idx = torch.cdist(z, model.quantizer.codebook).argmin(1)
+            recon = model.decoder(model.quantizer.codebook[idx])
+        assert m["mse"] == pytest.approx(((recon - x) ** 2).mean().item(), rel=1e-5)
+        # usage over the whole dataset; float32 near-ties (codes 1e-5 apart) may flip a few points
+        assert (torch.bincount(idx, minlength=128) - counts.long()).abs().sum() <= 20
+        # history: the codebook initialisation, then every epoch; deferred switches after 2 epochs
+        phases = [(h["epoch"], h["phase"]) for h in record["history"]]
+        if method == "baseline":
+            assert phases == [(0, "init"), (1, "vq"), (2, "vq"), (3, "vq"), (4, "vq")]
+        else:
+            assert phases == [(1, "continuous"), (2, "continuous"), (2, "init"), (3, "vq"), (4, "vq")]
+        assert record["history"][-1]["mse"] == pytest.approx(m["mse"])
+    for png in ("compare_d2_t1_s0_fig2.png", "compare_d2_t1_s0_fig3.png"):
+        with open(compare_dir / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_arms_start_from_identical_weights(compare_dir):
+    base = read(compare_dir / "baseline_d2_t1_s0.json")
+    deferred = read(compare_dir / "deferred_d2_t1_s0.json")
+    assert base["init_digest"] == deferred["init_digest"]
+    other_seed = sg.build_parser().parse_args(["--seed", "1"])
+    assert sg.state_digest(sg.build_model(other_seed, torch.device("cpu"))) != base["init_digest"]
+    # the baseline codebook comes from the untrained encoder: narrower than the deferred one
+    assert base["init_codebook"]["euclidean"] < deferred["init_codebook"]["euclidean"]
+
+
+def test_single_arm_48d_uses_tsne_panels(tmp_path):
+    run(["--deferred", "--dim", "48", "--token-dim", "32", "--tsne-points", "60", "--out", str(tmp_path)]
+        + FAST)
+    record = read(tmp_path / "deferred_d48_t32_s0.json")
+    assert record["metrics"]["dim"] == 32
+    assert (tmp_path / "deferred_d48_t32_s0_fig2.png").stat().st_size > 0
+    assert (tmp_path / "deferred_d48_t32_s0_fig3.png").stat().st_size > 0
+
+
+# ---- resume -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arm,stop", [("--deferred", 3), ("--deferred", 5), ("--compare", 3)])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, arm, stop):
+    """--stop-after-epoch exits right after that epoch (as a kill would); the last checkpoint is
+    the one of epoch 2 or 4, so the resumed run redoes epochs, including the switch at epoch 3."""
+    argv = [arm, "--epochs", "6", "--ae-epochs", "3", "--ckpt-every", "2", "--log-every", "1", "--no-figures"]
+    run(argv + ["--out", str(tmp_path / "full")])
+    with pytest.raises(SystemExit) as stopped:
+        run(argv + ["--out", str(tmp_path / "killed"), "--stop-after-epoch", str(stop)])
+    assert stopped.value.code == 3
+    assert not (tmp_path / "killed" / "deferred_d2_t1_s0.json").exists()
+    run(argv + ["--out", str(tmp_path / "killed"), "--resume"])
+    names = ["deferred"] if arm == "--deferred" else ["baseline", "deferred"]
+    for method in names:
+        full = read(tmp_path / "full" / f"{method}_d2_t1_s0.json")
+        resumed = read(tmp_path / "killed" / f"{method}_d2_t1_s0.json")
+        assert resumed["metrics"] == full["metrics"]
+        assert resumed["history"] == full["history"]
+        a = torch.load(tmp_path / "full" / f"{method}_d2_t1_s0.pt", weights_only=False)
+        b = torch.load(tmp_path / "killed" / f"{method}_d2_t1_s0.pt", weights_only=False)
+        assert torch.equal(a["codebook"], b["codebook"])
+
+
+# ---- bad input and divergence -------------------------------------------------------------------
+
+def cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(sg.main, sg.build_parser(), argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [
+    ["--token-dim", "0"],
+    ["--token-dim", "33"],                       # wider than the hidden layer (32)
+    ["--codebook-size", "20000"],                # more codes than the 10,000 points
+    ["--ratio", "0.5"],
+    ["--deferred", "--ae-epochs", "200"],        # no epochs left for the Discretization Phase
+    ["--resume"],                                # nothing to resume
+    ["--resume", "--lr", "0.01"],                # checkpoint made with other settings
+])
+def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, bad):
+    (tmp_path / "baseline_d2_t1_s0.json").write_text("earlier result\n")
+    if "0.01" in bad:  # a checkpoint from a run with the default lr
+        default_args = vars(sg.build_parser().parse_args([]))
+        torch.save({"args": default_args}, tmp_path / "baseline_d2_t1_s0.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, err = cli(bad + ["--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_divergence_stops_with_one_line_and_keeps_earlier_results(tmp_path, capsys):
+    run(["--epochs", "2", "--no-figures", "--out", str(tmp_path)])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, err = cli(["--epochs", "2", "--no-figures", "--lr", "1e6", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "loss became" in err and "epoch 1" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_command_line_error_through_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "synthetic_gmm.py", "--token-dim", "40", "--out", str(tmp_path)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--token-dim" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- evaluate.py renderer -----------------------------------------------------------------------
+
+def fake_result(method, seed, mse, modes, ema=False, dim=2, token_dim=1):
+    metrics = {"mse": mse, "modes_covered": modes, "own_mode_share": modes / 10, "perplexity": 2.0 * modes,
+               "used_codes": 10 * modes, "euclidean": 0.1 * modes, "cosine": 0.0, "vendi": 1.0}
+    return {"experiment": "synthetic_gmm", "method": method + ("_ema" if ema else ""),
+            "args": {"dim": dim, "token_dim": token_dim, "ema": ema, "seed": seed}, "metrics": metrics}
+
+
+def test_renderer_tabulates_each_setting_with_seed_means(tmp_path):
+    results = [fake_result("baseline", 0, 0.2, 6), fake_result("baseline", 1, 0.4, 8),
+               fake_result("deferred", 0, 0.1, 10), fake_result("deferred", 1, 0.1, 10),
+               fake_result("deferred", 0, 0.3, 9, ema=True, dim=48, token_dim=32)]
+    text = evaluate.RENDERERS["Figure 2 (synthetic)"](results, str(tmp_path))
+    lines = text.splitlines()
+    base = next(line for line in lines if "| 2 → 1 |" in line and "| baseline |" in line)
+    assert "0.300 ± 0.141" in base and "7.0 ± 1.4" in base and "| 2 |" in base  # means over 2 seeds
+    ema = next(line for line in lines if "48 → 32" in line)
+    assert "deferred" in ema and "EMA" in ema and "0.300" in ema
+    assert "collapse" in text  # the paper's qualitative claim is shown beside our numbers
+    assert evaluate.RENDERERS["Figure 2 (synthetic)"]([], str(tmp_path)) is None
+
+
+def test_renderer_reads_real_results(compare_dir, tmp_path):
+    text = evaluate.RENDERERS["Figure 2 (synthetic)"](evaluate.load_results(str(compare_dir)), str(tmp_path))
+    assert "| baseline |" in text and "| deferred |" in text
