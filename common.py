@@ -172,6 +172,10 @@ def autocast_for(device, enabled=True):
     return contextlib.nullcontext()
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path, write_fn, mode="wb"):
     """Write a file through a temporary file in the same folder and rename it into place, so a
     crash or a bad input never leaves a truncated checkpoint or JSON behind."""
@@ -184,6 +188,7 @@ def atomic_write(path, write_fn, mode="wb"):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
