@@ -291,28 +291,28 @@ def nearest_code(z, codebook, tile=None):
     argmin_k ||z - c_k||^2 = argmin_k (||c_k||^2 - 2 z.c_k): the ||z||^2 term is constant per row
     and dropped. Appending 1 to z and ||c_k||^2 to -2 c_k makes each tile of scores one matmul.
     A running minimum over code tiles (strict <) keeps the first index on ties, like argmin.
-    Always float32, also under bf16 autocast, where rounded distances would pick wrong codes.
+    Always float32: a matmul with out= is never autocast, so bf16 autocast cannot round the
+    distances (which would pick wrong codes).
     """
     rows, cols = tile or SEARCH_TILE.get(z.device.type, SEARCH_TILE["cpu"])
-    with torch.autocast(z.device.type, enabled=False):
-        codebook = codebook.detach().float()
-        left = torch.cat([z.detach().float(), z.new_ones(z.shape[0], 1, dtype=torch.float32)], 1)
-        right = torch.cat([-2.0 * codebook, codebook.pow(2).sum(1, keepdim=True)], 1).t().contiguous()
-        n, k = left.shape[0], right.shape[1]
-        rows, cols = min(rows, n), min(cols, k)
-        scores = left.new_empty(rows, cols)
-        out = torch.empty(n, dtype=torch.long, device=z.device)
-        for r0 in range(0, n, rows):
-            block = left[r0:r0 + rows]
-            best = block.new_full((block.shape[0],), math.inf)
-            best_idx = out[r0:r0 + rows].zero_()
-            for c0 in range(0, k, cols):
-                tile_scores = torch.mm(block, right[:, c0:c0 + cols], out=scores[:block.shape[0], :min(cols, k - c0)])
-                value, idx = tile_scores.min(1)
-                better = value < best
-                best = torch.where(better, value, best)
-                best_idx.copy_(torch.where(better, idx + c0, best_idx))
-        return out
+    codebook = codebook.detach().float()
+    left = torch.cat([z.detach().float(), z.new_ones(z.shape[0], 1, dtype=torch.float32)], 1)
+    right = torch.cat([-2.0 * codebook, codebook.pow(2).sum(1, keepdim=True)], 1).t().contiguous()
+    n, k = left.shape[0], right.shape[1]
+    rows, cols = max(1, min(rows, n)), min(cols, k)  # max: an empty z still loops zero times
+    scores = left.new_empty(rows, cols)
+    out = torch.empty(n, dtype=torch.long, device=z.device)
+    for r0 in range(0, n, rows):
+        block = left[r0:r0 + rows]
+        best = block.new_full((block.shape[0],), math.inf)
+        best_idx = out[r0:r0 + rows].zero_()
+        for c0 in range(0, k, cols):
+            tile_scores = torch.mm(block, right[:, c0:c0 + cols], out=scores[:block.shape[0], :min(cols, k - c0)])
+            value, idx = tile_scores.min(1)
+            better = value < best
+            best = torch.where(better, value, best)
+            best_idx.copy_(torch.where(better, idx + c0, best_idx))
+    return out
 
 
 @torch.no_grad()

@@ -27,7 +27,10 @@ def shard(x, info):
 
 def main(out):
     info = setup_distributed("cpu")
-    seed_everything(0)  # the global RNG draws dead-code replacements (on rank 0 only)
+    seed_everything(0)
+    # Ranks' global RNG streams diverge in training (dropout, augmentation); make them differ here
+    # too, so only drawing on rank 0 + broadcast can keep dead-code replacements identical.
+    torch.rand(1 + info.rank)
     g = torch.Generator().manual_seed(123)
     init_data = torch.randn(2 * NUM_CODES, DIM, generator=g)  # ratio 2: exactly what the switch needs
     # training data from a narrower distribution, so outlying codes fall out of use and get replaced

@@ -31,6 +31,10 @@ def test_nearest_code_any_tile_equals_brute_force(tile):
     assert torch.equal(nearest_code(z, codes, tile), brute_nearest(z, codes))
 
 
+def test_nearest_code_of_no_vectors_is_empty():
+    assert nearest_code(torch.zeros(0, 3), torch.randn(5, 3)).shape == (0,)
+
+
 def test_nearest_code_ties_keep_first_index_across_tiles():
     codes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # codes 0, 2, 3 coincide
     z = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
@@ -55,7 +59,7 @@ def test_search_stays_float32_under_bf16_autocast():
     codes, z = torch.randn(256, 4, generator=g), torch.randn(2000, 4, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         idx = nearest_code(z, codes)
-        vq = VectorQuantizer(256, 4, affine_lr=1.0)  # the affine codebook is computed under autocast too
+        vq = VectorQuantizer(256, 4, simvq=True)  # the SimVQ codebook is a Linear: autocast would round it
         vq.embed.data.copy_(codes)
         z_q, vq_idx, _ = vq(z)
     assert torch.equal(idx, brute_nearest(z, codes))
