@@ -315,6 +315,13 @@ def nearest_code(z, codebook, tile=None):
     return out
 
 
+def latent_rows(z, dim):
+    """(N, dim) vectors or (B, dim, H, W) maps -> (N or B*H*W, dim) rows, channels last."""
+    if z.dim() not in (2, 4) or z.shape[1] != dim:
+        raise ValueError(f"expected (N, {dim}) or (B, {dim}, H, W) latents, got {tuple(z.shape)}")
+    return z.permute(0, 2, 3, 1).reshape(-1, dim) if z.dim() == 4 else z
+
+
 @torch.no_grad()
 def kmeans(x, num_clusters, iters=20, generator=None):
     """Lloyd's k-means (paper eq. 3), initialised from a random sample of the data (the same draw
@@ -430,12 +437,6 @@ class VectorQuantizer(nn.Module):
         """(B, H, W) indices -> (B, dim, H, W) quantized map, for decoding token dumps."""
         return self.lookup(indices).permute(0, 3, 1, 2).contiguous()
 
-    def flatten(self, z):
-        """(N, dim) vectors or (B, dim, H, W) maps -> (N or B*H*W, dim) rows, channels last."""
-        if z.dim() not in (2, 4) or z.shape[1] != self.dim:
-            raise ValueError(f"expected (N, {self.dim}) or (B, {self.dim}, H, W), got {tuple(z.shape)}")
-        return z.permute(0, 2, 3, 1).reshape(-1, self.dim) if z.dim() == 4 else z
-
     @property
     def is_enabled(self):
         return bool(self.enabled.item())
@@ -447,7 +448,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z):
         if not self.is_enabled:
             return z, None, z.new_zeros(())
-        z_q, indices, loss = self.quantize_flat(self.flatten(z))
+        z_q, indices, loss = self.quantize_flat(latent_rows(z, self.dim))
         if z.dim() == 4:
             b, _, h, w = z.shape
             z_q = z_q.reshape(b, h, w, self.dim).permute(0, 3, 1, 2)
@@ -570,7 +571,7 @@ class VectorQuantizer(nn.Module):
         """
         if method not in ("sample", "kmeans"):
             raise UserError(f"unknown init method '{method}' (use sample or kmeans)")
-        pool = all_gather_rows(self.flatten(embeddings.detach()).float())
+        pool = all_gather_rows(latent_rows(embeddings.detach(), self.dim).float())
         if pool.shape[0] < self.num_codes:
             raise UserError(f"codebook of {self.num_codes} codes is larger than the {pool.shape[0]} "
                             "embeddings collected to initialise it; collect more or use fewer codes")
@@ -589,7 +590,9 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     Collects encoder embeddings over as many batches as needed until ratio x num_codes vectors
     are gathered across all ranks (paper: 10:1 on CIFAR-10, 2:1 at ImageNet scale), initialises
     the codebook from them ('sample' or 'kmeans'), resets the EMA state, and turns quantization on.
-    `encode(batch)` returns the pre-quantization latents, (N, dim) or (B, dim, H, W).
+    `quantizer` is a VectorQuantizer or anything with num_codes, dim, init_from_embeddings and
+    set_enabled (the multi-scale quantizer). `encode(batch)` returns the pre-quantization latents,
+    (N, dim) or (B, dim, H, W).
     Called at step 0 with an untrained encoder this is exactly the usual baseline initialisation.
     Returns the number of embeddings this rank contributed.
     """
@@ -602,14 +605,15 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     bar = progress_bar(total=per_rank, desc="collecting embeddings", disable=not progress)
     with torch.no_grad():
         for batch in batches:
-            flat = quantizer.flatten(encode(batch).detach()).float()
+            flat = latent_rows(encode(batch).detach(), quantizer.dim).float()
             collected.append(flat)
             total += flat.shape[0]
             bar.update(flat.shape[0])
             if total >= per_rank:
                 break
     bar.close()
-    local = torch.cat(collected)[:per_rank] if collected else quantizer.embed.new_zeros(0, quantizer.dim)
+    device = next(quantizer.buffers()).device  # an empty shard must still be gathered on the right device
+    local = torch.cat(collected)[:per_rank] if collected else torch.zeros(0, quantizer.dim, device=device)
     quantizer.init_from_embeddings(local, method=method, seed=seed)
     quantizer.set_enabled(True)
     return local.shape[0]
@@ -632,19 +636,21 @@ PAIRWISE_TILE = 1024
 def mean_pairwise_euclidean(codes, tile=PAIRWISE_TILE):
     """D_Euc = 2 / (S(S-1)) * sum_{i<j} ||t_i - t_j|| (paper eq. 4), exact.
 
-    The codebook is centred in float64 first (distances are translation invariant), so the float32
+    The codebook is centred first (distances are translation invariant), so the float32
     expansion ||a||^2 + ||b||^2 - 2ab does not cancel catastrophically when codes sit far from the
     origin. Appending (||t_i||^2, 1) to t_i and (1, ||t_j||^2) to -2 t_j makes each tile of squared
     distances one matmul. Only tiles on or above the diagonal are computed (pairs i < j); each
     tile is summed in float32 and the total kept in float64. Memory: one tile.
     """
-    t = codes.detach().double()
-    s = t.shape[0]
+    x = codes.detach()
+    x = x if x.dtype == torch.float64 else x.float()
+    s = x.shape[0]
     if s < 2:
         return 0.0
-    t = t - t.mean(0, keepdim=True)
-    sq = t.pow(2).sum(1, keepdim=True).float()
-    t = t.float()
+    # subtract a float64 mean in the codes' own precision: a float64 codebook keeps spreads below
+    # float32 resolution, and a float32 one (images, too) needs no float64 copy
+    t = (x - x.mean(0, keepdim=True, dtype=torch.float64).to(x.dtype)).float()
+    sq = t.pow(2).sum(1, keepdim=True)
     ones = torch.ones_like(sq)
     left = torch.cat([t, sq, ones], 1)
     right = torch.cat([-2.0 * t, ones, sq], 1).t().contiguous()

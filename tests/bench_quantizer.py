@@ -5,7 +5,7 @@
     pip install --target /tmp/vqp --no-deps vector-quantize-pytorch einops einx frozendict loguru torch-einops-utils
     PYTHONPATH=/tmp/vqp OMP_WAIT_POLICY=PASSIVE python tests/bench_quantizer.py
 
-Forward + backward of 4,096 vectors x dim 32 at 1,024 / 16,384 / 65,536 codes, run side by side in
+Forward + backward of 4,096 vectors x dim 32 at 1,024 / 8,192 / 16,384 / 65,536 codes, run side by side in
 one process (the machine is shared: only ratios within one run mean anything), for
   ours-ema / ours-grad   VectorQuantizer with an EMA / a gradient codebook (train mode);
   bare                   one torch.addmm of the full N x K distance matrix + argmin (search only);
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import VectorQuantizer, codebook_metrics  # noqa: E402
 
 N, DIM = 4096, 32
-CODES = (1024, 16384, 65536)
+CODES = (1024, 8192, 16384, 65536)
 
 
 def have_vqp():
