@@ -278,9 +278,10 @@ def check_finite(loss, where):
 # ================================================================================================
 
 # Nearest-code search tiles, (rows of z) x (codes). On CPU a 1024 x 1024 float32 tile (4 MiB) stays
-# in cache through the matmul and the row minimum; tests/bench_quantizer.py measures it about twice
-# as fast as one full N x K distance matrix at 65,536 codes. On a GPU, larger tiles (256 MiB) keep
-# the number of kernel launches small. Either way memory is bounded at any codebook size.
+# in cache through the matmul and the row minimum: tests/bench_quantizer.py measures a whole
+# forward + backward at 0.44x the time of one full N x K distance matrix + argmin at 65,536 codes,
+# with 31 MiB extra memory instead of 1 GiB. On a GPU, larger tiles (256 MiB, not yet measured)
+# keep the number of kernel launches small. Either way memory is bounded at any codebook size.
 SEARCH_TILE = {"cpu": (1024, 1024), "cuda": (8192, 8192)}
 
 
@@ -627,8 +628,8 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
 # ================================================================================================
 
 # Pairwise-distance tiles of 1024 x 1024 float32 (4 MiB) stay in cache through matmul, clamp, sqrt
-# and sum; tests/bench_quantizer.py measures this several times faster than 1024-row strips
-# across all S columns at S = 65,536.
+# and sum: the whole suite on a 65,536 x 32 codebook takes 2.7 s on 2 CPU cores, against 15.4 s
+# with 1024-row strips across all S columns (measured side by side in one process).
 PAIRWISE_TILE = 1024
 
 

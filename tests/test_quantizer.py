@@ -5,7 +5,6 @@ EMA and loss formulas), never by calling the code under test a second time.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 from common import UserError, VectorQuantizer, deferred_switch, kmeans, nearest_code
