@@ -282,34 +282,57 @@ def check_finite(loss, where):
 # 2. Quantizer
 # ================================================================================================
 
-# Elements of one distance tile: 2**22 float32 = 16 MiB. Small enough to stay near the cache and
-# bound memory at any codebook size, large enough that the matmul runs at full speed.
-SEARCH_TILE_ELEMENTS = 2**22
+# Nearest-code search tiles, (rows of z) x (codes). On CPU a 1024 x 1024 float32 tile (4 MiB) stays
+# in cache through the matmul and the row minimum: tests/bench_quantizer.py measures a whole
+# forward + backward at 0.44x the time of one full N x K distance matrix + argmin at 65,536 codes,
+# with 31 MiB extra memory instead of 1 GiB. On a GPU, larger tiles (256 MiB, not yet measured)
+# keep the number of kernel launches small. Either way memory is bounded at any codebook size.
+SEARCH_TILE = {"cpu": (1024, 1024), "cuda": (8192, 8192)}
 
 
 @torch.no_grad()
-def nearest_code(z, codebook, tile_elements=SEARCH_TILE_ELEMENTS):
+def nearest_code(z, codebook, tile=None):
     """Index of the nearest code (squared Euclidean, paper eq. 1) for each row of `z`.
 
     argmin_k ||z - c_k||^2 = argmin_k (||c_k||^2 - 2 z.c_k): the ||z||^2 term is constant per row
-    and dropped. Rows are processed in blocks so the N x K distance matrix is never built whole.
+    and dropped. Appending 1 to z and ||c_k||^2 to -2 c_k makes each tile of scores one matmul.
+    A running minimum over code tiles (strict <) keeps the first index on ties, like argmin.
+    Always float32: a matmul with out= is never autocast, so bf16 autocast cannot round the
+    distances (which would pick wrong codes).
     """
-    z = z.detach().to(codebook.dtype)
-    codebook = codebook.detach()
-    code_sq = codebook.pow(2).sum(1)
-    rows = max(1, tile_elements // codebook.shape[0])
-    if rows >= z.shape[0]:
-        return torch.addmm(code_sq, z, codebook.t(), alpha=-2.0).argmin(1)
-    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-    for start in range(0, z.shape[0], rows):
-        block = z[start:start + rows]
-        out[start:start + rows] = torch.addmm(code_sq, block, codebook.t(), alpha=-2.0).argmin(1)
+    rows, cols = tile or SEARCH_TILE.get(z.device.type, SEARCH_TILE["cpu"])
+    codebook = codebook.detach().float()
+    left = torch.cat([z.detach().float(), z.new_ones(z.shape[0], 1, dtype=torch.float32)], 1)
+    right = torch.cat([-2.0 * codebook, codebook.pow(2).sum(1, keepdim=True)], 1).t().contiguous()
+    n, k = left.shape[0], right.shape[1]
+    rows, cols = max(1, min(rows, n)), min(cols, k)  # max: an empty z still loops zero times
+    scores = left.new_empty(rows, cols)
+    out = torch.empty(n, dtype=torch.long, device=z.device)
+    for r0 in range(0, n, rows):
+        block = left[r0:r0 + rows]
+        best = block.new_full((block.shape[0],), math.inf)
+        best_idx = out[r0:r0 + rows].zero_()
+        for c0 in range(0, k, cols):
+            tile_scores = torch.mm(block, right[:, c0:c0 + cols], out=scores[:block.shape[0], :min(cols, k - c0)])
+            value, idx = tile_scores.min(1)
+            better = value < best
+            best = torch.where(better, value, best)
+            best_idx.copy_(torch.where(better, idx + c0, best_idx))
     return out
+
+
+def latent_rows(z, dim):
+    """(N, dim) vectors or (B, dim, H, W) maps -> (N or B*H*W, dim) rows, channels last."""
+    if z.dim() not in (2, 4) or z.shape[1] != dim:
+        raise ValueError(f"expected (N, {dim}) or (B, {dim}, H, W) latents, got {tuple(z.shape)}")
+    return z.permute(0, 2, 3, 1).reshape(-1, dim) if z.dim() == 4 else z
 
 
 @torch.no_grad()
 def kmeans(x, num_clusters, iters=20, generator=None):
-    """Lloyd's k-means (paper eq. 3), initialised from a random sample of the data.
+    """Lloyd's k-means (paper eq. 3), initialised from a random sample of the data (the same draw
+    as `init_from_embeddings(method='sample')` with the same generator state), so its distortion
+    is never above that of the sample it starts from.
 
     An empty cluster is re-seeded with a random data point so every centre stays on the data.
     """
@@ -332,7 +355,7 @@ class VectorQuantizer(nn.Module):
     """Vector quantizer with every option the paper's experiments need.
 
     forward(z) takes (N, dim) vectors or (B, dim, H, W) maps and returns (z_q, indices, loss):
-      * z_q: the quantized input with the straight-through estimator (same shape as z);
+      * z_q: the quantized input with the straight-through estimator (same shape as z, float32);
       * indices: (N,) or (B, H, W) code indices, or None while quantization is off;
       * loss: codebook term + beta * commitment term (paper eq. 2). beta multiplies the commitment
         term ||z - sg[q]||^2 only. With an EMA codebook the codebook term is replaced by the EMA
@@ -361,6 +384,10 @@ class VectorQuantizer(nn.Module):
     def __init__(self, num_codes, dim, beta=0.25, ema_decay=None, init="uniform", init_std=1.0,
                  enabled=True, dead_code_steps=0, affine_lr=0.0, sync_nu=0.0, simvq=False, eps=1e-5):
         super().__init__()
+        if num_codes < 1 or dim < 1:
+            raise UserError(f"a codebook needs at least one code of dimension >= 1, got {num_codes} x {dim}")
+        if beta < 0 or dead_code_steps < 0 or affine_lr < 0 or sync_nu < 0 or eps <= 0:
+            raise UserError("beta, dead_code_steps, affine_lr and sync_nu must be >= 0 and eps > 0")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise UserError(f"ema_decay must lie in (0, 1), got {ema_decay}")
         if ema_decay is not None and (affine_lr > 0 or simvq or sync_nu > 0):
@@ -392,6 +419,8 @@ class VectorQuantizer(nn.Module):
         if init == "uniform":
             return torch.empty(self.num_codes, self.dim).uniform_(-1.0 / self.num_codes, 1.0 / self.num_codes)
         if init == "gaussian":
+            if not init_std > 0:
+                raise UserError(f"init_std must be > 0, got {init_std}")
             return torch.randn(self.num_codes, self.dim) * init_std
         raise UserError(f"unknown codebook init '{init}' (use uniform, gaussian, or init_from_embeddings)")
 
@@ -425,29 +454,30 @@ class VectorQuantizer(nn.Module):
     def forward(self, z):
         if not self.is_enabled:
             return z, None, z.new_zeros(())
-        spatial = z.dim() == 4
-        flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim) if spatial else z
-        z_q, indices, loss = self.quantize_flat(flat)
-        if spatial:
+        z_q, indices, loss = self.quantize_flat(latent_rows(z, self.dim))
+        if z.dim() == 4:
             b, _, h, w = z.shape
             z_q = z_q.reshape(b, h, w, self.dim).permute(0, 3, 1, 2)
             indices = indices.reshape(b, h, w)
         return z_q, indices, loss
 
     def quantize_flat(self, z):
-        """Quantize (N, dim) vectors; the core of `forward`, reused by the multi-scale quantizer."""
-        z = z.float()  # distances and losses in float32 even under bf16 autocast
-        codebook = self.codebook.float()
-        indices = nearest_code(z, codebook)
-        q = F.embedding(indices, codebook)
-        commitment = F.mse_loss(z, q.detach())
-        if self.ema_decay is None:
-            loss = F.mse_loss(q, z.detach()) + self.beta * commitment
-        else:
-            loss = self.beta * commitment
-        if self.training:
-            self.update_after_assignment(z.detach(), indices)
-        return self.straight_through(z, q), indices, loss
+        """Quantize (N, dim) vectors; the core of `forward`, reused by the multi-scale quantizer.
+        Distances, codes and losses stay float32 under bf16 autocast (an affine or SimVQ codebook
+        computed in bf16 would round every code)."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            codebook = self.codebook.float()
+            indices = nearest_code(z, codebook)
+            q = F.embedding(indices, codebook)
+            commitment = F.mse_loss(z, q.detach())  # ||z - sg[q]||^2, to the encoder only
+            if self.ema_decay is None:
+                loss = F.mse_loss(q, z.detach()) + self.beta * commitment  # eq. 2
+            else:
+                loss = self.beta * commitment
+            if self.training:
+                self.update_after_assignment(z.detach(), indices)
+            return self.straight_through(z, q), indices, loss
 
     def straight_through(self, z, q):
         """Forward value q, gradient to z unchanged (Bengio et al. 2013). With sync_nu the
@@ -459,11 +489,19 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def update_after_assignment(self, z, indices):
-        """Training-time bookkeeping after a search: EMA step and dead-code replacement."""
-        counts = all_reduce_sum(torch.bincount(indices, minlength=self.num_codes).float())
+        """Training-time bookkeeping after a search: EMA step and dead-code replacement.
+
+        Per-code sums (EMA only) and counts are summed over ranks in one all-reduce, so every rank
+        takes the same EMA step and sees the same dead codes as one process on the global batch.
+        """
+        if self.ema_decay is None and self.dead_code_steps == 0:
+            return
+        ones = z.new_ones(z.shape[0], 1)
+        rows = torch.cat([z.to(self.embed.dtype), ones], 1) if self.ema_decay is not None else ones
+        stats = all_reduce_sum(rows.new_zeros(self.num_codes, rows.shape[1]).index_add_(0, indices, rows))
+        counts = stats[:, -1]
         if self.ema_decay is not None:
-            sums = all_reduce_sum(torch.zeros_like(self.embed).index_add_(0, indices, z.to(self.embed.dtype)))
-            self.ema_update(counts, sums)
+            self.ema_update(counts, stats[:, :-1])
         if self.dead_code_steps > 0:
             self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
             dead = self.steps_unused >= self.dead_code_steps
@@ -472,8 +510,10 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, counts, sums):
-        """One EMA step from global per-code counts and sums, with Laplace-smoothed counts so a
-        code that gets no vectors never divides by zero (and keeps its position)."""
+        """One EMA step from global per-code counts n_k and sums s_k (van den Oord et al. 2017,
+        appendix A.1): N_k <- gamma N_k + (1 - gamma) n_k, m_k <- gamma m_k + (1 - gamma) s_k,
+        e_k = m_k / N~_k with Laplace-smoothed N~_k = (N_k + eps) / (N + K eps) * N, so a code that
+        gets no vectors never divides by zero (and keeps its position)."""
         gamma = self.ema_decay
         self.cluster_size.mul_(gamma).add_(counts, alpha=1 - gamma)
         self.embed_avg.mul_(gamma).add_(sums, alpha=1 - gamma)
@@ -485,7 +525,8 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def set_codes(self, mask, values):
         """Write raw code vectors for the codes in `mask` and reset their EMA state consistently
-        (cluster_size 1, embed_avg = embed), so the next EMA step does not erase the write."""
+        (cluster_size 1, embed_avg = embed), so the next EMA step moves them by a weighted mean
+        of old position and new data instead of erasing the write."""
         self.embed.data[mask] = values.to(self.embed.dtype)
         self.steps_unused[mask] = 0
         if self.ema_decay is not None:
@@ -500,38 +541,53 @@ class VectorQuantizer(nn.Module):
             scale = 1.0 + self.affine_lr * self.affine_scale
             return (codes - self.affine_lr * self.affine_bias) / scale
         if self.simvq_map is not None:
-            return torch.linalg.solve(self.simvq_map.weight, codes.t()).t()
+            return torch.linalg.solve(self.simvq_map.weight.float(), codes.t()).t()
         return codes
+
+    def _write_from_rank0(self, mask, choose):
+        """set_codes(mask, choose()) with `choose` run on rank 0 only and its (n, dim) effective
+        codes broadcast, so random draws and k-means give one codebook on every rank."""
+        n = int(mask.sum())
+        codes = choose() if is_main_process() else torch.empty(n, self.dim)
+        codes = broadcast_from_main(codes.to(self.embed.device, torch.float32).contiguous())
+        self.set_codes(mask, self._to_raw(codes))
 
     @torch.no_grad()
     def replace_codes(self, mask, z):
-        """Replace the codes in `mask` by random rows of `z` gathered from every rank."""
+        """Replace the codes in `mask` by random rows of `z` gathered from every rank (SoundStream,
+        Zeghidour et al. 2021), drawn without replacement while the batch is large enough, so
+        the replaced codes are distinct."""
         pool = all_gather_rows(z.float())
-        pick = torch.randint(0, pool.shape[0], (int(mask.sum()),), device=pool.device)
-        values = broadcast_from_main(pool[pick].contiguous())
-        self.set_codes(mask, self._to_raw(values))
+        n = int(mask.sum())
+
+        def choose():
+            if n <= pool.shape[0]:
+                return pool[torch.randperm(pool.shape[0], device=pool.device)[:n]]
+            return pool[torch.randint(0, pool.shape[0], (n,), device=pool.device)]
+        self._write_from_rank0(mask, choose)
 
     @torch.no_grad()
     def init_from_embeddings(self, embeddings, method="sample", kmeans_iters=20, seed=0):
         """Initialise every code from encoder embeddings (paper section 5, appendix A.1).
 
-        `embeddings` are this rank's (N_r, dim) vectors; they are gathered from all ranks, and
-        rank 0 draws `num_codes` of them without replacement ('sample') or runs k-means on them
-        ('kmeans'); the result is broadcast, so every rank starts from the same codebook.
+        `embeddings` are this rank's (N_r, dim) vectors or (B, dim, H, W) maps; they are gathered
+        from all ranks, and rank 0 draws `num_codes` of them without replacement ('sample') or runs
+        k-means on them ('kmeans'); the result is broadcast, so every rank starts from the same
+        codebook. EMA state is reset to match (see `set_codes`).
         """
-        pool = all_gather_rows(embeddings.detach().float().reshape(-1, self.dim))
+        if method not in ("sample", "kmeans"):
+            raise UserError(f"unknown init method '{method}' (use sample or kmeans)")
+        pool = all_gather_rows(latent_rows(embeddings.detach(), self.dim).float())
         if pool.shape[0] < self.num_codes:
             raise UserError(f"codebook of {self.num_codes} codes is larger than the {pool.shape[0]} "
                             "embeddings collected to initialise it; collect more or use fewer codes")
-        gen = torch.Generator().manual_seed(seed)
-        if method == "sample":
-            codes = pool[torch.randperm(pool.shape[0], generator=gen)[: self.num_codes].to(pool.device)]
-        elif method == "kmeans":
-            codes = kmeans(pool, self.num_codes, iters=kmeans_iters, generator=gen)
-        else:
-            raise UserError(f"unknown init method '{method}' (use sample or kmeans)")
-        codes = broadcast_from_main(codes.to(self.embed.device).contiguous())
-        self.set_codes(torch.ones(self.num_codes, dtype=torch.bool, device=codes.device), self._to_raw(codes))
+
+        def choose():
+            gen = torch.Generator().manual_seed(seed)
+            if method == "sample":
+                return pool[torch.randperm(pool.shape[0], generator=gen)[: self.num_codes].to(pool.device)]
+            return kmeans(pool, self.num_codes, iters=kmeans_iters, generator=gen)
+        self._write_from_rank0(torch.ones(self.num_codes, dtype=torch.bool, device=self.embed.device), choose)
 
 
 def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, progress=False):
@@ -540,9 +596,14 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     Collects encoder embeddings over as many batches as needed until ratio x num_codes vectors
     are gathered across all ranks (paper: 10:1 on CIFAR-10, 2:1 at ImageNet scale), initialises
     the codebook from them ('sample' or 'kmeans'), resets the EMA state, and turns quantization on.
-    `encode(batch)` returns the pre-quantization latents, (N, dim) or (B, dim, H, W).
+    `quantizer` is a VectorQuantizer or anything with num_codes, dim, init_from_embeddings and
+    set_enabled (the multi-scale quantizer). `encode(batch)` returns the pre-quantization latents,
+    (N, dim) or (B, dim, H, W).
     Called at step 0 with an untrained encoder this is exactly the usual baseline initialisation.
+    Returns the number of embeddings this rank contributed.
     """
+    if not ratio >= 1:
+        raise UserError(f"the embedding-to-code ratio must be >= 1 (one embedding per code at least), got {ratio}")
     needed = int(math.ceil(ratio * quantizer.num_codes))
     world = dist.get_world_size() if is_distributed() else 1
     per_rank = int(math.ceil(needed / world))
@@ -550,15 +611,15 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     bar = progress_bar(total=per_rank, desc="collecting embeddings", disable=not progress)
     with torch.no_grad():
         for batch in batches:
-            z = encode(batch).detach()
-            flat = z.permute(0, 2, 3, 1).reshape(-1, quantizer.dim) if z.dim() == 4 else z.reshape(-1, quantizer.dim)
-            collected.append(flat.float())
+            flat = latent_rows(encode(batch).detach(), quantizer.dim).float()
+            collected.append(flat)
             total += flat.shape[0]
             bar.update(flat.shape[0])
             if total >= per_rank:
                 break
     bar.close()
-    local = torch.cat(collected)[:per_rank] if collected else torch.zeros(0, quantizer.dim)
+    device = next(quantizer.buffers()).device  # an empty shard must still be gathered on the right device
+    local = torch.cat(collected)[:per_rank] if collected else torch.zeros(0, quantizer.dim, device=device)
     quantizer.init_from_embeddings(local, method=method, seed=seed)
     quantizer.set_enabled(True)
     return local.shape[0]
@@ -699,39 +760,52 @@ class MultiScaleQuantizer(nn.Module):
 # 3. Diagnostics: the coverage suite (paper appendix A.2) and usage perplexity
 # ================================================================================================
 
-PAIRWISE_BLOCK_ROWS = 1024
+# Pairwise-distance tiles of 1024 x 1024 float32 (4 MiB) stay in cache through matmul, clamp, sqrt
+# and sum: the whole suite on a 65,536 x 32 codebook takes 2.7 s on 2 CPU cores, against 15.4 s
+# with 1024-row strips across all S columns (measured side by side in one process).
+PAIRWISE_TILE = 1024
 
 
 @torch.no_grad()
-def mean_pairwise_euclidean(codes, block_rows=PAIRWISE_BLOCK_ROWS):
+def mean_pairwise_euclidean(codes, tile=PAIRWISE_TILE):
     """D_Euc = 2 / (S(S-1)) * sum_{i<j} ||t_i - t_j|| (paper eq. 4), exact.
 
-    The codebook is centred first (distances are translation invariant) so the expansion
-    ||a||^2 + ||b||^2 - 2ab does not lose precision in float32 when codes sit far from the origin.
-    Only blocks on or above the diagonal are computed; memory stays at block_rows x S.
+    The codebook is centred first (distances are translation invariant), so the float32
+    expansion ||a||^2 + ||b||^2 - 2ab does not cancel catastrophically when codes sit far from the
+    origin. Appending (||t_i||^2, 1) to t_i and (1, ||t_j||^2) to -2 t_j makes each tile of squared
+    distances one matmul. Only tiles on or above the diagonal are computed (pairs i < j); each
+    tile is summed in float32 and the total kept in float64. Memory: one tile.
     """
-    t = codes.detach().float()
-    t = t - t.mean(0, keepdim=True)
-    s = t.shape[0]
+    x = codes.detach()
+    x = x if x.dtype == torch.float64 else x.float()
+    s = x.shape[0]
     if s < 2:
         return 0.0
-    sq = t.pow(2).sum(1)
-    total = torch.zeros((), dtype=torch.float64)
-    for start in range(0, s, block_rows):
-        stop = min(start + block_rows, s)
-        rows, cols = t[start:stop], t[start:]
-        d2 = torch.addmm(sq[start:][None, :] + sq[start:stop, None], rows, cols.t(), alpha=-2.0)
-        d = d2.clamp_(min=0).sqrt_()
-        # strictly upper triangle of the diagonal block, everything to its right
-        diag = d[:, : stop - start].triu(1).sum(dtype=torch.float64)
-        total += diag + d[:, stop - start:].sum(dtype=torch.float64)
+    # subtract a float64 mean in the codes' own precision: a float64 codebook keeps spreads below
+    # float32 resolution, and a float32 one (images, too) needs no float64 copy
+    t = (x - x.mean(0, keepdim=True, dtype=torch.float64).to(x.dtype)).float()
+    sq = t.pow(2).sum(1, keepdim=True)
+    ones = torch.ones_like(sq)
+    left = torch.cat([t, sq, ones], 1)
+    right = torch.cat([-2.0 * t, ones, sq], 1).t().contiguous()
+    tile = min(tile, s)
+    buf = t.new_empty(tile, tile)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for r0 in range(0, s, tile):
+        rows = left[r0:r0 + tile]
+        for c0 in range(r0, s, tile):
+            d = torch.mm(rows, right[:, c0:c0 + tile], out=buf[:rows.shape[0], :min(tile, s - c0)])
+            d.clamp_(min=0).sqrt_()
+            if c0 == r0:  # the diagonal tile: keep j > i only
+                d.triu_(1)
+            total += d.sum()
     return float(total / (s * (s - 1) / 2))
 
 
 @torch.no_grad()
 def mean_pairwise_cosine_distance(codes, eps=1e-12):
     """D_cos = 2 / (S(S-1)) * sum_{i<j} (1 - cos(t_i, t_j)) (paper eq. 5), exact in O(S d):
-    with unit vectors u_i, sum_{i<j} u_i.u_j = (||sum_i u_i||^2 - S) / 2.
+    with unit vectors u_i, sum_{i<j} u_i.u_j = (||sum_i u_i||^2 - sum_i ||u_i||^2) / 2.
     A zero code has no direction; it counts as orthogonal to every other code."""
     t = codes.detach().double()
     s = t.shape[0]
@@ -750,7 +824,8 @@ def vendi_score(codes):
 
     K and T^T T share their non-zero eigenvalues and tr(K) = ||T||_F^2, so the S x S matrix is
     never formed: a d x d eigenproblem in float64. (The `vendi-score` package normalises the
-    kernel differently and gives other numbers; do not use it to compare with the paper.)"""
+    kernel differently and gives other numbers; do not use it to compare with the paper.)
+    An all-zero codebook has no spread and scores 1."""
     t = codes.detach().double()
     gram = t.t() @ t
     trace = torch.trace(gram)
@@ -762,7 +837,8 @@ def vendi_score(codes):
 
 
 def perplexity_from_counts(counts):
-    """exp(entropy) of the code-usage distribution: the effective number of codes used."""
+    """exp(entropy) of the code-usage distribution: the effective number of codes used (0 when
+    nothing was counted)."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
     total = counts.sum()
     if total <= 0:
@@ -772,8 +848,9 @@ def perplexity_from_counts(counts):
 
 
 class UsageCounter:
-    """Counts code usage over a whole evaluation split; `all_reduce` sums counts over ranks, so
-    perplexity is computed from the global histogram, not averaged per batch."""
+    """Counts code usage over a whole evaluation split; `all_reduce` sums counts over ranks (call
+    it once, after the last update), so perplexity is computed from the global histogram, not
+    averaged per batch."""
 
     def __init__(self, num_codes, device="cpu"):
         self.counts = torch.zeros(num_codes, dtype=torch.float64, device=device)
@@ -793,8 +870,14 @@ class UsageCounter:
 
 
 def codebook_metrics(codes, counts=None):
-    """The coverage diagnostic suite for one codebook, as the dict every result JSON stores."""
-    codes = codes.detach().float().cpu()
+    """The coverage diagnostic suite for one codebook, as the dict every result JSON stores.
+    Codes keep their dtype (each metric picks its own precision); a float64 codebook is not
+    rounded to float32 before centring."""
+    codes = torch.as_tensor(codes).detach().cpu()
+    if codes.dim() != 2 or codes.shape[0] < 1 or codes.shape[1] < 1:
+        raise UserError(f"a codebook is a (num_codes, dim) array, got shape {tuple(codes.shape)}")
+    if not torch.isfinite(codes).all():
+        raise UserError("the codebook contains NaN or infinite values")
     out = {"num_codes": int(codes.shape[0]), "dim": int(codes.shape[1]),
            "euclidean": mean_pairwise_euclidean(codes),
            "cosine": mean_pairwise_cosine_distance(codes),

@@ -1,0 +1,87 @@
+"""`python evaluate.py codebook` end to end, as a subprocess: our checkpoints, foreign checkpoints
+with dotted state-dict keys, .npy arrays, and one-line errors with exit status 2. Expected values
+come from scipy's pdist and numpy, independent of common.py."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist
+
+from common import save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITE = {"num_codes", "dim", "euclidean", "cosine", "vendi"}
+
+
+def evaluate(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "codebook", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def expected_suite(codes):
+    t = np.asarray(codes, dtype=np.float64)
+    k = t @ t.T
+    lam = np.linalg.eigvalsh(k / np.trace(k))
+    lam = lam[lam > 1e-15]
+    return {"num_codes": t.shape[0], "dim": t.shape[1], "euclidean": pdist(t).mean(),
+            "cosine": pdist(t, "cosine").mean(), "vendi": float(np.exp(-(lam * np.log(lam)).sum()))}
+
+
+def check_json(proc, codes, extra=()):
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert set(metrics) == SUITE | set(extra)
+    for key, value in expected_suite(codes).items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5), key
+    return metrics
+
+
+@pytest.fixture
+def codes():
+    return torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) + 0.2
+
+
+def test_our_checkpoint_with_counts(tmp_path, codes):
+    counts = torch.zeros(64)
+    counts[:4] = torch.tensor([10.0, 10.0, 10.0, 10.0])
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, codebook=codes, code_counts=counts, step=3, args={"lr": 1e-3})
+    metrics = check_json(evaluate(path, "--json"), codes, extra=("perplexity", "used_codes"))
+    assert metrics["perplexity"] == pytest.approx(4.0) and metrics["used_codes"] == 4
+    text = evaluate(path)  # the human-readable form names every metric
+    assert text.returncode == 0 and all(k in text.stdout for k in SUITE | {"perplexity"})
+
+
+def test_foreign_checkpoint_with_dotted_state_dict_key(tmp_path, codes):
+    path = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"quantize.embedding.weight": codes, "quantize.proj.weight": torch.eye(8),
+                               "encoder.conv_in.weight": torch.randn(4, 3, 3, 3)}, "global_step": 7}, path)
+    check_json(evaluate(path, "--key", "state_dict.quantize.embedding.weight", "--json"), codes)
+
+
+def test_npy_codebook(tmp_path, codes):
+    path = tmp_path / "codes.npy"
+    np.save(path, codes.numpy())
+    check_json(evaluate(path, "--json"), codes)
+
+
+def one_line_error(proc, fragment):
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
+def test_missing_file_and_wrong_key_are_one_line_errors(tmp_path, codes):
+    one_line_error(evaluate(tmp_path / "nope.pt"), "no such file")
+    path = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"quantize.embedding.weight": codes}}, path)
+    one_line_error(evaluate(path, "--key", "state_dict.quantizer.weight"), "state_dict.quantizer.weight")
+    one_line_error(evaluate(path), "--key")  # no 'codebook' key: asks for one
+    bad = tmp_path / "vector.npy"
+    np.save(bad, np.arange(5.0))
+    one_line_error(evaluate(bad), "(num_codes, dim)")
