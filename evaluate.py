@@ -202,11 +202,14 @@ def lookup_key(obj, key):
 
 def load_codebook(path, key=None):
     """A (num_codes, dim) float tensor from a .npy file or a torch checkpoint (+ usage counts
-    when the checkpoint stores them under 'code_counts')."""
+    when the checkpoint stores them under 'code_counts'). A float64 codebook stays float64."""
     if not os.path.exists(path):
         raise UserError(f"no such file: {path}")
     if path.endswith(".npy"):
-        return torch.from_numpy(np.load(path)).float(), None
+        try:
+            return as_float_codes(np.load(path), path), None
+        except ValueError as err:
+            raise UserError(f"cannot read {path} as a numpy array: {err}") from None
     ckpt = load_checkpoint(path)
     keys = [key] if key else DEFAULT_CODEBOOK_KEYS
     for k in keys:
@@ -218,11 +221,15 @@ def load_codebook(path, key=None):
     else:
         raise UserError(f"no codebook at key '{key}' in {path}" if key else
                         f"no codebook found in {path}; name its dotted key path with --key")
-    codes = torch.as_tensor(codes).float()
-    if codes.dim() != 2:
-        raise UserError(f"the tensor at '{k}' has shape {tuple(codes.shape)}; a codebook is (num_codes, dim)")
     counts = ckpt.get("code_counts") if isinstance(ckpt, dict) else None
-    return codes, counts
+    return as_float_codes(codes, f"'{k}' in {path}"), counts
+
+
+def as_float_codes(codes, where):
+    codes = torch.as_tensor(codes)
+    if codes.dim() != 2:
+        raise UserError(f"the tensor at {where} has shape {tuple(codes.shape)}; a codebook is (num_codes, dim)")
+    return codes if codes.is_floating_point() and codes.dtype != torch.float16 else codes.float()
 
 
 def cmd_codebook(args):
