@@ -31,7 +31,7 @@ def expected_suite(codes):
             "cosine": pdist(t, "cosine").mean(), "vendi": float(np.exp(-(lam * np.log(lam)).sum()))}
 
 
-def check_json(proc, codes, extra=()):
+def assert_suite_json(proc, codes, extra=()):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)
     assert set(metrics) == SUITE | set(extra)
@@ -50,7 +50,7 @@ def test_our_checkpoint_with_counts(tmp_path, codes):
     counts[:4] = torch.tensor([10.0, 10.0, 10.0, 10.0])
     path = tmp_path / "run.pt"
     save_checkpoint(path, codebook=codes, code_counts=counts, step=3, args={"lr": 1e-3})
-    metrics = check_json(evaluate(path, "--json"), codes, extra=("perplexity", "used_codes"))
+    metrics = assert_suite_json(evaluate(path, "--json"), codes, extra=("perplexity", "used_codes"))
     assert metrics["perplexity"] == pytest.approx(4.0) and metrics["used_codes"] == 4
     text = evaluate(path)  # the human-readable form names every metric
     assert text.returncode == 0 and all(k in text.stdout for k in SUITE | {"perplexity"})
@@ -60,16 +60,16 @@ def test_foreign_checkpoint_with_dotted_state_dict_key(tmp_path, codes):
     path = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"quantize.embedding.weight": codes, "quantize.proj.weight": torch.eye(8),
                                "encoder.conv_in.weight": torch.randn(4, 3, 3, 3)}, "global_step": 7}, path)
-    check_json(evaluate(path, "--key", "state_dict.quantize.embedding.weight", "--json"), codes)
+    assert_suite_json(evaluate(path, "--key", "state_dict.quantize.embedding.weight", "--json"), codes)
 
 
 def test_npy_codebook(tmp_path, codes):
     path = tmp_path / "codes.npy"
     np.save(path, codes.numpy())
-    check_json(evaluate(path, "--json"), codes)
+    assert_suite_json(evaluate(path, "--json"), codes)
 
 
-def one_line_error(proc, fragment):
+def assert_one_line_error(proc, fragment):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], proc.stderr
@@ -77,11 +77,11 @@ def one_line_error(proc, fragment):
 
 
 def test_missing_file_and_wrong_key_are_one_line_errors(tmp_path, codes):
-    one_line_error(evaluate(tmp_path / "nope.pt"), "no such file")
+    assert_one_line_error(evaluate(tmp_path / "nope.pt"), "no such file")
     path = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"quantize.embedding.weight": codes}}, path)
-    one_line_error(evaluate(path, "--key", "state_dict.quantizer.weight"), "state_dict.quantizer.weight")
-    one_line_error(evaluate(path), "--key")  # no 'codebook' key: asks for one
+    assert_one_line_error(evaluate(path, "--key", "state_dict.quantizer.weight"), "state_dict.quantizer.weight")
+    assert_one_line_error(evaluate(path), "--key")  # no 'codebook' key: asks for one
     bad = tmp_path / "vector.npy"
     np.save(bad, np.arange(5.0))
-    one_line_error(evaluate(bad), "(num_codes, dim)")
+    assert_one_line_error(evaluate(bad), "(num_codes, dim)")
