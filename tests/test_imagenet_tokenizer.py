@@ -124,6 +124,18 @@ def test_msvq_phi_selection_follows_scale_position():
     assert chosen == sorted(chosen) and set(chosen) == {0, 1, 2, 3}
 
 
+def test_msvq_runs_in_float32_under_bf16_autocast():
+    # phi convolutions included: under autocast they would run in bf16 and round f_hat
+    q = make_msvq().eval()
+    f = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        plain = q(f)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = q(f)[0]
+    assert mixed.dtype == torch.float32
+    assert torch.allclose(mixed, plain, atol=1e-6)
+
+
 def test_encoder_decoder_shapes():
     enc = common.Encoder(ch=8, ch_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(16,),
                          resolution=128, z_channels=8)
