@@ -245,10 +245,6 @@ def batch_sum(value, batch):
     return value.sum() if value.numel() == batch else value.mean() * batch
 
 
-def to_uint8(images):
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-
-
 def count_usage(counter, indices):
     """Usage over every index map (one for vq, one per scale for msvq)."""
     for idx in indices if isinstance(indices, list) else [indices]:
@@ -315,7 +311,7 @@ def write_pngs(folder, recon, x, start, stride):
     """Reconstruction i and its original under the same global file name in two folders."""
     for sub, images in (("recon", recon), ("real", x)):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
-        for j, img in enumerate(to_uint8(images)):
+        for j, img in enumerate(common.to_uint8(images).cpu()):
             Image.fromarray(img.permute(1, 2, 0).numpy()).save(
                 os.path.join(folder, sub, f"{start + j * stride:07d}.png"))
 
