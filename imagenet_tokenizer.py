@@ -377,6 +377,14 @@ def main(args):
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
 
     # Bad settings fail before any file is written (conventions: nothing overwritten on bad input).
+    # (the Continuous Phase can last days, so nothing may fail only at the switch or after it)
+    for message, ok in (("--ratio must be >= 1", args.ratio >= 1), ("--fid-every must be >= 1", args.fid_every >= 1),
+                     ("--plateau-factor must lie in (0, 1)", 0 < args.plateau_factor < 1),
+                     ("--min-lr must not exceed --lr", 0 <= args.min_lr <= args.lr),
+                     ("--epochs and --ae-epochs must be >= 0", min(args.epochs, args.ae_epochs) >= 0),
+                     ("--batch-size must be >= 1", args.batch_size >= 1)):
+        if not ok:
+            raise UserError(message)
     if args.select_by == "fid" and args.skip_fid and not (args.eval_only or args.dump_tokens):
         raise UserError("--select-by fid needs r-FID; with --skip-fid use --select-by val_loss")
     if not args.skip_fid and not args.dump_tokens:

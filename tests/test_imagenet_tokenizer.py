@@ -343,6 +343,15 @@ def test_select_by_fid_without_fid_is_refused(image_folder, tmp_path):
         tok.main(args)
 
 
+@pytest.mark.parametrize("flag, value", [("--ratio", "0.5"), ("--fid-every", "0"), ("--plateau-factor", "1")])
+def test_settings_that_would_fail_at_the_switch_fail_at_start(image_folder, tmp_path, flag, value):
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "o")] + TINY +
+                                         ["--deferred", flag, value])
+    with pytest.raises(common.UserError, match=flag):
+        tok.main(args)
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_adaptive_gan_weight_matches_gradient_norm_ratio():
     layer = torch.nn.Linear(3, 2)
     x = torch.randn(5, 3)
