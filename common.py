@@ -719,10 +719,17 @@ class MultiScaleQuantizer(nn.Module):
     def forward(self, f):
         if not self.is_enabled:
             return f, None, f.new_zeros(())
-        f = f.float()  # search, residuals and losses in float32 even under bf16 autocast
         b, c, h, w = f.shape
         if (h, w) != (self.scales[-1], self.scales[-1]):
             raise UserError(f"the finest scale {self.scales[-1]} must equal the latent grid {h}x{w}")
+        # Search, phi convolutions, residuals and losses in float32 even under bf16 autocast (VAR
+        # runs its quantizer with autocast off): a bf16 phi output would round every h_k that is
+        # accumulated into f_hat and subtracted from the residual, ten times over.
+        with torch.autocast(f.device.type, enabled=False):
+            return self._quantize(f.float())
+
+    def _quantize(self, f):
+        b, c, h, w = f.shape
         target = f.detach()
         rest, f_hat = target.clone(), torch.zeros_like(target)
         codebook = self.codebook.float()

@@ -48,7 +48,9 @@ then `python evaluate.py tables <out>`. The GAN weight / start are LlamaGen's; t
 
 Outputs (rank 0): <out>/<name>.json (metrics on the test split, per-epoch history),
 <out>/<name>.pt (the evaluated checkpoint with `codebook` and `code_counts` for
-`python evaluate.py codebook`), <out>/<name>/{best,last}.pt, <out>/<name>/tokens_<split>.pt.
+`python evaluate.py codebook`), <out>/<name>/{best,last}.pt, <out>/<name>/tokens_<split>.pt;
+--eval-split val|train writes <out>/<name>_<split>.{json,pt} instead. --eval-only and --dump-tokens
+use the split file recorded in the checkpoint unless --split-file is given.
 Pretrained weights needed (no download happens): LPIPS's AlexNet backbone
 ($TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth) unless --lpips-weight 0 and --skip-lpips,
 and torch-fidelity's Inception weights unless --skip-fid.
@@ -191,15 +193,28 @@ def build_model(cfg):
     return model
 
 
+def default_split_file(args):
+    return os.path.abspath(args.split_file or os.path.join(args.out, f"split_{args.scheme}.json"))
+
+
 def load_data(args, info):
-    """The split (made once on rank 0 and written to --split-file) and the three datasets."""
-    split_file = args.split_file or os.path.join(args.out, f"split_{args.scheme}.json")
-    if not os.path.exists(split_file) and info.is_main:
-        common.make_split(args.data_dir, scheme=args.scheme, seed=args.seed, out_path=split_file,
+    """The split (made once on rank 0 and written to args.split_file) and the three datasets.
+    An existing split file must belong to this scheme and to the classes of --data-dir: a split
+    of another tree would otherwise fail at its first missing image, or silently mix test images
+    into training where file names coincide."""
+    if not os.path.exists(args.split_file) and (args.eval_only or args.dump_tokens):
+        raise UserError(f"split file not found: {args.split_file} (pass the run's --split-file)")
+    if not os.path.exists(args.split_file) and info.is_main:
+        common.make_split(args.data_dir, scheme=args.scheme, seed=args.seed, out_path=args.split_file,
                           test_size=args.test_size, val_size=args.val_size)
     if common.is_distributed():
         torch.distributed.barrier()
-    split = common.load_split(split_file)
+    split = common.load_split(args.split_file)
+    if split["scheme"] != args.scheme:
+        raise UserError(f"{args.split_file} is a '{split['scheme']}' split, not '{args.scheme}'")
+    if split["classes"] != common.scan_image_folder(args.data_dir)[0]:
+        raise UserError(f"{args.split_file} was made from {split['root']}, whose classes differ from "
+                        f"those of --data-dir {args.data_dir}")
     return {part: common.SplitImageDataset(args.data_dir, split, part, args.resolution,
                                            train_augment=args.train_augment and part == "train")
             for part in ("train", "val", "test")}
@@ -228,10 +243,6 @@ def batch_sum(value, batch):
     """Sum over a batch of a metric that may come back per image (B,) or as the batch mean."""
     value = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
     return value.sum() if value.numel() == batch else value.mean() * batch
-
-
-def to_uint8(images):
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def count_usage(counter, indices):
@@ -300,7 +311,7 @@ def write_pngs(folder, recon, x, start, stride):
     """Reconstruction i and its original under the same global file name in two folders."""
     for sub, images in (("recon", recon), ("real", x)):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
-        for j, img in enumerate(to_uint8(images)):
+        for j, img in enumerate(common.to_uint8(images).cpu()):
             Image.fromarray(img.permute(1, 2, 0).numpy()).save(
                 os.path.join(folder, sub, f"{start + j * stride:07d}.png"))
 
@@ -347,7 +358,7 @@ def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     record = {"tokens": flat if args.quantizer == "msvq" else flat[0], "labels": table[:, 1],
               "checkpoint": os.path.abspath(ckpt_path), "quantizer": args.quantizer,
               "scales": sizes, "codebook_size": net.quantizer.num_codes, "split": args.dump_tokens,
-              "split_file": os.path.abspath(args.split_file or os.path.join(args.out, f"split_{args.scheme}.json"))}
+              "split_file": args.split_file}
     if info.is_main:
         common.atomic_write(out_path, lambda f: torch.save(record, f))
     return record
@@ -366,6 +377,14 @@ def main(args):
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
 
     # Bad settings fail before any file is written (conventions: nothing overwritten on bad input).
+    # (the Continuous Phase can last days, so nothing may fail only at the switch or after it)
+    for message, ok in (("--ratio must be >= 1", args.ratio >= 1), ("--fid-every must be >= 1", args.fid_every >= 1),
+                     ("--plateau-factor must lie in (0, 1)", 0 < args.plateau_factor < 1),
+                     ("--min-lr must not exceed --lr", 0 <= args.min_lr <= args.lr),
+                     ("--epochs and --ae-epochs must be >= 0", min(args.epochs, args.ae_epochs) >= 0),
+                     ("--batch-size must be >= 1", args.batch_size >= 1)):
+        if not ok:
+            raise UserError(message)
     if args.select_by == "fid" and args.skip_fid and not (args.eval_only or args.dump_tokens):
         raise UserError("--select-by fid needs r-FID; with --skip-fid use --select-by val_loss")
     if not args.skip_fid and not args.dump_tokens:
@@ -378,13 +397,18 @@ def main(args):
     if args.eval_only or args.dump_tokens:
         ckpt_path = args.checkpoint or best_path
         ckpt = common.load_checkpoint(ckpt_path)
-        # the architecture comes from the checkpoint, the data / evaluation options from the command line
+        # the architecture and the run's identity come from the checkpoint, the data / evaluation
+        # options from the command line
         for k in ARCH_KEYS + ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay", "simvq",
-                              "scales", "num_phi", "phi_ratio", "deferred", "gan_weight"):
+                              "scales", "num_phi", "phi_ratio", "deferred", "gan_weight", "scheme"):
             setattr(args, k, ckpt["args"][k])
         args.name = args.name or ckpt["args"].get("name")
+        # the split the checkpoint was trained on: a fresh default split (other --out or --seed)
+        # could put training images into the evaluated test set
+        args.split_file = args.split_file or ckpt["args"].get("split_file")
         name = run_name(args)
         run_dir = os.path.join(args.out, name)
+    args.split_file = default_split_file(args)  # recorded in the checkpoints' args
     model = build_model(args).to(info.device)
     # LPIPS is a training loss (--lpips-weight) and an evaluation metric; a missing backbone
     # weight file is a UserError naming it (exit 2), unless neither use is asked for.
@@ -395,6 +419,9 @@ def main(args):
 
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        if not model.quantizer.is_enabled:
+            raise UserError(f"{ckpt_path} is from the Continuous Phase (quantization off): no tokens to "
+                            f"evaluate or dump; use best.pt or a last.pt written after the switch")
         if args.dump_tokens:
             out_path = os.path.join(run_dir, f"tokens_{args.dump_tokens}.pt")
             dump_tokens(model, data[args.dump_tokens], args, info, ckpt_path, out_path)
@@ -538,7 +565,10 @@ def update_schedule(state, sched, opt, val_loss, args):
 
 
 def final_report(model, dataset, args, info, lpips_fn, run_dir, name, ckpt_path, history):
-    """Evaluate on one split and write <out>/<name>.json and <out>/<name>.pt (codebook + counts)."""
+    """Evaluate on one split and write <out>/<stem>.json and <out>/<stem>.pt (codebook + counts),
+    stem = name for the test split (what the tables read), name_<split> otherwise, so that an
+    evaluation on val or train never replaces the test result."""
+    stem = name if args.eval_split == "test" else f"{name}_{args.eval_split}"
     fid_dir = None if args.skip_fid else os.path.join(run_dir, f"fid_{args.eval_split}")
     res = evaluate(model, dataset, args, info, lpips_fn, fid_dir=fid_dir)
     codebook = model.quantizer.codebook.detach().float().cpu()
@@ -551,10 +581,10 @@ def final_report(model, dataset, args, info, lpips_fn, run_dir, name, ckpt_path,
     if lpips_fn is None:
         notes["lpips"] = "not computed: --skip-lpips (the LPIPS AlexNet weights were not available)"
     if info.is_main:
-        common.write_result(os.path.join(args.out, f"{name}.json"), EXPERIMENT, method_name(args), args,
+        common.write_result(os.path.join(args.out, f"{stem}.json"), EXPERIMENT, method_name(args), args,
                             metrics, history, eval_split=args.eval_split, checkpoint=os.path.abspath(ckpt_path),
                             notes=notes)
-        common.save_checkpoint(os.path.join(args.out, f"{name}.pt"), model=model.state_dict(), args=vars(args),
+        common.save_checkpoint(os.path.join(args.out, f"{stem}.pt"), model=model.state_dict(), args=vars(args),
                                codebook=codebook, code_counts=res["counts"].float(), metrics=metrics)
     print0({k: v for k, v in metrics.items()})
     return metrics

@@ -124,6 +124,18 @@ def test_msvq_phi_selection_follows_scale_position():
     assert chosen == sorted(chosen) and set(chosen) == {0, 1, 2, 3}
 
 
+def test_msvq_runs_in_float32_under_bf16_autocast():
+    # phi convolutions included: under autocast they would run in bf16 and round f_hat
+    q = make_msvq().eval()
+    f = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        plain = q(f)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = q(f)[0]
+    assert mixed.dtype == torch.float32
+    assert torch.allclose(mixed, plain, atol=1e-6)
+
+
 def test_encoder_decoder_shapes():
     enc = common.Encoder(ch=8, ch_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(16,),
                          resolution=128, z_channels=8)
@@ -220,6 +232,40 @@ def test_eval_only_reproduces_the_final_evaluation(image_folder, trained):
         assert again["metrics"][key] == pytest.approx(record["metrics"][key], rel=1e-6), key
 
 
+def test_eval_only_uses_the_checkpoints_split_and_keeps_the_test_result(image_folder, trained, tmp_path):
+    out, runs = trained
+    name, record = runs[("vq", True)]
+    before = (out / f"{name}.json").read_bytes()
+    # another --out and no --split-file: the split recorded in the checkpoint, not a fresh one
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path)] + TINY +
+                                         ["--eval-only", "--checkpoint", record["checkpoint"], "--eval-split", "val"])
+    tok.main(args)
+    assert not any(p.name.startswith("split") for p in tmp_path.iterdir())
+    with open(tmp_path / f"{name}_val.json") as f:
+        val = json.load(f)
+    assert val["eval_split"] == "val" and val["args"]["split_file"] == str(out.parent / "split.json")
+    # a validation evaluation into the run's own folder leaves the test result alone
+    run_script(image_folder, out, "--eval-only", "--checkpoint", record["checkpoint"], "--eval-split", "val")
+    assert (out / f"{name}.json").read_bytes() == before and (out / f"{name}_val.json").exists()
+
+
+def test_split_of_another_tree_or_scheme_is_refused(image_folder, trained, tmp_path):
+    out, _ = trained
+    other = tmp_path / "other"
+    for c in ("a", "b"):
+        os.makedirs(other / c)
+        for i in range(8):
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(other / c / f"{i}.png")
+    common.make_split(str(other), "imagenet100", 0, tmp_path / "other.json", test_size=4, val_size=4)
+    base = ["--data-dir", str(image_folder)] + TINY + ["--epochs", "1"]
+    for extra, pattern in ((["--split-file", str(tmp_path / "other.json")], "classes differ"),
+                           (["--split-file", str(out.parent / "split.json"), "--scheme", "odir"], "not 'odir'")):
+        args = tok.build_parser().parse_args(base + ["--out", str(tmp_path / "o")] + extra)
+        with pytest.raises(common.UserError, match=pattern):
+            tok.main(args)
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_split_file_is_deterministic(image_folder, trained, tmp_path):
     out, _ = trained
     again = common.make_split(str(image_folder), scheme="imagenet100", seed=0, out_path=tmp_path / "s.json",
@@ -268,6 +314,10 @@ def test_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path):
     # with no quantized epoch to report, says so)
     with pytest.raises(common.UserError, match="before any quantized epoch"):
         run_script(image_folder, tmp_path / "b", *common_args, "--epochs", "0", "--name", "r")
+    # a Continuous-Phase checkpoint has no tokens to evaluate or dump
+    for mode in (["--eval-only"], ["--dump-tokens", "test"]):
+        with pytest.raises(common.UserError, match="Continuous Phase"):
+            run_script(image_folder, tmp_path / "b", *mode, "--checkpoint", str(tmp_path / "b" / "r" / "last.pt"))
     run_script(image_folder, tmp_path / "b", *common_args, "--epochs", "1", "--name", "r", "--resume")
     resumed = torch.load(tmp_path / "b" / "r" / "last.pt", weights_only=False)
     assert resumed["epoch"] == straight["epoch"] == 2
@@ -291,6 +341,15 @@ def test_select_by_fid_without_fid_is_refused(image_folder, tmp_path):
                                           "--skip-fid", "--lpips-weight", "0", "--skip-lpips"])
     with pytest.raises(common.UserError, match="select-by"):
         tok.main(args)
+
+
+@pytest.mark.parametrize("flag, value", [("--ratio", "0.5"), ("--fid-every", "0"), ("--plateau-factor", "1")])
+def test_settings_that_would_fail_at_the_switch_fail_at_start(image_folder, tmp_path, flag, value):
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "o")] + TINY +
+                                         ["--deferred", flag, value])
+    with pytest.raises(common.UserError, match=flag):
+        tok.main(args)
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_adaptive_gan_weight_matches_gradient_norm_ratio():
