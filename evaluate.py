@@ -300,8 +300,10 @@ def render_synthetic(results, out_dir):
 
 
 # ---- CIFAR-10 renderers ----
-# Runs are found through the same grid lists that `cifar_sweep.py --grid` runs, matched on method,
-# codebook size, phase lengths (and sigma); several seeds are averaged. Only paper-preset runs count.
+# Runs are found through the same grid lists that `cifar_sweep.py --grid` runs: a run counts when
+# every run-defining option except the seed (cifar_sweep.RUN_DEFINING: method, codebook size, phase
+# lengths, sigma, the recipe) equals the paper preset's value for that configuration, so a run with
+# e.g. another --lr or --affine-lr in the same folder is never averaged in. Several seeds are averaged.
 
 CIFAR_LABELS = {
     "baseline": "Baseline", "baseline_ema": "Baseline + EMA", "affine_sync": "Affine + Sync (default)",
@@ -312,7 +314,12 @@ CIFAR_MSE_UNIT = 1e-3  # the paper prints CIFAR-10 MSE in units of 1e-3
 
 
 def _cifar_runs(results, config):
-    return select(results, "cifar10", preset="paper", **config)
+    from cifar_sweep import build_parser, defining_args, resolve_args
+    args = build_parser().parse_args([])
+    vars(args).update(config)
+    expected = defining_args(resolve_args(args))
+    expected.pop("seed")
+    return select(results, "cifar10", **expected)
 
 
 def _cifar_mean(results, config):
