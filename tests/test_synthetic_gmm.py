@@ -199,6 +199,9 @@ def cli(argv, capsys):
     ["--deferred", "--ae-epochs", "200"],        # no epochs left for the Discretization Phase
     ["--resume"],                                # nothing to resume
     ["--resume", "--lr", "0.01"],                # checkpoint made with other settings
+    [],                                          # the run exists: rerunning it needs --resume
+    ["--seed", "1", "--out", "FILE"],            # --out names a file (used to fail after training)
+    ["--seed", "1", "--points-per-cluster", "1", "--codebook-size", "4"],  # no spread to measure (was 0/0)
 ])
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, bad):
     (tmp_path / "baseline_d2_t1_s0.json").write_text("earlier result\n")
@@ -206,7 +209,8 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, b
         default_args = vars(sg.build_parser().parse_args([]))
         torch.save({"args": default_args}, tmp_path / "baseline_d2_t1_s0.pt")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    code, err = cli(bad + ["--out", str(tmp_path)], capsys)
+    out = ["--out", str(tmp_path)] if "FILE" not in bad else []
+    code, err = cli([str(tmp_path / "baseline_d2_t1_s0.json") if v == "FILE" else v for v in bad] + out, capsys)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -215,7 +219,7 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, b
 def test_divergence_stops_with_one_line_and_keeps_earlier_results(tmp_path, capsys):
     run(["--epochs", "2", "--no-figures", "--out", str(tmp_path)])
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    code, err = cli(["--epochs", "2", "--no-figures", "--lr", "1e6", "--out", str(tmp_path)], capsys)
+    code, err = cli(["--epochs", "2", "--no-figures", "--lr", "1e6", "--seed", "1", "--out", str(tmp_path)], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "loss became" in err and "epoch 1" in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
