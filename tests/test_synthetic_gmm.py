@@ -236,21 +236,27 @@ def test_command_line_error_through_a_real_process(tmp_path):
 
 # ---- evaluate.py renderer -----------------------------------------------------------------------
 
-def fake_result(method, seed, mse, modes, ema=False, dim=2, token_dim=1):
+def fake_result(method, seed, mse, modes, ema=False, dim=2, token_dim=1, **other_args):
     metrics = {"mse": mse, "modes_covered": modes, "own_mode_share": modes / 10, "perplexity": 2.0 * modes,
                "used_codes": 10 * modes, "euclidean": 0.1 * modes, "cosine": 0.0, "vendi": 1.0}
-    return {"experiment": "synthetic_gmm", "method": method + ("_ema" if ema else ""),
-            "args": {"dim": dim, "token_dim": token_dim, "ema": ema, "seed": seed}, "metrics": metrics}
+    args = dict(vars(sg.build_parser().parse_args([])), dim=dim, token_dim=token_dim, ema=ema, seed=seed,
+                **other_args)
+    return {"experiment": "synthetic_gmm", "method": method + ("_ema" if ema else ""), "args": args,
+            "metrics": metrics}
 
 
 def test_renderer_tabulates_each_setting_with_seed_means(tmp_path):
     results = [fake_result("baseline", 0, 0.2, 6), fake_result("baseline", 1, 0.4, 8),
                fake_result("deferred", 0, 0.1, 10), fake_result("deferred", 1, 0.1, 10),
-               fake_result("deferred", 0, 0.3, 9, ema=True, dim=48, token_dim=32)]
+               fake_result("deferred", 0, 0.3, 9, ema=True, dim=48, token_dim=32),
+               fake_result("baseline", 2, 0.9, 1, epochs=50, lr=0.01),  # another setting: its own row
+               fake_result("baseline", 3, 0.4, 8, ae_epochs=50)]  # irrelevant to the baseline: a seed
     text = evaluate.RENDERERS["Figure 2 (synthetic)"](results, str(tmp_path))
     lines = text.splitlines()
-    base = next(line for line in lines if "| 2 → 1 |" in line and "| baseline |" in line)
-    assert "0.300 ± 0.141" in base and "7.0 ± 1.4" in base and "| 2 |" in base  # means over 2 seeds
+    base = next(line for line in lines if "| 2 → 1 |" in line and "| paper | baseline |" in line)
+    assert "0.333 ± 0.115" in base and "7.3 ± 1.2" in base and "| 3 |" in base  # means over 3 seeds
+    other = next(line for line in lines if "| lr=0.01, epochs=50 | baseline |" in line)
+    assert "| 1 | 0.900 |" in other
     ema = next(line for line in lines if "48 → 32" in line)
     assert "deferred" in ema and "EMA" in ema and "0.300" in ema
     assert "collapse" in text  # the paper's qualitative claim is shown beside our numbers
