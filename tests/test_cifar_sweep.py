@@ -88,6 +88,41 @@ def test_every_method_writes_a_valid_result(data_dir, tmp_path, method):
     assert record["metrics"]["perplexity"] == pytest.approx(perplexity_from_counts(counts))
     assert record["metrics"]["used_codes"] == int((counts > 0).sum())
     assert ckpt["codebook"].shape == (32, 32)
+    # appendix A.1: Adam with amsgrad, lr 3e-4
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["amsgrad"] is True and group["lr"] == 3e-4 and group["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("method,codes,expected", [
+    ("deferred_ema", 512, 5120),  # 10:1 over as many batches as needed (2,048 outputs per smoke batch)
+    ("lru_kmeans", 32, 2048),     # SoundStream: k-means of exactly the first batch
+])
+def test_switch_collects_the_documented_number_of_embeddings(data_dir, tmp_path, monkeypatch, method, codes, expected):
+    real_switch = cifar_sweep.deferred_switch
+    seen = []
+
+    def spy(quantizer, encode, batches, ratio, **kwargs):
+        seen.append((real_switch(quantizer, encode, batches, ratio, **kwargs), kwargs["method"]))
+        return seen[-1][0]
+
+    monkeypatch.setattr(cifar_sweep, "deferred_switch", spy)
+    smoke(data_dir, str(tmp_path), method, "--num-codes", codes, "--vq-epochs", 1)
+    assert seen == [(expected, "sample" if method == "deferred_ema" else "kmeans")]
+
+
+def test_paper_network_shapes():
+    """Appendix A.1: 128 downsampling channels, two residual blocks of hidden width 64, token dim 32;
+    32 x 32 images -> 8 x 8 tokens."""
+    args = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "deferred"]))
+    model = cifar_sweep.build_model(args)
+    x = torch.zeros(2, 3, 32, 32)
+    z = model.encoder(x)
+    assert z.shape == (2, 32, 8, 8)
+    assert model(x)[0].shape == x.shape
+    for stack in (model.encoder[5], model.decoder[1]):
+        assert len(stack.blocks) == 2
+        convs = [m for m in stack.blocks[0] if isinstance(m, torch.nn.Conv2d)]
+        assert [tuple(c.weight.shape) for c in convs] == [(64, 128, 3, 3), (128, 64, 1, 1)]
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,21 @@ def test_compare_writes_results_checkpoints_and_figures(compare_dir):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_defaults_are_the_paper_setting(compare_dir):
+    """Sections 6.1 and A.1: 10 x 1,000 points, codebook 128, batch 256, AdamW lr 1e-3, beta 0.25,
+    EMA decay 0.9, 200 epochs (deferred: 100 + 100), MLPs of three linear layers with ReLU."""
+    args = sg.build_parser().parse_args([])
+    assert (args.clusters, args.points_per_cluster, args.codebook_size, args.batch_size, args.lr, args.beta,
+            args.ema_decay, args.epochs, args.ae_epochs, args.hidden) == (10, 1000, 128, 256, 1e-3, 0.25, 0.9,
+                                                                          200, 100, 32)
+    model = sg.VQVAE(args)
+    for net in (model.encoder, model.decoder):
+        assert [type(m) for m in net] == [torch.nn.Linear, torch.nn.ReLU] * 2 + [torch.nn.Linear]
+    assert model.quantizer.beta == 0.25
+    group = torch.load(compare_dir / "baseline_d2_t1_s0.pt", weights_only=False)["optimizer"]["param_groups"][0]
+    assert group["decoupled_weight_decay"] is True and group["lr"] == 1e-3  # AdamW
+
+
 def test_compare_arms_start_from_identical_weights(compare_dir):
     base = read(compare_dir / "baseline_d2_t1_s0.json")
     deferred = read(compare_dir / "deferred_d2_t1_s0.json")
