@@ -247,7 +247,9 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
     out = tmp_path / "runs"
     out.mkdir()
     ran = []
-    monkeypatch.setattr(cifar_sweep, "train_run", lambda args, info: ran.append(cifar_sweep.run_name(args)))
+    resumed = []
+    monkeypatch.setattr(cifar_sweep, "train_run", lambda args, info: (ran.append(cifar_sweep.run_name(args)),
+                                                                      resumed.append(args.resume)))
     configs = cifar_sweep.grid_configs("table8")
     names = []
     for config in configs:
@@ -262,8 +264,10 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
     ran.clear()
     sweep("--grid", "table8", "--grid-shard", "1/2", "--out", out)  # shard 1 of 2 holds config 1 only
     assert ran == []
+    (out / f"{names[2]}.pt").write_bytes(b"")  # a started run is continued, a new one starts fresh
+    resumed.clear()
     sweep("--grid", "table8", "--grid-shard", "0/2", "--out", out)  # configs 0 and 2
-    assert ran == [names[0], names[2]]
+    assert ran == [names[0], names[2]] and resumed == [False, True]
     # names are unique across every grid, so tables sharing a run reuse it and nothing collides
     every = {}
     for grid in cifar_sweep.GRIDS:
