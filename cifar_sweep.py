@@ -40,6 +40,9 @@ Commands:
 
     # one paper run on one GPU (CIFAR-10 must already be under --data-dir, or add --download)
     python cifar_sweep.py --method deferred_ema --num-codes 8192 --data-dir data/cifar10 --out runs/cifar
+    # ... continue it after a crash (an existing run is never overwritten without --resume, and a
+    # checkpoint made with other settings is refused)
+    python cifar_sweep.py --method deferred_ema --num-codes 8192 --data-dir data/cifar10 --out runs/cifar --resume
 
     # the same on 4 GPUs (global batch stays 128)
     torchrun --standalone --nproc_per_node=4 cifar_sweep.py --method deferred_ema --num-codes 8192
@@ -62,7 +65,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from common import (UsageCounter, UserError, VectorQuantizer, all_reduce_sum, autocast_for, check_finite,
-                    cleanup_distributed, codebook_metrics, deferred_switch, load_checkpoint,
+                    check_out_dir, cleanup_distributed, codebook_metrics, deferred_switch, load_checkpoint,
                     perplexity_from_counts, print0, progress_bar, run_cli, save_checkpoint, seed_everything,
                     set_rng_state, setup_distributed, wrap_ddp, write_json, write_result)
 
@@ -128,6 +131,18 @@ def grid_configs(name):
 
 GRIDS = ("fig5", "table8", "table9", "table10", "table11", "fig6")
 
+# Options that change what a run computes. A checkpoint made under other values cannot be resumed,
+# and evaluate.py averages only runs that agree on all of them except the seed.
+RUN_DEFINING = ("method", "num_codes", "ae_epochs", "vq_epochs", "init_std", "affine_lr", "sync_nu",
+                "dead_code_steps", "ratio", "dim", "channels", "res_channels", "res_blocks", "beta",
+                "ema_decay", "lr", "batch_size", "train_subset", "test_subset", "preset", "seed")
+
+
+def defining_args(args):
+    """The RUN_DEFINING values of resolved args (a namespace or a dict); sigma only for gaussian."""
+    a = args if isinstance(args, dict) else vars(args)
+    return {k: a.get(k) for k in RUN_DEFINING if k != "init_std" or a.get("method") == "gaussian"}
+
 
 def resolve_args(args):
     """Fill every None from the preset, then from the method's paper defaults (explicit flags win)."""
@@ -156,6 +171,17 @@ def resolve_args(args):
         raise UserError(f"{args.method} quantizes from the start (Table 10): use --ae-epochs 0")
     if not 16 <= args.num_codes <= 65536 and args.preset == "paper":
         raise UserError(f"--num-codes {args.num_codes} is outside the paper's range 16 ... 65,536")
+    # Checked here, not where they are used: the switch can come after a long Continuous Phase.
+    if not args.ratio >= 1:
+        raise UserError(f"--ratio must be >= 1 (embeddings per code at the switch), got {args.ratio}")
+    if (min(args.batch_size, args.res_channels) < 1 or args.channels < 2 or args.res_blocks < 0
+            or args.workers < 0):
+        raise UserError("--batch-size and --res-channels must be >= 1, --channels >= 2, "
+                        "--res-blocks and --workers >= 0")
+    if any(v is not None and v < 1 for v in (args.train_subset, args.test_subset)):
+        raise UserError("--train-subset and --test-subset must be >= 1 images")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
     return args
 
 
@@ -338,15 +364,29 @@ def train_run(args, info):
     json_path = os.path.join(args.out, name + ".json")
     ckpt_path = os.path.join(args.out, name + ".pt")
     device = info.device
+    check_out_dir(args.out)
+    if args.resume and not os.path.exists(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    if not args.resume and (os.path.exists(ckpt_path) or os.path.exists(json_path)):
+        raise UserError(f"{ckpt_path[:-3]}.pt/.json exists: pass --resume to continue it, or another --out")
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None  # on the CPU (see set_rng_state)
+    if ckpt is not None:
+        saved, now = defining_args(ckpt.get("args", {})), defining_args(args)
+        diff = [k for k in now if saved.get(k) != now[k]]
+        if diff:
+            raise UserError(f"--resume: {ckpt_path} was made with other settings ({', '.join(diff)})")
     seed_everything(args.seed)
     train_loader, sampler, test_loader = build_loaders(args, info)
+    available = len(train_loader.dataset) * 64  # one epoch of encoder outputs, 8 x 8 per image
+    if args.num_codes > available:
+        raise UserError(f"--num-codes {args.num_codes} exceeds the {available} encoder outputs of one epoch "
+                        "that initialise the codebook; use fewer codes or more training images")
     model = build_model(args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, amsgrad=True)
     start_epoch, history = 0, []
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
@@ -438,11 +478,12 @@ def main(args):
             run_args = copy.copy(args)
             for key, value in config.items():
                 setattr(run_args, key, value)
-            run_args.resume = True  # a grid always continues where it stopped
             resolve_args(run_args)
-            if os.path.exists(os.path.join(args.out, run_name(run_args) + ".json")):
+            path = os.path.join(args.out, run_name(run_args))
+            if os.path.exists(path + ".json"):
                 print0(f"skip {run_name(run_args)} (result exists)")
                 continue
+            run_args.resume = os.path.exists(path + ".pt")  # a grid continues where it stopped
             train_run(run_args, info)
     finally:
         cleanup_distributed()
@@ -479,7 +520,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.pt if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.pt (--grid: always)")
     p.add_argument("--debug-rank-hashes", action="store_true",
                    help="debug: every rank writes its codebook hash after each epoch (checks DDP sync)")
     return p

@@ -196,6 +196,16 @@ def atomic_write(path, write_fn, mode="wb"):
         raise
 
 
+def check_out_dir(path):
+    """Fail before any training when --out cannot become a folder (it, or a parent, is a file);
+    creates nothing, so a rejected run leaves no trace."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UserError(f"--out {path}: {p} is a file, not a folder")
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_json_default) + "\n"), "w")
 
@@ -249,11 +259,13 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore `rng_state()`. The torch states must be CPU byte tensors: a checkpoint loaded with
+    map_location='cuda' has moved them to the GPU, which torch.set_rng_state rejects."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path, **state):

@@ -277,27 +277,41 @@ def mean_std(values, digits):
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
+def _synthetic_settings(args, method):
+    """The run-defining options (synthetic_gmm.RUN_DEFINING) that differ from the paper defaults,
+    other than the row label's and the seed, e.g. 'epochs=50': runs that differ in them are
+    separate rows, never averaged together as if they were seeds."""
+    from synthetic_gmm import RUN_DEFINING, build_parser
+    defaults = vars(build_parser().parse_args([]))
+    skip = {"dim", "token_dim", "ema", "seed"} | ({"ema_decay"} if not args.get("ema") else set())
+    skip |= {"ae_epochs"} if method == "baseline" else set()  # the baseline has no Continuous Phase
+    return ", ".join(f"{k}={args[k]:g}" if isinstance(args[k], float) else f"{k}={args[k]}"
+                     for k in RUN_DEFINING if k not in skip and k in args and args[k] != defaults[k]) or "paper"
+
+
 @renderer("Figure 2 (synthetic)")
 def render_synthetic(results, out_dir):
-    """Baseline vs deferred per (input dim, token dim, codebook update), averaged over seeds.
-    'init euclidean' is the mean pairwise distance of the codebook right after initialisation
-    (untrained encoder for the baseline, trained one for deferred: the mechanism of section 4)."""
+    """Baseline vs deferred per (input dim, token dim, codebook update, other settings), averaged
+    over seeds. 'init euclidean' is the mean pairwise distance of the codebook right after
+    initialisation (untrained encoder for the baseline, trained one for deferred: the mechanism
+    of section 4)."""
     runs = select(results, "synthetic_gmm")
     if not runs:
         return None
     groups = {}
     for r in runs:
         a = r["args"]
-        key = (a["dim"], a["token_dim"], bool(a["ema"]), r["method"].replace("_ema", ""))
+        method = r["method"].replace("_ema", "")
+        key = (a["dim"], a["token_dim"], bool(a["ema"]), _synthetic_settings(a, method), method)
         groups.setdefault(key, []).append(r)
-    header = (["input → token", "codebook", "method", "seeds"] + [c[1] for c in SYNTH_COLUMNS]
+    header = (["input → token", "codebook", "settings", "method", "seeds"] + [c[1] for c in SYNTH_COLUMNS]
               + ["init euclidean", "paper (qualitative)"])
     rows = []
-    for (dim, token_dim, ema, method) in sorted(groups):  # baseline sorts before deferred
-        group = groups[(dim, token_dim, ema, method)]
+    for (dim, token_dim, ema, settings, method) in sorted(groups):  # baseline sorts before deferred
+        group = groups[(dim, token_dim, ema, settings, method)]
         cells = [mean_std([r["metrics"].get(k) for r in group], d) for k, _, d in SYNTH_COLUMNS]
         init = mean_std([(r.get("init_codebook") or {}).get("euclidean") for r in group], 3)
-        rows.append([f"{dim} → {token_dim}", "EMA" if ema else "gradient", method, len(group)] + cells
+        rows.append([f"{dim} → {token_dim}", "EMA" if ema else "gradient", settings, method, len(group)] + cells
                     + [init, PAPER["synthetic_gmm"].get(method, "–")])
     return markdown_table(header, rows) + (
         "\n\nModes covered: cluster means (of 10) nearest to at least 5% of all reconstructions; "
@@ -307,8 +321,10 @@ def render_synthetic(results, out_dir):
 
 
 # ---- CIFAR-10 renderers ----
-# Runs are found through the same grid lists that `cifar_sweep.py --grid` runs, matched on method,
-# codebook size, phase lengths (and sigma); several seeds are averaged. Only paper-preset runs count.
+# Runs are found through the same grid lists that `cifar_sweep.py --grid` runs: a run counts when
+# every run-defining option except the seed (cifar_sweep.RUN_DEFINING: method, codebook size, phase
+# lengths, sigma, the recipe) equals the paper preset's value for that configuration, so a run with
+# e.g. another --lr or --affine-lr in the same folder is never averaged in. Several seeds are averaged.
 
 CIFAR_LABELS = {
     "baseline": "Baseline", "baseline_ema": "Baseline + EMA", "affine_sync": "Affine + Sync (default)",
@@ -319,7 +335,12 @@ CIFAR_MSE_UNIT = 1e-3  # the paper prints CIFAR-10 MSE in units of 1e-3
 
 
 def _cifar_runs(results, config):
-    return select(results, "cifar10", preset="paper", **config)
+    from cifar_sweep import build_parser, defining_args, resolve_args
+    args = build_parser().parse_args([])
+    vars(args).update(config)
+    expected = defining_args(resolve_args(args))
+    expected.pop("seed")
+    return select(results, "cifar10", **expected)
 
 
 def _cifar_mean(results, config):

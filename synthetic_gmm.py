@@ -16,6 +16,7 @@ Commands (CPU; one process is the right size for a 10,000-point MLP):
     python synthetic_gmm.py --compare --dim 48 --token-dim 32          # Figure 2(b), t-SNE panels
     python synthetic_gmm.py --deferred --seed 1 --out runs/synthetic   # one arm
     python synthetic_gmm.py --compare --resume                         # continue a killed run
+An existing <name>.pt / .json in --out is never overwritten without --resume.
 One GPU: add `--device cuda` (works, but a 256 x 2 batch is launch-bound; the CPU is faster).
 torchrun is not supported: the whole job is a few seconds of one core.
 
@@ -61,8 +62,8 @@ import torch.nn.functional as F
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import (UserError, VectorQuantizer, atomic_write, check_finite, codebook_metrics, deferred_switch,
-                    load_checkpoint, print0, run_cli, save_checkpoint, seed_everything,
+from common import (UserError, VectorQuantizer, atomic_write, check_finite, check_out_dir, codebook_metrics,
+                    deferred_switch, load_checkpoint, print0, run_cli, save_checkpoint, seed_everything,
                     set_rng_state, setup_distributed, write_result)
 
 EXPERIMENT = "synthetic_gmm"
@@ -409,10 +410,12 @@ def save_png(fig, path):
 def validate(args):
     if args.token_dim < 1 or args.token_dim > args.hidden:
         raise UserError(f"--token-dim must lie in [1, --hidden={args.hidden}], got {args.token_dim}")
-    if min(args.dim, args.hidden, args.clusters, args.points_per_cluster, args.batch_size, args.epochs,
+    if min(args.dim, args.hidden, args.clusters, args.batch_size, args.epochs,
            args.codebook_size, args.log_every, args.ckpt_every, args.tsne_points) < 1:
-        raise UserError("--dim, --hidden, --clusters, --points-per-cluster, --batch-size, --epochs, "
+        raise UserError("--dim, --hidden, --clusters, --batch-size, --epochs, "
                         "--codebook-size, --log-every, --ckpt-every and --tsne-points must all be >= 1")
+    if args.points_per_cluster < 2:  # a cluster of one point has no spread to reproduce
+        raise UserError(f"--points-per-cluster must be >= 2, got {args.points_per_cluster}")
     n = args.clusters * args.points_per_cluster
     if args.codebook_size > n:
         raise UserError(f"codebook of {args.codebook_size} codes is larger than the {n} data points")
@@ -451,6 +454,12 @@ def main(args):
         torch.set_num_threads(1)  # 32-wide layers: thread hand-offs cost more than they save
     methods = ["baseline", "deferred"] if args.method == "compare" else [args.method]
     names = [arm_name(args, m) for m in methods]
+    check_out_dir(args.out)
+    if not args.resume:
+        done = [p for n in names for p in (os.path.join(args.out, n + ext) for ext in (".pt", ".json"))
+                if os.path.exists(p)]
+        if done:
+            raise UserError(f"{done[0]} exists: pass --resume to continue (or re-evaluate) it, or another --out")
     states = load_resume_states(args, names) if args.resume else dict.fromkeys(names)
     x, labels, means = (t.to(info.device) for t in make_mixture(args))
     arms = [train_arm(args, m, (x, labels, means), info.device, states[n]) for m, n in zip(methods, names)]

@@ -88,6 +88,81 @@ def test_every_method_writes_a_valid_result(data_dir, tmp_path, method):
     assert record["metrics"]["perplexity"] == pytest.approx(perplexity_from_counts(counts))
     assert record["metrics"]["used_codes"] == int((counts > 0).sum())
     assert ckpt["codebook"].shape == (32, 32)
+    # appendix A.1: Adam with amsgrad, lr 3e-4
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["amsgrad"] is True and group["lr"] == 3e-4 and group["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("method,codes,expected", [
+    ("deferred_ema", 512, 5120),  # 10:1 over as many batches as needed (2,048 outputs per smoke batch)
+    ("lru_kmeans", 32, 2048),     # SoundStream: k-means of exactly the first batch
+])
+def test_switch_collects_the_documented_number_of_embeddings(data_dir, tmp_path, monkeypatch, method, codes, expected):
+    real_switch = cifar_sweep.deferred_switch
+    seen = []
+
+    def spy(quantizer, encode, batches, ratio, **kwargs):
+        seen.append((real_switch(quantizer, encode, batches, ratio, **kwargs), kwargs["method"]))
+        return seen[-1][0]
+
+    monkeypatch.setattr(cifar_sweep, "deferred_switch", spy)
+    smoke(data_dir, str(tmp_path), method, "--num-codes", codes, "--vq-epochs", 1)
+    assert seen == [(expected, "sample" if method == "deferred_ema" else "kmeans")]
+
+
+def test_paper_network_shapes():
+    """Appendix A.1: 128 downsampling channels, two residual blocks of hidden width 64, token dim 32;
+    32 x 32 images -> 8 x 8 tokens."""
+    args = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "deferred"]))
+    model = cifar_sweep.build_model(args)
+    x = torch.zeros(2, 3, 32, 32)
+    z = model.encoder(x)
+    assert z.shape == (2, 32, 8, 8)
+    assert model(x)[0].shape == x.shape
+    for stack in (model.encoder[5], model.decoder[1]):
+        assert len(stack.blocks) == 2
+        convs = [m for m in stack.blocks[0] if isinstance(m, torch.nn.Conv2d)]
+        assert [tuple(c.weight.shape) for c in convs] == [(64, 128, 3, 3), (128, 64, 1, 1)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    """An output folder holding one finished smoke run (deferred_ema, 32 codes, seed 0)."""
+    out = tmp_path_factory.mktemp("finished")
+    import torchvision.datasets.cifar as cifar
+    saved = cifar.check_integrity
+    allow_fixture_checksums()
+    try:
+        smoke(data_dir, str(out), "deferred_ema")
+    finally:
+        cifar.check_integrity = saved
+    return out
+
+
+@pytest.mark.parametrize("bad", [
+    ["--resume", "--seed", "5"],               # no checkpoint to continue
+    [],                                        # the run exists: continuing it needs --resume
+    ["--resume", "--lr", "1e-3"],              # its checkpoint was made with another recipe ...
+    ["--resume", "--channels", "16"],          # ... or another network
+    ["--num-codes", "20000", "--seed", "5"],   # more codes than one epoch of encoder outputs (192 x 64)
+    ["--ratio", "0.5", "--seed", "5"],         # (both used to fail only at the switch, after the AE phase)
+    ["--batch-size", "0", "--seed", "5"],
+    ["--lr", "-1", "--seed", "5"],
+    ["--workers", "-1", "--seed", "5"],
+    ["--train-subset", "0", "--seed", "5"],    # 0 used to mean "all images"
+    ["--out", "FILE", "--seed", "5"],          # --out names a file
+])
+def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(data_dir, finished_run, capsys, bad):
+    a_file = finished_run / "deferred_ema_K32_ae1_vq1_s0_smoke.json"
+    bad = [str(a_file) if v == "FILE" else v for v in bad]
+    before = {p.name: p.read_bytes() for p in finished_run.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        sweep("--preset", "smoke", "--method", "deferred_ema", "--num-codes", 32, "--data-dir", data_dir,
+              "--out", finished_run, *bad)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert {p.name: p.read_bytes() for p in finished_run.iterdir()} == before
 
 
 def test_methods_configure_the_quantizer_as_documented():
@@ -172,7 +247,9 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
     out = tmp_path / "runs"
     out.mkdir()
     ran = []
-    monkeypatch.setattr(cifar_sweep, "train_run", lambda args, info: ran.append(cifar_sweep.run_name(args)))
+    resumed = []
+    monkeypatch.setattr(cifar_sweep, "train_run", lambda args, info: (ran.append(cifar_sweep.run_name(args)),
+                                                                      resumed.append(args.resume)))
     configs = cifar_sweep.grid_configs("table8")
     names = []
     for config in configs:
@@ -187,8 +264,10 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
     ran.clear()
     sweep("--grid", "table8", "--grid-shard", "1/2", "--out", out)  # shard 1 of 2 holds config 1 only
     assert ran == []
+    (out / f"{names[2]}.pt").write_bytes(b"")  # a started run is continued, a new one starts fresh
+    resumed.clear()
     sweep("--grid", "table8", "--grid-shard", "0/2", "--out", out)  # configs 0 and 2
-    assert ran == [names[0], names[2]]
+    assert ran == [names[0], names[2]] and resumed == [False, True]
     # names are unique across every grid, so tables sharing a run reuse it and nothing collides
     every = {}
     for grid in cifar_sweep.GRIDS:
@@ -234,14 +313,20 @@ def test_two_process_ddp_keeps_identical_codebooks(data_dir, tmp_path):
 # ---- evaluate.py renderers, from fixture JSONs with known numbers --------------------------------
 
 
-def fake_result(out, config, mse, perplexity, vendi, euclidean=1.5, history=None):
-    args = dict(config, preset="paper", seed=0)
-    args.setdefault("init_std", 1.0)
+def paper_args(config, *argv):
+    """The args a paper-preset run of one grid configuration records (extra command-line flags)."""
+    args = cifar_sweep.build_parser().parse_args(list(argv))
+    vars(args).update(config)
+    return vars(cifar_sweep.resolve_args(args))
+
+
+def fake_result(out, config, mse, perplexity, vendi, euclidean=1.5, history=None, argv=(), name=None):
+    args = paper_args(config, *argv)
     record = {"experiment": "cifar10", "method": config["method"], "args": args,
               "metrics": {"mse": mse, "perplexity": perplexity, "vendi": vendi, "euclidean": euclidean,
                           "cosine": 0.9, "used_codes": 10},
               "history": history or [{"epoch": 0, "val_loss": 0.02}, {"epoch": 1, "val_loss": 0.01}]}
-    name = "_".join(f"{k}{v}" for k, v in sorted(config.items()))
+    name = name or "_".join(f"{k}{v}" for k, v in sorted(config.items()))
     (out / f"{name}.json").write_text(json.dumps(record))
 
 
@@ -260,6 +345,11 @@ def test_evaluate_renders_every_cifar_table(tmp_path):
     # one known run, checked by value in several tables
     t8 = cifar_sweep.grid_configs("table8")[1]  # posthoc_kmeans
     fake_result(runs, t8, mse=0.0314, perplexity=2777.77, vendi=2.3456)
+    # runs that differ in a run-defining option other than the seed are not averaged in
+    for i, argv in enumerate([("--lr", "1e-3"), ("--ratio", "2"), ("--preset", "smoke")]):
+        fake_result(runs, t8, mse=0.5, perplexity=1.0, vendi=1.0, argv=argv, name=f"other{i}")
+    fake_result(runs, cifar_sweep.grid_configs("table11")[15], mse=0.5, perplexity=1.0, vendi=1.0,
+                argv=("--affine-lr", "3"), name="affine_lr3")  # Table 11's affine row is affine_lr=5
     report = run_cli(evaluate.main, evaluate.build_parser(), ["tables", str(runs), "--out", str(tmp_path / "rep")])
     for title in ("Figure 5", "Figure 6", "Table 8", "Table 9", "Table 10", "Table 11"):
         assert title in report
@@ -271,6 +361,8 @@ def test_evaluate_renders_every_cifar_table(tmp_path):
     t11 = report.split("## Table 11")[1]
     assert "| LRU + K-means | 12.24 |" in t11 and "6030.98" in t11
     assert "| Affine + Sync (default) | – |" in t11  # the paper's failed 1K run
+    affine = next(line for line in t11.splitlines() if line.startswith("| Affine (affine_lr=5) |"))
+    assert float(affine.split("|")[3]) < 2  # ours at 1K: the affine_lr=3 run (MSE 500) is not averaged in
     assert (tmp_path / "rep" / "fig5_cifar10.png").stat().st_size > 0
     assert (tmp_path / "rep" / "fig6_cifar10_val_loss.png").stat().st_size > 0
     # Figure 6 holds the eight Table 11 methods' curves, final value from the history

@@ -140,6 +140,21 @@ def test_compare_writes_results_checkpoints_and_figures(compare_dir):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_defaults_are_the_paper_setting(compare_dir):
+    """Sections 6.1 and A.1: 10 x 1,000 points, codebook 128, batch 256, AdamW lr 1e-3, beta 0.25,
+    EMA decay 0.9, 200 epochs (deferred: 100 + 100), MLPs of three linear layers with ReLU."""
+    args = sg.build_parser().parse_args([])
+    assert (args.clusters, args.points_per_cluster, args.codebook_size, args.batch_size, args.lr, args.beta,
+            args.ema_decay, args.epochs, args.ae_epochs, args.hidden) == (10, 1000, 128, 256, 1e-3, 0.25, 0.9,
+                                                                          200, 100, 32)
+    model = sg.VQVAE(args)
+    for net in (model.encoder, model.decoder):
+        assert [type(m) for m in net] == [torch.nn.Linear, torch.nn.ReLU] * 2 + [torch.nn.Linear]
+    assert model.quantizer.beta == 0.25
+    group = torch.load(compare_dir / "baseline_d2_t1_s0.pt", weights_only=False)["optimizer"]["param_groups"][0]
+    assert group["decoupled_weight_decay"] is True and group["lr"] == 1e-3  # AdamW
+
+
 def test_compare_arms_start_from_identical_weights(compare_dir):
     base = read(compare_dir / "baseline_d2_t1_s0.json")
     deferred = read(compare_dir / "deferred_d2_t1_s0.json")
@@ -199,6 +214,9 @@ def cli(argv, capsys):
     ["--deferred", "--ae-epochs", "200"],        # no epochs left for the Discretization Phase
     ["--resume"],                                # nothing to resume
     ["--resume", "--lr", "0.01"],                # checkpoint made with other settings
+    [],                                          # the run exists: rerunning it needs --resume
+    ["--seed", "1", "--out", "FILE"],            # --out names a file (used to fail after training)
+    ["--seed", "1", "--points-per-cluster", "1", "--codebook-size", "4"],  # no spread to measure (was 0/0)
 ])
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, bad):
     (tmp_path / "baseline_d2_t1_s0.json").write_text("earlier result\n")
@@ -206,7 +224,8 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, b
         default_args = vars(sg.build_parser().parse_args([]))
         torch.save({"args": default_args}, tmp_path / "baseline_d2_t1_s0.pt")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    code, err = cli(bad + ["--out", str(tmp_path)], capsys)
+    out = ["--out", str(tmp_path)] if "FILE" not in bad else []
+    code, err = cli([str(tmp_path / "baseline_d2_t1_s0.json") if v == "FILE" else v for v in bad] + out, capsys)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -215,7 +234,7 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, b
 def test_divergence_stops_with_one_line_and_keeps_earlier_results(tmp_path, capsys):
     run(["--epochs", "2", "--no-figures", "--out", str(tmp_path)])
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    code, err = cli(["--epochs", "2", "--no-figures", "--lr", "1e6", "--out", str(tmp_path)], capsys)
+    code, err = cli(["--epochs", "2", "--no-figures", "--lr", "1e6", "--seed", "1", "--out", str(tmp_path)], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "loss became" in err and "epoch 1" in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -232,21 +251,27 @@ def test_command_line_error_through_a_real_process(tmp_path):
 
 # ---- evaluate.py renderer -----------------------------------------------------------------------
 
-def fake_result(method, seed, mse, modes, ema=False, dim=2, token_dim=1):
+def fake_result(method, seed, mse, modes, ema=False, dim=2, token_dim=1, **other_args):
     metrics = {"mse": mse, "modes_covered": modes, "own_mode_share": modes / 10, "perplexity": 2.0 * modes,
                "used_codes": 10 * modes, "euclidean": 0.1 * modes, "cosine": 0.0, "vendi": 1.0}
-    return {"experiment": "synthetic_gmm", "method": method + ("_ema" if ema else ""),
-            "args": {"dim": dim, "token_dim": token_dim, "ema": ema, "seed": seed}, "metrics": metrics}
+    args = dict(vars(sg.build_parser().parse_args([])), dim=dim, token_dim=token_dim, ema=ema, seed=seed,
+                **other_args)
+    return {"experiment": "synthetic_gmm", "method": method + ("_ema" if ema else ""), "args": args,
+            "metrics": metrics}
 
 
 def test_renderer_tabulates_each_setting_with_seed_means(tmp_path):
     results = [fake_result("baseline", 0, 0.2, 6), fake_result("baseline", 1, 0.4, 8),
                fake_result("deferred", 0, 0.1, 10), fake_result("deferred", 1, 0.1, 10),
-               fake_result("deferred", 0, 0.3, 9, ema=True, dim=48, token_dim=32)]
+               fake_result("deferred", 0, 0.3, 9, ema=True, dim=48, token_dim=32),
+               fake_result("baseline", 2, 0.9, 1, epochs=50, lr=0.01),  # another setting: its own row
+               fake_result("baseline", 3, 0.4, 8, ae_epochs=50)]  # irrelevant to the baseline: a seed
     text = evaluate.RENDERERS["Figure 2 (synthetic)"](results, str(tmp_path))
     lines = text.splitlines()
-    base = next(line for line in lines if "| 2 → 1 |" in line and "| baseline |" in line)
-    assert "0.300 ± 0.141" in base and "7.0 ± 1.4" in base and "| 2 |" in base  # means over 2 seeds
+    base = next(line for line in lines if "| 2 → 1 |" in line and "| paper | baseline |" in line)
+    assert "0.333 ± 0.115" in base and "7.3 ± 1.2" in base and "| 3 |" in base  # means over 3 seeds
+    other = next(line for line in lines if "| lr=0.01, epochs=50 | baseline |" in line)
+    assert "| 1 | 0.900 |" in other
     ema = next(line for line in lines if "48 → 32" in line)
     assert "deferred" in ema and "EMA" in ema and "0.300" in ema
     assert "collapse" in text  # the paper's qualitative claim is shown beside our numbers
