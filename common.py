@@ -620,13 +620,13 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     world = dist.get_world_size() if is_distributed() else 1
     per_rank = int(math.ceil(needed / world))
     collected, total = [], 0
-    bar = progress_bar(total=per_rank, desc="collecting embeddings", disable=not progress)
+    bar = progress_bar(total=per_rank, desc="collecting embeddings", unit="vec", disable=not progress)
     with torch.no_grad():
         for batch in batches:
             flat = latent_rows(encode(batch).detach(), quantizer.dim).float()
             collected.append(flat)
+            bar.update(min(flat.shape[0], per_rank - total))  # the bar stops at its total
             total += flat.shape[0]
-            bar.update(flat.shape[0])
             if total >= per_rank:
                 break
     bar.close()
