@@ -65,9 +65,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from common import (UsageCounter, UserError, VectorQuantizer, all_reduce_sum, autocast_for, check_finite,
-                    check_out_dir, cleanup_distributed, codebook_metrics, deferred_switch, load_checkpoint,
-                    perplexity_from_counts, print0, progress_bar, run_cli, save_checkpoint, seed_everything,
-                    set_rng_state, setup_distributed, wrap_ddp, write_json, write_result)
+                    check_out_dir, check_resume_settings, cleanup_distributed, codebook_metrics,
+                    deferred_switch, load_checkpoint, perplexity_from_counts, print0, progress_bar,
+                    refuse_overwrite, run_cli, save_checkpoint, seed_everything, set_rng_state,
+                    setup_distributed, wrap_ddp, write_json, write_result)
 
 # ================================================================================================
 # Methods, presets and the grids of every CIFAR-10 table
@@ -367,14 +368,11 @@ def train_run(args, info):
     check_out_dir(args.out)
     if args.resume and not os.path.exists(ckpt_path):
         raise UserError(f"--resume: no checkpoint at {ckpt_path}")
-    if not args.resume and (os.path.exists(ckpt_path) or os.path.exists(json_path)):
-        raise UserError(f"{ckpt_path[:-3]}.pt/.json exists: pass --resume to continue it, or another --out")
+    if not args.resume:
+        refuse_overwrite([ckpt_path, json_path])
     ckpt = load_checkpoint(ckpt_path) if args.resume else None  # on the CPU (see set_rng_state)
     if ckpt is not None:
-        saved, now = defining_args(ckpt.get("args", {})), defining_args(args)
-        diff = [k for k in now if saved.get(k) != now[k]]
-        if diff:
-            raise UserError(f"--resume: {ckpt_path} was made with other settings ({', '.join(diff)})")
+        check_resume_settings(ckpt.get("args", {}), args, defining_args(args), ckpt_path)
     seed_everything(args.seed)
     train_loader, sampler, test_loader = build_loaders(args, info)
     available = len(train_loader.dataset) * 64  # one epoch of encoder outputs, 8 x 8 per image

@@ -206,6 +206,21 @@ def check_out_dir(path):
         raise UserError(f"--out {path}: {p} is a file, not a folder")
 
 
+def refuse_overwrite(paths):
+    """Without --resume a run never overwrites an earlier run's outputs: fail if any exists."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing:
+        raise UserError(f"{existing[0]} exists: pass --resume to continue it, or another --out / name")
+
+
+def check_resume_settings(saved_args, args, keys, path):
+    """--resume continues a run only under the settings that define it (`keys`); `saved_args` is
+    the args dict stored in its checkpoint, `args` the current namespace."""
+    diff = [k for k in keys if saved_args.get(k) != getattr(args, k)]
+    if diff:
+        raise UserError(f"--resume: {path} was made with other settings ({', '.join(diff)})")
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_json_default) + "\n"), "w")
 

@@ -15,12 +15,11 @@ Commands:
 import argparse
 import glob
 import os
-import sys
 
 import numpy as np
 import torch
 
-from common import UserError, codebook_metrics, load_checkpoint, read_json, run_cli, write_json
+from common import UserError, codebook_metrics, load_checkpoint, read_json, run_cli
 
 # ================================================================================================
 # The paper's reported values, in one place (section 6 and appendix A). Keys match our metrics.
@@ -538,8 +537,8 @@ def render_tokenizer_table(results, table):
                 ours = ours / spec["scale"][col]  # same scaling as the paper's column
             row += [fmt(paper[col]), fmt(ours)]
         rows.append(row)
-    note = (f"\n\nMSE / LPIPS shown divided by the factors in the headers (paper's convention; for "
-            f"Tables 2, 3, 5 the factor is inferred, see PAPER). '–': run absent or metric not computed.")
+    note = ("\n\nMSE / LPIPS shown divided by the factors in the headers (paper's convention; for "
+            "Tables 2, 3, 5 the factor is inferred, see PAPER). '–': run absent or metric not computed.")
     return markdown_table(header, rows) + note
 
 

@@ -59,7 +59,6 @@ import argparse
 import os
 import shutil
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -391,8 +390,8 @@ def main(args):
         common.inception_weights_path()  # fail now, not after the Continuous Phase
     if args.resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint at {last_path}")
-    if not (args.resume or args.eval_only or args.dump_tokens) and os.path.exists(last_path):
-        raise UserError(f"{last_path} exists: pass --resume to continue it, or another --name / --out")
+    if not (args.resume or args.eval_only or args.dump_tokens):
+        common.refuse_overwrite([last_path])
     ckpt = None
     if args.eval_only or args.dump_tokens:
         ckpt_path = args.checkpoint or best_path

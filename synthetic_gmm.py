@@ -62,9 +62,10 @@ import torch.nn.functional as F
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import (UserError, VectorQuantizer, atomic_write, check_finite, check_out_dir, codebook_metrics,
-                    deferred_switch, load_checkpoint, print0, run_cli, save_checkpoint, seed_everything,
-                    set_rng_state, setup_distributed, write_result)
+from common import (UserError, VectorQuantizer, atomic_write, check_finite, check_out_dir,
+                    check_resume_settings, codebook_metrics, deferred_switch, load_checkpoint, print0,
+                    refuse_overwrite, run_cli, save_checkpoint, seed_everything, set_rng_state,
+                    setup_distributed, write_result)
 
 EXPERIMENT = "synthetic_gmm"
 # A mode is "covered" when at least this share of all reconstructions lands nearest to its mean
@@ -438,10 +439,7 @@ def load_resume_states(args, names):
     for n, p in paths.items():
         states[n] = load_checkpoint(p) if os.path.exists(p) else None
         if states[n] is not None:
-            saved = states[n].get("args", {})
-            diff = [k for k in RUN_DEFINING if saved.get(k) != getattr(args, k)]
-            if diff:
-                raise UserError(f"--resume: {p} was made with other settings ({', '.join(diff)})")
+            check_resume_settings(states[n].get("args", {}), args, RUN_DEFINING, p)
     return states
 
 
@@ -456,10 +454,7 @@ def main(args):
     names = [arm_name(args, m) for m in methods]
     check_out_dir(args.out)
     if not args.resume:
-        done = [p for n in names for p in (os.path.join(args.out, n + ext) for ext in (".pt", ".json"))
-                if os.path.exists(p)]
-        if done:
-            raise UserError(f"{done[0]} exists: pass --resume to continue (or re-evaluate) it, or another --out")
+        refuse_overwrite([os.path.join(args.out, n + ext) for n in names for ext in (".pt", ".json")])
     states = load_resume_states(args, names) if args.resume else dict.fromkeys(names)
     x, labels, means = (t.to(info.device) for t in make_mixture(args))
     arms = [train_arm(args, m, (x, labels, means), info.device, states[n]) for m, n in zip(methods, names)]

@@ -1,6 +1,5 @@
 """Image metrics (common.py section 4): values against independent computations and failure modes."""
 import math
-import os
 
 import numpy as np
 import pytest
