@@ -12,11 +12,16 @@ Read in this order:
 
 Nothing here is specific to one experiment; each script decides *when* the switch happens.
 """
+import atexit
 import contextlib
+import datetime
+import errno
+import glob
 import json
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -68,12 +73,20 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(device=None):
+DIST_TIMEOUT_MINUTES = 15.0
+
+
+def setup_distributed(device=None, timeout_minutes=DIST_TIMEOUT_MINUTES):
     """Initialise torch.distributed when launched by torchrun, and pick the device.
 
     One CPU process, one GPU, or `torchrun --nproc_per_node=N` all go through here: gloo on CPU,
     nccl on CUDA. `device` forces 'cpu' or 'cuda'; by default CUDA is used when present.
+    `timeout_minutes` (every script's --dist-timeout) bounds how long the other ranks wait in a
+    collective for a dead or frozen rank before they fail, instead of torch's 30-minute default.
+    It must exceed the longest step that one rank does alone (rank-0 FID or k-means: minutes).
     """
+    if not timeout_minutes > 0 or not math.isfinite(timeout_minutes):
+        raise UserError(f"--dist-timeout must be a positive number of minutes, got {timeout_minutes}")
     use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA device is visible")
@@ -83,7 +96,8 @@ def setup_distributed(device=None):
     if world_size > 1 and not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     return DistInfo(rank, world_size, local_rank, dev)
 
@@ -178,11 +192,16 @@ os.umask(_UMASK)
 
 def atomic_write(path, write_fn, mode="wb"):
     """Write a file through a temporary file in the same folder and rename it into place, so a
-    crash or a bad input never leaves a truncated checkpoint or JSON behind."""
+    crash or a bad input never leaves a truncated checkpoint or JSON behind. The temporary file is
+    `.<name>.<random>.tmp`; one left by a kill is removed by the next `start_run` of that run.
+    A failed write (full disk, read-only folder) is a one-line UserError; the previous file stays."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)
@@ -190,20 +209,87 @@ def atomic_write(path, write_fn, mode="wb"):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give results the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) or _is_torch_write_failure(err):
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            raise UserError(f"cannot write {path}: {reason}") from None
         raise
 
 
+def _is_torch_write_failure(err):
+    """torch.save reports a full disk as RuntimeError('... PytorchStreamWriter failed writing ...')."""
+    return isinstance(err, RuntimeError) and "failed writing" in str(err)
+
+
+def temporary_files_of(path):
+    """The temporary files `atomic_write` makes for `path` (left behind only by a kill)."""
+    path = os.path.abspath(path)
+    return glob.glob(os.path.join(glob.escape(os.path.dirname(path)),
+                                  "." + glob.escape(os.path.basename(path)) + ".*.tmp"))
+
+
+# ---- The start-up protocol: one sequence of checks that every script runs before training ------
+#
+# A run is a name inside --out that owns a set of output files. Before any training, `start_run`
+#   1. validates every number of the arguments (finite, in range) so that nothing fails only at
+#      the switch, hours into a run (`check_ranges`), and the script's cross-argument rules;
+#   2. makes sure --out can be a writable folder (a probe file is written and removed);
+#   3. runs the script's own checks (data present and readable, metric weights present);
+#   4. takes the run's lock <out>/<name>.lock, so two processes never write one run;
+#   5. removes temporary files that a killed write of this run's outputs left behind;
+#   6. refuses to overwrite any of the run's outputs without --resume; with --resume, loads the
+#      checkpoint and refuses it when a run-defining setting differs.
+# Under torchrun, rank 0 performs 2-6 and every rank raises the same UserError if one failed.
+
+
+def check_ranges(args, ranges):
+    """Validate numeric arguments before any work. Every float argument must be finite (`--ratio
+    inf`, `--beta nan` are refused whatever the script); `ranges` maps argument names (argparse
+    dests) to intervals such as '> 0', '>= 1', '< 1', '(0, 1)', '[0, 1)', '(0, 1]', '[0, 1]'.
+    None values (optional arguments left unset) are skipped; lists and tuples are checked element
+    by element. Raises UserError naming the flag."""
+    values = vars(args) if hasattr(args, "__dict__") else dict(args)
+    for key, value in values.items():
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"--{key.replace('_', '-')} must be a finite number, got {v}")
+    for key, spec in ranges.items():
+        value = values.get(key)
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if v is not None and not _in_interval(v, spec):
+                raise UserError(f"--{key.replace('_', '-')} must be {spec}, got {v}")
+
+
+def _in_interval(v, spec):
+    spec = spec.strip()
+    for op, test in ((">=", lambda b: v >= b), ("<=", lambda b: v <= b), (">", lambda b: v > b),
+                     ("<", lambda b: v < b)):
+        if spec.startswith(op):
+            return test(float(spec[len(op):]))
+    lo_open, hi_open = spec[0] == "(", spec[-1] == ")"
+    if spec[0] not in "([" or spec[-1] not in ")]":
+        raise ValueError(f"bad interval '{spec}'")
+    lo, hi = (float(s) for s in spec[1:-1].split(","))
+    return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+
 def check_out_dir(path):
-    """Fail before any training when --out cannot become a folder (it, or a parent, is a file);
-    creates nothing, so a rejected run leaves no trace."""
+    """--out must be (or be able to become) a writable folder: fail before any training, not at the
+    first checkpoint an epoch later. The probe file goes into --out or, when --out does not exist
+    yet, into its nearest existing parent, and is removed: a rejected run leaves no trace."""
     p = os.path.abspath(path)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise UserError(f"--out {path}: {p} is a file, not a folder")
+    existing = p
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--out {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"--out {path} is not writable ({existing}: {err.strerror or err})") from None
 
 
 def refuse_overwrite(paths):
@@ -215,10 +301,201 @@ def refuse_overwrite(paths):
 
 def check_resume_settings(saved_args, args, keys, path):
     """--resume continues a run only under the settings that define it (`keys`); `saved_args` is
-    the args dict stored in its checkpoint, `args` the current namespace."""
-    diff = [k for k in keys if saved_args.get(k) != getattr(args, k)]
+    the args dict stored in its checkpoint, `args` the current namespace. Tuples and lists compare
+    equal (JSON and torch.save keep one or the other)."""
+    def norm(v):
+        return list(v) if isinstance(v, (tuple, list)) else v
+    diff = [k for k in keys if norm(saved_args.get(k)) != norm(getattr(args, k, None))]
     if diff:
-        raise UserError(f"--resume: {path} was made with other settings ({', '.join(diff)})")
+        shown = ", ".join(f"--{k.replace('_', '-')} {saved_args.get(k)!r} -> {getattr(args, k, None)!r}"
+                          for k in diff)
+        raise UserError(f"--resume: {path} was made with other settings ({shown})")
+
+
+def _process_start_time(pid):
+    """Start time of a process in clock ticks since boot (Linux), to tell a live owner of a lock
+    from an unrelated process that reuses its pid; None where /proc is not available."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_alive(pid, start_time):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start_time is None or _process_start_time(pid) in (None, start_time)
+
+
+class RunLock:
+    """Exclusive ownership of one run name while the run is alive: <out>/<name>.lock holds the
+    owner's pid, process start time and host. The file appears complete or not at all (written
+    aside, then hard-linked into place, which fails if it exists). A lock whose owner is dead on
+    this host (kill -9, crash) is stale and taken over; a live owner, or one on another host, makes
+    the second run stop with one line naming the lock file."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.held = False
+
+    def acquire(self):
+        me = {"pid": os.getpid(), "start_time": _process_start_time(os.getpid()), "host": socket.gethostname(),
+              "argv": sys.argv}
+        for _ in range(2):
+            if self._create(me):
+                self.held = True
+                atexit.register(self.release)  # sys.exit and errors too; a kill leaves a stale lock
+                return self
+            owner = self._read()
+            if owner is None or (owner.get("host") == me["host"]
+                                 and not _process_alive(owner.get("pid", -1), owner.get("start_time"))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # stale: its owner is gone
+                continue
+            where = "" if owner.get("host") == me["host"] else f" on host {owner.get('host')}"
+            raise UserError(f"this run is in use by process {owner.get('pid')}{where} (lock {self.path}); "
+                            "wait for it, or delete the lock if that process is gone")
+        raise UserError(f"could not take the lock {self.path}: another process keeps taking it")
+
+    def _create(self, me):
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
+        except OSError as err:
+            raise UserError(f"cannot create the lock {self.path}: {err.strerror or err}") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {"pid": -1, "host": None}  # released meanwhile: not ours, try again
+        except (OSError, ValueError):
+            return None
+
+    def release(self):
+        if self.held:
+            owner = self._read() or {}
+            if owner.get("pid") == os.getpid():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            self.held = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def agree_on_main(fn):
+    """Run `fn` on rank 0 only; if it raises UserError, every rank raises the same one (so all
+    ranks of a torchrun job stop with one line instead of hanging in the next collective).
+    Returns fn's result on rank 0, None elsewhere."""
+    result, message = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except UserError as err:
+            message = str(err)
+    if is_distributed():
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise UserError(message)
+    return result
+
+
+@dataclass
+class RunStart:
+    """What `start_run` hands back: the held lock (release it with `finish`, or use the object as a
+    context manager) and the checkpoint to resume from (None for a fresh run)."""
+    lock: RunLock
+    checkpoint: dict = None
+
+    def finish(self):
+        self.lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.finish()
+
+
+def start_run(args, *, name, outputs, ranges=None, defining=(), resume_from=None, checks=(), validate=None):
+    """The start-up protocol (see the comment above): call it before any training.
+
+    name        the run's name; the lock is <args.out>/<name>.lock
+    outputs     every file the run writes (checkpoints, JSON, figures): none may exist without
+                --resume, and temporary files of killed writes to them are removed
+    ranges      {argument: interval} for `check_ranges`; every float argument must be finite anyway
+    defining    arguments that define the run: --resume refuses a checkpoint made with other values
+    resume_from the checkpoint --resume continues (loaded on the CPU on every rank and returned)
+    checks      callables run on rank 0 that raise UserError (data readable, weights present)
+    validate    callable(args) for cross-argument rules, raising UserError; runs on every rank
+    Uses args.out and args.resume. Returns a RunStart holding the lock (rank 0) and the checkpoint.
+    """
+    check_ranges(args, ranges or {})
+    if validate is not None:
+        validate(args)
+    lock = RunLock(os.path.join(args.out, f"{name}.lock"))
+
+    def on_main():
+        check_out_dir(args.out)
+        for check in checks:  # before the lock creates --out: a run refused here leaves no trace
+            check()
+        lock.acquire()
+        try:
+            for path in list(outputs) + ([resume_from] if resume_from else []) + [lock.path]:
+                for tmp in temporary_files_of(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+            if getattr(args, "resume", False):
+                if resume_from is None or not os.path.exists(resume_from):
+                    raise UserError(f"--resume: no checkpoint at {resume_from}")
+            else:
+                refuse_overwrite(outputs)
+        except BaseException:
+            lock.release()
+            raise
+
+    agree_on_main(on_main)
+    run = RunStart(lock)
+    if getattr(args, "resume", False):
+        try:
+            run.checkpoint = load_checkpoint(resume_from)
+            check_resume_settings(run.checkpoint.get("args", {}), args, defining, resume_from)
+        except BaseException:
+            run.finish()
+            raise
+    return run
+
+
+def add_run_arguments(parser, out_default):
+    """The arguments every script shares, with one meaning: --out, --resume, --device,
+    --dist-timeout."""
+    parser.add_argument("--out", default=out_default, help="folder of this script's runs")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
+                        help="minutes a torchrun rank waits for a dead or frozen peer before failing")
 
 
 def write_json(path, obj):
@@ -288,6 +565,15 @@ def save_checkpoint(path, **state):
     RNG states of this process, so `load_checkpoint` + `set_rng_state` resume bit-for-bit."""
     state = dict(state, rng=rng_state())
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_checkpoints(last_path, best_path=None, **state):
+    """Write the reported (best) checkpoint *before* the latest one that records it as best: a kill
+    between the two leaves last.pt one epoch older, so --resume repeats that epoch and rewrites the
+    same best.pt, and the reported result never depends on where a kill landed."""
+    if best_path is not None:
+        save_checkpoint(best_path, **state)
+    save_checkpoint(last_path, **state)
 
 
 def load_checkpoint(path, map_location="cpu"):
