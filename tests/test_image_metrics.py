@@ -283,3 +283,23 @@ def test_lpips_diversity_random_subset_of_distinct_pairs():
     assert v1 == pytest.approx(np.mean([10 * i + j for i, j in first.seen]))
     with pytest.raises(UserError, match="at least two"):
         common.lpips_diversity(images[:1], first)
+
+
+@pytest.mark.parametrize("net,size", [("alex", 40), ("vgg", 32)])
+def test_lpips_diversity_over_all_pairs_is_exact(real_weights, net, size):
+    """The all-pairs path (features once per image, per-coordinate variances merged over batches)
+    equals lpips.LPIPS called on every pair; batches of 4 for 9 images leave a batch of one."""
+    model = common.load_lpips(net)
+    x = smooth_images(b=9, h=size, w=size, seed=11)
+    x = (0.8 * x + 0.2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(12))).clamp(0, 1)
+    pairs = [float(model(x[i:i + 1], x[j:j + 1])) for i in range(9) for j in range(i + 1, 9)]
+    fast = common.lpips_diversity(x, model, batch_size=4)
+    assert fast == pytest.approx(np.mean(pairs), rel=1e-5)
+    # other batches, other order: the same up to float32 batch effects in the backbone
+    assert common.lpips_diversity(x.flip(0), model, batch_size=64) == pytest.approx(fast, rel=1e-7)
+    as_uint8 = common.to_uint8(x)
+    assert common.lpips_diversity(as_uint8, model, batch_size=5) == pytest.approx(
+        common.lpips_diversity(as_uint8.float() / 255, model), rel=1e-7)
+    # a random subset of pairs still goes pair by pair, through the same model
+    subset = common.lpips_diversity(x, model, max_pairs=7, generator=torch.Generator().manual_seed(0))
+    assert min(pairs) <= subset <= max(pairs) and subset != pytest.approx(fast, rel=1e-6)
