@@ -1201,12 +1201,26 @@ def codebook_metrics(codes, counts=None):
     out = {"num_codes": int(codes.shape[0]), "dim": int(codes.shape[1]),
            "euclidean": mean_pairwise_euclidean(codes),
            "cosine": mean_pairwise_cosine_distance(codes),
-           "vendi": vendi_score(codes)}
+           "vendi": vendi_score(codes),
+           "vendi_centred": vendi_score_centred(codes)}
     if counts is not None:
         counts = torch.as_tensor(counts).cpu()
         out["perplexity"] = perplexity_from_counts(counts)
         out["used_codes"] = int((counts > 0).sum())
     return out
+
+
+@torch.no_grad()
+def vendi_score_centred(codes):
+    """Vendi score of the mean-centred codes: exp of the entropy of the eigenvalues of K_c / tr(K_c),
+    K_c = (T - mean) (T - mean)^T, i.e. the normalised spectrum of the codebook's covariance: the
+    effective number of independent directions the codes spread along. Beyond the paper (which uses
+    the raw kernel, vendi_score): a common offset of all codes adds one dominant direction to the
+    raw kernel and pulls its score towards 1, however widely the codes spread around that offset,
+    so a narrow codebook far from the origin and a wide one near it are not ranked by spread.
+    Centring makes the score translation invariant. One code, or identical codes, score 1."""
+    t = codes.detach().double()
+    return vendi_score(t - t.mean(0, keepdim=True))
 
 
 # ================================================================================================

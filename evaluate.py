@@ -245,7 +245,7 @@ def cmd_codebook(args):
         print(json.dumps(metrics))
     else:
         for k, v in metrics.items():
-            print(f"{k:>10}: {fmt(v, 4)}")
+            print(f"{k:>13}: {fmt(v, 4)}")
     return metrics
 
 
