@@ -2102,23 +2102,8 @@ def generate_images(sample_tokens, tokenizer, dump, labels, batch_size, device, 
 
 def as_rgb(images):
     """Grayscale (N, 1, H, W) -> (N, 3, H, W) by repeating the channel: Inception and LPIPS take
-    RGB. Other images pass unchanged."""
+    RGB. Other images pass unchanged. (Reference datasets give RGB: SplitImageDataset converts.)"""
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
-class RGBImages(torch.utils.data.Dataset):
-    """A dataset of (image, label) or image items seen with grayscale images repeated to RGB."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, i):
-        item = self.source[i]
-        image = item[0] if isinstance(item, (tuple, list)) else item
-        return as_rgb(image[None])[0]
 
 
 def sample_grid(images, labels, per_class=8):
@@ -2161,7 +2146,7 @@ def sample_metrics(images, reference, *, reference_split="test", fid=True, prc=F
     provenance = {"eval_split": reference_split, "data_range": 1.0, "pixel_scale": pixel_scale,
                   "fid_reference": None, "lpips_pairs": None}
     if fid or prc:
-        metrics.update(fidelity_metrics(as_rgb(images), RGBImages(reference), fid=fid, prc=prc, device=device))
+        metrics.update(fidelity_metrics(as_rgb(images), reference, fid=fid, prc=prc, device=device))
         if "fid" in metrics:
             metrics["gfid"] = metrics.pop("fid")
         provenance["fid_reference"] = f"{reference_split} split, {len(reference)} images"

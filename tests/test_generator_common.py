@@ -171,7 +171,7 @@ def test_sample_metrics_record_their_provenance(monkeypatch):
     seen = {}
 
     def fake_fidelity(generated, reference, fid=True, prc=False, device=None):
-        seen["shapes"] = (tuple(generated.shape), tuple(reference[0].shape), len(reference))
+        seen["shapes"] = (tuple(generated.shape), len(reference))
         return dict({"fid": 12.5} if fid else {}, **({"precision": 0.5, "recall": 0.25} if prc else {}))
 
     def fake_lpips(images, model, max_pairs=None, generator=None):
@@ -181,11 +181,11 @@ def test_sample_metrics_record_their_provenance(monkeypatch):
     monkeypatch.setattr(common, "fidelity_metrics", fake_fidelity)
     monkeypatch.setattr(common, "lpips_diversity", fake_lpips)
     images = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(0))
-    reference = [(torch.rand(1, 6, 6), 0) for _ in range(7)]
+    reference = [(torch.rand(3, 6, 6), 0) for _ in range(7)]
     metrics, prov = common.sample_metrics(images, reference, prc=True, lpips_model=object(), lpips_pairs=4)
     assert metrics == {"num_samples": 5, "pixel_diversity": pytest.approx(common.pixel_diversity(images)),
                        "gfid": 12.5, "precision": 0.5, "recall": 0.25, "lpips_diversity": 0.5}
-    assert seen["shapes"] == ((5, 3, 6, 6), (3, 6, 6), 7) and seen["lpips"] == (3, 4)  # grayscale -> RGB
+    assert seen["shapes"] == ((5, 3, 6, 6), 7) and seen["lpips"] == (3, 4)  # grayscale -> RGB
     assert prov == {"eval_split": "test", "data_range": 1.0, "pixel_scale": 1.0,
                     "fid_reference": "test split, 7 images", "lpips_pairs": 4}
     metrics, prov = common.sample_metrics(images, reference, fid=False)
