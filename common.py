@@ -1697,6 +1697,8 @@ def build_tokenizer(cfg):
     starts disabled (Continuous Phase); loading a Discretization-Phase state dict turns it on."""
     cfg = cfg if isinstance(cfg, dict) else vars(cfg)
     vq_opts = dict(beta=cfg["beta"], ema_decay=cfg["ema_decay"], simvq=cfg["simvq"], enabled=False)
+    if cfg.get("l2_norm"):  # LlamaGen's unit-sphere quantizer (llamagen_deferred.py)
+        vq_opts["l2_norm"] = True
     if cfg["quantizer"] == "vq":
         quantizer = VectorQuantizer(cfg["codebook_size"], cfg["token_dim"], **vq_opts)
     else:
