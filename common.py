@@ -2193,3 +2193,14 @@ def write_generator_result(path, experiment, args, metrics, history, *, tokenize
     return write_result(path, experiment, method, args, metrics, history, tokenizer=tokenizer,
                         sampling=sampling, checkpoint=os.path.abspath(checkpoint), notes=notes or {},
                         **provenance, **extra)
+
+
+def open_rgb(path):
+    """An image file as an RGB PIL image, or a one-line UserError naming the file (a truncated or
+    foreign file inside a dataset of a million images should not end a run with a traceback)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None

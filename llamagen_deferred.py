@@ -180,15 +180,8 @@ class ImageFolderSplit(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from PIL import Image
         relpath, label = self.items[i]
-        path = os.path.join(self.root, relpath)
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read image {path}: {err}") from None
-        r = self.resolution
+        img, r = common.open_rgb(os.path.join(self.root, relpath)), self.resolution
         if self.view == "crops":
             return torch.stack([to_tensor(c) for cr in self.crop_ranges for c in ten_crops(img, r, cr)]), label
         if self.view == "eval":
@@ -359,6 +352,7 @@ def psnr_per_image(x, y):
 def open_npy_rows(path, shape, dtype):
     """A writable .npy memory map that every rank fills with its own rows (rank 0 creates it)."""
     if common.is_main_process():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
     if common.is_distributed():
         torch.distributed.barrier()
@@ -634,7 +628,10 @@ def sample_tokens(model, labels_B, cfg_scale=2.0, temperature=1.0, top_k=0, top_
     with the null class and logits are guided; every draw comes from `generator`."""
     guided = cfg_scale != 1.0
     cond = torch.cat([labels_B, torch.full_like(labels_B, model.num_classes)]) if guided else labels_B
-    caches = model.new_caches(cond.shape[0], labels_B.device, next(model.parameters()).dtype)
+    device = labels_B.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+        next(model.parameters()).dtype  # the cache holds keys / values in the dtype attention computes in
+    caches = model.new_caches(cond.shape[0], device, dtype)
     b, tokens = labels_B.shape[0], []
     logits = model.step(caches, 0, labels_B=cond)
     for i in range(model.seq_len):
@@ -1161,8 +1158,9 @@ def sample_labels(args, num_classes):
 
 def generate_samples(args, info):
     out_path = samples_path(args)
+    meta_path = out_path[:-4] + ".json"
     tmp_path = os.path.join(run_dir(args), ".samples.npy.rows.tmp")
-    with common.start_run(args, name=f"{arm_name(args)}_sample", outputs=[out_path], ranges=GPT_RANGES):
+    with common.start_run(args, name=f"{arm_name(args)}_sample", outputs=[out_path, meta_path], ranges=GPT_RANGES):
         model, gpt_ckpt, trained_with = load_gpt(args, info.device)
         tok_path = args.tokenizer_checkpoint or trained_with or tokenizer_checkpoint(args)
         tokenizer, cfg = load_any_tokenizer(tok_path, args.resolution, info.device)
@@ -1189,7 +1187,7 @@ def generate_samples(args, info):
             torch.distributed.barrier()
         if info.is_main:
             npy_to_npz(tmp_path, out_path, labels=labels.numpy())
-            common.write_json(out_path[:-4] + ".json", {
+            common.write_json(meta_path, {
                 "gpt_checkpoint": os.path.abspath(gpt_ckpt), "tokenizer": common.tokenizer_identity(cfg, tok_path),
                 "sampling": sampling_settings(args)})
             print0(f"wrote {out_path}; next --stage sample-eval")
@@ -1276,18 +1274,14 @@ def validate_sample_eval(args):
                         "VIRTUAL_imagenet256_labeled.npz), or --skip-fid")
 
 
-def int_list(text):
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-
-
-def float_list(text):
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+def comma_separated(cast):
+    """argparse type: '1,1,2' -> a tuple of `cast` values."""
+    def parse(text):
+        try:
+            return tuple(cast(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {cast.__name__} values, got '{text}'") from None
+    return parse
 
 
 def build_parser():
@@ -1305,9 +1299,9 @@ def build_parser():
 
     g = p.add_argument_group("tokenizer (LlamaGen VQ-16)")
     g.add_argument("--ch", type=int, default=128)
-    g.add_argument("--ch-mult", type=int_list, default=(1, 1, 2, 2, 4))
+    g.add_argument("--ch-mult", type=comma_separated(int), default=(1, 1, 2, 2, 4))
     g.add_argument("--num-res-blocks", type=int, default=2)
-    g.add_argument("--attn-resolutions", type=int_list, default=(16,))
+    g.add_argument("--attn-resolutions", type=comma_separated(int), default=(16,))
     g.add_argument("--z-channels", type=int, default=256)
     g.add_argument("--token-dim", type=int, default=8)
     g.add_argument("--codebook-size", type=int, default=16384)
@@ -1342,7 +1336,7 @@ def build_parser():
     g.add_argument("--skip-fid", action="store_true", help="no r-FID / g-FID (the JSON notes why)")
     g.add_argument("--skip-isc", action="store_true", help="no Inception Score (needs Inception logits)")
     g.add_argument("--fid-reference", help="sample-eval: image folder or .npz (VIRTUAL_imagenet256_labeled.npz)")
-    g.add_argument("--crop-ranges", type=float_list, default=(1.1, 1.05),
+    g.add_argument("--crop-ranges", type=comma_separated(float), default=(1.1, 1.05),
                    help="tokens: ten-crops of centre crops this much larger than --resolution (LlamaGen: 1.1, 1.05)")
     g.add_argument("--tokens", help="gpt: code file (default <out>/<arm>/tokens_train.pt; a common token dump works)")
     g.add_argument("--samples", help="sample-eval: .npz to score (default <out>/<arm>/samples.npz)")

@@ -409,7 +409,7 @@ def to_llamagen_layout(sd):
     return out
 
 
-def test_public_llamagen_tokenizer_loads_and_reconstructs_identically(tmp_path):
+def test_public_llamagen_tokenizer_loads_and_reconstructs_identically(pipeline, tmp_path):
     args = lg.build_parser().parse_args(TINY + ["--stage", "tokenizer"])
     ours = common.build_tokenizer(lg.tokenizer_cfg(args))
     ours.quantizer.set_enabled(True)
@@ -423,6 +423,11 @@ def test_public_llamagen_tokenizer_loads_and_reconstructs_identically(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x)[0], ours(x)[0], atol=1e-6)
         assert torch.equal(loaded(x)[1], ours(x)[1])
+    # the evaluation stage takes it as the "public" arm (a fresh run folder)
+    run(TINY + ["--data-dir", str(pipeline["data"]), "--out", str(tmp_path / "runs"), "--stage", "tokenizer-eval",
+                "--arm", "public", "--tokenizer-checkpoint", str(path), "--skip-fid"])
+    rec = common.read_json(str(tmp_path / "runs" / "public" / "tokenizer.json"))
+    assert rec["method"] == "public" and rec["tokenizer"]["name"] == "llamagen-public" and rec["history"] == []
 
 
 def write_foreign_checkpoints(folder, codes):
@@ -470,3 +475,13 @@ def test_coverage_rows_render_in_table_7(tmp_path):
         ["tables", str(tmp_path / "r"), "--out", str(tmp_path / "rep")]))
     row = next(line for line in report.splitlines() if line.startswith("| VAR (public)"))
     assert f"| {common.mean_pairwise_euclidean(codes):.2f} |" in row and "| 0.90 |" in row
+
+
+def test_sampling_under_bf16_autocast_keeps_a_bf16_cache():
+    model = tiny_gpt()
+    made = []
+    original = model.new_caches
+    model.new_caches = lambda b, d, dtype: made.append(dtype) or original(b, d, dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CUDA path of --stage sample
+        idx = lg.sample_tokens(model, torch.tensor([1, 2]), cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert made == [torch.bfloat16] and idx.shape == (2, 16) and idx.max() < 16
