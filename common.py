@@ -2002,11 +2002,12 @@ def check_dumps_match(dumps, tokenizer_cfg, tokenizer_path):
                         f"{ref.codebook_size} codes")
 
 
-def epoch_seed(seed, epoch, rank=0):
-    """A seed for one (run seed, epoch, rank): reseeding every epoch makes the masks, dropout and
-    data order of an epoch independent of what ran before, so --resume from an epoch-boundary
-    checkpoint reproduces the uninterrupted run on every rank of a torchrun job."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+def epoch_seed(seed, epoch, stream=0):
+    """A seed for one (run seed, epoch, stream); stream 0 is the data order (`epoch_batches`),
+    1 + rank a rank's training randomness (masks, dropout). Reseeding every epoch makes an epoch
+    independent of what ran before, so --resume from an epoch-boundary checkpoint reproduces the
+    uninterrupted run on every rank of a torchrun job."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
 def epoch_batches(n, global_batch, seed, epoch, rank=0, world_size=1, shuffle=True):
