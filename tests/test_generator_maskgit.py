@@ -180,6 +180,10 @@ def test_run_writes_samples_checkpoints_and_the_json(tokenizer_runs, tmp_path):
     info = common.setup_distributed("cpu")
     args.label_dropout = 0.9
     assert gm.validation_loss(model, dumps[1], args, info) == pytest.approx(record["metrics"]["val_loss"], rel=1e-6)
+    import evaluate  # the JSON renders in its paper table (the fixture's split scheme is imagenet100)
+    table = evaluate.render_generator_table(evaluate.load_results(str(tmp_path)), "Table 4")
+    cells = next(line for line in table.splitlines() if line.startswith("| MaskGIT ✗")).split(" | ")
+    assert cells[2] == "–" and cells[4] == f"{metrics['pixel_diversity']:.2f}"  # g-FID skipped, pixel distance
     # sampling again from the checkpoint with other settings is a new run
     again, _ = run_generator(tokenizer_runs, tmp_path, "--sample-only", "--checkpoint", str(tmp_path / name / "best.pt"),
                              "--cfg-scale", "1.5", "--name", "cfg", "--depth", "3")
