@@ -21,14 +21,16 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     model, cfg = common.load_tokenizer(run.checkpoint)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert cfg["quantizer"] == quantizer and model.quantizer.is_enabled
-    dump = common.load_token_dump(run.tokens["test"])
-    test = common.tokenizer_test_split(cfg)
-    x = torch.stack([test[i][0] for i in range(len(test))])
+    dump = common.load_token_dump(run.tokens["val"])
+    val = common.SplitImageDataset(run.data_dir, common.load_split(run.split_file), "val", 32)
+    x = torch.stack([val[i][0] for i in range(len(val))])
     with torch.no_grad():
         recon, _, _ = model(x)
         decoded = model.decode_indices(dump.maps(dump.tokens_NL))
     assert torch.allclose(decoded, recon, atol=1e-4)
-    assert torch.equal(dump.labels, torch.tensor([test[i][1] for i in range(len(test))]))
+    assert torch.equal(dump.labels, torch.tensor([val[i][1] for i in range(len(val))]))
+    test = common.tokenizer_test_split(cfg)  # the g-FID reference: the tokenizer's own test split
+    assert len(test) == 6 and test.items == common.load_split(run.split_file)["test"]
     ident = common.tokenizer_identity(cfg, run.checkpoint)
     assert ident["deferred"] is False and ident["gan"] is False and ident["quantizer"] == quantizer
     assert ident["codebook_size"] == 16 and ident["checkpoint"] == os.path.abspath(run.checkpoint)
@@ -132,6 +134,9 @@ def test_plateau_schedule_follows_torch_and_stops_early():
         if ours.stopped and stopped_at is None:
             stopped_at = i
     assert [i for i, b in enumerate(best) if b] == [0, 1, 6]
+    tiny = common.PlateauSchedule(1.0, threshold=0.1)
+    assert [tiny.step(v) for v in (1.0, 0.95, 0.99)] == [True, True, False]  # best.pt: any decrease
+    assert tiny.bad == 2  # ... while the plateau counts only decreases beyond the threshold
     # lr reaches 0.1 at validation 15; 3 more validations without improvement at the minimum
     assert stopped_at == 18
     again = common.PlateauSchedule(1.0)
@@ -194,7 +199,7 @@ def test_sample_metrics_record_their_provenance(monkeypatch):
 
 def test_generate_images_decodes_each_batch(tokenizer_runs):
     model, _ = common.load_tokenizer(tokenizer_runs["msvq"].checkpoint)
-    dump = common.load_token_dump(tokenizer_runs["msvq"].tokens["test"])
+    dump = common.load_token_dump(tokenizer_runs["msvq"].tokens["val"])
     calls = []
 
     def sampler(labels_B):  # returns the dump's own tokens for the requested rows
