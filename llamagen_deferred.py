@@ -32,9 +32,9 @@ Commands (the paper: 8+ GPUs; --batch-size is global; add --nnodes/--rdzv-* for 
     python evaluate.py codebook vq_ds16_c2i.pt --view both --label llamagen --save runs/llamagen/coverage_llamagen.json
     python evaluate.py tables runs/llamagen
     # CPU smoke run on a tiny ImageFolder (tests/test_llamagen_deferred.py runs every stage this way)
-    python llamagen_deferred.py --stage tokenizer --data-dir tiny --resolution 64 --ch 8 --ch-mult 1,2,2 \\
-        --attn-resolutions 16 --z-channels 8 --codebook-size 32 --batch-size 4 --epochs 2 --deferred \\
-        --continuous-steps 3 --lpips-weight 0 --gan-start 2 --num-workers 0 --out runs/smoke
+    python llamagen_deferred.py --stage tokenizer --data-dir tiny --resolution 64 --ch 8 --ch-mult 1,2,2,2 \\
+        --num-res-blocks 1 --attn-resolutions 8 --z-channels 8 --token-dim 4 --codebook-size 32 --batch-size 4 \\
+        --epochs 3 --deferred --continuous-steps 4 --gan-start 2 --lpips-weight 0 --num-workers 0 --out runs/smoke
 Data: --data-dir holds ImageNet-1K as ImageFolder trees train/ and val/ (class sub-folders).
 Weights (no download happens): LPIPS VGG16 ($TORCH_HOME/hub/checkpoints/vgg16-397923af.pth) for
 training unless --lpips-weight 0; torch-fidelity's Inception for r-FID / g-FID unless --skip-fid.
@@ -799,7 +799,8 @@ def train_tokenizer(args, info):
             state = ck["state"]
             common.set_rng_state(ck["rng"])
             print0(f"resumed {last_path} at step {state['step']}")
-        ddp_model = common.wrap_ddp(model, info, find_unused_parameters=True)  # codebook idle while off
+        # the codebook sits idle while quantization is off; afterwards every parameter is used
+        ddp_model = common.wrap_ddp(model, info, find_unused_parameters=not model.quantizer.is_enabled)
         ddp_disc = common.wrap_ddp(disc, info) if disc is not None else None
 
         def save(path=last_path):
@@ -823,6 +824,7 @@ def train_tokenizer(args, info):
                 if state["step"] == switch_step and not model.quantizer.is_enabled:
                     switch(model, x, next_batches(data, args, info, epoch, skip + 1), args, state, save,
                            continuous_path)
+                    ddp_model = common.wrap_ddp(model, info)
                 stats = tokenizer_step(model, ddp_model, disc, ddp_disc, opt, opt_d, lpips_fn, x, args,
                                        state["step"] - switch_step)
                 window += stats["sums"]
