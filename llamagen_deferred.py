@@ -708,8 +708,8 @@ def load_codes(path):
         k, classes = int(record["codebook_size"]), int(record["num_classes"])
         if array.ndim != 4 or array.shape[0] != labels.shape[0] or array.shape[2] != array.shape[3]:
             raise UserError(f"{npy}: codes must be (N, views, h, w) with one label per image, got {array.shape}")
-        for start in range(0, array.shape[0], 65536):
-            chunk = np.asarray(array[start:start + 65536])
+        for start in range(0, array.shape[0], 8192):  # ~84 MB at 20 views of 16 x 16
+            chunk = np.asarray(array[start:start + 8192])
             if chunk.size and (chunk.min() < 0 or chunk.max() >= k):
                 raise UserError(f"{npy}: token ids must lie in [0, {k}), found {chunk.min()}..{chunk.max()}")
         grid = array.shape[2]

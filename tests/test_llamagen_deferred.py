@@ -485,3 +485,19 @@ def test_sampling_under_bf16_autocast_keeps_a_bf16_cache():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the CUDA path of --stage sample
         idx = lg.sample_tokens(model, torch.tensor([1, 2]), cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert made == [torch.bfloat16] and idx.shape == (2, 16) and idx.max() < 16
+
+
+def test_gpt_reads_a_common_token_dump_and_refuses_bad_ids(tmp_path):
+    from generator_fixture import write_token_dump
+    tokens = torch.randint(16, (5, 4, 4))
+    path = write_token_dump(tmp_path / "tokens_train.pt", tokens, torch.tensor([0, 1, 2, 1, 0]), 16, num_classes=3)
+    codes = lg.load_codes(str(path))
+    assert (codes.num_views, codes.grid, codes.num_classes, codes.codebook_size) == (1, 4, 3, 16)
+    batch = codes.batch(torch.tensor([3, 1]), torch.zeros(2, dtype=torch.long))
+    assert batch.dtype == torch.int64 and torch.equal(batch, tokens[[3, 1]].reshape(2, 16))
+    # our ten-crop layout: an id outside [0, K) is refused when the file is opened
+    np.save(tmp_path / "bad.npy", np.full((2, 3, 4, 4), 16, dtype=np.int16))
+    torch.save({"tokens_file": "bad.npy", "labels": torch.tensor([0, 1]), "codebook_size": 16, "num_classes": 2},
+               tmp_path / "bad.pt")
+    with pytest.raises(common.UserError, match=r"token ids must lie in \[0, 16\)"):
+        lg.load_codes(str(tmp_path / "bad.pt"))
