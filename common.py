@@ -2138,6 +2138,11 @@ def write_samples(folder, images, labels, grid_path, per_class=8):
     write_png(grid_path, sample_grid(images, labels, per_class))
 
 
+# LPIPS's AlexNet pools twice after its stride-4 first layer: images below 31x31 leave no feature
+# map for its later layers (torch raises "Output size is too small").
+LPIPS_MIN_SIZE = 31
+
+
 def sample_metrics(images, reference, *, reference_split="test", fid=True, prc=False, lpips_model=None,
                    lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
     """The paper's generation metrics of one sample set (section 6.1): g-FID against
@@ -2154,6 +2159,9 @@ def sample_metrics(images, reference, *, reference_split="test", fid=True, prc=F
             metrics["gfid"] = metrics.pop("fid")
         provenance["fid_reference"] = f"{reference_split} split, {len(reference)} images"
     if lpips_model is not None:
+        if min(images.shape[-2:]) < LPIPS_MIN_SIZE:
+            raise UserError(f"LPIPS (AlexNet) needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}, "
+                            f"got {tuple(images.shape[-2:])}")
         n_pairs = images.shape[0] * (images.shape[0] - 1) // 2
         generator = torch.Generator().manual_seed(seed)
         metrics["lpips_diversity"] = lpips_diversity(as_rgb(images), lpips_model, max_pairs=lpips_pairs,

@@ -185,16 +185,18 @@ def test_sample_metrics_record_their_provenance(monkeypatch):
 
     monkeypatch.setattr(common, "fidelity_metrics", fake_fidelity)
     monkeypatch.setattr(common, "lpips_diversity", fake_lpips)
-    images = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(0))
-    reference = [(torch.rand(3, 6, 6), 0) for _ in range(7)]
+    images = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = [(torch.rand(3, 32, 32), 0) for _ in range(7)]
     metrics, prov = common.sample_metrics(images, reference, prc=True, lpips_model=object(), lpips_pairs=4)
     assert metrics == {"num_samples": 5, "pixel_diversity": pytest.approx(common.pixel_diversity(images)),
                        "gfid": 12.5, "precision": 0.5, "recall": 0.25, "lpips_diversity": 0.5}
-    assert seen["shapes"] == ((5, 3, 6, 6), 7) and seen["lpips"] == (3, 4)  # grayscale -> RGB
+    assert seen["shapes"] == ((5, 3, 32, 32), 7) and seen["lpips"] == (3, 4)  # grayscale -> RGB
     assert prov == {"eval_split": "test", "data_range": 1.0, "pixel_scale": 1.0,
                     "fid_reference": "test split, 7 images", "lpips_pairs": 4}
     metrics, prov = common.sample_metrics(images, reference, fid=False)
     assert set(metrics) == {"num_samples", "pixel_diversity"} and prov["fid_reference"] is None
+    with pytest.raises(UserError, match="at least 31x31"):  # AlexNet has no feature map left below that
+        common.sample_metrics(images[..., :30, :], reference, fid=False, lpips_model=object())
 
 
 def test_generate_images_decodes_each_batch(tokenizer_runs):
