@@ -451,10 +451,13 @@ def sample_and_report(args, info, tokenizer_cfg, dump, ckpt_path, history, paths
         common.atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
         counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
         metrics.update(token_perplexity=common.perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
-        reference = None if args.skip_fid else common.tokenizer_test_split(tokenizer_cfg, args.data_dir)
+        reference, cache = None, None
+        if not args.skip_fid:
+            reference = common.tokenizer_test_split(tokenizer_cfg, args.data_dir)
+            cache = common.tokenizer_test_cache_name(tokenizer_cfg, args.data_dir)
         lpips_model = None if args.skip_lpips else common.load_lpips("alex", info.device)
-        found, provenance = common.sample_metrics(images, reference, fid=not args.skip_fid, prc=args.prc,
-                                                  lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
+        found, provenance = common.sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
+                                                  prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
                                                   seed=args.sample_seed, device=info.device)
         metrics.update(found)
         sampling = {"num_samples": args.sample, "labels": "class-balanced", "seed": args.sample_seed,
