@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
@@ -1924,6 +1925,17 @@ def tokenizer_test_split(cfg, data_dir=None):
     return SplitImageDataset(data_dir or cfg["data_dir"], load_split(split_file), "test", cfg["resolution"])
 
 
+def tokenizer_test_cache_name(cfg, data_dir=None):
+    """The name under which torch-fidelity caches the Inception statistics of a tokenizer's test
+    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder, the resolution and the list
+    of test images, so another split, folder or size never reuses them. On a CPU the reference
+    features of 10,000 images take half an hour; every generator run of a tokenizer shares them.
+    (A changed image under an unchanged file name would not be noticed: delete the cache then.)"""
+    key = json.dumps([os.path.abspath(data_dir or cfg["data_dir"]), cfg["resolution"],
+                      load_split(cfg["split_file"])["test"]])
+    return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 @dataclass
 class TokenDump:
     """A token dump (imagenet_tokenizer.py --dump-tokens) checked and converted for training.
@@ -2162,22 +2174,32 @@ def write_samples(folder, images, labels, grid_path, per_class=8):
     write_png(grid_path, sample_grid(images, labels, per_class))
 
 
-def sample_metrics(images, reference, *, reference_split="test", fid=True, prc=False, lpips_model=None,
-                   lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
+# LPIPS's AlexNet pools twice after its stride-4 first layer: images below 31x31 leave no feature
+# map for its later layers (torch raises "Output size is too small").
+LPIPS_MIN_SIZE = 31
+
+
+def sample_metrics(images, reference, *, reference_split="test", reference_cache=None, fid=True, prc=False,
+                   lpips_model=None, lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
     """The paper's generation metrics of one sample set (section 6.1): g-FID against
     `reference` (the tokenizer's test split; torch-fidelity, as r-FID), optionally precision /
     recall, mean pairwise pixel distance, and LPIPS diversity over all pairs (`lpips_pairs` caps
-    them, drawn with `seed`). Images float in [0, 1]. Returns (metrics, provenance): the
-    provenance (split, reference set, image range, pixel scale, pairs) goes into the JSON."""
+    them, drawn with `seed`). Images float in [0, 1]. `reference_cache` names torch-fidelity's
+    cache of the reference features (tokenizer_test_cache_name). Returns (metrics, provenance):
+    the provenance (split, reference set, image range, pixel scale, pairs) goes into the JSON."""
     metrics = {"num_samples": int(images.shape[0]), "pixel_diversity": pixel_diversity(images, scale=pixel_scale)}
     provenance = {"eval_split": reference_split, "data_range": 1.0, "pixel_scale": pixel_scale,
                   "fid_reference": None, "lpips_pairs": None}
     if fid or prc:
-        metrics.update(fidelity_metrics(as_rgb(images), reference, fid=fid, prc=prc, device=device))
+        cache = {"cache": True, "input2_cache_name": reference_cache} if reference_cache else {}
+        metrics.update(fidelity_metrics(as_rgb(images), reference, fid=fid, prc=prc, device=device, **cache))
         if "fid" in metrics:
             metrics["gfid"] = metrics.pop("fid")
         provenance["fid_reference"] = f"{reference_split} split, {len(reference)} images"
     if lpips_model is not None:
+        if min(images.shape[-2:]) < LPIPS_MIN_SIZE:
+            raise UserError(f"LPIPS (AlexNet) needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}, "
+                            f"got {tuple(images.shape[-2:])}")
         n_pairs = images.shape[0] * (images.shape[0] - 1) // 2
         generator = torch.Generator().manual_seed(seed)
         metrics["lpips_diversity"] = lpips_diversity(as_rgb(images), lpips_model, max_pairs=lpips_pairs,
