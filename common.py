@@ -1074,6 +1074,56 @@ class MultiScaleQuantizer(nn.Module):
             f_hat = f_hat + self._contribution(k, codes, size)
         return f_hat
 
+    # ---- next-scale prediction (VAR's generator): its inputs come from this quantizer ----------
+    #
+    # The generator predicts the indices of scale k+1 from everything decoded up to scale k. Its
+    # input for scale k+1 is f_hat_k (the accumulated sum of the contributions of scales 1..k,
+    # on the full grid) area-downsampled to s_{k+1} x s_{k+1}: exactly the map the tokenizer
+    # quantized at that scale, except that the generator sees the accumulated reconstruction
+    # rather than the residual (VAR, models/quant.py: idxBl_to_var_input for training,
+    # get_next_autoregressive_input for inference). Both use this quantizer's effective codebook
+    # (SimVQ / affine aware) and its phi convolutions, in float32 as in `forward`.
+
+    @property
+    def token_counts(self):
+        """Tokens per scale, s_k^2; their sum L is the length of a next-scale-prediction sequence."""
+        return tuple(s * s for s in self.scales)
+
+    def next_scale_input(self, k, f_hat, idx):
+        """One step of next-scale prediction after the indices of scale k are known.
+
+        f_hat  (B, dim, H, W) accumulated reconstruction of scales < k (zeros before scale 0)
+        idx    (B, s_k, s_k) or (B, s_k^2) indices of scale k (any integer dtype)
+        Returns (f_hat + h_k, x) where x is the (B, s_{k+1}^2, dim) input of scale k+1, f_hat
+        area-downsampled and flattened row-major, or None after the last scale. The codes of the
+        last scale already lie on the grid and are not resampled (`_contribution`). float32.
+        """
+        if not 0 <= k < len(self.scales):
+            raise UserError(f"scale index {k} outside 0..{len(self.scales) - 1}")
+        s, grid = self.scales[k], self.scales[-1]
+        with torch.autocast(f_hat.device.type, enabled=False):
+            codes = self.vq.lookup(idx.long().reshape(-1, s, s)).float().permute(0, 3, 1, 2)
+            f_hat = f_hat.float() + self._contribution(k, codes, (grid, grid))
+            if k == len(self.scales) - 1:
+                return f_hat, None
+            nxt = self.scales[k + 1]
+            down = F.interpolate(f_hat, size=(nxt, nxt), mode="area") if nxt != grid else f_hat
+            return f_hat, down.flatten(2).transpose(1, 2)
+
+    def teacher_forcing_input(self, indices):
+        """Training input of next-scale prediction from ground-truth indices (teacher forcing):
+        [idx_1, ..., idx_K] (each (B, s, s) or (B, s^2)) -> (B, L - s_1^2, dim) float32, the inputs
+        of scales 2..K in sequence order. The first scale's input is the class token, not a map."""
+        if len(indices) != len(self.scales):
+            raise UserError(f"expected {len(self.scales)} index maps (scales {self.scales}), got {len(indices)}")
+        grid = self.scales[-1]
+        f_hat = torch.zeros(indices[0].shape[0], self.dim, grid, grid, device=indices[0].device)
+        inputs = []
+        for k in range(len(self.scales) - 1):
+            f_hat, x = self.next_scale_input(k, f_hat, indices[k])
+            inputs.append(x)
+        return torch.cat(inputs, 1) if inputs else f_hat.new_zeros(f_hat.shape[0], 0, self.dim)
+
 
 
 # ================================================================================================
