@@ -98,3 +98,166 @@ def test_next_scale_input_rejects_a_scale_outside_the_pyramid():
         q.next_scale_input(4, torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
     with pytest.raises(common.UserError, match="expected 4 index maps"):
         q.teacher_forcing_input(random_indices(q, 1)[:3])
+
+
+# ------------------------------------------------------------------------------------------------
+# The VAR transformer: layout, mask, kv cache, guidance, sampling, label dropout
+# ------------------------------------------------------------------------------------------------
+
+import generator_var as gv  # noqa: E402
+
+SCALES = (1, 2, 4, 8)
+
+
+def tiny_var(scales=SCALES, vocab=32, token_dim=4, num_classes=3, **kw):
+    torch.manual_seed(0)
+    kw = dict(dict(depth=2, width=32, heads=2, drop_path_rate=0.0), **kw)
+    model = gv.VAR(num_classes, vocab, token_dim, scales, **kw).init_weights(head=1.0, adaln_gamma=1.0)
+    return model.eval()
+
+
+def test_sequence_layout_slices_and_levels():
+    assert gv.scale_slices(SCALES) == [(0, 1), (1, 5), (5, 21), (21, 85)]
+    assert gv.scale_slices(common.VAR_SCALES)[-1] == (424, 680)  # VAR's L = 680 at 256 px / 16 x 16
+    model = tiny_var()
+    assert model.L == 85 and model.first_l == 1
+    assert model.level.tolist() == [0] + [1] * 4 + [2] * 16 + [3] * 64
+    idx = [torch.randint(0, 32, (2, s, s)).to(torch.int16) for s in SCALES]
+    flat = gv.flatten_scales(idx)
+    assert flat.shape == (2, 85) and flat.dtype == torch.long
+    assert all(torch.equal(a.long(), b) for a, b in zip(idx, gv.split_scales(flat, SCALES)))
+    # row-major inside a scale: position (i, j) of scale 2 (4 x 4) sits at 5 + 4 i + j
+    assert flat[1, 5 + 4 * 2 + 3] == idx[2][1, 2, 3]
+
+
+def test_block_causal_mask_against_an_explicit_loop():
+    mask = gv.block_causal_mask(SCALES)
+    level = [k for k, s in enumerate(SCALES) for _ in range(s * s)]
+    expected = torch.tensor([[level[i] >= level[j] for j in range(85)] for i in range(85)])
+    assert torch.equal(mask, expected)
+
+
+def test_later_scales_cannot_change_earlier_logits_but_same_scale_tokens_interact():
+    model = tiny_var()
+    labels = torch.tensor([0, 2])
+    x = torch.randn(2, 84, 4)
+    with torch.no_grad():
+        base = model(labels, x)
+        for k in range(len(SCALES) - 1):
+            _, end = model.slices[k]
+            y = x.clone()
+            y[:, end - 1:] += torch.randn_like(y[:, end - 1:])  # inputs of scales > k (x omits the start token)
+            out = model(labels, y)
+            assert torch.allclose(out[:, :end], base[:, :end], atol=1e-5), k
+            assert not torch.allclose(out[:, end:], base[:, end:], atol=1e-3)
+        # one input token of scale 2 changes the logits of the other tokens of scale 2 (bidirectional)
+        y = x.clone()
+        y[:, 5 - 1] += 3.0  # sequence position 5, the first token of scale 2
+        out = model(labels, y)
+        assert not torch.allclose(out[:, 6:21], base[:, 6:21], atol=1e-4)
+        assert torch.allclose(out[:, :5], base[:, :5], atol=1e-5)
+        # the class reaches every position through AdaLN and the start token
+        other = model(torch.tensor([1, 1]), x)
+        assert (other - base).abs().amax(-1).min() > 0
+
+
+def test_kv_cached_decoding_fed_ground_truth_reproduces_the_masked_forward():
+    q = make_msvq(scales=SCALES)
+    model = tiny_var()
+    labels = torch.tensor([0, 1, 2])
+    gt = random_indices(q, 3, seed=5)
+    seen = []
+
+    def pick(k, logits):
+        seen.append(logits)
+        return gt[k].reshape(3, -1)
+    with torch.no_grad():
+        full = model(labels, q.teacher_forcing_input(gt))
+        indices, f_hat = gv.decode_scales(model, q, labels, pick, guided=False)
+    for k, (b, e) in enumerate(model.slices):
+        assert seen[k].shape == (3, e - b, 32)
+        assert torch.allclose(seen[k], full[:, b:e], atol=1e-4), k
+    assert all(torch.equal(a, g) for a, g in zip(indices, gt))
+    assert torch.allclose(f_hat, q.decode_indices(gt), atol=1e-5)
+
+
+def test_guidance_grows_with_the_scale_and_cfg_zero_is_conditional():
+    assert gv.guidance_scale(1.5, 0, 10) == 0.0 and gv.guidance_scale(1.5, 9, 10) == 1.5
+    assert gv.guidance_scale(2.0, 3, 4) == 2.0 and gv.guidance_scale(2.0, 0, 1) == 0.0
+    cond, uncond = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    both = torch.cat([cond, uncond])
+    assert torch.equal(gv.guided_logits(both, 0.0), cond)
+    assert torch.allclose(gv.guided_logits(both, 1.5), 2.5 * cond - 1.5 * uncond)
+    # greedy decoding under cfg 0 is greedy conditional decoding, whatever the null class predicts
+    q, model = make_msvq(scales=SCALES), tiny_var()
+    labels = torch.tensor([0, 2])
+    greedy = lambda k, logits: logits.argmax(-1)  # noqa: E731
+    with torch.no_grad():
+        plain, _ = gv.decode_scales(model, q, labels, greedy, guided=False)
+        guided, _ = gv.generate(model, q, labels, cfg=0.0, top_k=1, top_p=0.0, generator=torch.Generator())
+        model.class_emb.weight[-1].normal_(0, 5)  # a different null class changes nothing at cfg 0
+        again, _ = gv.generate(model, q, labels, cfg=0.0, top_k=1, top_p=0.0, generator=torch.Generator())
+        # ... and at scale 0 even under strong guidance (t = 0 there)
+        strong, _ = gv.generate(model, q, labels, cfg=50.0, top_k=1, top_p=0.0, generator=torch.Generator())
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, guided, again))
+    assert torch.equal(strong[0], plain[0])
+
+
+def test_top_k_top_p_filtering_and_sampling():
+    logits = torch.log(torch.tensor([[[0.5, 0.05, 0.3, 0.15]]]))
+    keep = lambda out: torch.isfinite(out).reshape(-1).tolist()  # noqa: E731
+    assert keep(gv.filter_top_k_top_p(logits, top_k=2)) == [True, False, True, False]
+    assert keep(gv.filter_top_k_top_p(logits, top_p=0.8)) == [True, False, True, False]  # 0.5 + 0.3 reaches 0.8
+    assert keep(gv.filter_top_k_top_p(logits, top_p=0.81)) == [True, False, True, True]
+    assert keep(gv.filter_top_k_top_p(logits, top_p=0.1)) == [True, False, False, False]
+    assert keep(gv.filter_top_k_top_p(logits, top_k=0, top_p=0.0)) == [True] * 4
+    g = torch.Generator().manual_seed(0)
+    draws = gv.sample_logits(logits.expand(1, 4000, 4), 0, 0.0, g)
+    freq = torch.bincount(draws.reshape(-1), minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.05, 0.3, 0.15]), atol=0.03)
+    # top_k = 1 is deterministic whatever the generator's state
+    rand = torch.randn(3, 6, 9)
+    a = gv.sample_logits(rand, 1, 0.0, torch.Generator().manual_seed(1))
+    b = gv.sample_logits(rand, 1, 0.0, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and torch.equal(a, rand.argmax(-1))
+
+
+def test_one_generator_stream_gives_different_samples_batch_after_batch():
+    q, model = make_msvq(scales=SCALES), tiny_var()
+    labels = torch.tensor([1, 1])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        first, _ = gv.generate(model, q, labels, cfg=1.5, top_k=0, top_p=0.0, generator=g)
+        second, _ = gv.generate(model, q, labels, cfg=1.5, top_k=0, top_p=0.0, generator=g)
+        replay, _ = gv.generate(model, q, labels, cfg=1.5, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    assert [tuple(i.shape) for i in first] == [(2, s, s) for s in SCALES]
+    assert all(0 <= int(i.min()) and int(i.max()) < 32 for i in first)
+    assert not torch.equal(first[-1], second[-1])  # the stream moves on
+    assert all(torch.equal(a, b) for a, b in zip(first, replay))  # and is reproducible from the seed
+
+
+def test_label_dropout_maps_to_the_null_class_in_training_only():
+    model = tiny_var(cond_drop=0.1)
+    labels = torch.randint(0, 3, (20000,))
+    assert torch.equal(model.eval().drop_labels(labels), labels)
+    dropped = model.train().drop_labels(labels)
+    changed = dropped != labels
+    assert torch.all(dropped[changed] == 3)  # num_classes, the extra row of class_emb
+    assert abs(changed.float().mean().item() - 0.1) < 0.01
+    assert model.class_emb.num_embeddings == 4
+
+
+def test_var_defaults_follow_build_vae_var():
+    model = gv.VAR(10, 64, 8, SCALES, depth=4)
+    assert model.width == 256 and model.blocks[0].attn.heads == 4
+    assert model.drop_path_rate == pytest.approx(0.1 * 4 / 24)
+    assert [b.drop_path_p for b in model.blocks][0] == 0.0
+    assert model.blocks[-1].drop_path_p == pytest.approx(0.1 * 4 / 24)
+    assert model.blocks[0].norm.eps == 1e-6 and model.blocks[0].mlp[0].out_features == 1024
+    model.init_weights()
+    ada = model.blocks[0].ada[-1].weight
+    std = (1 / (3 * 256)) ** 0.5
+    assert ada[:512].std().item() == pytest.approx(std * 1e-3, rel=0.1)  # gates start near zero
+    assert ada[512:].std().item() == pytest.approx(std * 0.5, rel=0.1)
+    assert model.head.out.weight.std().item() == pytest.approx(std * 0.02, rel=0.1)
+    assert torch.all(model.blocks[0].attn.log_tau == torch.log(torch.tensor(4.0)))
