@@ -302,3 +302,37 @@ def generate(model, quantizer, labels_B, cfg, top_k, top_p, generator):
     def pick(k, logits):
         return sample_logits(guided_logits(logits, guidance_scale(cfg, k, num)), top_k, top_p, generator)
     return decode_scales(model, quantizer, labels_B, pick, guided=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: teacher forcing, AdamW as VAR, validation loss without label dropout
+# ------------------------------------------------------------------------------------------------
+
+# Parameters without weight decay besides biases and 1-D tensors (VAR train.py: nowd_keys).
+NO_DECAY_KEYS = ("pos_start", "pos_embed", "lvl_embed", "log_tau")
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups as VAR's filter_params: decay on weight matrices and embeddings, none on
+    biases, 1-D parameters, position / level embeddings and attention temperatures."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            no_decay = p.ndim <= 1 or name.endswith("bias") or any(k in name for k in NO_DECAY_KEYS)
+            (plain if no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def token_loss(logits_BLV, idx_BL, label_smoothing=0.0):
+    """Cross-entropy averaged over all L tokens and the batch (VAR: weight 1/L per token, summed
+    over the sequence, averaged over the batch: the same number)."""
+    return F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]).float(), idx_BL.reshape(-1),
+                           label_smoothing=label_smoothing)
+
+
+def teacher_forced_logits(model, quantizer, labels_B, idx_BL):
+    """Logits of the whole sequence from ground-truth tokens; the input is built by the frozen
+    tokenizer's quantizer (float32, no gradient)."""
+    with torch.no_grad():
+        x_BLCv = quantizer.teacher_forcing_input(split_scales(idx_BL, quantizer.scales))
+    return model(labels_B, x_BLCv)
