@@ -1715,6 +1715,28 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
+# The encoder/decoder arguments of a tokenizer (imagenet_tokenizer.py's flags of the same names).
+TOKENIZER_ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
+
+
+def build_tokenizer(cfg):
+    """The tokenizer (`VQAutoencoder` with a `VectorQuantizer` or `MultiScaleQuantizer`) from an
+    args namespace or the args dict stored in an imagenet_tokenizer checkpoint. The quantizer
+    starts disabled (Continuous Phase); loading a Discretization-Phase state dict turns it on."""
+    cfg = cfg if isinstance(cfg, dict) else vars(cfg)
+    vq_opts = dict(beta=cfg["beta"], ema_decay=cfg["ema_decay"], simvq=cfg["simvq"], enabled=False)
+    if cfg["quantizer"] == "vq":
+        quantizer = VectorQuantizer(cfg["codebook_size"], cfg["token_dim"], **vq_opts)
+    else:
+        quantizer = MultiScaleQuantizer(cfg["codebook_size"], cfg["token_dim"], scales=cfg["scales"],
+                                        num_phi=cfg["num_phi"], phi_ratio=cfg["phi_ratio"], **vq_opts)
+    arch = {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in TOKENIZER_ARCH_KEYS}
+    model = VQAutoencoder(quantizer, cfg["token_dim"], **arch)
+    grid = model.encoder.latent_resolution
+    if cfg["quantizer"] == "msvq" and cfg["scales"][-1] != grid:
+        raise UserError(f"the last --scales entry must equal the latent grid {grid}, got {cfg['scales'][-1]}")
+    return model
+
 # ================================================================================================
 # 6. Data: image folders, reproducible split files
 # ================================================================================================

@@ -214,7 +214,7 @@ def test_runs_write_results_with_all_metrics(trained):
         # usage counted over the whole test split: 6 images x (64 tokens, or 1+4+16+64 for msvq)
         per_image = 64 if quantizer == "vq" else 1 + 4 + 16 + 64
         assert ckpt["code_counts"].sum().item() == 6 * per_image
-        model = tok.build_model(ckpt["args"])
+        model = common.build_tokenizer(ckpt["args"])
         model.load_state_dict(ckpt["model"])
         assert torch.allclose(ckpt["codebook"], model.quantizer.codebook.detach())
         assert m["euclidean"] == pytest.approx(common.mean_pairwise_euclidean(ckpt["codebook"]))
@@ -285,7 +285,7 @@ def test_token_dump_round_trip(image_folder, trained, quantizer):
                "--checkpoint", str(ckpt_path))
     dump = torch.load(out / name / "tokens_test.pt", weights_only=False)
     ckpt = torch.load(ckpt_path, weights_only=False)
-    model = tok.build_model(ckpt["args"])
+    model = common.build_tokenizer(ckpt["args"])
     model.load_state_dict(ckpt["model"])
     model.eval()
     split = common.load_split(out.parent / "split.json")
