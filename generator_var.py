@@ -1,5 +1,9 @@
 """VAR: next-scale prediction over a multi-scale tokenizer's tokens (docstring completed below)."""
+import argparse
+import contextlib
 import math
+import os
+import shutil
 
 import torch
 import torch.nn as nn
@@ -336,3 +340,305 @@ def teacher_forced_logits(model, quantizer, labels_B, idx_BL):
     with torch.no_grad():
         x_BLCv = quantizer.teacher_forcing_input(split_scales(idx_BL, quantizer.scales))
     return model(labels_B, x_BLCv)
+
+
+def train_step(ddp_model, quantizer, labels_B, idx_BL, opt, args, device):
+    """One optimizer step on this rank's share of a global batch, split into --grad-accum
+    micro-batches (VAR's --ac: the batch of the recipe on fewer or smaller GPUs): teacher-forced
+    cross-entropy under bf16 autocast (CUDA), gradients summed over micro-batches and averaged over
+    ranks (DDP synchronises the last micro-batch only), clipped at --grad-clip (VAR: 2.0).
+    Returns (mean loss, gradient norm before clipping)."""
+    opt.zero_grad(set_to_none=True)
+    parts = list(zip(labels_B.chunk(args.grad_accum), idx_BL.chunk(args.grad_accum)))
+    total = labels_B.new_zeros((), dtype=torch.float32)
+    for i, (labels, idx) in enumerate(parts):
+        last = i == len(parts) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()
+        with sync:
+            with common.autocast_for(device):
+                loss = token_loss(teacher_forced_logits(ddp_model, quantizer, labels, idx), idx, args.label_smoothing)
+            common.check_finite(loss, "a training step")
+            (loss * labels.shape[0] / labels_B.shape[0]).backward()
+        total += loss.detach() * labels.shape[0] / labels_B.shape[0]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    opt.step()
+    return total, norm.detach()
+
+
+@torch.no_grad()
+def validation_loss(model, quantizer, dump, args, info):
+    """Teacher-forced cross-entropy and next-token accuracy on a held-out dump, per scale and over
+    all L tokens, with the model in eval mode: no label dropout (conditional loss; VAR's forward
+    would drop 10% of the labels here too and make the early-stopping signal noisy), no
+    stochastic depth. Every rank scores its share; sums are all-reduced."""
+    was_training = model.training
+    model.eval()
+    num = len(model.scales)
+    sums = torch.zeros(2 * num + 1, dtype=torch.float64, device=info.device)  # CE per scale, hits per scale, images
+    for rows in common.epoch_batches(len(dump), args.batch_size, args.seed, 0, info.rank, info.world_size,
+                                     shuffle=False):
+        if rows.numel() == 0:
+            continue
+        idx_BL, labels_B = dump.tokens_NL[rows].to(info.device), dump.labels[rows].to(info.device)
+        with common.autocast_for(info.device):
+            logits = teacher_forced_logits(model, quantizer, labels_B, idx_BL)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), idx_BL, reduction="none")  # (B, L)
+        hit = (logits.argmax(-1) == idx_BL).double()
+        for k, (b, e) in enumerate(model.slices):
+            sums[k] += ce[:, b:e].double().sum()
+            sums[num + k] += hit[:, b:e].sum()
+        sums[-1] += rows.numel()
+    common.all_reduce_sum(sums)
+    model.train(was_training)
+    n = sums[-1].clamp(min=1)
+    tokens = torch.tensor([b - a for a, b in model.slices], dtype=torch.float64, device=info.device)
+    return {"val_loss": (sums[:num].sum() / (n * model.L)).item(),
+            "val_accuracy": (sums[num:2 * num].sum() / (n * model.L)).item(),
+            "val_loss_per_scale": (sums[:num] / (n * tokens)).tolist()}
+
+
+def train(model, ddp_model, quantizer, dumps, opt, schedule, state, args, info, paths):
+    """Epochs until --epochs or early stopping. Every epoch: a fresh RNG stream for label dropout
+    and stochastic depth and a data order, both from (seed, epoch[, rank]), so a resumed run repeats
+    the uninterrupted one; then the validation loss drives ReduceLROnPlateau / early stopping and
+    the checkpoints (best.pt written before last.pt)."""
+    train_dump, val_dump = dumps
+    while not schedule.stopped and state["epoch"] < args.epochs:
+        epoch = state["epoch"]
+        torch.manual_seed(common.epoch_seed(args.seed, epoch, info.rank))
+        model.train()
+        batches = common.epoch_batches(len(train_dump), args.batch_size, args.seed, epoch, info.rank, info.world_size)
+        if args.max_steps_per_epoch:
+            batches = batches[:args.max_steps_per_epoch]
+        sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # steps, loss, grad norm
+        for rows in common.progress_bar(batches, desc=f"epoch {epoch}", leave=False):
+            common.set_lr(opt, schedule.lr * common.warmup_factor(state["step"], args.warmup_steps))
+            loss, norm = train_step(ddp_model, quantizer, train_dump.labels[rows].to(info.device),
+                                    train_dump.tokens_NL[rows].to(info.device), opt, args, info.device)
+            state["step"] += 1
+            sums += torch.stack([torch.ones((), dtype=torch.float64, device=info.device), loss.double(), norm.double()])
+        common.all_reduce_sum(sums)
+        val = validation_loss(model, quantizer, val_dump, args, info)
+        record = {"epoch": epoch, "step": state["step"], "lr": opt.param_groups[0]["lr"],
+                  "train_loss": (sums[1] / sums[0].clamp(min=1)).item(),
+                  "grad_norm": (sums[2] / sums[0].clamp(min=1)).item(), **val}
+        improved = schedule.step(val["val_loss"])
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        common.print0(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in record.items() if k != "val_loss_per_scale"))
+        if info.is_main:
+            common.save_checkpoints(paths["last"], paths["best"] if improved else None, model=model.state_dict(),
+                                    optimizer=opt.state_dict(), schedule=schedule.state_dict(), state=state,
+                                    args=vars(args))
+        if common.is_distributed():
+            torch.distributed.barrier()
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Samples and their metrics (paper section 6.1: g-FID, pixel distance, LPIPS diversity)
+# ------------------------------------------------------------------------------------------------
+
+
+def sample_and_score(model, quantizer, tokenizer, tok_cfg, dump, args, device, paths):
+    """--sample N class-balanced samples from ONE generator seeded once with --seed, decoded by the
+    frozen tokenizer, written as PNG files and a class-per-row grid, then scored: g-FID against the
+    tokenizer's test split, pixel distance and LPIPS diversity over all pairs (or --lpips-pairs).
+    Also the code usage of the sampled tokens (does a narrow codebook narrow what is generated?)."""
+    model.eval()
+    labels = common.balanced_labels(args.sample, dump.num_classes)
+    generator = torch.Generator(device).manual_seed(args.seed)
+
+    def sample_tokens(labels_B):
+        with common.autocast_for(device):
+            indices, _ = generate(model, quantizer, labels_B, args.cfg, args.top_k, args.top_p, generator)
+        return flatten_scales(indices)
+    images, tokens = common.generate_images(sample_tokens, tokenizer, dump, labels, args.sample_batch_size, device)
+    if os.path.isdir(paths["samples"]):
+        shutil.rmtree(paths["samples"])  # a resumed run re-samples: no files of an earlier --sample left
+    common.write_samples(paths["samples"], images, labels, paths["grid"], per_class=args.grid_per_class)
+    reference = None if args.skip_fid else common.tokenizer_test_split(tok_cfg, args.data_dir)
+    lpips_model = None if args.skip_lpips else common.load_lpips("alex", device)
+    metrics, provenance = common.sample_metrics(images, reference, fid=not args.skip_fid, lpips_model=lpips_model,
+                                                lpips_pairs=args.lpips_pairs, seed=args.seed, device=device)
+    counts = torch.bincount(tokens.reshape(-1), minlength=dump.codebook_size).float()
+    metrics.update(sample_used_codes=int((counts > 0).sum()), sample_perplexity=common.perplexity_from_counts(counts))
+    return metrics, provenance
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+RANGES = {"depth": ">= 1", "width": ">= 0", "heads": ">= 0", "mlp_ratio": "> 0", "drop_path": "[0, 1)",
+          "cond_drop": "[0, 1)", "adaln_gamma_init": ">= 0", "batch_size": ">= 1", "lr": "> 0", "min_lr": ">= 0",
+          "weight_decay": ">= 0", "warmup_steps": ">= 0", "grad_clip": ">= 0", "label_smoothing": "[0, 1)",
+          "epochs": ">= 0", "plateau_factor": "(0, 1)", "plateau_patience": ">= 0", "patience": ">= 1",
+          "max_steps_per_epoch": ">= 0", "grad_accum": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1", "cfg": ">= 0",
+          "top_k": ">= 0", "top_p": "[0, 1]", "lpips_pairs": ">= 1", "grid_per_class": ">= 1"}
+# Settings that define a run: --resume refuses a checkpoint made under other values. The sampling
+# options are not among them (a finished run can be re-sampled with --resume).
+DEFINING = ("tokens", "val_tokens", "tokenizer", "depth", "width", "heads", "mlp_ratio", "drop_path", "cond_drop",
+            "adaln_gamma_init", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip",
+            "label_smoothing", "plateau_factor", "plateau_patience", "patience", "seed")
+
+
+def validate(args):
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
+    width, heads = args.width or 64 * args.depth, args.heads or args.depth
+    if width % heads:
+        raise UserError(f"the width {width} must divide by the number of heads {heads} (--width, --heads)")
+    if args.sample and args.cfg > 0 and args.cond_drop == 0:
+        raise UserError("--cfg > 0 needs --cond-drop > 0: label dropout is what trains the null class")
+
+
+def load_inputs(args):
+    """The token dumps and the frozen tokenizer that made them, checked against each other: both
+    dumps msvq (VAR predicts scales), one tokenizer, the tokenizer's scales = the dumps' scales."""
+    dumps = [common.load_token_dump(path) for path in (args.tokens, args.val_tokens)]
+    for d in dumps:
+        if d.quantizer != "msvq":
+            raise UserError(f"{d.path} holds {d.quantizer} tokens; generator_var.py needs a multi-scale (msvq) "
+                            "dump: imagenet_tokenizer.py --quantizer msvq ... --dump-tokens train|val")
+    tok_path = args.tokenizer or dumps[0].record.get("checkpoint")
+    if not tok_path:
+        raise UserError(f"{args.tokens} does not record its tokenizer checkpoint: pass --tokenizer")
+    tokenizer, tok_cfg = common.load_tokenizer(tok_path)
+    common.check_dumps_match(dumps, tok_cfg, tok_path)
+    if tuple(tokenizer.quantizer.scales) != tuple(dumps[0].scales):
+        raise UserError(f"{tok_path} has scales {list(tokenizer.quantizer.scales)}, the dumps "
+                        f"{list(dumps[0].scales)}: they come from different tokenizers")
+    if args.batch_size > len(dumps[0]):
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(dumps[0])} training images")
+    return dumps, tokenizer, tok_cfg, os.path.abspath(tok_path)
+
+
+def run_name(args, tok_path):
+    """Default: var_<tokenizer run>, the tokenizer run being the folder of its checkpoint."""
+    return args.name or "var_" + os.path.basename(os.path.dirname(tok_path))
+
+
+def build_model(args, dump):
+    return VAR(dump.num_classes, dump.codebook_size, args.token_dim, dump.scales, depth=args.depth,
+               width=args.width or None, heads=args.heads or None, mlp_ratio=args.mlp_ratio,
+               drop_path_rate=args.drop_path, cond_drop=args.cond_drop)
+
+
+def main(args):
+    info = common.setup_distributed(args.device, args.dist_timeout)
+    dumps, tokenizer, tok_cfg, tok_path = load_inputs(args)
+    args.tokenizer, args.token_dim = tok_path, tok_cfg["token_dim"]
+    name = run_name(args, tok_path)
+    run_dir = os.path.join(args.out, name)
+    paths = {"last": os.path.join(run_dir, "last.pt"), "best": os.path.join(run_dir, "best.pt"),
+             "json": os.path.join(args.out, f"{name}.json"), "grid": os.path.join(args.out, f"{name}_grid.png"),
+             "samples": os.path.join(run_dir, "samples")}
+    checks = []
+    if args.sample and not args.skip_fid:
+        checks += [common.inception_weights_path, lambda: len(common.tokenizer_test_split(tok_cfg, args.data_dir))]
+    if args.sample and not args.skip_lpips:
+        checks.append(lambda: common.load_lpips("alex"))
+    with common.start_run(args, name=name, outputs=list(paths.values()), ranges=RANGES, defining=DEFINING,
+                          resume_from=paths["last"], checks=checks, validate=validate) as run:
+        common.seed_everything(args.seed)  # identical initial weights on every rank
+        model = build_model(args, dumps[0]).init_weights(adaln_gamma=args.adaln_gamma_init).to(info.device)
+        tokenizer.to(info.device)
+        quantizer = tokenizer.quantizer
+        opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+        schedule = common.PlateauSchedule(args.lr, factor=args.plateau_factor, patience=args.plateau_patience,
+                                          min_lr=args.min_lr, stop_patience=args.patience)
+        state = {"epoch": 0, "step": 0, "history": []}
+        if run.checkpoint is not None:
+            model.load_state_dict(run.checkpoint["model"])
+            opt.load_state_dict(run.checkpoint["optimizer"])
+            schedule.load_state_dict(run.checkpoint["schedule"])
+            state = run.checkpoint["state"]
+            common.set_rng_state(run.checkpoint["rng"])
+            common.print0(f"resumed {paths['last']} at epoch {state['epoch']}")
+        ddp_model = common.wrap_ddp(model, info)
+        state = train(model, ddp_model, quantizer, dumps, opt, schedule, state, args, info, paths)
+        if not os.path.exists(paths["best"]):
+            raise UserError("no epoch was trained (--epochs 0?): nothing to sample from")
+        if not info.is_main:
+            return common.cleanup_distributed()
+        # Samples and metrics on rank 0, from the checkpoint with the best validation loss.
+        model.load_state_dict(common.load_checkpoint(paths["best"])["model"])
+        metrics, provenance, sampling = {}, {"eval_split": "val"}, None
+        if args.sample:
+            metrics, provenance = sample_and_score(model, quantizer, tokenizer, tok_cfg, dumps[0], args,
+                                                   info.device, paths)
+            sampling = {k: getattr(args, k) for k in ("sample", "cfg", "top_k", "top_p", "seed")}
+        best = min(state["history"], key=lambda r: r["val_loss"])
+        metrics.update(val_loss=best["val_loss"], val_accuracy=best["val_accuracy"], best_epoch=best["epoch"],
+                       epochs_trained=state["epoch"], stopped_early=schedule.stopped)
+        notes = {}
+        if args.sample and args.skip_fid:
+            notes["gfid"] = "not computed: --skip-fid"
+        if args.sample and args.skip_lpips:
+            notes["lpips_diversity"] = "not computed: --skip-lpips"
+        common.write_generator_result(paths["json"], EXPERIMENT, args, metrics, state["history"],
+                                      tokenizer=common.tokenizer_identity(tok_cfg, tok_path), provenance=provenance,
+                                      sampling=sampling, checkpoint=paths["best"], notes=notes)
+        common.print0({k: v for k, v in metrics.items()})
+    common.cleanup_distributed()
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data: token dumps of a multi-scale tokenizer (imagenet_tokenizer.py --dump-tokens)")
+    g.add_argument("--tokens", required=True, help="training dump, <tokenizer run>/tokens_train.pt")
+    g.add_argument("--val-tokens", required=True,
+                   help="validation dump (tokens_val.pt): its loss drives ReduceLROnPlateau and early stopping")
+    g.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one recorded in --tokens)")
+    g.add_argument("--data-dir", help="image folder of the tokenizer's split, for the g-FID reference "
+                                      "(default: the one recorded in the tokenizer checkpoint)")
+    g.add_argument("--name", help="run name (default var_<tokenizer run>)")
+
+    g = p.add_argument_group("model (VAR; defaults: VAR's build_vae_var at --depth)")
+    g.add_argument("--depth", type=int, default=16, help="transformer blocks (paper: 16, the smallest VAR)")
+    g.add_argument("--width", type=int, default=0, help="0: 64 x depth")
+    g.add_argument("--heads", type=int, default=0, help="0: depth")
+    g.add_argument("--mlp-ratio", type=float, default=4.0)
+    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth of the last block "
+                                                                 "(default 0.1 x depth / 24)")
+    g.add_argument("--cond-drop", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    g.add_argument("--adaln-gamma-init", type=float, default=1e-3,
+                   help="init multiplier of the AdaLN gates (VAR's --alng; 1e-3 in its d16 command)")
+
+    g = p.add_argument_group("optimisation (VAR's AdamW recipe, the paper's plateau schedule)")
+    g.add_argument("--batch-size", type=int, default=768, help="global batch, all ranks together (VAR d16: 768)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and rank (VAR's --ac)")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (VAR: 1e-4 x batch / 256)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="ReduceLROnPlateau floor (paper A.1: 1e-6)")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up (VAR: 1/50 of the epochs)")
+    g.add_argument("--grad-clip", type=float, default=2.0, help="0: no clipping")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--epochs", type=int, default=200, help="cap (VAR d16: 200); early stopping ends sooner")
+    g.add_argument("--plateau-patience", type=int, default=5, help="validations without improvement before lr x factor")
+    g.add_argument("--plateau-factor", type=float, default=0.5)
+    g.add_argument("--patience", type=int, default=10,
+                   help="early stopping: validations at the minimum lr without improvement")
+    g.add_argument("--max-steps-per-epoch", type=int, default=0, help="0: full epochs (smoke runs use a few)")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("samples and metrics (paper section 6.1)")
+    g.add_argument("--sample", type=int, default=0, help="class-balanced samples after training (paper: 5,000)")
+    g.add_argument("--cfg", type=float, default=1.5, help="guidance at the last scale (VAR's FID recipe: 1.5)")
+    g.add_argument("--top-k", type=int, default=900, help="0: off (VAR: 900, tuned for 4,096 codes)")
+    g.add_argument("--top-p", type=float, default=0.96, help="0: off (VAR: 0.96)")
+    g.add_argument("--sample-batch-size", type=int, default=64)
+    g.add_argument("--grid-per-class", type=int, default=8, help="samples per class row of the grid PNG")
+    g.add_argument("--lpips-pairs", type=int, default=None, help="LPIPS diversity over this many random pairs "
+                                                                 "(default: all pairs, as the paper)")
+    g.add_argument("--skip-fid", action="store_true", help="no g-FID (the JSON says why)")
+    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (the JSON says why)")
+    common.add_run_arguments(p, out_default="runs/generator_var")
+    return p
+
+
+if __name__ == "__main__":
+    common.run_cli(main, build_parser())
