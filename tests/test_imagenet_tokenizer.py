@@ -160,10 +160,8 @@ TINY = ["--resolution", "32", "--ch", "8", "--ch-mult", "1,2,2", "--num-res-bloc
         "--skip-fid", "--select-by", "val_loss", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """3 classes x 10 PNGs of 32x32 with class-dependent colours."""
-    root = tmp_path_factory.mktemp("imagefolder")
+def write_image_folder(root):
+    """3 classes x 10 PNGs of 32x32 with class-dependent colours (also the generator tests' data)."""
     rng = np.random.default_rng(0)
     for c in range(3):
         os.makedirs(root / f"class{c}")
@@ -172,6 +170,11 @@ def image_folder(tmp_path_factory):
             img = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / f"class{c}" / f"{i:02d}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imagefolder"))
 
 
 def run_script(image_folder, out, *extra):
