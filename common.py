@@ -1112,8 +1112,14 @@ class MultiScaleQuantizer(nn.Module):
 
     def teacher_forcing_input(self, indices):
         """Training input of next-scale prediction from ground-truth indices (teacher forcing):
-        [idx_1, ..., idx_K] (each (B, s, s) or (B, s^2)) -> (B, L - s_1^2, dim) float32, the inputs
-        of scales 2..K in sequence order. The first scale's input is the class token, not a map."""
+        [idx_1, ..., idx_K] (each (B, s, s) or (B, s^2)), or one (B, L) tensor with the scales laid
+        end to end (VAR's idx_BL), -> (B, L - s_1^2, dim) float32, the inputs of scales 2..K in
+        sequence order. The first scale's input is the class token, not a map."""
+        if isinstance(indices, torch.Tensor):
+            if indices.dim() != 2 or indices.shape[1] != sum(self.token_counts):
+                raise UserError(f"expected (B, {sum(self.token_counts)}) indices for scales {self.scales}, "
+                                f"got {tuple(indices.shape)}")
+            indices = indices.split(self.token_counts, dim=1)
         if len(indices) != len(self.scales):
             raise UserError(f"expected {len(self.scales)} index maps (scales {self.scales}), got {len(indices)}")
         grid = self.scales[-1]

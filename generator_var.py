@@ -43,11 +43,6 @@ def flatten_scales(indices):
     return torch.cat([idx.reshape(idx.shape[0], -1).long() for idx in indices], 1)
 
 
-def split_scales(idx_BL, scales):
-    """Inverse of `flatten_scales`: (B, L) -> [(B, s, s)] per scale."""
-    return [idx_BL[:, b:e].reshape(-1, s, s) for (b, e), s in zip(scale_slices(scales), scales)]
-
-
 # ------------------------------------------------------------------------------------------------
 # Model: VAR's transformer (FoundationVision/VAR models/var.py, models/basic_var.py)
 # ------------------------------------------------------------------------------------------------
@@ -338,7 +333,7 @@ def teacher_forced_logits(model, quantizer, labels_B, idx_BL):
     """Logits of the whole sequence from ground-truth tokens; the input is built by the frozen
     tokenizer's quantizer (float32, no gradient)."""
     with torch.no_grad():
-        x_BLCv = quantizer.teacher_forcing_input(split_scales(idx_BL, quantizer.scales))
+        x_BLCv = quantizer.teacher_forcing_input(idx_BL)
     return model(labels_B, x_BLCv)
 
 
@@ -534,7 +529,7 @@ def main(args):
     name = run_name(args, tok_path)
     run_dir = os.path.join(args.out, name)
     paths = {"last": os.path.join(run_dir, "last.pt"), "best": os.path.join(run_dir, "best.pt"),
-             "json": os.path.join(args.out, f"{name}.json"), "grid": os.path.join(args.out, f"{name}_grid.png"),
+             "json": os.path.join(args.out, f"{name}.json"), "grid": os.path.join(run_dir, "samples_grid.png"),
              "samples": os.path.join(run_dir, "samples")}
     checks = []
     if args.sample and not args.skip_fid:
@@ -566,11 +561,14 @@ def main(args):
             return common.cleanup_distributed()
         # Samples and metrics on rank 0, from the checkpoint with the best validation loss.
         model.load_state_dict(common.load_checkpoint(paths["best"])["model"])
-        metrics, provenance, sampling = {}, {"eval_split": "val"}, None
+        metrics, provenance, sampling, extra = {}, {}, None, {}
         if args.sample:
             metrics, provenance = sample_and_score(model, quantizer, tokenizer, tok_cfg, dumps[0], args,
                                                    info.device, paths)
-            sampling = {k: getattr(args, k) for k in ("sample", "cfg", "top_k", "top_p", "seed")}
+            sampling = {"num_samples": args.sample, "labels": "class-balanced", "seed": args.seed,
+                        "batch_size": args.sample_batch_size, "cfg": args.cfg, "top_k": args.top_k,
+                        "top_p": args.top_p, "more_smooth": False}
+            extra = {k: os.path.relpath(paths[k], args.out) for k in ("samples", "grid")}
         best = min(state["history"], key=lambda r: r["val_loss"])
         metrics.update(val_loss=best["val_loss"], val_accuracy=best["val_accuracy"], best_epoch=best["epoch"],
                        epochs_trained=state["epoch"], stopped_early=schedule.stopped)
@@ -581,7 +579,7 @@ def main(args):
             notes["lpips_diversity"] = "not computed: --skip-lpips"
         common.write_generator_result(paths["json"], EXPERIMENT, args, metrics, state["history"],
                                       tokenizer=common.tokenizer_identity(tok_cfg, tok_path), provenance=provenance,
-                                      sampling=sampling, checkpoint=paths["best"], notes=notes)
+                                      sampling=sampling, checkpoint=paths["best"], notes=notes, **extra)
         common.print0({k: v for k, v in metrics.items()})
     common.cleanup_distributed()
 

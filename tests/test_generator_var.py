@@ -2,6 +2,8 @@
 teacher-forcing input and the inference step against decode_indices and an independent
 re-computation; the VAR transformer's sequence layout, block-causal mask, kv cache, CFG, sampling
 and label dropout; and the CLI on a tiny tokenizer fixture (CPU)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,7 +127,10 @@ def test_sequence_layout_slices_and_levels():
     idx = [torch.randint(0, 32, (2, s, s)).to(torch.int16) for s in SCALES]
     flat = gv.flatten_scales(idx)
     assert flat.shape == (2, 85) and flat.dtype == torch.long
-    assert all(torch.equal(a.long(), b) for a, b in zip(idx, gv.split_scales(flat, SCALES)))
+    q = make_msvq(scales=SCALES)  # the flat layout is what teacher forcing reads too
+    assert torch.equal(q.teacher_forcing_input(flat), q.teacher_forcing_input(idx))
+    with pytest.raises(common.UserError, match=r"expected \(B, 85\) indices"):
+        q.teacher_forcing_input(flat[:, :84])
     # row-major inside a scale: position (i, j) of scale 2 (4 x 4) sits at 5 + 4 i + j
     assert flat[1, 5 + 4 * 2 + 3] == idx[2][1, 2, 3]
 
@@ -281,9 +286,9 @@ def test_a_few_steps_overfit_a_fixed_batch():
     model = tiny_var(cond_drop=0.0).train()
     labels = torch.arange(3)
     idx_BL = gv.flatten_scales(random_indices(q, 3, seed=7))
-    opt = torch.optim.AdamW(gv.param_groups(model, 0.0), lr=3e-3, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(gv.param_groups(model, 0.0), lr=1e-2, betas=(0.9, 0.95))
     losses = []
-    for _ in range(120):
+    for _ in range(50):
         loss = gv.token_loss(gv.teacher_forced_logits(model, q, labels, idx_BL), idx_BL)
         opt.zero_grad()
         loss.backward()
@@ -295,3 +300,162 @@ def test_a_few_steps_overfit_a_fixed_batch():
     with torch.no_grad():  # greedy decoding now reproduces the memorised token pyramids
         out, _ = gv.decode_scales(model, q, labels, lambda k, logits: logits.argmax(-1), guided=False)
     assert torch.equal(gv.flatten_scales(out), idx_BL)
+
+
+# ------------------------------------------------------------------------------------------------
+# The script on the shared tokenizer fixture (tests/generator_fixture.py: msvq scales 1,2,4,8)
+# ------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from generator_fixture import write_token_dump  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--depth", "2", "--width", "32", "--heads", "2", "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "2",
+         "--skip-fid", "--skip-lpips", "--device", "cpu"]
+
+
+def cli_args(run, out, *extra, val="val"):
+    argv = ["--tokens", run.tokens["train"], "--val-tokens", run.tokens[val], "--out", str(out)] + SMALL + list(extra)
+    return gv.build_parser().parse_args(argv)
+
+
+def run_cli(argv, capsys):
+    """The script's entry point in-process: (exit status, stderr)."""
+    try:
+        common.run_cli(gv.main, gv.build_parser(), argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
+    run = tokenizer_runs["msvq"]
+    gv.main(cli_args(run, tmp_path, "--epochs", "3", "--sample", "7", "--sample-batch-size", "4"))
+    record = json.load(open(tmp_path / "var_msvq.json"))
+    assert record["experiment"] == "generator_var" and record["method"] == "var_baseline"
+    assert record["tokenizer"]["quantizer"] == "msvq" and record["tokenizer"]["checkpoint"] == run.checkpoint
+    m = record["metrics"]
+    assert m["num_samples"] == 7 and m["pixel_diversity"] > 0 and 1 <= m["sample_used_codes"] <= 16
+    assert m["gfid"] is None if "gfid" in m else "skip-fid" in record["notes"]["gfid"]
+    assert record["sampling"]["cfg"] == 1.5 and record["sampling"]["labels"] == "class-balanced"
+    assert [h["epoch"] for h in record["history"]] == [0, 1, 2]
+    assert len(record["history"][0]["val_loss_per_scale"]) == 4
+    samples = sorted(os.listdir(tmp_path / record["samples"]))
+    assert len(samples) == 7 and samples[0] == "00000_class0.png" and samples[-1] == "00006_class2.png"
+    assert os.path.exists(tmp_path / record["grid"])
+    best = torch.load(record["checkpoint"], weights_only=False)
+    assert best["state"]["epoch"] == m["best_epoch"] + 1
+
+
+def cross_entropy_by_counting(dump, context):
+    """Mean -log p of every training token under the empirical distribution of the tokens at its
+    position among the images that share its context(image, first position of its scale)."""
+    total = 0.0
+    for b, e in gv.scale_slices(dump.scales):
+        for p in range(b, e):
+            groups = {}
+            for i in range(len(dump)):
+                groups.setdefault(context(i, b), []).append(int(dump.tokens_NL[i, p]))
+            total += sum(-math.log(g.count(v) / len(g)) for g in groups.values() for v in g)
+    return total / dump.tokens_NL.numel()
+
+
+def test_overfits_the_fixture_dump_through_the_tokenizers_own_quantizer(tokenizer_runs):
+    run = tokenizer_runs["msvq"]
+    dump = common.load_token_dump(run.tokens["train"])
+    tokenizer, cfg = common.load_tokenizer(run.checkpoint)
+    assert dump.scales == SCALES
+    # Counting, no model: the best loss of any predictor that sees what VAR sees at scale k (class,
+    # tokens of coarser scales, position), and the loss of class + position alone. A model that
+    # learns from the teacher-forcing input ends between the two; below the first, the input
+    # would leak the targets.
+    t, y = dump.tokens_NL, dump.labels
+    floor = cross_entropy_by_counting(dump, lambda i, b: (int(y[i]), tuple(t[i, :b].tolist())))
+    marginal = cross_entropy_by_counting(dump, lambda i, b: int(y[i]))
+    torch.manual_seed(0)
+    model = gv.VAR(dump.num_classes, dump.codebook_size, cfg["token_dim"], dump.scales, depth=2, width=32, heads=2,
+                   drop_path_rate=0.0, cond_drop=0.0).init_weights(head=1.0, adaln_gamma=1.0).train()
+    opt = torch.optim.AdamW(gv.param_groups(model, 0.0), lr=1e-2, betas=(0.9, 0.95))
+    for _ in range(150):
+        loss = gv.token_loss(gv.teacher_forced_logits(model, tokenizer.quantizer, dump.labels, dump.tokens_NL),
+                             dump.tokens_NL)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert floor - 1e-4 <= loss.item() < marginal, (floor, loss.item(), marginal)
+
+
+def test_kill_and_resume_reaches_the_uninterrupted_result(tokenizer_runs, tmp_path, monkeypatch):
+    run = tokenizer_runs["msvq"]
+    extra = ("--epochs", "4", "--max-steps-per-epoch", "2")
+    gv.main(cli_args(run, tmp_path / "full", *extra))
+
+    class Killed(Exception):
+        pass
+    real = common.save_checkpoint
+    writes = []
+
+    def dying_writer(path, **state):  # the process dies right after the epoch-2 checkpoint is on disk
+        real(path, **state)
+        writes.append(path)
+        if path.endswith("last.pt") and state["state"]["epoch"] == 2:
+            raise Killed()
+    monkeypatch.setattr(common, "save_checkpoint", dying_writer)
+    with pytest.raises(Killed):
+        gv.main(cli_args(run, tmp_path / "killed", *extra))
+    monkeypatch.setattr(common, "save_checkpoint", real)
+    assert not os.path.exists(tmp_path / "killed" / "var_msvq.json")
+    gv.main(cli_args(run, tmp_path / "killed", *extra, "--resume"))
+    full = torch.load(tmp_path / "full" / "var_msvq" / "last.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "killed" / "var_msvq" / "last.pt", weights_only=False)
+    assert [h["val_loss"] for h in resumed["state"]["history"]] == [h["val_loss"] for h in full["state"]["history"]]
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_two_gloo_ranks_train_like_one_process_on_the_global_batch(tokenizer_runs, tmp_path):
+    # no label dropout and no stochastic depth: the only randomness left is the data order, which
+    # both runs take from (seed, epoch); each rank gets half of every global batch
+    run = tokenizer_runs["msvq"]
+    argv = ["--tokens", run.tokens["train"], "--val-tokens", run.tokens["val"]] + SMALL + \
+        ["--epochs", "2", "--cond-drop", "0", "--drop-path", "0", "--sample", "4", "--cfg", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    for cmd, out in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "dist"),
+                     ([sys.executable], "single")):
+        proc = subprocess.run(cmd + [os.path.join(ROOT, "generator_var.py")] + argv + ["--out", str(tmp_path / out)],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    dist, single = (json.load(open(tmp_path / out / "var_msvq.json")) for out in ("dist", "single"))
+    assert dist["metrics"]["num_samples"] == 4 and len(os.listdir(tmp_path / "dist" / dist["samples"])) == 4
+    for a, b in zip(dist["history"], single["history"]):
+        assert a["step"] == b["step"] == 3 * (a["epoch"] + 1)  # 18 images, global batch 6
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+
+
+def test_bad_inputs_are_one_line_errors(tokenizer_runs, tmp_path, capsys):
+    msvq, vq = tokenizer_runs["msvq"], tokenizer_runs["vq"]
+    base = ["--out", str(tmp_path / "out")] + SMALL
+    # a vq dump: VAR needs the scale pyramid
+    code, err = run_cli(["--tokens", vq.tokens["train"], "--val-tokens", vq.tokens["val"]] + base, capsys)
+    assert code == 2 and "holds vq tokens" in err and "msvq" in err and err.count("\n") == 1
+    # the tokenizer checkpoint recorded in the dump is gone
+    record = torch.load(msvq.tokens["train"], weights_only=False)
+    moved = write_token_dump(tmp_path / "moved.pt", record["tokens"], record["labels"], 16, quantizer="msvq",
+                             checkpoint=str(tmp_path / "gone" / "best.pt"), split_file=record["split_file"])
+    code, err = run_cli(["--tokens", str(moved), "--val-tokens", msvq.tokens["val"]] + base, capsys)
+    assert code == 2 and "no such checkpoint" in err and "gone" in err and err.count("\n") == 1
+    # a missing dump, --resume without a run, guidance without a trained null class
+    code, err = run_cli(["--tokens", str(tmp_path / "nope.pt"), "--val-tokens", msvq.tokens["val"]] + base, capsys)
+    assert code == 2 and "token dump not found" in err
+    good = ["--tokens", msvq.tokens["train"], "--val-tokens", msvq.tokens["val"]] + base
+    code, err = run_cli(good + ["--resume"], capsys)
+    assert code == 2 and "no checkpoint" in err
+    code, err = run_cli(good + ["--sample", "4", "--cond-drop", "0"], capsys)
+    assert code == 2 and "--cond-drop" in err
+    assert not os.path.exists(tmp_path / "out" / "var_msvq")  # nothing was created by a refused run
