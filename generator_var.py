@@ -1,4 +1,93 @@
-"""VAR: next-scale prediction over a multi-scale tokenizer's tokens (docstring completed below)."""
+"""VAR generator on a multi-scale tokenizer's tokens: does better token coverage make the
+generator better and more diverse? (paper section 6.2-6.3, appendix A.1, A.6: Tables 4, 6, 13,
+14, Figure 9).
+
+Next-scale prediction (Tian et al. 2024, FoundationVision/VAR): a tokenizer trained by
+`imagenet_tokenizer.py --quantizer msvq` turns an image into token maps of sides s_1 < ... < s_K
+(the paper's 128 px / 16 x 16 grid: VAR's 1,2,3,4,5,6,8,10,13,16, L = 680 tokens). A class-
+conditional transformer predicts every token of scale k at once from the class and all coarser
+scales: its input for scale k is the tokenizer's own reconstruction after scale k-1, f_hat,
+area-downsampled to s_k (`common.MultiScaleQuantizer.teacher_forcing_input`, built from the frozen
+tokenizer's codebook and phi convolutions); a block-causal mask lets scale k see scales <= k,
+bidirectionally inside k. At inference the scales are drawn one after the other with a kv cache,
+classifier-free guidance t = cfg * k / (K - 1) growing with the scale, and top-k / top-p sampling.
+Model and recipe are VAR's at --depth 16 (the paper's "smallest" VAR): width 1024, 16 heads, MLP 4,
+stochastic depth 0.067, l2-normalised attention (VAR's --anorm), adaptive LayerNorm conditioning,
+label dropout 0.1, VAR's initialisation; AdamW (0.9, 0.95), weight decay 0.05 (none on biases,
+norms, position / level embeddings), gradient clipping 2.0, bf16 on CUDA. The schedule is the
+paper's (A.1): linear warm-up, then ReduceLROnPlateau on the validation loss and early stopping.
+
+Commands
+    # CPU smoke run: a tiny multi-scale tokenizer (see imagenet_tokenizer.py), its dumps, a tiny VAR
+    python imagenet_tokenizer.py --data-dir tiny_imagefolder --scheme imagenet100 --test-size 8 \
+        --val-size 8 --resolution 32 --ch 8 --ch-mult 1,2,2 --num-res-blocks 1 --attn-resolutions 8 \
+        --z-channels 8 --token-dim 8 --codebook-size 32 --quantizer msvq --scales 1,2,4,8 --epochs 2 \
+        --continuous-epochs 1 --deferred --lpips-weight 0 --skip-lpips --skip-fid --select-by val_loss \
+        --num-workers 0 --out runs/smoke
+    for split in train val; do python imagenet_tokenizer.py --data-dir tiny_imagefolder --out runs/smoke \
+        --checkpoint runs/smoke/msvq_deferred_imagenet100/best.pt --dump-tokens $split --num-workers 0; done
+    python generator_var.py --tokens runs/smoke/msvq_deferred_imagenet100/tokens_train.pt \
+        --val-tokens runs/smoke/msvq_deferred_imagenet100/tokens_val.pt --depth 2 --width 64 --heads 2 \
+        --batch-size 8 --epochs 3 --sample 12 --skip-fid --skip-lpips --device cpu --out runs/smoke_var
+
+    # one GPU, paper configuration (VAR d16 on the Deferred-Quantization msvq tokenizer of Table 3);
+    # --grad-accum keeps VAR's global batch of 768 in memory: 768 / 16 = 48 sequences of 680 tokens
+    # per micro-batch (our estimate for 40 GB at d16, ~0.5 GB each; not measured: no GPU here)
+    R=runs/in100/msvq_deferred_imagenet100
+    python generator_var.py --tokens $R/tokens_train.pt --val-tokens $R/tokens_val.pt --grad-accum 16 \
+        --sample 5000 --out runs/in100_var
+
+    # the documented launch: two GPUs (paper: 2 x A100 40 GB), global batch 768 = 2 x 8 x 48
+    torchrun --nproc_per_node=2 generator_var.py --tokens $R/tokens_train.pt --val-tokens $R/tokens_val.pt \
+        --grad-accum 8 --sample 5000 --out runs/in100_var
+
+    # re-sample a finished run (other guidance, more samples): the sampling options may change
+    python generator_var.py --tokens $R/tokens_train.pt --val-tokens $R/tokens_val.pt --resume \
+        --sample 5000 --cfg 2.0 --out runs/in100_var
+
+Runs per table: one generator per tokenizer, baseline (✗) and Deferred (✓) tokenizer of each pair;
+dump train and val tokens of the tokenizer's best.pt (ImageNet-100) / last.pt (ODIR) first.
+    Table 4   tokenizers of Table 3, --quantizer msvq                (imagenet100; 2 runs)
+    Table 6   tokenizers of Table 5                                  (odir; 2 runs)
+    Table 13  tokenizers of Table 15, --quantizer msvq, GAN loss     (imagenet100; 2 runs)
+    Table 14  tokenizers of Table 16, GAN loss                       (odir; 2 runs)
+    Figure 9  the samples_grid.png of the Table 4 and Table 6 pairs
+then `python evaluate.py tables <out>` (paper values beside ours). Each run is days on 2 GPUs in the
+paper (A.1: 3-6 days per generator on 2 x A100 40 GB).
+
+Outputs in --out, <name> = var_<tokenizer run> (--name overrides):
+    <name>.json               the result (/work/notes/generator_json.md convention): g-FID, pixel
+                              distance, LPIPS diversity, sampled-code usage, best validation loss,
+                              the tokenizer's identity, sampling settings, FID reference, history
+    <name>/best.pt, last.pt   checkpoints (best validation loss; latest epoch), resumable
+    <name>/samples/*.png      every sample, <index>_class<label>.png
+    <name>/samples_grid.png   one row per class (Figure 9 material)
+Needs (unless --skip-fid / --skip-lpips): torch-fidelity's Inception weights and LPIPS's AlexNet
+backbone in $TORCH_HOME/hub/checkpoints, and the tokenizer's images (its split file's test split
+is the g-FID reference; --data-dir if they moved). Missing files fail before training, in one line.
+
+Choices the paper leaves open (ours; all are flags and recorded in the JSON):
+  * Guidance cfg 1.5, top-k 900, top-p 0.96, no "more_smooth": VAR's README recipe for FID. VAR's
+    paper says cfg 2.0 (VAR#86). top-k 900 was tuned for VAR's 4,096 codes; with the paper's 16,384
+    it keeps 5.5% of the vocabulary instead of 22% (--top-k 3600 keeps the same share).
+  * Samples: --sample 5000 class-balanced (50 per ImageNet-100 class, VAR's per-class count); on
+    ODIR as many as its test split. Pixel distance and LPIPS diversity (AlexNet) over all pairs of
+    the samples; g-FID against the tokenizer's whole test split (20,000 images on ImageNet-100).
+    The checkpoint sampled is the one with the best validation loss.
+  * Schedule: warm-up 500 steps (VAR: 1/50 of 200 epochs = 4 epochs, ~530 steps of 768 on
+    ImageNet-100), peak lr 3e-4 (VAR: 1e-4 x batch / 256), then ReduceLROnPlateau x0.5 after 5
+    validations without improvement, floor 1e-6 (the tokenizer's, A.1), early stop after 10 more
+    at the floor; cap 200 epochs (VAR d16). VAR itself decays linearly to 0.1x instead.
+  * Validation loss with label dropout OFF (the conditional loss): VAR's forward drops labels in
+    eval mode too, which makes a plateau / early-stopping signal noisy.
+  * Loss: cross-entropy averaged over all L tokens (VAR's 1/L weights), label smoothing 0 (VAR).
+  * AdaLN gate init 1e-3 (VAR's d16 command: --alng 1e-3; its default is 1e-5).
+Mixed precision: bf16 autocast on CUDA (VAR: fp16 with a scaler; l2-normalised attention keeps
+either stable, VAR#38); the teacher-forcing input, the quantizer and the logits stay float32.
+Sampling and metrics run on rank 0 after training. Resume: checkpoints at epoch ends; each epoch
+draws its data order, label dropout and stochastic depth from (seed, epoch, rank), so `--resume`
+reproduces the uninterrupted run exactly (tested on CPU).
+"""
 import argparse
 import contextlib
 import math
@@ -371,8 +460,8 @@ def validation_loss(model, quantizer, dump, args, info):
     model.eval()
     num = len(model.scales)
     sums = torch.zeros(2 * num + 1, dtype=torch.float64, device=info.device)  # CE per scale, hits per scale, images
-    for rows in common.epoch_batches(len(dump), args.batch_size, args.seed, 0, info.rank, info.world_size,
-                                     shuffle=False):
+    for rows in common.epoch_batches(len(dump), args.batch_size // args.grad_accum, args.seed, 0, info.rank,
+                                     info.world_size, shuffle=False):  # micro-batches: what fits in memory
         if rows.numel() == 0:
             continue
         idx_BL, labels_B = dump.tokens_NL[rows].to(info.device), dump.labels[rows].to(info.device)
@@ -486,6 +575,10 @@ def validate(args):
     width, heads = args.width or 64 * args.depth, args.heads or args.depth
     if width % heads:
         raise UserError(f"the width {width} must divide by the number of heads {heads} (--width, --heads)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % (world * args.grad_accum):
+        raise UserError(f"--batch-size {args.batch_size} must divide into {world} processes x --grad-accum "
+                        f"{args.grad_accum} micro-batches")
     if args.sample and args.cfg > 0 and args.cond_drop == 0:
         raise UserError("--cfg > 0 needs --cond-drop > 0: label dropout is what trains the null class")
 

@@ -459,3 +459,20 @@ def test_bad_inputs_are_one_line_errors(tokenizer_runs, tmp_path, capsys):
     code, err = run_cli(good + ["--sample", "4", "--cond-drop", "0"], capsys)
     assert code == 2 and "--cond-drop" in err
     assert not os.path.exists(tmp_path / "out" / "var_msvq")  # nothing was created by a refused run
+
+
+def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch():
+    q = make_msvq(scales=SCALES)
+    labels, idx_BL = torch.tensor([0, 1, 2, 0, 1, 2]), gv.flatten_scales(random_indices(q, 6, seed=3))
+    params = []
+    for accum in (1, 3):
+        model = tiny_var(cond_drop=0.0).train()
+        opt = torch.optim.AdamW(gv.param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95))
+        args = gv.build_parser().parse_args(["--tokens", "x", "--val-tokens", "y", "--grad-accum", str(accum),
+                                             "--grad-clip", "0.5"])
+        loss, norm = gv.train_step(model, q, labels, idx_BL, opt, args, torch.device("cpu"))
+        params.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
+    (loss1, norm1, after1), (loss3, norm3, after3) = params
+    assert loss3.item() == pytest.approx(loss1.item(), rel=1e-5) and norm3.item() == pytest.approx(norm1.item(), rel=1e-4)
+    assert norm1 > 0.5  # the clip was active, on the summed gradient
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(after1, after3))
