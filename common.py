@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
@@ -1956,6 +1957,17 @@ def tokenizer_test_split(cfg, data_dir=None):
     return SplitImageDataset(data_dir or cfg["data_dir"], load_split(split_file), "test", cfg["resolution"])
 
 
+def tokenizer_test_cache_name(cfg, data_dir=None):
+    """The name under which torch-fidelity caches the Inception statistics of a tokenizer's test
+    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder, the resolution and the list
+    of test images, so another split, folder or size never reuses them. On a CPU the reference
+    features of 10,000 images take half an hour; every generator run of a tokenizer shares them.
+    (A changed image under an unchanged file name would not be noticed: delete the cache then.)"""
+    key = json.dumps([os.path.abspath(data_dir or cfg["data_dir"]), cfg["resolution"],
+                      load_split(cfg["split_file"])["test"]])
+    return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 @dataclass
 class TokenDump:
     """A token dump (imagenet_tokenizer.py --dump-tokens) checked and converted for training.
@@ -2058,11 +2070,12 @@ def check_dumps_match(dumps, tokenizer_cfg, tokenizer_path):
                         f"{ref.codebook_size} codes")
 
 
-def epoch_seed(seed, epoch, rank=0):
-    """A seed for one (run seed, epoch, rank): reseeding every epoch makes the masks, dropout and
-    data order of an epoch independent of what ran before, so --resume from an epoch-boundary
-    checkpoint reproduces the uninterrupted run on every rank of a torchrun job."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+def epoch_seed(seed, epoch, stream=0):
+    """A seed for one (run seed, epoch, stream); stream 0 is the data order (`epoch_batches`),
+    1 + rank a rank's training randomness (masks, dropout). Reseeding every epoch makes an epoch
+    independent of what ran before, so --resume from an epoch-boundary checkpoint reproduces the
+    uninterrupted run on every rank of a torchrun job."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
 def epoch_batches(n, global_batch, seed, epoch, rank=0, world_size=1, shuffle=True):
@@ -2099,17 +2112,19 @@ class PlateauSchedule:
       * once lr has reached min_lr, `stop_patience` more validations without improvement set
         `stopped`.
     `lr` is the plateau learning rate; scripts multiply it by `warmup_factor` at every step.
-    Returns True when this validation loss is the best so far (the caller writes best.pt)."""
+    Returns True when this validation loss is the lowest so far (any decrease, no threshold): the
+    caller writes best.pt then."""
 
     def __init__(self, lr, factor=0.5, patience=5, min_lr=1e-6, stop_patience=10, threshold=1e-4):
         self.lr, self.factor, self.patience, self.min_lr = lr, factor, patience, min_lr
         self.stop_patience, self.threshold = stop_patience, threshold
-        self.best, self.bad, self.stale_at_min, self.stopped = math.inf, 0, 0, False
+        self.best, self.lowest, self.bad, self.stale_at_min, self.stopped = math.inf, math.inf, 0, 0, False
 
     def step(self, val_loss):
-        improved = val_loss < self.best * (1.0 - self.threshold) if math.isfinite(self.best) else True
+        lowest = val_loss < self.lowest
+        self.lowest = min(self.lowest, val_loss)
         at_min = self.lr <= self.min_lr * (1 + 1e-9)
-        if improved:
+        if val_loss < self.best * (1.0 - self.threshold) or not math.isfinite(self.best):
             self.best, self.bad, self.stale_at_min = val_loss, 0, 0
         else:
             self.bad += 1
@@ -2117,10 +2132,10 @@ class PlateauSchedule:
             if self.bad > self.patience and not at_min:
                 self.lr, self.bad = max(self.lr * self.factor, self.min_lr), 0
         self.stopped = self.stale_at_min >= self.stop_patience
-        return improved
+        return lowest
 
     def state_dict(self):
-        return {k: getattr(self, k) for k in ("lr", "best", "bad", "stale_at_min", "stopped")}
+        return {k: getattr(self, k) for k in ("lr", "best", "lowest", "bad", "stale_at_min", "stopped")}
 
     def load_state_dict(self, state):
         for k, v in state.items():
@@ -2191,22 +2206,32 @@ def write_samples(folder, images, labels, grid_path, per_class=8):
     write_png(grid_path, sample_grid(images, labels, per_class))
 
 
-def sample_metrics(images, reference, *, reference_split="test", fid=True, prc=False, lpips_model=None,
-                   lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
+# LPIPS's AlexNet pools twice after its stride-4 first layer: images below 31x31 leave no feature
+# map for its later layers (torch raises "Output size is too small").
+LPIPS_MIN_SIZE = 31
+
+
+def sample_metrics(images, reference, *, reference_split="test", reference_cache=None, fid=True, prc=False,
+                   lpips_model=None, lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
     """The paper's generation metrics of one sample set (section 6.1): g-FID against
     `reference` (the tokenizer's test split; torch-fidelity, as r-FID), optionally precision /
     recall, mean pairwise pixel distance, and LPIPS diversity over all pairs (`lpips_pairs` caps
-    them, drawn with `seed`). Images float in [0, 1]. Returns (metrics, provenance): the
-    provenance (split, reference set, image range, pixel scale, pairs) goes into the JSON."""
+    them, drawn with `seed`). Images float in [0, 1]. `reference_cache` names torch-fidelity's
+    cache of the reference features (tokenizer_test_cache_name). Returns (metrics, provenance):
+    the provenance (split, reference set, image range, pixel scale, pairs) goes into the JSON."""
     metrics = {"num_samples": int(images.shape[0]), "pixel_diversity": pixel_diversity(images, scale=pixel_scale)}
     provenance = {"eval_split": reference_split, "data_range": 1.0, "pixel_scale": pixel_scale,
                   "fid_reference": None, "lpips_pairs": None}
     if fid or prc:
-        metrics.update(fidelity_metrics(as_rgb(images), reference, fid=fid, prc=prc, device=device))
+        cache = {"cache": True, "input2_cache_name": reference_cache} if reference_cache else {}
+        metrics.update(fidelity_metrics(as_rgb(images), reference, fid=fid, prc=prc, device=device, **cache))
         if "fid" in metrics:
             metrics["gfid"] = metrics.pop("fid")
         provenance["fid_reference"] = f"{reference_split} split, {len(reference)} images"
     if lpips_model is not None:
+        if min(images.shape[-2:]) < LPIPS_MIN_SIZE:
+            raise UserError(f"LPIPS (AlexNet) needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}, "
+                            f"got {tuple(images.shape[-2:])}")
         n_pairs = images.shape[0] * (images.shape[0] - 1) // 2
         generator = torch.Generator().manual_seed(seed)
         metrics["lpips_diversity"] = lpips_diversity(as_rgb(images), lpips_model, max_pairs=lpips_pairs,

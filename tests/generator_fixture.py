@@ -1,7 +1,8 @@
 """Shared CPU fixture of the generator tests (generator_maskgit.py, generator_var.py, ...): tiny
 trained tokenizers, single-scale (vq) and multi-scale (msvq), with their token dumps, made by
 imagenet_tokenizer.py itself on test_imagenet_tokenizer's tiny ImageFolder (3 classes, 32x32
-images, 8x8 latent grid, 16 codes, msvq scales 1,2,4,8; train 18 / val 6 / test 6 images).
+images, 8x8 latent grid, 16 codes, msvq scales 1,2,4,8; train 18 / val 6 / test 6 images;
+token dumps of train and val).
 
 Registered in tests/conftest.py, so any test can ask for `tokenizer_runs` (built once per
 session, ~5 s) or write a synthetic dump in the real on-disk format with `write_token_dump`.
@@ -18,7 +19,7 @@ import torch
 
 from test_imagenet_tokenizer import TINY, run_script, write_image_folder  # noqa: F401  (TINY: the tokenizer's size)
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val")  # what a generator trains on; the test split is its images
 
 
 @dataclass
@@ -31,12 +32,12 @@ class TokenizerRun:
 
 
 def train_tokenizers(root):
-    """A baseline tokenizer per quantizer (2 short epochs) and the dumps of all three splits."""
+    """A baseline tokenizer per quantizer (one epoch of 2 steps) and its train / val dumps."""
     images = write_image_folder(root / "images")
     out = root / "runs" / "out"
     runs = {}
     for quantizer in ("vq", "msvq"):
-        run_script(images, out, "--quantizer", quantizer, "--epochs", "2", "--name", quantizer)
+        run_script(images, out, "--quantizer", quantizer, "--epochs", "1", "--name", quantizer)
         ckpt = out / quantizer / "best.pt"
         for split in SPLITS:
             run_script(images, out, "--quantizer", quantizer, "--name", quantizer, "--dump-tokens", split,

@@ -21,14 +21,21 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     model, cfg = common.load_tokenizer(run.checkpoint)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert cfg["quantizer"] == quantizer and model.quantizer.is_enabled
-    dump = common.load_token_dump(run.tokens["test"])
-    test = common.tokenizer_test_split(cfg)
-    x = torch.stack([test[i][0] for i in range(len(test))])
+    dump = common.load_token_dump(run.tokens["val"])
+    val = common.SplitImageDataset(run.data_dir, common.load_split(run.split_file), "val", 32)
+    x = torch.stack([val[i][0] for i in range(len(val))])
     with torch.no_grad():
         recon, _, _ = model(x)
         decoded = model.decode_indices(dump.maps(dump.tokens_NL))
     assert torch.allclose(decoded, recon, atol=1e-4)
-    assert torch.equal(dump.labels, torch.tensor([test[i][1] for i in range(len(test))]))
+    assert torch.equal(dump.labels, torch.tensor([val[i][1] for i in range(len(val))]))
+    test = common.tokenizer_test_split(cfg)  # the g-FID reference: the tokenizer's own test split
+    assert len(test) == 6 and test.items == common.load_split(run.split_file)["test"]
+    # its Inception statistics are cached under a name that changes with the folder and the size
+    name = common.tokenizer_test_cache_name(cfg)
+    assert name.startswith("dq-test-") and name == common.tokenizer_test_cache_name(dict(cfg))
+    assert name != common.tokenizer_test_cache_name(dict(cfg, resolution=64))
+    assert name != common.tokenizer_test_cache_name(cfg, data_dir="/elsewhere")
     ident = common.tokenizer_identity(cfg, run.checkpoint)
     assert ident["deferred"] is False and ident["gan"] is False and ident["quantizer"] == quantizer
     assert ident["codebook_size"] == 16 and ident["checkpoint"] == os.path.abspath(run.checkpoint)
@@ -132,6 +139,9 @@ def test_plateau_schedule_follows_torch_and_stops_early():
         if ours.stopped and stopped_at is None:
             stopped_at = i
     assert [i for i, b in enumerate(best) if b] == [0, 1, 6]
+    tiny = common.PlateauSchedule(1.0, threshold=0.1)
+    assert [tiny.step(v) for v in (1.0, 0.95, 0.99)] == [True, True, False]  # best.pt: any decrease
+    assert tiny.bad == 2  # ... while the plateau counts only decreases beyond the threshold
     # lr reaches 0.1 at validation 15; 3 more validations without improvement at the minimum
     assert stopped_at == 18
     again = common.PlateauSchedule(1.0)
@@ -170,8 +180,9 @@ def test_sample_files_and_class_rows_grid(tmp_path):
 def test_sample_metrics_record_their_provenance(monkeypatch):
     seen = {}
 
-    def fake_fidelity(generated, reference, fid=True, prc=False, device=None):
+    def fake_fidelity(generated, reference, fid=True, prc=False, device=None, **cache):
         seen["shapes"] = (tuple(generated.shape), len(reference))
+        seen["cache"] = cache
         return dict({"fid": 12.5} if fid else {}, **({"precision": 0.5, "recall": 0.25} if prc else {}))
 
     def fake_lpips(images, model, max_pairs=None, generator=None):
@@ -180,21 +191,26 @@ def test_sample_metrics_record_their_provenance(monkeypatch):
 
     monkeypatch.setattr(common, "fidelity_metrics", fake_fidelity)
     monkeypatch.setattr(common, "lpips_diversity", fake_lpips)
-    images = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(0))
-    reference = [(torch.rand(3, 6, 6), 0) for _ in range(7)]
+    images = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = [(torch.rand(3, 32, 32), 0) for _ in range(7)]
     metrics, prov = common.sample_metrics(images, reference, prc=True, lpips_model=object(), lpips_pairs=4)
     assert metrics == {"num_samples": 5, "pixel_diversity": pytest.approx(common.pixel_diversity(images)),
                        "gfid": 12.5, "precision": 0.5, "recall": 0.25, "lpips_diversity": 0.5}
-    assert seen["shapes"] == ((5, 3, 6, 6), 7) and seen["lpips"] == (3, 4)  # grayscale -> RGB
+    assert seen["shapes"] == ((5, 3, 32, 32), 7) and seen["lpips"] == (3, 4)  # grayscale -> RGB
     assert prov == {"eval_split": "test", "data_range": 1.0, "pixel_scale": 1.0,
                     "fid_reference": "test split, 7 images", "lpips_pairs": 4}
+    assert seen["cache"] == {}
+    common.sample_metrics(images, reference, reference_cache="dq-test-abc")
+    assert seen["cache"] == {"cache": True, "input2_cache_name": "dq-test-abc"}  # torch-fidelity's own cache
     metrics, prov = common.sample_metrics(images, reference, fid=False)
     assert set(metrics) == {"num_samples", "pixel_diversity"} and prov["fid_reference"] is None
+    with pytest.raises(UserError, match="at least 31x31"):  # AlexNet has no feature map left below that
+        common.sample_metrics(images[..., :30, :], reference, fid=False, lpips_model=object())
 
 
 def test_generate_images_decodes_each_batch(tokenizer_runs):
     model, _ = common.load_tokenizer(tokenizer_runs["msvq"].checkpoint)
-    dump = common.load_token_dump(tokenizer_runs["msvq"].tokens["test"])
+    dump = common.load_token_dump(tokenizer_runs["msvq"].tokens["val"])
     calls = []
 
     def sampler(labels_B):  # returns the dump's own tokens for the requested rows
