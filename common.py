@@ -2250,3 +2250,131 @@ def write_generator_result(path, experiment, args, metrics, history, *, tokenize
     return write_result(path, experiment, method, args, metrics, history, tokenizer=tokenizer,
                         sampling=sampling, checkpoint=os.path.abspath(checkpoint), notes=notes or {},
                         **provenance, **extra)
+
+
+# ---- One command line for every generator script: inputs, outputs, checks, the sample report ----
+#
+# generator_maskgit.py and generator_var.py take the same inputs (--tokenizer, --tokens-dir,
+# --data-dir), write the same files, sample with the same options (--sample, --sample-seed,
+# --sample-batch-size, --per-class, --skip-fid, --prc, --skip-lpips, --lpips-pairs, --sample-only
+# with --checkpoint) and report in one JSON; what differs is the model and its sampler.
+
+GENERATOR_SCRIPT = {"vq": "generator_maskgit.py", "msvq": "generator_var.py"}
+
+
+def generator_tokens_dir(args):
+    """Where the token dumps are: --tokens-dir, else the tokenizer's run folder, where
+    imagenet_tokenizer.py --dump-tokens writes them."""
+    return args.tokens_dir or os.path.dirname(os.path.abspath(args.tokenizer))
+
+
+def load_generator_inputs(args, quantizer):
+    """The frozen tokenizer (CPU) with its args and the training / validation dumps of
+    <tokens dir>/tokens_{train,val}.pt, checked against each other: a tokenizer of the kind the
+    script models (`quantizer`: 'vq' or 'msvq'), dumps made from this tokenizer, image size
+    enough for LPIPS diversity when it is asked for. Every problem is a one-line UserError."""
+    tokenizer, cfg = load_tokenizer(args.tokenizer)  # refuses Continuous-Phase and foreign files
+    if cfg["quantizer"] != quantizer:
+        raise UserError(f"{args.tokenizer} is a {cfg['quantizer']} tokenizer; {GENERATOR_SCRIPT[quantizer]} models "
+                        f"{quantizer} tokens (use {GENERATOR_SCRIPT[cfg['quantizer']]})")
+    dumps = [load_token_dump(os.path.join(generator_tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
+    check_dumps_match(dumps, cfg, args.tokenizer)
+    for d in dumps:
+        made_from = d.record.get("checkpoint")
+        if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
+            raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
+    if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
+        raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
+                        f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
+    return tokenizer, cfg, dumps[0], dumps[1]
+
+
+def generator_output_paths(out, name):
+    """The files of one generator run (all of them are start_run outputs)."""
+    run_dir = os.path.join(out, name)
+    return {"last": os.path.join(run_dir, "last.pt"), "best": os.path.join(run_dir, "best.pt"),
+            "samples": os.path.join(run_dir, "samples"), "grid": os.path.join(run_dir, "samples_grid.png"),
+            "tokens": os.path.join(run_dir, "samples_tokens.pt"), "json": os.path.join(out, f"{name}.json")}
+
+
+def check_sample_weights(args):
+    """The metric weights that --sample needs (a start_run check: fails before training)."""
+    if args.sample and not args.skip_fid:
+        inception_weights_path()
+    if args.sample and not args.skip_lpips:
+        load_lpips("alex")
+
+
+def validate_generator_args(args):
+    """Cross-argument rules every generator script shares (start_run's `validate`)."""
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+    if args.sample_only and not args.checkpoint:
+        raise UserError("--sample-only needs --checkpoint (a generator checkpoint to sample from)")
+    if args.sample_only and args.resume:
+        raise UserError("--sample-only writes a new run; it has nothing to --resume")
+    if args.sample == 1 and not (args.skip_lpips and args.skip_fid):
+        raise UserError("diversity and FID need at least 2 samples; use --sample >= 2")
+
+
+def adopt_generator_settings(args, saved, defining, script):
+    """--sample-only: the architecture and training settings (`defining`) come from the generator
+    checkpoint `saved`, so the JSON describes the model that was sampled; it must belong to
+    --tokenizer. Returns the checkpoint's training history."""
+    cfg = saved.get("args") if isinstance(saved, dict) else None
+    if not isinstance(cfg, dict) or "model" not in saved or any(k not in cfg for k in defining):
+        raise UserError(f"{args.checkpoint} is not a {script} checkpoint")
+    if os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
+        raise UserError(f"{args.checkpoint} was trained on the tokens of {cfg['tokenizer']}, not {args.tokenizer}")
+    for k in defining:
+        if k not in ("tokenizer", "tokens_dir"):
+            setattr(args, k, cfg[k])
+    return saved.get("state", {}).get("history", [])
+
+
+def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics, history,
+                   checkpoint, paths, device):
+    """The end of every generator run (rank 0): --sample class-balanced samples drawn by
+    `sample_tokens(labels_B) -> (B, L)` (which draws from ONE generator seeded once per run),
+    decoded by the frozen `tokenizer`, written as PNGs, a class-per-row grid and a token file;
+    the usage of codes in the sampled tokens; g-FID / precision-recall / pixel distance / LPIPS
+    diversity with their provenance (sample_metrics); then the result JSON. `sampling` holds the
+    script's sampler settings, `metrics` what the script measured already (validation loss)."""
+    metrics, notes, extra = dict(metrics), {}, {}
+    provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
+    if args.sample:
+        labels = balanced_labels(args.sample, dump.num_classes)
+        start = datetime.datetime.now()
+        images, tokens = generate_images(sample_tokens, tokenizer, dump, labels, args.sample_batch_size, device)
+        sampling = dict(sampling, num_samples=args.sample, labels="class-balanced", seed=args.sample_seed,
+                        batch_size=args.sample_batch_size,
+                        seconds=(datetime.datetime.now() - start).total_seconds())
+        write_samples(paths["samples"], images, labels, paths["grid"], args.per_class)
+        atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
+        counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
+        metrics.update(token_perplexity=perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
+        reference, cache = None, None
+        if not args.skip_fid:
+            reference = tokenizer_test_split(tokenizer_cfg, args.data_dir)
+            cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir)
+        lpips_model = None if args.skip_lpips else load_lpips("alex", device)
+        found, provenance = sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
+                                           prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
+                                           seed=args.sample_seed, device=device)
+        metrics.update(found)
+        folder = os.path.dirname(os.path.abspath(paths["json"]))
+        extra = {k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")}
+        if args.skip_fid:
+            notes["gfid"] = "not computed: --skip-fid"
+        if args.skip_lpips:
+            notes["lpips_diversity"] = "not computed: --skip-lpips"
+    else:
+        sampling, notes["samples"] = None, "no samples: --sample 0"
+    write_generator_result(paths["json"], experiment, args, metrics, history,
+                           tokenizer=tokenizer_identity(tokenizer_cfg, args.tokenizer), provenance=provenance,
+                           sampling=sampling, checkpoint=checkpoint, notes=notes, **extra)
+    print0({k: v for k, v in metrics.items()})
+    return metrics

@@ -26,24 +26,24 @@ Commands
         --num-workers 0 --out runs/smoke
     for split in train val; do python imagenet_tokenizer.py --data-dir tiny_imagefolder --out runs/smoke \
         --checkpoint runs/smoke/msvq_deferred_imagenet100/best.pt --dump-tokens $split --num-workers 0; done
-    python generator_var.py --tokens runs/smoke/msvq_deferred_imagenet100/tokens_train.pt \
-        --val-tokens runs/smoke/msvq_deferred_imagenet100/tokens_val.pt --depth 2 --width 64 --heads 2 \
-        --batch-size 8 --epochs 3 --sample 12 --skip-fid --skip-lpips --device cpu --out runs/smoke_var
+    python generator_var.py --tokenizer runs/smoke/msvq_deferred_imagenet100/best.pt --out runs/smoke_var \
+        --depth 2 --width 64 --heads 2 --batch-size 8 --warmup-steps 10 --epochs 3 --sample 12 \
+        --skip-fid --skip-lpips --device cpu
 
     # one GPU, paper configuration (VAR d16 on the Deferred-Quantization msvq tokenizer of Table 3);
     # --grad-accum keeps VAR's global batch of 768 in memory: 768 / 16 = 48 sequences of 680 tokens
     # per micro-batch (our estimate for 40 GB at d16, ~0.5 GB each; not measured: no GPU here)
-    R=runs/in100/msvq_deferred_imagenet100
-    python generator_var.py --tokens $R/tokens_train.pt --val-tokens $R/tokens_val.pt --grad-accum 16 \
-        --sample 5000 --out runs/in100_var
+    python generator_var.py --tokenizer runs/in100/msvq_deferred_imagenet100/best.pt --grad-accum 16 \
+        --out runs/var
 
     # the documented launch: two GPUs (paper: 2 x A100 40 GB), global batch 768 = 2 x 8 x 48
-    torchrun --nproc_per_node=2 generator_var.py --tokens $R/tokens_train.pt --val-tokens $R/tokens_val.pt \
-        --grad-accum 8 --sample 5000 --out runs/in100_var
+    torchrun --nproc_per_node=2 generator_var.py --tokenizer runs/in100/msvq_deferred_imagenet100/best.pt \
+        --grad-accum 8 --out runs/var
 
-    # re-sample a finished run (other guidance, more samples): the sampling options may change
-    python generator_var.py --tokens $R/tokens_train.pt --val-tokens $R/tokens_val.pt --resume \
-        --sample 5000 --cfg 2.0 --out runs/in100_var
+    # sample again from a trained generator with other settings (a new run name)
+    python generator_var.py --tokenizer runs/in100/msvq_deferred_imagenet100/best.pt --out runs/var \
+        --sample-only --checkpoint runs/var/var_msvq_deferred_imagenet100/best.pt --cfg-scale 2 \
+        --name var_msvq_deferred_imagenet100_cfg2
 
 Runs per table: one generator per tokenizer, baseline (✗) and Deferred (✓) tokenizer of each pair;
 dump train and val tokens of the tokenizer's best.pt (ImageNet-100) / last.pt (ODIR) first.
@@ -55,23 +55,30 @@ dump train and val tokens of the tokenizer's best.pt (ImageNet-100) / last.pt (O
 then `python evaluate.py tables <out>` (paper values beside ours). Each run is days on 2 GPUs in the
 paper (A.1: 3-6 days per generator on 2 x A100 40 GB).
 
-Outputs in --out, <name> = var_<tokenizer run> (--name overrides):
+Inputs: a tokenizer checkpoint of imagenet_tokenizer.py (--quantizer msvq) and its token dumps
+tokens_train.pt / tokens_val.pt (--dump-tokens train|val), which that script writes next to the
+checkpoint (--tokens-dir if elsewhere). The tokenizer stays frozen: its quantizer builds the
+teacher-forcing input and turns sampled indices into f_hat; its decoder makes the images.
+
+Outputs in --out, <name> = var_<tokenizer run folder> (--name overrides):
     <name>.json               the result (/work/notes/generator_json.md convention): g-FID, pixel
                               distance, LPIPS diversity, sampled-code usage, best validation loss,
                               the tokenizer's identity, sampling settings, FID reference, history
     <name>/best.pt, last.pt   checkpoints (best validation loss; latest epoch), resumable
     <name>/samples/*.png      every sample, <index>_class<label>.png
     <name>/samples_grid.png   one row per class (Figure 9 material)
+    <name>/samples_tokens.pt  the sampled token maps and labels
 Needs (unless --skip-fid / --skip-lpips): torch-fidelity's Inception weights and LPIPS's AlexNet
 backbone in $TORCH_HOME/hub/checkpoints, and the tokenizer's images (its split file's test split
 is the g-FID reference; --data-dir if they moved). Missing files fail before training, in one line.
 
 Choices the paper leaves open (ours; all are flags and recorded in the JSON):
-  * Guidance cfg 1.5, top-k 900, top-p 0.96, no "more_smooth": VAR's README recipe for FID. VAR's
+  * Guidance --cfg-scale 1.5, top-k 900, top-p 0.96, no "more_smooth": VAR's README recipe for FID. VAR's
     paper says cfg 2.0 (VAR#86). top-k 900 was tuned for VAR's 4,096 codes; with the paper's 16,384
     it keeps 5.5% of the vocabulary instead of 22% (--top-k 3600 keeps the same share).
-  * Samples: --sample 5000 class-balanced (50 per ImageNet-100 class, VAR's per-class count); on
-    ODIR as many as its test split. Pixel distance and LPIPS diversity (AlexNet) over all pairs of
+  * Samples: --sample 5000 class-balanced (50 per ImageNet-100 class, VAR's per-class count), one
+    random stream per run (--sample-seed); on ODIR as many as its test split (A.1: "the full test
+    set"). Pixel distance and LPIPS diversity (AlexNet) over all pairs of
     the samples; g-FID against the tokenizer's whole test split (20,000 images on ImageNet-100).
     The checkpoint sampled is the one with the best validation loss.
   * Schedule: warm-up 500 steps (VAR: 1/50 of 200 epochs = 4 epochs, ~530 steps of 768 on
@@ -92,7 +99,7 @@ import argparse
 import contextlib
 import math
 import os
-import shutil
+import time
 
 import torch
 import torch.nn as nn
@@ -229,20 +236,20 @@ class VAR(nn.Module):
     output at every position of scale k is a distribution over the V codes of that position.
 
     The class embedding has num_classes + 1 rows; the last is the null class of classifier-free
-    guidance. In training, labels are replaced by it with probability `cond_drop`; never in eval,
+    guidance. In training, labels are replaced by it with probability `label_dropout`; never in eval,
     so a validation loss is the conditional loss (VAR's forward drops labels in eval too).
     Defaults follow VAR's build_vae_var: width 64 * depth, heads = depth, MLP ratio 4, stochastic
     depth rising linearly to 0.1 * depth / 24, LayerNorm eps 1e-6.
     """
 
     def __init__(self, num_classes, vocab, token_dim, scales, depth=16, width=None, heads=None,
-                 mlp_ratio=4.0, drop_path_rate=None, cond_drop=0.1, eps=1e-6):
+                 mlp_ratio=4.0, drop_path_rate=None, label_dropout=0.1, eps=1e-6):
         super().__init__()
         self.num_classes, self.vocab, self.token_dim = num_classes, vocab, token_dim
         self.scales = tuple(int(s) for s in scales)
         self.width = width = width or 64 * depth
         heads = heads or depth
-        self.cond_drop = cond_drop
+        self.label_dropout = label_dropout
         self.drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
         self.slices = scale_slices(self.scales)
         self.L, self.first_l = self.slices[-1][1], self.scales[0] ** 2
@@ -285,9 +292,9 @@ class VAR(nn.Module):
 
     def drop_labels(self, labels_B):
         """Label dropout for classifier-free guidance: training only."""
-        if not self.training or self.cond_drop == 0:
+        if not self.training or self.label_dropout == 0:
             return labels_B
-        drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cond_drop
+        drop = torch.rand(labels_B.shape, device=labels_B.device) < self.label_dropout
         return torch.where(drop, torch.full_like(labels_B, self.num_classes), labels_B)
 
     def level_position(self, begin, end):
@@ -430,7 +437,7 @@ def train_step(ddp_model, quantizer, labels_B, idx_BL, opt, args, device):
     """One optimizer step on this rank's share of a global batch, split into --grad-accum
     micro-batches (VAR's --ac: the batch of the recipe on fewer or smaller GPUs): teacher-forced
     cross-entropy under bf16 autocast (CUDA), gradients summed over micro-batches and averaged over
-    ranks (DDP synchronises the last micro-batch only), clipped at --grad-clip (VAR: 2.0).
+    ranks (DDP synchronises the last micro-batch only), clipped at --clip (VAR: 2.0).
     Returns (mean loss, gradient norm before clipping)."""
     opt.zero_grad(set_to_none=True)
     parts = list(zip(labels_B.chunk(args.grad_accum), idx_BL.chunk(args.grad_accum)))
@@ -445,7 +452,7 @@ def train_step(ddp_model, quantizer, labels_B, idx_BL, opt, args, device):
             (loss * labels.shape[0] / labels_B.shape[0]).backward()
         total += loss.detach() * labels.shape[0] / labels_B.shape[0]
     params = [p for group in opt.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
     opt.step()
     return total, norm.detach()
 
@@ -482,20 +489,35 @@ def validation_loss(model, quantizer, dump, args, info):
             "val_loss_per_scale": (sums[:num] / (n * tokens)).tolist()}
 
 
-def train(model, ddp_model, quantizer, dumps, opt, schedule, state, args, info, paths):
-    """Epochs until --epochs or early stopping. Every epoch: a fresh RNG stream for label dropout
-    and stochastic depth and a data order, both from (seed, epoch[, rank]), so a resumed run repeats
-    the uninterrupted one; then the validation loss drives ReduceLROnPlateau / early stopping and
-    the checkpoints (best.pt written before last.pt)."""
+def train(args, info, tokenizer, token_dim, dumps, run, paths):
+    """Epochs until --epochs or early stopping. Every epoch draws its data order from (seed, epoch)
+    and the rank's label dropout and stochastic depth from (seed, epoch, rank), so a resumed run
+    repeats the uninterrupted one; the validation loss then drives ReduceLROnPlateau / early
+    stopping, and rank 0 writes best.pt (lowest validation loss) before last.pt."""
     train_dump, val_dump = dumps
+    common.seed_everything(args.seed)  # identical initial weights on every rank
+    model = build_model(args, train_dump, token_dim).init_weights(adaln_gamma=args.adaln_gamma_init).to(info.device)
+    quantizer = tokenizer.to(info.device).quantizer
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    schedule = common.PlateauSchedule(args.lr, args.plateau_factor, args.plateau_patience, args.min_lr, args.patience)
+    state = {"epoch": 0, "step": 0, "history": []}
+    if run.checkpoint is not None:
+        model.load_state_dict(run.checkpoint["model"])
+        opt.load_state_dict(run.checkpoint["optimizer"])
+        schedule.load_state_dict(run.checkpoint["schedule"])
+        state = run.checkpoint["state"]
+        common.print0(f"resumed from {paths['last']} after epoch {state['epoch']}")
+    ddp_model = common.wrap_ddp(model, info)
+    common.print0(f"VAR: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {len(train_dump)} "
+                  f"training images of {train_dump.seq_len} tokens (scales {list(train_dump.scales)}), "
+                  f"{train_dump.codebook_size} codes, {train_dump.num_classes} classes")
     while not schedule.stopped and state["epoch"] < args.epochs:
         epoch = state["epoch"]
-        torch.manual_seed(common.epoch_seed(args.seed, epoch, info.rank))
-        model.train()
+        torch.manual_seed(common.epoch_seed(args.seed, epoch, 1 + info.rank))
         batches = common.epoch_batches(len(train_dump), args.batch_size, args.seed, epoch, info.rank, info.world_size)
-        if args.max_steps_per_epoch:
-            batches = batches[:args.max_steps_per_epoch]
-        sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # steps, loss, grad norm
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # steps, loss, gradient norm
+        start = time.time()
         for rows in common.progress_bar(batches, desc=f"epoch {epoch}", leave=False):
             common.set_lr(opt, schedule.lr * common.warmup_factor(state["step"], args.warmup_steps))
             loss, norm = train_step(ddp_model, quantizer, train_dump.labels[rows].to(info.device),
@@ -503,10 +525,12 @@ def train(model, ddp_model, quantizer, dumps, opt, schedule, state, args, info, 
             state["step"] += 1
             sums += torch.stack([torch.ones((), dtype=torch.float64, device=info.device), loss.double(), norm.double()])
         common.all_reduce_sum(sums)
+        seconds = time.time() - start
         val = validation_loss(model, quantizer, val_dump, args, info)
-        record = {"epoch": epoch, "step": state["step"], "lr": opt.param_groups[0]["lr"],
+        record = {"epoch": epoch, "step": state["step"], "lr": schedule.lr,
                   "train_loss": (sums[1] / sums[0].clamp(min=1)).item(),
-                  "grad_norm": (sums[2] / sums[0].clamp(min=1)).item(), **val}
+                  "grad_norm": (sums[2] / sums[0].clamp(min=1)).item(), **val,
+                  "images_per_second": len(batches) * args.batch_size / seconds, "seconds": seconds}
         improved = schedule.step(val["val_loss"])
         state["history"].append(record)
         state["epoch"] = epoch + 1
@@ -515,41 +539,42 @@ def train(model, ddp_model, quantizer, dumps, opt, schedule, state, args, info, 
         if info.is_main:
             common.save_checkpoints(paths["last"], paths["best"] if improved else None, model=model.state_dict(),
                                     optimizer=opt.state_dict(), schedule=schedule.state_dict(), state=state,
-                                    args=vars(args))
+                                    args=vars(args), val_loss=val["val_loss"], val_accuracy=val["val_accuracy"],
+                                    epoch=state["epoch"])
         if common.is_distributed():
             torch.distributed.barrier()
-    return state
+    if schedule.stopped:
+        common.print0(f"early stop after epoch {state['epoch'] - 1}: no validation improvement at the minimum lr")
+    return state["history"]
 
 
 # ------------------------------------------------------------------------------------------------
-# Samples and their metrics (paper section 6.1: g-FID, pixel distance, LPIPS diversity)
+# Samples and metrics (rank 0; paper section 6.1: g-FID, pixel distance, LPIPS diversity)
 # ------------------------------------------------------------------------------------------------
 
 
-def sample_and_score(model, quantizer, tokenizer, tok_cfg, dump, args, device, paths):
-    """--sample N class-balanced samples from ONE generator seeded once with --seed, decoded by the
-    frozen tokenizer, written as PNG files and a class-per-row grid, then scored: g-FID against the
-    tokenizer's test split, pixel distance and LPIPS diversity over all pairs (or --lpips-pairs).
-    Also the code usage of the sampled tokens (does a narrow codebook narrow what is generated?)."""
+def sample_and_report(args, info, tokenizer, tokenizer_cfg, dump, ckpt_path, history, paths):
+    """Class-balanced samples of the checkpoint at ckpt_path, drawn scale by scale from ONE
+    generator seeded once with --sample-seed; files, metrics and the result JSON through
+    common.report_samples."""
+    ckpt = common.load_checkpoint(ckpt_path)
+    model = build_model(ckpt["args"], dump, tokenizer_cfg["token_dim"]).to(info.device)
+    model.load_state_dict(ckpt["model"])
     model.eval()
-    labels = common.balanced_labels(args.sample, dump.num_classes)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    tokenizer.to(info.device)
+    generator = torch.Generator(info.device).manual_seed(args.sample_seed)
 
     def sample_tokens(labels_B):
-        with common.autocast_for(device):
-            indices, _ = generate(model, quantizer, labels_B, args.cfg, args.top_k, args.top_p, generator)
+        with common.autocast_for(info.device):
+            indices, _ = generate(model, tokenizer.quantizer, labels_B, args.cfg_scale, args.top_k, args.top_p,
+                                  generator)
         return flatten_scales(indices)
-    images, tokens = common.generate_images(sample_tokens, tokenizer, dump, labels, args.sample_batch_size, device)
-    if os.path.isdir(paths["samples"]):
-        shutil.rmtree(paths["samples"])  # a resumed run re-samples: no files of an earlier --sample left
-    common.write_samples(paths["samples"], images, labels, paths["grid"], per_class=args.grid_per_class)
-    reference = None if args.skip_fid else common.tokenizer_test_split(tok_cfg, args.data_dir)
-    lpips_model = None if args.skip_lpips else common.load_lpips("alex", device)
-    metrics, provenance = common.sample_metrics(images, reference, fid=not args.skip_fid, lpips_model=lpips_model,
-                                                lpips_pairs=args.lpips_pairs, seed=args.seed, device=device)
-    counts = torch.bincount(tokens.reshape(-1), minlength=dump.codebook_size).float()
-    metrics.update(sample_used_codes=int((counts > 0).sum()), sample_perplexity=common.perplexity_from_counts(counts))
-    return metrics, provenance
+    sampling = {"cfg": args.cfg_scale, "cfg_schedule": "linear in the scale index, 0 at the first",
+                "top_k": args.top_k, "top_p": args.top_p, "more_smooth": False}
+    metrics = {"val_loss": ckpt.get("val_loss"), "val_accuracy": ckpt.get("val_accuracy"),
+               "best_epoch": ckpt.get("epoch", 0) - 1}
+    return common.report_samples(args, EXPERIMENT, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics,
+                                 history, ckpt_path, paths, info.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -557,176 +582,146 @@ def sample_and_score(model, quantizer, tokenizer, tok_cfg, dump, args, device, p
 # ------------------------------------------------------------------------------------------------
 
 RANGES = {"depth": ">= 1", "width": ">= 0", "heads": ">= 0", "mlp_ratio": "> 0", "drop_path": "[0, 1)",
-          "cond_drop": "[0, 1)", "adaln_gamma_init": ">= 0", "batch_size": ">= 1", "lr": "> 0", "min_lr": ">= 0",
-          "weight_decay": ">= 0", "warmup_steps": ">= 0", "grad_clip": ">= 0", "label_smoothing": "[0, 1)",
-          "epochs": ">= 0", "plateau_factor": "(0, 1)", "plateau_patience": ">= 0", "patience": ">= 1",
-          "max_steps_per_epoch": ">= 0", "grad_accum": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1", "cfg": ">= 0",
-          "top_k": ">= 0", "top_p": "[0, 1]", "lpips_pairs": ">= 1", "grid_per_class": ">= 1"}
-# Settings that define a run: --resume refuses a checkpoint made under other values. The sampling
-# options are not among them (a finished run can be re-sampled with --resume).
-DEFINING = ("tokens", "val_tokens", "tokenizer", "depth", "width", "heads", "mlp_ratio", "drop_path", "cond_drop",
-            "adaln_gamma_init", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip",
-            "label_smoothing", "plateau_factor", "plateau_patience", "patience", "seed")
+          "label_dropout": "[0, 1)", "adaln_gamma_init": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1",
+          "lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0", "warmup_steps": ">= 0", "clip": ">= 0",
+          "label_smoothing": "[0, 1)", "epochs": ">= 0", "plateau_factor": "(0, 1)", "plateau_patience": ">= 0",
+          "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1", "cfg_scale": ">= 0", "top_k": ">= 0",
+          "top_p": "[0, 1]", "lpips_pairs": ">= 1", "per_class": ">= 1"}
+# Settings that define a training run: --resume refuses a checkpoint made under other values, and
+# --sample-only takes them from the checkpoint. (--grad-accum changes memory, not the maths.)
+ARCH = ("depth", "width", "heads", "mlp_ratio", "drop_path", "label_dropout", "adaln_gamma_init")
+DEFINING = ARCH + ("tokenizer", "tokens_dir", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "clip",
+                   "label_smoothing", "plateau_factor", "plateau_patience", "patience", "seed")
+
+
+def build_model(cfg, dump, token_dim):
+    """VAR for a dump's classes, codes and scales; architecture from args or a checkpoint's args."""
+    cfg = cfg if isinstance(cfg, dict) else vars(cfg)
+    return VAR(dump.num_classes, dump.codebook_size, token_dim, dump.scales, depth=cfg["depth"],
+               width=cfg["width"] or None, heads=cfg["heads"] or None, mlp_ratio=cfg["mlp_ratio"],
+               drop_path_rate=cfg["drop_path"], label_dropout=cfg["label_dropout"])
+
+
+def check_guidance(args):
+    """Guidance mixes in the null class, which only label dropout trains."""
+    if args.sample and args.cfg_scale > 0 and args.label_dropout == 0:
+        raise UserError("--cfg-scale > 0 needs a model trained with --label-dropout > 0 (the null class); "
+                        "use --cfg-scale 0")
 
 
 def validate(args):
-    if args.min_lr > args.lr:
-        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
+    common.validate_generator_args(args)
     width, heads = args.width or 64 * args.depth, args.heads or args.depth
     if width % heads:
-        raise UserError(f"the width {width} must divide by the number of heads {heads} (--width, --heads)")
+        raise UserError(f"the width {width} must be divisible by the {heads} heads (--width, --heads)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % (world * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must divide into {world} processes x --grad-accum "
                         f"{args.grad_accum} micro-batches")
-    if args.sample and args.cfg > 0 and args.cond_drop == 0:
-        raise UserError("--cfg > 0 needs --cond-drop > 0: label dropout is what trains the null class")
+    if not args.sample_only:
+        check_guidance(args)
 
 
 def load_inputs(args):
-    """The token dumps and the frozen tokenizer that made them, checked against each other: both
-    dumps msvq (VAR predicts scales), one tokenizer, the tokenizer's scales = the dumps' scales."""
-    dumps = [common.load_token_dump(path) for path in (args.tokens, args.val_tokens)]
-    for d in dumps:
-        if d.quantizer != "msvq":
-            raise UserError(f"{d.path} holds {d.quantizer} tokens; generator_var.py needs a multi-scale (msvq) "
-                            "dump: imagenet_tokenizer.py --quantizer msvq ... --dump-tokens train|val")
-    tok_path = args.tokenizer or dumps[0].record.get("checkpoint")
-    if not tok_path:
-        raise UserError(f"{args.tokens} does not record its tokenizer checkpoint: pass --tokenizer")
-    tokenizer, tok_cfg = common.load_tokenizer(tok_path)
-    common.check_dumps_match(dumps, tok_cfg, tok_path)
-    if tuple(tokenizer.quantizer.scales) != tuple(dumps[0].scales):
-        raise UserError(f"{tok_path} has scales {list(tokenizer.quantizer.scales)}, the dumps "
-                        f"{list(dumps[0].scales)}: they come from different tokenizers")
-    if args.batch_size > len(dumps[0]):
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(dumps[0])} training images")
-    return dumps, tokenizer, tok_cfg, os.path.abspath(tok_path)
+    """Tokenizer (frozen, CPU), its args, the training and validation dumps (one-line errors)."""
+    tokenizer, cfg, train_dump, val_dump = common.load_generator_inputs(args, "msvq")
+    if tuple(tokenizer.quantizer.scales) != tuple(train_dump.scales):
+        raise UserError(f"{args.tokenizer} has scales {list(tokenizer.quantizer.scales)}, its dumps "
+                        f"{list(train_dump.scales)}: dump the tokens again")
+    if args.batch_size > len(train_dump) and not args.sample_only:
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(train_dump)} training images")
+    return tokenizer, cfg, train_dump, val_dump
 
 
-def run_name(args, tok_path):
-    """Default: var_<tokenizer run>, the tokenizer run being the folder of its checkpoint."""
-    return args.name or "var_" + os.path.basename(os.path.dirname(tok_path))
+def sample_only_settings(args):
+    """--sample-only: the checkpoint's settings adopted into args, its history returned."""
+    history = common.adopt_generator_settings(args, common.load_checkpoint(args.checkpoint), DEFINING,
+                                              "generator_var.py")
+    check_guidance(args)
+    return history
 
 
-def build_model(args, dump):
-    return VAR(dump.num_classes, dump.codebook_size, args.token_dim, dump.scales, depth=args.depth,
-               width=args.width or None, heads=args.heads or None, mlp_ratio=args.mlp_ratio,
-               drop_path_rate=args.drop_path, cond_drop=args.cond_drop)
+def run_name(args):
+    if args.name:
+        return args.name
+    return "var_" + os.path.basename(os.path.dirname(os.path.abspath(args.tokenizer)))
 
 
 def main(args):
     info = common.setup_distributed(args.device, args.dist_timeout)
-    dumps, tokenizer, tok_cfg, tok_path = load_inputs(args)
-    args.tokenizer, args.token_dim = tok_path, tok_cfg["token_dim"]
-    name = run_name(args, tok_path)
-    run_dir = os.path.join(args.out, name)
-    paths = {"last": os.path.join(run_dir, "last.pt"), "best": os.path.join(run_dir, "best.pt"),
-             "json": os.path.join(args.out, f"{name}.json"), "grid": os.path.join(run_dir, "samples_grid.png"),
-             "samples": os.path.join(run_dir, "samples")}
-    checks = []
-    if args.sample and not args.skip_fid:
-        checks += [common.inception_weights_path, lambda: len(common.tokenizer_test_split(tok_cfg, args.data_dir))]
-    if args.sample and not args.skip_lpips:
-        checks.append(lambda: common.load_lpips("alex"))
-    with common.start_run(args, name=name, outputs=list(paths.values()), ranges=RANGES, defining=DEFINING,
+    # absolute paths: checkpoints compare them on --resume, results record them
+    args.tokenizer = os.path.abspath(args.tokenizer)
+    args.tokens_dir = args.tokens_dir and os.path.abspath(args.tokens_dir)
+    name = run_name(args)
+    paths = common.generator_output_paths(args.out, name)
+    outputs = [paths[k] for k in ("json", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
+    checks = [lambda: load_inputs(args), lambda: common.check_sample_weights(args)]
+    if args.sample_only:
+        checks.append(lambda: sample_only_settings(argparse.Namespace(**vars(args))))
+    with common.start_run(args, name=name, outputs=outputs, ranges=RANGES, defining=DEFINING,
                           resume_from=paths["last"], checks=checks, validate=validate) as run:
-        common.seed_everything(args.seed)  # identical initial weights on every rank
-        model = build_model(args, dumps[0]).init_weights(adaln_gamma=args.adaln_gamma_init).to(info.device)
-        tokenizer.to(info.device)
-        quantizer = tokenizer.quantizer
-        opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-        schedule = common.PlateauSchedule(args.lr, factor=args.plateau_factor, patience=args.plateau_patience,
-                                          min_lr=args.min_lr, stop_patience=args.patience)
-        state = {"epoch": 0, "step": 0, "history": []}
-        if run.checkpoint is not None:
-            model.load_state_dict(run.checkpoint["model"])
-            opt.load_state_dict(run.checkpoint["optimizer"])
-            schedule.load_state_dict(run.checkpoint["schedule"])
-            state = run.checkpoint["state"]
-            common.set_rng_state(run.checkpoint["rng"])
-            common.print0(f"resumed {paths['last']} at epoch {state['epoch']}")
-        ddp_model = common.wrap_ddp(model, info)
-        state = train(model, ddp_model, quantizer, dumps, opt, schedule, state, args, info, paths)
-        if not os.path.exists(paths["best"]):
-            raise UserError("no epoch was trained (--epochs 0?): nothing to sample from")
-        if not info.is_main:
-            return common.cleanup_distributed()
-        # Samples and metrics on rank 0, from the checkpoint with the best validation loss.
-        model.load_state_dict(common.load_checkpoint(paths["best"])["model"])
-        metrics, provenance, sampling, extra = {}, {}, None, {}
-        if args.sample:
-            metrics, provenance = sample_and_score(model, quantizer, tokenizer, tok_cfg, dumps[0], args,
-                                                   info.device, paths)
-            sampling = {"num_samples": args.sample, "labels": "class-balanced", "seed": args.seed,
-                        "batch_size": args.sample_batch_size, "cfg": args.cfg, "top_k": args.top_k,
-                        "top_p": args.top_p, "more_smooth": False}
-            extra = {k: os.path.relpath(paths[k], args.out) for k in ("samples", "grid")}
-        best = min(state["history"], key=lambda r: r["val_loss"])
-        metrics.update(val_loss=best["val_loss"], val_accuracy=best["val_accuracy"], best_epoch=best["epoch"],
-                       epochs_trained=state["epoch"], stopped_early=schedule.stopped)
-        notes = {}
-        if args.sample and args.skip_fid:
-            notes["gfid"] = "not computed: --skip-fid"
-        if args.sample and args.skip_lpips:
-            notes["lpips_diversity"] = "not computed: --skip-lpips"
-        common.write_generator_result(paths["json"], EXPERIMENT, args, metrics, state["history"],
-                                      tokenizer=common.tokenizer_identity(tok_cfg, tok_path), provenance=provenance,
-                                      sampling=sampling, checkpoint=paths["best"], notes=notes, **extra)
-        common.print0({k: v for k, v in metrics.items()})
-    common.cleanup_distributed()
+        tokenizer, tokenizer_cfg, train_dump, val_dump = load_inputs(args)
+        if args.sample_only:
+            ckpt_path, history = args.checkpoint, sample_only_settings(args)
+        else:
+            history = train(args, info, tokenizer, tokenizer_cfg["token_dim"], (train_dump, val_dump), run, paths)
+            ckpt_path = paths["best"]
+            if not os.path.exists(ckpt_path):
+                raise UserError("training ended before its first epoch; raise --epochs")
+        common.cleanup_distributed()  # sampling and metrics run on rank 0 alone
+        if info.is_main:
+            return sample_and_report(args, info, tokenizer, tokenizer_cfg, train_dump, ckpt_path, history, paths)
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data: token dumps of a multi-scale tokenizer (imagenet_tokenizer.py --dump-tokens)")
-    g.add_argument("--tokens", required=True, help="training dump, <tokenizer run>/tokens_train.pt")
-    g.add_argument("--val-tokens", required=True,
-                   help="validation dump (tokens_val.pt): its loss drives ReduceLROnPlateau and early stopping")
-    g.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one recorded in --tokens)")
-    g.add_argument("--data-dir", help="image folder of the tokenizer's split, for the g-FID reference "
-                                      "(default: the one recorded in the tokenizer checkpoint)")
-    g.add_argument("--name", help="run name (default var_<tokenizer run>)")
+    g = p.add_argument_group("inputs")
+    g.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (imagenet_tokenizer.py, --quantizer msvq)")
+    g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
+    g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
 
-    g = p.add_argument_group("model (VAR; defaults: VAR's build_vae_var at --depth)")
+    g = p.add_argument_group("model (VAR's build_vae_var at --depth)")
     g.add_argument("--depth", type=int, default=16, help="transformer blocks (paper: 16, the smallest VAR)")
     g.add_argument("--width", type=int, default=0, help="0: 64 x depth")
     g.add_argument("--heads", type=int, default=0, help="0: depth")
     g.add_argument("--mlp-ratio", type=float, default=4.0)
-    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth of the last block "
-                                                                 "(default 0.1 x depth / 24)")
-    g.add_argument("--cond-drop", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    g.add_argument("--drop-path", type=float, default=None,
+                   help="stochastic depth of the last block, rising linearly from 0 (default 0.1 x depth / 24)")
     g.add_argument("--adaln-gamma-init", type=float, default=1e-3,
                    help="init multiplier of the AdaLN gates (VAR's --alng; 1e-3 in its d16 command)")
 
-    g = p.add_argument_group("optimisation (VAR's AdamW recipe, the paper's plateau schedule)")
-    g.add_argument("--batch-size", type=int, default=768, help="global batch, all ranks together (VAR d16: 768)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and rank (VAR's --ac)")
+    g = p.add_argument_group("training (VAR's AdamW recipe, the paper's plateau schedule)")
+    g.add_argument("--batch-size", type=int, default=768, help="global batch, all processes together (VAR d16: 768)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (VAR's --ac)")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (VAR: 1e-4 x batch / 256)")
     g.add_argument("--min-lr", type=float, default=1e-6, help="ReduceLROnPlateau floor (paper A.1: 1e-6)")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up (VAR: 1/50 of the epochs)")
-    g.add_argument("--grad-clip", type=float, default=2.0, help="0: no clipping")
+    g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clipping (0: none)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--epochs", type=int, default=200, help="cap (VAR d16: 200); early stopping ends sooner")
-    g.add_argument("--plateau-patience", type=int, default=5, help="validations without improvement before lr x factor")
+    g.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (for --cfg-scale)")
+    g.add_argument("--epochs", type=int, default=200, help="cap (VAR d16: 200); early stopping usually ends sooner")
     g.add_argument("--plateau-factor", type=float, default=0.5)
-    g.add_argument("--patience", type=int, default=10,
-                   help="early stopping: validations at the minimum lr without improvement")
-    g.add_argument("--max-steps-per-epoch", type=int, default=0, help="0: full epochs (smoke runs use a few)")
+    g.add_argument("--plateau-patience", type=int, default=5, help="epochs without improvement before lr drops")
+    g.add_argument("--patience", type=int, default=10, help="early stopping: epochs at --min-lr without improvement")
     g.add_argument("--seed", type=int, default=0)
 
-    g = p.add_argument_group("samples and metrics (paper section 6.1)")
-    g.add_argument("--sample", type=int, default=0, help="class-balanced samples after training (paper: 5,000)")
-    g.add_argument("--cfg", type=float, default=1.5, help="guidance at the last scale (VAR's FID recipe: 1.5)")
+    g = p.add_argument_group("sampling and metrics")
+    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
+    g.add_argument("--sample-batch-size", type=int, default=100)
+    g.add_argument("--cfg-scale", type=float, default=1.5,
+                   help="guidance at the last scale, t = cfg x k / (K - 1) at scale k (VAR's FID recipe: 1.5)")
     g.add_argument("--top-k", type=int, default=900, help="0: off (VAR: 900, tuned for 4,096 codes)")
     g.add_argument("--top-p", type=float, default=0.96, help="0: off (VAR: 0.96)")
-    g.add_argument("--sample-batch-size", type=int, default=64)
-    g.add_argument("--grid-per-class", type=int, default=8, help="samples per class row of the grid PNG")
-    g.add_argument("--lpips-pairs", type=int, default=None, help="LPIPS diversity over this many random pairs "
-                                                                 "(default: all pairs, as the paper)")
-    g.add_argument("--skip-fid", action="store_true", help="no g-FID (the JSON says why)")
-    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (the JSON says why)")
+    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
+    g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
+    g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
+    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
+    g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
+    g.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
+    g.add_argument("--checkpoint", help="generator checkpoint for --sample-only")
+    g.add_argument("--name", help="run name (default var_<tokenizer run folder>)")
     common.add_run_arguments(p, out_default="runs/generator_var")
     return p
 

@@ -2,13 +2,19 @@
 teacher-forcing input and the inference step against decode_indices and an independent
 re-computation; the VAR transformer's sequence layout, block-causal mask, kv cache, CFG, sampling
 and label dropout; and the CLI on a tiny tokenizer fixture (CPU)."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import common
+import evaluate
+import generator_var as gv
 
 # ------------------------------------------------------------------------------------------------
 # common.MultiScaleQuantizer: teacher-forcing input and the inference step
@@ -106,7 +112,6 @@ def test_next_scale_input_rejects_a_scale_outside_the_pyramid():
 # The VAR transformer: layout, mask, kv cache, guidance, sampling, label dropout
 # ------------------------------------------------------------------------------------------------
 
-import generator_var as gv  # noqa: E402
 
 SCALES = (1, 2, 4, 8)
 
@@ -242,7 +247,7 @@ def test_one_generator_stream_gives_different_samples_batch_after_batch():
 
 
 def test_label_dropout_maps_to_the_null_class_in_training_only():
-    model = tiny_var(cond_drop=0.1)
+    model = tiny_var(label_dropout=0.1)
     labels = torch.randint(0, 3, (20000,))
     assert torch.equal(model.eval().drop_labels(labels), labels)
     dropped = model.train().drop_labels(labels)
@@ -283,7 +288,7 @@ def test_param_groups_exclude_biases_norms_and_position_embeddings_from_decay():
 
 def test_a_few_steps_overfit_a_fixed_batch():
     q = make_msvq(scales=SCALES)
-    model = tiny_var(cond_drop=0.0).train()
+    model = tiny_var(label_dropout=0.0).train()
     labels = torch.arange(3)
     idx_BL = gv.flatten_scales(random_indices(q, 3, seed=7))
     opt = torch.optim.AdamW(gv.param_groups(model, 0.0), lr=1e-2, betas=(0.9, 0.95))
@@ -306,21 +311,18 @@ def test_a_few_steps_overfit_a_fixed_batch():
 # The script on the shared tokenizer fixture (tests/generator_fixture.py: msvq scales 1,2,4,8)
 # ------------------------------------------------------------------------------------------------
 
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from generator_fixture import write_token_dump  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--depth", "2", "--width", "32", "--heads", "2", "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "2",
          "--skip-fid", "--skip-lpips", "--device", "cpu"]
 
 
-def cli_args(run, out, *extra, val="val"):
-    argv = ["--tokens", run.tokens["train"], "--val-tokens", run.tokens[val], "--out", str(out)] + SMALL + list(extra)
-    return gv.build_parser().parse_args(argv)
+def cli_argv(run, out, *extra):
+    return ["--tokenizer", run.checkpoint, "--out", str(out)] + SMALL + list(extra)
+
+
+def cli_args(run, out, *extra):
+    return gv.build_parser().parse_args(cli_argv(run, out, *extra))
 
 
 def run_cli(argv, capsys):
@@ -340,16 +342,29 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     assert record["experiment"] == "generator_var" and record["method"] == "var_baseline"
     assert record["tokenizer"]["quantizer"] == "msvq" and record["tokenizer"]["checkpoint"] == run.checkpoint
     m = record["metrics"]
-    assert m["num_samples"] == 7 and m["pixel_diversity"] > 0 and 1 <= m["sample_used_codes"] <= 16
-    assert m["gfid"] is None if "gfid" in m else "skip-fid" in record["notes"]["gfid"]
+    assert m["num_samples"] == 7 and m["pixel_diversity"] > 0 and 1 <= m["token_used_codes"] <= 16
+    assert "gfid" not in m and "skip-fid" in record["notes"]["gfid"]
     assert record["sampling"]["cfg"] == 1.5 and record["sampling"]["labels"] == "class-balanced"
-    assert [h["epoch"] for h in record["history"]] == [0, 1, 2]
-    assert len(record["history"][0]["val_loss_per_scale"]) == 4
+    history = record["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2] and len(history[0]["val_loss_per_scale"]) == 4
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert m["val_loss"] == min(h["val_loss"] for h in history)  # the sampled checkpoint is the best one
     samples = sorted(os.listdir(tmp_path / record["samples"]))
     assert len(samples) == 7 and samples[0] == "00000_class0.png" and samples[-1] == "00006_class2.png"
     assert os.path.exists(tmp_path / record["grid"])
-    best = torch.load(record["checkpoint"], weights_only=False)
-    assert best["state"]["epoch"] == m["best_epoch"] + 1
+    tokens = torch.load(tmp_path / "var_msvq" / "samples_tokens.pt", weights_only=False)
+    assert [tuple(t.shape) for t in tokens["tokens"]] == [(7, s, s) for s in SCALES]
+    assert tokens["labels"].tolist() == [0, 0, 0, 1, 1, 2, 2]
+    # sampling again from the trained generator, under another name and guidance
+    gv.main(cli_args(run, tmp_path, "--sample-only", "--checkpoint", record["checkpoint"], "--name", "again",
+                     "--sample", "4", "--cfg-scale", "0", "--depth", "7"))
+    again = json.load(open(tmp_path / "again.json"))
+    assert again["args"]["depth"] == 2 and again["sampling"]["cfg"] == 0  # architecture from the checkpoint
+    assert again["history"] == history and again["metrics"]["num_samples"] == 4
+    # evaluate.py renders the run as the VAR row of Table 4 (ImageNet-100 scheme, no GAN, baseline)
+    table = evaluate.render_generator_table(evaluate.load_results(str(tmp_path)), "Table 4")
+    cells = next(line for line in table.splitlines() if line.startswith("| VAR ✗ |")).split(" | ")[1:]
+    assert cells[:4] == ["12.88", "–", "70.69", f"{m['pixel_diversity']:.2f}"]
 
 
 def cross_entropy_by_counting(dump, context):
@@ -379,7 +394,7 @@ def test_overfits_the_fixture_dump_through_the_tokenizers_own_quantizer(tokenize
     marginal = cross_entropy_by_counting(dump, lambda i, b: int(y[i]))
     torch.manual_seed(0)
     model = gv.VAR(dump.num_classes, dump.codebook_size, cfg["token_dim"], dump.scales, depth=2, width=32, heads=2,
-                   drop_path_rate=0.0, cond_drop=0.0).init_weights(head=1.0, adaln_gamma=1.0).train()
+                   drop_path_rate=0.0, label_dropout=0.0).init_weights(head=1.0, adaln_gamma=1.0).train()
     opt = torch.optim.AdamW(gv.param_groups(model, 0.0), lr=1e-2, betas=(0.9, 0.95))
     for _ in range(150):
         loss = gv.token_loss(gv.teacher_forced_logits(model, tokenizer.quantizer, dump.labels, dump.tokens_NL),
@@ -392,7 +407,7 @@ def test_overfits_the_fixture_dump_through_the_tokenizers_own_quantizer(tokenize
 
 def test_kill_and_resume_reaches_the_uninterrupted_result(tokenizer_runs, tmp_path, monkeypatch):
     run = tokenizer_runs["msvq"]
-    extra = ("--epochs", "4", "--max-steps-per-epoch", "2")
+    extra = ("--epochs", "4", "--sample", "0")
     gv.main(cli_args(run, tmp_path / "full", *extra))
 
     class Killed(Exception):
@@ -422,14 +437,14 @@ def test_two_gloo_ranks_train_like_one_process_on_the_global_batch(tokenizer_run
     # no label dropout and no stochastic depth: the only randomness left is the data order, which
     # both runs take from (seed, epoch); each rank gets half of every global batch
     run = tokenizer_runs["msvq"]
-    argv = ["--tokens", run.tokens["train"], "--val-tokens", run.tokens["val"]] + SMALL + \
-        ["--epochs", "2", "--cond-drop", "0", "--drop-path", "0", "--sample", "4", "--cfg", "0"]
+    argv = ["--tokenizer", run.checkpoint] + SMALL + \
+        ["--epochs", "2", "--label-dropout", "0", "--drop-path", "0", "--sample", "4", "--cfg-scale", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    for cmd, out in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "dist"),
-                     ([sys.executable], "single")):
-        proc = subprocess.run(cmd + [os.path.join(ROOT, "generator_var.py")] + argv + ["--out", str(tmp_path / out)],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "generator_var.py")] + argv + ["--out", str(tmp_path / "dist")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gv.main(gv.build_parser().parse_args(argv + ["--out", str(tmp_path / "single")]))
     dist, single = (json.load(open(tmp_path / out / "var_msvq.json")) for out in ("dist", "single"))
     assert dist["metrics"]["num_samples"] == 4 and len(os.listdir(tmp_path / "dist" / dist["samples"])) == 4
     for a, b in zip(dist["history"], single["history"]):
@@ -441,23 +456,27 @@ def test_two_gloo_ranks_train_like_one_process_on_the_global_batch(tokenizer_run
 def test_bad_inputs_are_one_line_errors(tokenizer_runs, tmp_path, capsys):
     msvq, vq = tokenizer_runs["msvq"], tokenizer_runs["vq"]
     base = ["--out", str(tmp_path / "out")] + SMALL
-    # a vq dump: VAR needs the scale pyramid
-    code, err = run_cli(["--tokens", vq.tokens["train"], "--val-tokens", vq.tokens["val"]] + base, capsys)
-    assert code == 2 and "holds vq tokens" in err and "msvq" in err and err.count("\n") == 1
-    # the tokenizer checkpoint recorded in the dump is gone
-    record = torch.load(msvq.tokens["train"], weights_only=False)
-    moved = write_token_dump(tmp_path / "moved.pt", record["tokens"], record["labels"], 16, quantizer="msvq",
-                             checkpoint=str(tmp_path / "gone" / "best.pt"), split_file=record["split_file"])
-    code, err = run_cli(["--tokens", str(moved), "--val-tokens", msvq.tokens["val"]] + base, capsys)
+    # a single-scale tokenizer: VAR needs the scale pyramid
+    code, err = run_cli(["--tokenizer", vq.checkpoint] + base, capsys)
+    assert code == 2 and "is a vq tokenizer" in err and "generator_maskgit.py" in err and err.count("\n") == 1
+    # a missing tokenizer checkpoint, a vq dump beside an msvq tokenizer, missing dumps
+    code, err = run_cli(["--tokenizer", str(tmp_path / "gone" / "best.pt")] + base, capsys)
     assert code == 2 and "no such checkpoint" in err and "gone" in err and err.count("\n") == 1
-    # a missing dump, --resume without a run, guidance without a trained null class
-    code, err = run_cli(["--tokens", str(tmp_path / "nope.pt"), "--val-tokens", msvq.tokens["val"]] + base, capsys)
+    vq_dumps = os.path.dirname(vq.tokens["train"])
+    code, err = run_cli(["--tokenizer", msvq.checkpoint, "--tokens-dir", vq_dumps] + base, capsys)
+    assert code == 2 and "vq" in err and err.count("\n") == 1
+    code, err = run_cli(["--tokenizer", msvq.checkpoint, "--tokens-dir", str(tmp_path)] + base, capsys)
     assert code == 2 and "token dump not found" in err
-    good = ["--tokens", msvq.tokens["train"], "--val-tokens", msvq.tokens["val"]] + base
+    # --resume without a run, guidance without a trained null class, --sample-only without a checkpoint
+    good = ["--tokenizer", msvq.checkpoint] + base
     code, err = run_cli(good + ["--resume"], capsys)
     assert code == 2 and "no checkpoint" in err
-    code, err = run_cli(good + ["--sample", "4", "--cond-drop", "0"], capsys)
-    assert code == 2 and "--cond-drop" in err
+    code, err = run_cli(good + ["--label-dropout", "0"], capsys)
+    assert code == 2 and "--label-dropout" in err
+    code, err = run_cli(good + ["--sample-only"], capsys)
+    assert code == 2 and "--checkpoint" in err
+    code, err = run_cli(good + ["--batch-size", "8", "--grad-accum", "3"], capsys)
+    assert code == 2 and "--grad-accum" in err
     assert not os.path.exists(tmp_path / "out" / "var_msvq")  # nothing was created by a refused run
 
 
@@ -466,10 +485,9 @@ def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch():
     labels, idx_BL = torch.tensor([0, 1, 2, 0, 1, 2]), gv.flatten_scales(random_indices(q, 6, seed=3))
     params = []
     for accum in (1, 3):
-        model = tiny_var(cond_drop=0.0).train()
+        model = tiny_var(label_dropout=0.0).train()
         opt = torch.optim.AdamW(gv.param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95))
-        args = gv.build_parser().parse_args(["--tokens", "x", "--val-tokens", "y", "--grad-accum", str(accum),
-                                             "--grad-clip", "0.5"])
+        args = gv.build_parser().parse_args(["--tokenizer", "x", "--grad-accum", str(accum), "--clip", "0.5"])
         loss, norm = gv.train_step(model, q, labels, idx_BL, opt, args, torch.device("cpu"))
         params.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
     (loss1, norm1, after1), (loss3, norm3, after3) = params
