@@ -2259,7 +2259,31 @@ def write_generator_result(path, experiment, args, metrics, history, *, tokenize
 # --sample-batch-size, --per-class, --skip-fid, --prc, --skip-lpips, --lpips-pairs, --sample-only
 # with --checkpoint) and report in one JSON; what differs is the model and its sampler.
 
-GENERATOR_SCRIPT = {"vq": "generator_maskgit.py", "msvq": "generator_var.py"}
+GENERATORS = {"vq": "maskgit", "msvq": "var"}  # the generator of each tokenizer kind: generator_<name>.py
+
+
+def add_generator_arguments(parser, quantizer, out_default):
+    """The arguments every generator script shares, with one meaning: its inputs, the samples and
+    their metrics, --name and the run arguments (add_run_arguments). Returns the "sampling and
+    metrics" group, to which the script adds its sampler's options."""
+    g = parser.add_argument_group("inputs")
+    g.add_argument("--tokenizer", required=True, help=f"tokenizer checkpoint (imagenet_tokenizer.py, --quantizer {quantizer})")
+    g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
+    g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
+    g = parser.add_argument_group("sampling and metrics")
+    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
+    g.add_argument("--sample-batch-size", type=int, default=100)
+    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
+    g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
+    g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
+    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
+    g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
+    g.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
+    g.add_argument("--checkpoint", help="generator checkpoint for --sample-only")
+    g.add_argument("--name", help=f"run name (default {GENERATORS[quantizer]}_<tokenizer run folder>)")
+    add_run_arguments(parser, out_default=out_default)
+    return g
 
 
 def generator_tokens_dir(args):
@@ -2275,8 +2299,8 @@ def load_generator_inputs(args, quantizer):
     enough for LPIPS diversity when it is asked for. Every problem is a one-line UserError."""
     tokenizer, cfg = load_tokenizer(args.tokenizer)  # refuses Continuous-Phase and foreign files
     if cfg["quantizer"] != quantizer:
-        raise UserError(f"{args.tokenizer} is a {cfg['quantizer']} tokenizer; {GENERATOR_SCRIPT[quantizer]} models "
-                        f"{quantizer} tokens (use {GENERATOR_SCRIPT[cfg['quantizer']]})")
+        raise UserError(f"{args.tokenizer} is a {cfg['quantizer']} tokenizer; generator_{GENERATORS[quantizer]}.py "
+                        f"models {quantizer} tokens (use generator_{GENERATORS[cfg['quantizer']]}.py)")
     dumps = [load_token_dump(os.path.join(generator_tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
     check_dumps_match(dumps, cfg, args.tokenizer)
     for d in dumps:

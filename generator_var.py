@@ -675,10 +675,11 @@ def main(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("inputs")
-    g.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (imagenet_tokenizer.py, --quantizer msvq)")
-    g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
-    g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
+    g = common.add_generator_arguments(p, "msvq", out_default="runs/generator_var")
+    g.add_argument("--cfg-scale", type=float, default=1.5,
+                   help="guidance at the last scale, t = cfg x k / (K - 1) at scale k (VAR's FID recipe: 1.5)")
+    g.add_argument("--top-k", type=int, default=900, help="0: off (VAR: 900, tuned for 4,096 codes)")
+    g.add_argument("--top-p", type=float, default=0.96, help="0: off (VAR: 0.96)")
 
     g = p.add_argument_group("model (VAR's build_vae_var at --depth)")
     g.add_argument("--depth", type=int, default=16, help="transformer blocks (paper: 16, the smallest VAR)")
@@ -705,24 +706,6 @@ def build_parser():
     g.add_argument("--plateau-patience", type=int, default=5, help="epochs without improvement before lr drops")
     g.add_argument("--patience", type=int, default=10, help="early stopping: epochs at --min-lr without improvement")
     g.add_argument("--seed", type=int, default=0)
-
-    g = p.add_argument_group("sampling and metrics")
-    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
-    g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
-    g.add_argument("--sample-batch-size", type=int, default=100)
-    g.add_argument("--cfg-scale", type=float, default=1.5,
-                   help="guidance at the last scale, t = cfg x k / (K - 1) at scale k (VAR's FID recipe: 1.5)")
-    g.add_argument("--top-k", type=int, default=900, help="0: off (VAR: 900, tuned for 4,096 codes)")
-    g.add_argument("--top-p", type=float, default=0.96, help="0: off (VAR: 0.96)")
-    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
-    g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
-    g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
-    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
-    g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
-    g.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
-    g.add_argument("--checkpoint", help="generator checkpoint for --sample-only")
-    g.add_argument("--name", help="run name (default var_<tokenizer run folder>)")
-    common.add_run_arguments(p, out_default="runs/generator_var")
     return p
 
 
