@@ -448,7 +448,6 @@ def train_step(ddp_model, quantizer, labels_B, idx_BL, opt, args, device):
         with sync:
             with common.autocast_for(device):
                 loss = token_loss(teacher_forced_logits(ddp_model, quantizer, labels, idx), idx, args.label_smoothing)
-            common.check_finite(loss, "a training step")
             (loss * labels.shape[0] / labels_B.shape[0]).backward()
         total += loss.detach() * labels.shape[0] / labels_B.shape[0]
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -525,6 +524,7 @@ def train(args, info, tokenizer, token_dim, dumps, run, paths):
             state["step"] += 1
             sums += torch.stack([torch.ones((), dtype=torch.float64, device=info.device), loss.double(), norm.double()])
         common.all_reduce_sum(sums)
+        common.check_finite(sums[1], f"epoch {epoch}")  # on every rank alike, before any checkpoint
         seconds = time.time() - start
         val = validation_loss(model, quantizer, val_dump, args, info)
         record = {"epoch": epoch, "step": state["step"], "lr": schedule.lr,
