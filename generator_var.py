@@ -97,6 +97,7 @@ reproduces the uninterrupted run exactly (tested on CPU).
 """
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import time
@@ -117,7 +118,7 @@ EXPERIMENT = "generator_var"
 
 def scale_slices(scales):
     """[(begin, end)] of each scale in the flattened sequence of L = sum s_k^2 tokens."""
-    ends = torch.tensor([s * s for s in scales]).cumsum(0).tolist()
+    ends = list(itertools.accumulate(s * s for s in scales))
     return list(zip([0] + ends[:-1], ends))
 
 
@@ -259,7 +260,7 @@ class VAR(nn.Module):
         self.word_embed = nn.Linear(token_dim, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.L, width))
         self.lvl_embed = nn.Embedding(len(self.scales), width)
-        rates = torch.linspace(0, self.drop_path_rate, depth).tolist()
+        rates = [self.drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # linear from 0
         self.blocks = nn.ModuleList(AdaLNBlock(width, heads, mlp_ratio, p, eps) for p in rates)
         self.head = AdaLNHead(width, vocab, eps)
         self.register_buffer("level", scale_of_position(self.scales), persistent=False)

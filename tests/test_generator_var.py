@@ -494,3 +494,11 @@ def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch():
     assert loss3.item() == pytest.approx(loss1.item(), rel=1e-5) and norm3.item() == pytest.approx(norm1.item(), rel=1e-4)
     assert norm1 > 0.5  # the clip was active, on the summed gradient
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(after1, after3))
+
+
+def test_parameter_counts_match_vars_published_model_sizes():
+    # VAR's README: VAR-d16 310M, VAR-d20 600M parameters (ImageNet, 1,000 classes, 4,096 codes)
+    with torch.device("meta"):
+        sizes = {d: sum(p.numel() for p in gv.VAR(1000, 4096, 32, common.VAR_SCALES, depth=d).parameters())
+                 for d in (16, 20)}
+    assert 310e6 <= sizes[16] < 311e6 and 600e6 <= sizes[20] < 601e6
