@@ -681,7 +681,8 @@ class VectorQuantizer(nn.Module):
       init               'uniform' (U(-1/K, 1/K), the usual nn.Embedding VQ-VAE init) or
                          'gaussian' with init_std (paper Table 10). Data-driven init goes through
                          `init_from_embeddings` ('sample' or 'kmeans').
-      enabled            False: identity, no loss (the Continuous Phase). See `deferred_switch`.
+      enabled            False: identity (l2_norm: the unit-sphere projection), no loss (the
+                         Continuous Phase). See `deferred_switch`.
       dead_code_steps    > 0: SoundStream-style LRU replacement; a code unused for that many
                          training steps is replaced by a random encoder output of the current batch.
       affine_lr          > 0: affine reparameterisation of Huh et al. (2023): codes are
@@ -690,13 +691,23 @@ class VectorQuantizer(nn.Module):
                          reaches the codebook, scaled by nu.
       simvq              True: SimVQ (Zhu et al. 2025): a frozen random codebook C seen through a
                          learned linear map, codes = C W^T.
+      l2_norm            True: LlamaGen's quantizer (Sun et al. 2024, tokenizer/tokenizer_image/
+                         vq_model.py): encoder outputs and codes are projected onto the unit sphere
+                         for the search, both loss terms and the straight-through output, so the
+                         decoder only ever sees unit vectors. The stored codes keep a free norm
+                         (`embed`, the "raw" codebook a checkpoint holds); `codebook` is their
+                         projection. Initial codes (U(-1/K, 1/K)) and every write (data init,
+                         replacement, EMA step) are stored as unit vectors. While disabled the
+                         quantizer is the projection itself (no quantization), so a Continuous
+                         Phase trains the decoder on the unit vectors it sees after the switch.
 
     Under torch.distributed, EMA statistics and usage are all-reduced and every codebook write
     (init, replacement) is computed on rank 0 and broadcast, so all ranks hold the same codebook.
     """
 
     def __init__(self, num_codes, dim, beta=0.25, ema_decay=None, init="uniform", init_std=1.0,
-                 enabled=True, dead_code_steps=0, affine_lr=0.0, sync_nu=0.0, simvq=False, eps=1e-5):
+                 enabled=True, dead_code_steps=0, affine_lr=0.0, sync_nu=0.0, simvq=False, eps=1e-5,
+                 l2_norm=False):
         super().__init__()
         if num_codes < 1 or dim < 1:
             raise UserError(f"a codebook needs at least one code of dimension >= 1, got {num_codes} x {dim}")
@@ -709,11 +720,14 @@ class VectorQuantizer(nn.Module):
                             "(those options train the codebook by gradient)")
         if affine_lr > 0 and simvq:
             raise UserError("choose one codebook reparameterisation: affine_lr or simvq")
+        if l2_norm and (affine_lr > 0 or simvq):
+            raise UserError("l2_norm (LlamaGen's unit-sphere codes) is not combined with affine_lr or simvq")
+        self.l2_norm = bool(l2_norm)
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema_decay, self.eps = ema_decay, eps
         self.dead_code_steps, self.affine_lr, self.sync_nu = dead_code_steps, affine_lr, sync_nu
 
-        weight = self._initial_codes(init, init_std)
+        weight = self._unit(self._initial_codes(init, init_std))  # LlamaGen: U(-1/K, 1/K), then normalised
         if ema_decay is None:
             self.embed = nn.Parameter(weight, requires_grad=not simvq)
         else:
@@ -738,6 +752,11 @@ class VectorQuantizer(nn.Module):
             return torch.randn(self.num_codes, self.dim) * init_std
         raise UserError(f"unknown codebook init '{init}' (use uniform, gaussian, or init_from_embeddings)")
 
+    def _unit(self, x):
+        """Rows (or channels of a (B, dim, H, W) map) projected onto the unit sphere in l2_norm mode;
+        unchanged otherwise. F.normalize divides by max(||x||, 1e-12): a zero vector stays zero."""
+        return F.normalize(x, dim=1) if self.l2_norm else x
+
     # ---- the codebook as users see it ---------------------------------------------------------
     @property
     def codebook(self):
@@ -747,7 +766,7 @@ class VectorQuantizer(nn.Module):
             codes = (1.0 + self.affine_lr * self.affine_scale) * codes + self.affine_lr * self.affine_bias
         if self.simvq_map is not None:
             codes = self.simvq_map(codes)
-        return codes
+        return self._unit(codes)
 
     def lookup(self, indices):
         """Code vectors for integer indices of any shape: (...,) -> (..., dim)."""
@@ -767,7 +786,7 @@ class VectorQuantizer(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, z):
         if not self.is_enabled:
-            return z, None, z.new_zeros(())
+            return self._unit(z), None, z.new_zeros(())
         z_q, indices, loss = self.quantize_flat(latent_rows(z, self.dim))
         if z.dim() == 4:
             b, _, h, w = z.shape
@@ -780,7 +799,7 @@ class VectorQuantizer(nn.Module):
         Distances, codes and losses stay float32 under bf16 autocast (an affine or SimVQ codebook
         computed in bf16 would round every code)."""
         with torch.autocast(z.device.type, enabled=False):
-            z = z.float()
+            z = self._unit(z.float())  # l2_norm: search, losses and output all on the unit sphere
             codebook = self.codebook.float()
             indices = nearest_code(z, codebook)
             q = F.embedding(indices, codebook)
@@ -833,7 +852,7 @@ class VectorQuantizer(nn.Module):
         self.embed_avg.mul_(gamma).add_(sums, alpha=1 - gamma)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
-        self.embed.copy_(self.embed_avg / smoothed[:, None])
+        self.embed.copy_(self._unit(self.embed_avg / smoothed[:, None]))  # l2_norm: back onto the sphere
 
     # ---- codebook writes (identical on every rank) --------------------------------------------
     @torch.no_grad()
@@ -841,7 +860,7 @@ class VectorQuantizer(nn.Module):
         """Write raw code vectors for the codes in `mask` and reset their EMA state consistently
         (cluster_size 1, embed_avg = embed), so the next EMA step moves them by a weighted mean
         of old position and new data instead of erasing the write."""
-        self.embed.data[mask] = values.to(self.embed.dtype)
+        self.embed.data[mask] = self._unit(values.to(self.embed.dtype))
         self.steps_unused[mask] = 0
         if self.ema_decay is not None:
             self.cluster_size[mask] = 1.0
@@ -891,7 +910,8 @@ class VectorQuantizer(nn.Module):
         """
         if method not in ("sample", "kmeans"):
             raise UserError(f"unknown init method '{method}' (use sample or kmeans)")
-        pool = all_gather_rows(latent_rows(embeddings.detach(), self.dim).float())
+        # l2_norm: sample / cluster the unit vectors that the search will compare codes with
+        pool = all_gather_rows(self._unit(latent_rows(embeddings.detach(), self.dim).float()))
         if pool.shape[0] < self.num_codes:
             raise UserError(f"codebook of {self.num_codes} codes is larger than the {pool.shape[0]} "
                             "embeddings collected to initialise it; collect more or use fewer codes")
@@ -988,6 +1008,8 @@ class MultiScaleQuantizer(nn.Module):
         if list(scales) != sorted(set(scales)):
             raise UserError(f"scales must be strictly increasing, got {list(scales)}")
         self.scales = tuple(int(s) for s in scales)
+        if vq_options.get("l2_norm"):
+            raise UserError("l2_norm is a single-scale option: residuals of unit vectors are not unit vectors")
         self.num_codes, self.dim = num_codes, dim
         self.vq = VectorQuantizer(num_codes, dim, enabled=True, **vq_options)
         self.beta = self.vq.beta
@@ -1676,6 +1698,8 @@ def build_tokenizer(cfg):
     starts disabled (Continuous Phase); loading a Discretization-Phase state dict turns it on."""
     cfg = cfg if isinstance(cfg, dict) else vars(cfg)
     vq_opts = dict(beta=cfg["beta"], ema_decay=cfg["ema_decay"], simvq=cfg["simvq"], enabled=False)
+    if cfg.get("l2_norm"):  # LlamaGen's unit-sphere quantizer (llamagen_deferred.py)
+        vq_opts["l2_norm"] = True
     if cfg["quantizer"] == "vq":
         quantizer = VectorQuantizer(cfg["codebook_size"], cfg["token_dim"], **vq_opts)
     else:
@@ -2194,3 +2218,14 @@ def write_generator_result(path, experiment, args, metrics, history, *, tokenize
     return write_result(path, experiment, method, args, metrics, history, tokenizer=tokenizer,
                         sampling=sampling, checkpoint=os.path.abspath(checkpoint), notes=notes or {},
                         **provenance, **extra)
+
+
+def open_rgb(path):
+    """An image file as an RGB PIL image, or a one-line UserError naming the file (a truncated or
+    foreign file inside a dataset of a million images should not end a run with a traceback)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
