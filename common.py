@@ -1097,6 +1097,62 @@ class MultiScaleQuantizer(nn.Module):
             f_hat = f_hat + self._contribution(k, codes, size)
         return f_hat
 
+    # ---- next-scale prediction (VAR's generator): its inputs come from this quantizer ----------
+    #
+    # The generator predicts the indices of scale k+1 from everything decoded up to scale k. Its
+    # input for scale k+1 is f_hat_k (the accumulated sum of the contributions of scales 1..k,
+    # on the full grid) area-downsampled to s_{k+1} x s_{k+1}: exactly the map the tokenizer
+    # quantized at that scale, except that the generator sees the accumulated reconstruction
+    # rather than the residual (VAR, models/quant.py: idxBl_to_var_input for training,
+    # get_next_autoregressive_input for inference). Both use this quantizer's effective codebook
+    # (SimVQ / affine aware) and its phi convolutions, in float32 as in `forward`.
+
+    @property
+    def token_counts(self):
+        """Tokens per scale, s_k^2; their sum L is the length of a next-scale-prediction sequence."""
+        return tuple(s * s for s in self.scales)
+
+    def next_scale_input(self, k, f_hat, idx):
+        """One step of next-scale prediction after the indices of scale k are known.
+
+        f_hat  (B, dim, H, W) accumulated reconstruction of scales < k (zeros before scale 0)
+        idx    (B, s_k, s_k) or (B, s_k^2) indices of scale k (any integer dtype)
+        Returns (f_hat + h_k, x) where x is the (B, s_{k+1}^2, dim) input of scale k+1, f_hat
+        area-downsampled and flattened row-major, or None after the last scale. The codes of the
+        last scale already lie on the grid and are not resampled (`_contribution`). float32.
+        """
+        if not 0 <= k < len(self.scales):
+            raise UserError(f"scale index {k} outside 0..{len(self.scales) - 1}")
+        s, grid = self.scales[k], self.scales[-1]
+        with torch.autocast(f_hat.device.type, enabled=False):
+            codes = self.vq.lookup(idx.long().reshape(-1, s, s)).float().permute(0, 3, 1, 2)
+            f_hat = f_hat.float() + self._contribution(k, codes, (grid, grid))
+            if k == len(self.scales) - 1:
+                return f_hat, None
+            nxt = self.scales[k + 1]
+            down = F.interpolate(f_hat, size=(nxt, nxt), mode="area") if nxt != grid else f_hat
+            return f_hat, down.flatten(2).transpose(1, 2)
+
+    def teacher_forcing_input(self, indices):
+        """Training input of next-scale prediction from ground-truth indices (teacher forcing):
+        [idx_1, ..., idx_K] (each (B, s, s) or (B, s^2)), or one (B, L) tensor with the scales laid
+        end to end (VAR's idx_BL), -> (B, L - s_1^2, dim) float32, the inputs of scales 2..K in
+        sequence order. The first scale's input is the class token, not a map."""
+        if isinstance(indices, torch.Tensor):
+            if indices.dim() != 2 or indices.shape[1] != sum(self.token_counts):
+                raise UserError(f"expected (B, {sum(self.token_counts)}) indices for scales {self.scales}, "
+                                f"got {tuple(indices.shape)}")
+            indices = indices.split(self.token_counts, dim=1)
+        if len(indices) != len(self.scales):
+            raise UserError(f"expected {len(self.scales)} index maps (scales {self.scales}), got {len(indices)}")
+        grid = self.scales[-1]
+        f_hat = torch.zeros(indices[0].shape[0], self.dim, grid, grid, device=indices[0].device)
+        inputs = []
+        for k in range(len(self.scales) - 1):
+            f_hat, x = self.next_scale_input(k, f_hat, indices[k])
+            inputs.append(x)
+        return torch.cat(inputs, 1) if inputs else f_hat.new_zeros(f_hat.shape[0], 0, self.dim)
+
 
 
 # ================================================================================================
@@ -2430,3 +2486,155 @@ def open_rgb(path):
             return img.convert("RGB")
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
+
+
+# ---- One command line for every generator script: inputs, outputs, checks, the sample report ----
+#
+# generator_maskgit.py and generator_var.py take the same inputs (--tokenizer, --tokens-dir,
+# --data-dir), write the same files, sample with the same options (--sample, --sample-seed,
+# --sample-batch-size, --per-class, --skip-fid, --prc, --skip-lpips, --lpips-pairs, --sample-only
+# with --checkpoint) and report in one JSON; what differs is the model and its sampler.
+
+GENERATORS = {"vq": "maskgit", "msvq": "var"}  # the generator of each tokenizer kind: generator_<name>.py
+
+
+def add_generator_arguments(parser, quantizer, out_default):
+    """The arguments every generator script shares, with one meaning: its inputs, the samples and
+    their metrics, --name and the run arguments (add_run_arguments). Returns the "sampling and
+    metrics" group, to which the script adds its sampler's options."""
+    g = parser.add_argument_group("inputs")
+    g.add_argument("--tokenizer", required=True, help=f"tokenizer checkpoint (imagenet_tokenizer.py, --quantizer {quantizer})")
+    g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
+    g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
+    g = parser.add_argument_group("sampling and metrics")
+    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
+    g.add_argument("--sample-batch-size", type=int, default=100)
+    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
+    g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
+    g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
+    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
+    g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
+    g.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
+    g.add_argument("--checkpoint", help="generator checkpoint for --sample-only")
+    g.add_argument("--name", help=f"run name (default {GENERATORS[quantizer]}_<tokenizer run folder>)")
+    add_run_arguments(parser, out_default=out_default)
+    return g
+
+
+def generator_tokens_dir(args):
+    """Where the token dumps are: --tokens-dir, else the tokenizer's run folder, where
+    imagenet_tokenizer.py --dump-tokens writes them."""
+    return args.tokens_dir or os.path.dirname(os.path.abspath(args.tokenizer))
+
+
+def load_generator_inputs(args, quantizer):
+    """The frozen tokenizer (CPU) with its args and the training / validation dumps of
+    <tokens dir>/tokens_{train,val}.pt, checked against each other: a tokenizer of the kind the
+    script models (`quantizer`: 'vq' or 'msvq'), dumps made from this tokenizer, image size
+    enough for LPIPS diversity when it is asked for. Every problem is a one-line UserError."""
+    tokenizer, cfg = load_tokenizer(args.tokenizer)  # refuses Continuous-Phase and foreign files
+    if cfg["quantizer"] != quantizer:
+        raise UserError(f"{args.tokenizer} is a {cfg['quantizer']} tokenizer; generator_{GENERATORS[quantizer]}.py "
+                        f"models {quantizer} tokens (use generator_{GENERATORS[cfg['quantizer']]}.py)")
+    dumps = [load_token_dump(os.path.join(generator_tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
+    check_dumps_match(dumps, cfg, args.tokenizer)
+    for d in dumps:
+        made_from = d.record.get("checkpoint")
+        if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
+            raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
+    if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
+        raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
+                        f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
+    return tokenizer, cfg, dumps[0], dumps[1]
+
+
+def generator_output_paths(out, name):
+    """The files of one generator run (all of them are start_run outputs)."""
+    run_dir = os.path.join(out, name)
+    return {"last": os.path.join(run_dir, "last.pt"), "best": os.path.join(run_dir, "best.pt"),
+            "samples": os.path.join(run_dir, "samples"), "grid": os.path.join(run_dir, "samples_grid.png"),
+            "tokens": os.path.join(run_dir, "samples_tokens.pt"), "json": os.path.join(out, f"{name}.json")}
+
+
+def check_sample_weights(args):
+    """The metric weights that --sample needs (a start_run check: fails before training)."""
+    if args.sample and not args.skip_fid:
+        inception_weights_path()
+    if args.sample and not args.skip_lpips:
+        load_lpips("alex")
+
+
+def validate_generator_args(args):
+    """Cross-argument rules every generator script shares (start_run's `validate`)."""
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+    if args.sample_only and not args.checkpoint:
+        raise UserError("--sample-only needs --checkpoint (a generator checkpoint to sample from)")
+    if args.sample_only and args.resume:
+        raise UserError("--sample-only writes a new run; it has nothing to --resume")
+    if args.sample == 1 and not (args.skip_lpips and args.skip_fid):
+        raise UserError("diversity and FID need at least 2 samples; use --sample >= 2")
+
+
+def adopt_generator_settings(args, saved, defining, script):
+    """--sample-only: the architecture and training settings (`defining`) come from the generator
+    checkpoint `saved`, so the JSON describes the model that was sampled; it must belong to
+    --tokenizer. Returns the checkpoint's training history."""
+    cfg = saved.get("args") if isinstance(saved, dict) else None
+    if not isinstance(cfg, dict) or "model" not in saved or any(k not in cfg for k in defining):
+        raise UserError(f"{args.checkpoint} is not a {script} checkpoint")
+    if os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
+        raise UserError(f"{args.checkpoint} was trained on the tokens of {cfg['tokenizer']}, not {args.tokenizer}")
+    for k in defining:
+        if k not in ("tokenizer", "tokens_dir"):
+            setattr(args, k, cfg[k])
+    return saved.get("state", {}).get("history", [])
+
+
+def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics, history,
+                   checkpoint, paths, device):
+    """The end of every generator run (rank 0): --sample class-balanced samples drawn by
+    `sample_tokens(labels_B) -> (B, L)` (which draws from ONE generator seeded once per run),
+    decoded by the frozen `tokenizer`, written as PNGs, a class-per-row grid and a token file;
+    the usage of codes in the sampled tokens; g-FID / precision-recall / pixel distance / LPIPS
+    diversity with their provenance (sample_metrics); then the result JSON. `sampling` holds the
+    script's sampler settings, `metrics` what the script measured already (validation loss)."""
+    metrics, notes, extra = dict(metrics), {}, {}
+    provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
+    if args.sample:
+        labels = balanced_labels(args.sample, dump.num_classes)
+        start = datetime.datetime.now()
+        images, tokens = generate_images(sample_tokens, tokenizer, dump, labels, args.sample_batch_size, device)
+        sampling = dict(sampling, num_samples=args.sample, labels="class-balanced", seed=args.sample_seed,
+                        batch_size=args.sample_batch_size,
+                        seconds=(datetime.datetime.now() - start).total_seconds())
+        write_samples(paths["samples"], images, labels, paths["grid"], args.per_class)
+        atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
+        counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
+        metrics.update(token_perplexity=perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
+        reference, cache = None, None
+        if not args.skip_fid:
+            reference = tokenizer_test_split(tokenizer_cfg, args.data_dir)
+            cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir)
+        lpips_model = None if args.skip_lpips else load_lpips("alex", device)
+        found, provenance = sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
+                                           prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
+                                           seed=args.sample_seed, device=device)
+        metrics.update(found)
+        folder = os.path.dirname(os.path.abspath(paths["json"]))
+        extra = {k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")}
+        if args.skip_fid:
+            notes["gfid"] = "not computed: --skip-fid"
+        if args.skip_lpips:
+            notes["lpips_diversity"] = "not computed: --skip-lpips"
+    else:
+        sampling, notes["samples"] = None, "no samples: --sample 0"
+    write_generator_result(paths["json"], experiment, args, metrics, history,
+                           tokenizer=tokenizer_identity(tokenizer_cfg, args.tokenizer), provenance=provenance,
+                           sampling=sampling, checkpoint=checkpoint, notes=notes, **extra)
+    print0({k: v for k, v in metrics.items()})
+    return metrics
