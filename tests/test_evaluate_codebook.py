@@ -14,7 +14,7 @@ from scipy.spatial.distance import pdist
 from common import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITE = {"num_codes", "dim", "euclidean", "cosine", "vendi"}
+SUITE = {"num_codes", "dim", "euclidean", "cosine", "vendi", "vendi_centred"}
 
 
 def evaluate(*args):
@@ -22,13 +22,17 @@ def evaluate(*args):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-def expected_suite(codes):
-    t = np.asarray(codes, dtype=np.float64)
-    k = t @ t.T
+def kernel_vendi(k):
     lam = np.linalg.eigvalsh(k / np.trace(k))
     lam = lam[lam > 1e-15]
+    return float(np.exp(-(lam * np.log(lam)).sum()))
+
+
+def expected_suite(codes):
+    t = np.asarray(codes, dtype=np.float64)
+    c = t - t.mean(0)
     return {"num_codes": t.shape[0], "dim": t.shape[1], "euclidean": pdist(t).mean(),
-            "cosine": pdist(t, "cosine").mean(), "vendi": float(np.exp(-(lam * np.log(lam)).sum()))}
+            "cosine": pdist(t, "cosine").mean(), "vendi": kernel_vendi(t @ t.T), "vendi_centred": kernel_vendi(c @ c.T)}
 
 
 def assert_suite_json(proc, codes, extra=()):
