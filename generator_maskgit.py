@@ -85,7 +85,11 @@ What the official code fixes and what we chose (google-research/maskgit, valeoai
     revealed are never re-masked or resampled. After the last step nothing is masked (the official
     code returns that step's sample before its final re-masking). T larger than N is refused.
   * Classifier-free guidance (not official): logits = c + w (c - u), u with the null class, w =
-    --cfg-scale constant over the steps.
+    --cfg-scale constant over the steps. w = 0 is the conditional model, as in generator_var.py
+    (VAR's convention); LlamaGen's scale s (u + s (c - u), llamagen_deferred.py) is 1 + w. The
+    result JSON states the formula (sampling.guidance). Guidance needs the null class, which only
+    label dropout trains: --cfg-scale > 0 with --label-dropout 0 is refused (also --sample-only
+    from such a checkpoint).
   * Samples (paper: not stated): --sample 5,000 class-balanced (50 per class on ImageNet-100, as
     VAR evaluates), drawn from ONE random stream per run (--sample-seed), so no two batches repeat
     each other. g-FID against the tokenizer's test split (torch-fidelity, as its r-FID); pixel

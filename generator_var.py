@@ -75,7 +75,9 @@ is the g-FID reference; --data-dir if they moved). Missing files fail before tra
 Choices the paper leaves open (ours; all are flags and recorded in the JSON):
   * Guidance --cfg-scale 1.5, top-k 900, top-p 0.96, no "more_smooth": VAR's README recipe for FID. VAR's
     paper says cfg 2.0 (VAR#86). top-k 900 was tuned for VAR's 4,096 codes; with the paper's 16,384
-    it keeps 5.5% of the vocabulary instead of 22% (--top-k 3600 keeps the same share).
+    it keeps 5.5% of the vocabulary instead of 22% (--top-k 3600 keeps the same share). Guidance
+    is (1 + t) c - t u, t = cfg k / (K - 1) at scale k: t = 0 is the conditional model, as w in
+    generator_maskgit.py; LlamaGen's scale s is 1 + t. The JSON states it (sampling.guidance).
   * Samples: --sample 5000 class-balanced (50 per ImageNet-100 class, VAR's per-class count), one
     random stream per run (--sample-seed); on ODIR as many as its test split (A.1: "the full test
     set"). Pixel distance and LPIPS diversity (AlexNet) over all pairs of

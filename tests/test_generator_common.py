@@ -225,3 +225,53 @@ def test_generate_images_decodes_each_batch(tokenizer_runs):
     with torch.no_grad():
         expected = model.decode_indices(dump.maps(dump.tokens_NL)).clamp(0, 1)
     assert images.shape == (6, 3, 32, 32) and torch.allclose(images, expected, atol=1e-6)
+
+
+# ---- one command line, one life cycle for both generator scripts -----------------------------------
+
+TINY_GENERATORS = {"vq": ("generator_maskgit", ["--depth", "1", "--width", "16", "--heads", "2", "--mlp-dim", "32",
+                                                "--steps", "2"]),
+                   "msvq": ("generator_var", ["--depth", "1", "--width", "16", "--heads", "2"])}
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "msvq"])
+def test_both_generators_share_the_command_line_guidance_rule_and_json_provenance(tokenizer_runs, tmp_path, quantizer):
+    import importlib
+    import json
+
+    module_name, arch = TINY_GENERATORS[quantizer]
+    script = importlib.import_module(module_name)
+    shared = ["--sample", "4", "--sample-batch-size", "3", "--per-class", "1", "--skip-fid", "--skip-lpips",
+              "--batch-size", "6", "--warmup-steps", "1", "--device", "cpu"]
+
+    def run(out, *extra):
+        return script.main(script.build_parser().parse_args(
+            ["--tokenizer", tokenizer_runs[quantizer].checkpoint, "--out", str(tmp_path / out)] + arch + shared
+            + list(extra)))
+
+    # the shared arguments have one meaning and one default in both scripts
+    args = vars(script.build_parser().parse_args(["--tokenizer", "x"]))
+    assert {k: args[k] for k in ("label_dropout", "min_lr", "plateau_factor", "plateau_patience", "patience", "seed",
+                                 "sample", "sample_seed", "lpips_pairs", "per_class")} == \
+        {"label_dropout": 0.1, "min_lr": 1e-6, "plateau_factor": 0.5, "plateau_patience": 5, "patience": 10, "seed": 0,
+         "sample": 5000, "sample_seed": 0, "lpips_pairs": None, "per_class": 8}
+    assert set(common.GENERATOR_RANGES) <= set(script.RANGES)
+    # guidance needs the null class that only label dropout trains: refused before anything is written
+    with pytest.raises(UserError, match="--cfg-scale > 0 needs .*--label-dropout > 0"):
+        run("refused", "--label-dropout", "0", "--cfg-scale", "1")
+    assert not os.path.exists(tmp_path / "refused")
+    # a model trained without label dropout samples without guidance; the JSON says how and against what
+    run("out", "--label-dropout", "0", "--cfg-scale", "0", "--epochs", "1", "--name", "plain")
+    with open(tmp_path / "out" / "plain.json") as f:
+        record = json.load(f)
+    assert record["sampling"]["guidance"] == script.GUIDANCE and "c - u" in script.GUIDANCE
+    assert record["eval_split"] == "test" and record["data_range"] == 1.0 and record["fid_reference"] is None
+    assert record["metrics"]["best_epoch"] == 0 and len(record["history"]) == 1
+    # --sample-only adopts the checkpoint's --label-dropout 0: guidance is refused there too
+    best = str(tmp_path / "out" / "plain" / "best.pt")
+    with pytest.raises(UserError, match="--label-dropout > 0"):
+        run("out", "--sample-only", "--checkpoint", best, "--cfg-scale", "1", "--name", "guided")
+    assert not os.path.exists(tmp_path / "out" / "guided.json")
+    # a batch larger than the 18 training images fails at start, for both scripts alike
+    with pytest.raises(UserError, match="--batch-size 24 exceeds the 18 training images"):
+        run("big", "--batch-size", "24")
