@@ -34,6 +34,15 @@ Choices the paper leaves open (documented here and in the report):
   * Codes of every baseline start from the same 10:1 sample of (untrained) encoder outputs as the
     deferred runs, so the only difference is *when* the switch happens (common.deferred_switch).
 
+Start-up (common.start_run, before any data is touched by training): every number is checked
+(finite, in range: RANGES), then the rules between arguments (`validate`), --out must be writable,
+CIFAR-10 must be readable and one epoch must give the embeddings the switch collects (`--ratio` x
+codebook size; refused, not silently reduced); the run takes the lock <out>/<name>.lock (a second
+process on the same run, e.g. with another --lr, gets a one-line refusal; --grid takes one lock per
+run), removes temporary files of killed writes, and refuses to overwrite the run's .pt / .json
+without --resume; --resume refuses a checkpoint made with other RUN_DEFINING settings.
+--dist-timeout bounds how long torchrun ranks wait for a dead or frozen peer.
+
 Commands:
     # a few seconds on CPU, real code path (tiny subset, narrow network)
     python cifar_sweep.py --preset smoke --method deferred_ema --num-codes 64 --data-dir data/cifar10
@@ -55,7 +64,7 @@ Commands:
 """
 import argparse
 import copy
-import hashlib
+import math
 import os
 import time
 
@@ -64,11 +73,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from common import (UsageCounter, UserError, VectorQuantizer, all_reduce_sum, autocast_for, check_finite,
-                    check_out_dir, check_resume_settings, cleanup_distributed, codebook_metrics,
-                    deferred_switch, load_checkpoint, perplexity_from_counts, print0, progress_bar,
-                    refuse_overwrite, run_cli, save_checkpoint, seed_everything, set_rng_state,
-                    setup_distributed, wrap_ddp, write_json, write_result)
+from common import (UsageCounter, UserError, VectorQuantizer, add_run_arguments, all_reduce_sum, autocast_for,
+                    check_finite, cleanup_distributed, codebook_metrics, deferred_switch,
+                    perplexity_from_counts, print0, progress_bar, run_cli, save_checkpoint, seed_everything,
+                    set_rng_state, setup_distributed, start_run, wrap_ddp, write_result)
 
 # ================================================================================================
 # Methods, presets and the grids of every CIFAR-10 table
@@ -139,10 +147,27 @@ RUN_DEFINING = ("method", "num_codes", "ae_epochs", "vq_epochs", "init_std", "af
                 "ema_decay", "lr", "batch_size", "train_subset", "test_subset", "preset", "seed")
 
 
-def defining_args(args):
-    """The RUN_DEFINING values of resolved args (a namespace or a dict); sigma only for gaussian."""
+# Every number the parser accepts, checked before any work (common.check_ranges; floats must also
+# be finite: `--ratio inf`, `--beta nan`, `--affine-lr nan` are refused). Rules between arguments
+# and the data are in `validate` and `check_switch_embeddings`.
+RANGES = {"num_codes": ">= 1", "ae_epochs": ">= 0", "vq_epochs": ">= 0", "init_std": "> 0", "affine_lr": ">= 0",
+          "sync_nu": ">= 0", "dead_code_steps": ">= 0", "ratio": ">= 1", "dim": ">= 1", "channels": ">= 2",
+          "res_channels": ">= 1", "res_blocks": ">= 0", "beta": ">= 0", "ema_decay": "(0, 1)", "lr": "> 0",
+          "batch_size": ">= 1", "train_subset": ">= 1", "test_subset": ">= 1", "workers": ">= 0", "seed": ">= 0",
+          "dist_timeout": "> 0"}
+TOKENS_PER_IMAGE = 8 * 8  # encoder outputs per 32 x 32 image (two stride-2 convolutions)
+
+
+def defining_keys(args):
+    """The RUN_DEFINING options of a run (a namespace or a dict); sigma only for gaussian."""
     a = args if isinstance(args, dict) else vars(args)
-    return {k: a.get(k) for k in RUN_DEFINING if k != "init_std" or a.get("method") == "gaussian"}
+    return [k for k in RUN_DEFINING if k != "init_std" or a.get("method") == "gaussian"]
+
+
+def defining_args(args):
+    """The RUN_DEFINING values of resolved args (a namespace or a dict)."""
+    a = args if isinstance(args, dict) else vars(args)
+    return {k: a.get(k) for k in defining_keys(a)}
 
 
 def resolve_args(args):
@@ -164,26 +189,43 @@ def resolve_args(args):
     for key in ("affine_lr", "sync_nu", "dead_code_steps"):
         if getattr(args, key) is None:
             setattr(args, key, m.get(key, 0))
-    if args.ae_epochs < 0 or args.vq_epochs < 0 or args.ae_epochs + args.vq_epochs == 0:
-        raise UserError("--ae-epochs and --vq-epochs must be >= 0 and not both 0")
+    return args
+
+
+def validate(args, world_size=1):
+    """Rules between arguments (single numbers are in RANGES), checked before any work."""
+    m = METHODS[args.method]
+    if args.ae_epochs + args.vq_epochs == 0:
+        raise UserError("--ae-epochs and --vq-epochs must not both be 0")
     if args.method == "posthoc_kmeans" and args.vq_epochs != 0:
         raise UserError("posthoc_kmeans never trains with quantization (Table 8): use --vq-epochs 0")
     if m["switch"] is None and args.ae_epochs != 0:
         raise UserError(f"{args.method} quantizes from the start (Table 10): use --ae-epochs 0")
     if not 16 <= args.num_codes <= 65536 and args.preset == "paper":
         raise UserError(f"--num-codes {args.num_codes} is outside the paper's range 16 ... 65,536")
-    # Checked here, not where they are used: the switch can come after a long Continuous Phase.
-    if not args.ratio >= 1:
-        raise UserError(f"--ratio must be >= 1 (embeddings per code at the switch), got {args.ratio}")
-    if (min(args.batch_size, args.res_channels) < 1 or args.channels < 2 or args.res_blocks < 0
-            or args.workers < 0):
-        raise UserError("--batch-size and --res-channels must be >= 1, --channels >= 2, "
-                        "--res-blocks and --workers >= 0")
-    if any(v is not None and v < 1 for v in (args.train_subset, args.test_subset)):
-        raise UserError("--train-subset and --test-subset must be >= 1 images")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    return args
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
+
+
+def switch_ratio(args, num_train):
+    """Embeddings per code that the switch collects: --ratio, or for SoundStream's k-means of the
+    first batch (lru_kmeans) one global batch (the whole set if smaller), at least one per code."""
+    if METHODS[args.method].get("first_batch"):
+        return max(1.0, min(args.batch_size, num_train) * TOKENS_PER_IMAGE / args.num_codes)
+    return args.ratio
+
+
+def check_switch_embeddings(args, num_train):
+    """The switch collects its embeddings within one epoch: refuse, before training, a ratio or a
+    codebook that one epoch of the training images cannot give (rather than collecting fewer)."""
+    if METHODS[args.method]["switch"] is None:
+        return
+    available = num_train * TOKENS_PER_IMAGE
+    needed = math.ceil(switch_ratio(args, num_train) * args.num_codes)
+    if needed > available:
+        raise UserError(f"the switch needs {needed} encoder outputs (--ratio {args.ratio:g} x --num-codes "
+                        f"{args.num_codes}), but one epoch of {num_train} training images gives {available} "
+                        f"({TOKENS_PER_IMAGE} per image); lower --ratio or --num-codes, or use more images")
 
 
 def run_name(args):
@@ -282,17 +324,16 @@ def to_input(batch, device):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def build_loaders(args, info):
+def load_data(args):
+    """{'train', 'test'}: both splits as uint8 tensors (a UserError when the data are missing)."""
+    return {"train": load_cifar(args.data_dir, True, args.download, args.train_subset),
+            "test": load_cifar(args.data_dir, False, args.download, args.test_subset)}
+
+
+def build_loaders(args, info, data):
     """Training loader (DistributedSampler, reshuffled per epoch from (seed, epoch)) and the test
     loader, sharded without padding so every test image is counted exactly once over all ranks."""
-    if args.download and info.world_size > 1 and not info.is_main:
-        torch.distributed.barrier()  # rank 0 downloads first
-    train = load_cifar(args.data_dir, True, args.download, args.train_subset)
-    test = load_cifar(args.data_dir, False, args.download, args.test_subset)
-    if args.download and info.world_size > 1 and info.is_main:
-        torch.distributed.barrier()
-    if args.batch_size % info.world_size:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {info.world_size} processes")
+    train, test = data["train"], data["test"]
     per_rank = args.batch_size // info.world_size
     pin = info.device.type == "cuda"
     sampler = DistributedSampler(TensorDataset(train), num_replicas=info.world_size, rank=info.rank,
@@ -330,10 +371,6 @@ def evaluate(model, loader, args, device):
     return {"mse": mse, "loss": mse + float(sums[1] / sums[2]), "counts": usage.counts.cpu()}
 
 
-def sha256_of(tensor):
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
 # ================================================================================================
 # One run
 # ================================================================================================
@@ -342,9 +379,7 @@ def sha256_of(tensor):
 def switch(model, loader, args, epoch):
     """Continuous -> Discretization (common.deferred_switch) from this epoch's batches."""
     m = METHODS[args.method]
-    ratio = args.ratio
-    if m.get("first_batch"):  # SoundStream: k-means of the first batch (>= one vector per code)
-        ratio = max(1.0, args.batch_size * 64 / args.num_codes)
+    ratio = switch_ratio(args, len(loader.dataset))
     loader.sampler.set_epoch(epoch)
     model.eval()
     device = next(model.parameters()).device
@@ -360,25 +395,28 @@ def switch(model, loader, args, epoch):
 
 
 def train_run(args, info):
-    """Train (or resume) one configuration and write <out>/<name>.json and <name>.pt."""
+    """Start-up protocol (common.start_run), then train (or resume) one configuration."""
     name = run_name(args)
-    json_path = os.path.join(args.out, name + ".json")
-    ckpt_path = os.path.join(args.out, name + ".pt")
+    paths = {"json": os.path.join(args.out, name + ".json"), "ckpt": os.path.join(args.out, name + ".pt")}
+    data = {}
+
+    def check_data():  # rank 0, before the lock: data readable, and enough of it for the switch
+        data.update(load_data(args))
+        check_switch_embeddings(args, len(data["train"]))
+
+    with start_run(args, name=name, outputs=[paths["ckpt"], paths["json"]], ranges=RANGES,
+                   defining=defining_keys(args), resume_from=paths["ckpt"], checks=[check_data],
+                   validate=lambda a: validate(a, info.world_size)) as run:
+        if not data:  # the other ranks (rank 0 has downloaded, if asked, by now)
+            data.update(load_data(args))
+        return train(args, info, name, paths, data, run.checkpoint)
+
+
+def train(args, info, name, paths, data, ckpt):
+    """Train one configuration from scratch or from `ckpt`; writes <name>.pt and <name>.json."""
     device = info.device
-    check_out_dir(args.out)
-    if args.resume and not os.path.exists(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
-    if not args.resume:
-        refuse_overwrite([ckpt_path, json_path])
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None  # on the CPU (see set_rng_state)
-    if ckpt is not None:
-        check_resume_settings(ckpt.get("args", {}), args, defining_args(args), ckpt_path)
     seed_everything(args.seed)
-    train_loader, sampler, test_loader = build_loaders(args, info)
-    available = len(train_loader.dataset) * 64  # one epoch of encoder outputs, 8 x 8 per image
-    if args.num_codes > available:
-        raise UserError(f"--num-codes {args.num_codes} exceeds the {available} encoder outputs of one epoch "
-                        "that initialise the codebook; use fewer codes or more training images")
+    train_loader, sampler, test_loader = build_loaders(args, info, data)
     model = build_model(args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -393,13 +431,11 @@ def train_run(args, info):
     # The gradient codebook / affine parameters sit unused during the Continuous Phase.
     ddp = wrap_ddp(model, info, find_unused_parameters=args.ae_epochs > 0)
     total = args.ae_epochs + args.vq_epochs
-    # Debug only (the two-process test): every rank records what it saw and the codebook it holds.
-    debug = {"rank": info.rank, "first_batch_sha256": [], "codebook_sha256": []} if args.debug_rank_hashes else None
 
     def save(epochs_done, code_counts):
         """Epoch-boundary checkpoint (rank 0): resumable state + the codebook and its test usage."""
         if info.is_main:
-            save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            save_checkpoint(paths["ckpt"], model=model.state_dict(), optimizer=optimizer.state_dict(),
                             epoch=epochs_done, history=history, args=vars(args),
                             codebook=model.quantizer.codebook.detach().float().cpu(), code_counts=code_counts)
 
@@ -410,9 +446,7 @@ def train_run(args, info):
         sampler.set_epoch(epoch)
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x n, mse x n, n, quantized steps
-        for step, batch in enumerate(progress_bar(train_loader, desc=f"{name} epoch {epoch}", leave=False)):
-            if debug is not None and step == 0:
-                debug["first_batch_sha256"].append(sha256_of(batch[0]))
+        for batch in progress_bar(train_loader, desc=f"{name} epoch {epoch}", leave=False):
             x = to_input(batch, device)
             with autocast_for(device):
                 recon, indices, vq_loss = ddp(x)
@@ -436,9 +470,6 @@ def train_run(args, info):
                         "val_perplexity": perplexity_from_counts(val["counts"]),
                         "quantized_steps": int(sums[3] / info.world_size)})
         print0(f"epoch {epoch}: train loss {history[-1]['train_loss']:.5f}, val mse {val['mse']:.5f}")
-        if debug is not None:
-            debug["codebook_sha256"].append(sha256_of(model.quantizer.codebook))
-            write_json(os.path.join(args.out, f"{name}.rank{info.rank}.debug.json"), debug)
         save(epoch + 1, val["counts"])
     if not model.quantizer.is_enabled:  # posthoc_kmeans: discretize after training, no fine-tuning
         switch(model, train_loader, args, total)
@@ -448,7 +479,7 @@ def train_run(args, info):
     metrics["val_loss"] = final["loss"]
     save(total, final["counts"])
     if info.is_main:
-        write_result(json_path, "cifar10", args.method, args, metrics, history, run_name=name,
+        write_result(paths["json"], "cifar10", args.method, args, metrics, history, run_name=name,
                      wall_seconds=time.time() - t0, world_size=info.world_size)
     print0(f"{name}: test mse {metrics['mse']:.5f}, perplexity {metrics['perplexity']:.1f}, "
            f"vendi {metrics['vendi']:.3f}, euclidean {metrics['euclidean']:.3f}")
@@ -467,7 +498,7 @@ def parse_shard(text):
 
 
 def main(args):
-    info = setup_distributed(args.device)
+    info = setup_distributed(args.device, args.dist_timeout)
     try:
         if args.grid is None:
             return train_run(resolve_args(args), info)
@@ -514,13 +545,9 @@ def build_parser():
     p.add_argument("--test-subset", type=int, help="use only the first N test images")
     p.add_argument("--data-dir", default="data/cifar10", help="folder holding cifar-10-batches-py")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 (needs internet)")
-    p.add_argument("--out", default="runs/cifar")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.pt (--grid: always)")
-    p.add_argument("--debug-rank-hashes", action="store_true",
-                   help="debug: every rank writes its codebook hash after each epoch (checks DDP sync)")
+    add_run_arguments(p, out_default="runs/cifar")  # --out, --resume (--grid: automatic), --device, --dist-timeout
     return p
 
 

@@ -16,7 +16,7 @@ Commands (CPU; one process is the right size for a 10,000-point MLP):
     python synthetic_gmm.py --compare --dim 48 --token-dim 32          # Figure 2(b), t-SNE panels
     python synthetic_gmm.py --deferred --seed 1 --out runs/synthetic   # one arm
     python synthetic_gmm.py --compare --resume                         # continue a killed run
-An existing <name>.pt / .json in --out is never overwritten without --resume.
+No file of an existing run (.pt, .json, figures) in --out is overwritten without --resume.
 One GPU: add `--device cuda` (works, but a 256 x 2 batch is launch-bound; the CPU is faster).
 torchrun is not supported: the whole job is a few seconds of one core.
 
@@ -42,15 +42,22 @@ Choices the paper leaves open (documented here and in the JSON args):
     initialised from the first batch(es) of the first VQ epoch, in that epoch's data order.
   * Hidden width 32 (appendix A.1), so --token-dim may not exceed --hidden.
 
+Start-up (common.start_run, before any training): every number is checked (finite, in range:
+`--ratio inf`, `--beta nan`, `--center-box nan` are refused), --out must be writable, the mixture
+must be placeable, each arm takes the lock <out>/<name>.lock (a second process on the same arm gets
+a one-line refusal), temporary files of killed writes are removed, and without --resume none of
+the run's files (.pt, .json, figures) may exist; --resume refuses a checkpoint made with other
+run-defining settings (RUN_DEFINING).
+
 Resume: checkpoints at epoch boundaries (every --ckpt-every epochs and at the end). Data order
 comes from a generator seeded with (seed, epoch) and RNG states are restored, so `--resume`
-reproduces an uninterrupted run exactly. `--stop-after-epoch N` exists only to test that: it
-exits (status 3) right after epoch N, as a kill would, without an extra checkpoint.
+reproduces an uninterrupted run exactly (the tests kill a run from outside and compare).
 """
 import argparse
+import contextlib
 import hashlib
+import math
 import os
-import sys
 import time
 
 import matplotlib
@@ -62,10 +69,9 @@ import torch.nn.functional as F
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import (UserError, VectorQuantizer, atomic_write, check_finite, check_out_dir,
-                    check_resume_settings, codebook_metrics, deferred_switch, load_checkpoint, print0,
-                    refuse_overwrite, run_cli, save_checkpoint, seed_everything, set_rng_state,
-                    setup_distributed, write_result)
+from common import (UserError, VectorQuantizer, add_run_arguments, atomic_write, check_finite,
+                    codebook_metrics, deferred_switch, print0, run_cli, save_checkpoint, seed_everything,
+                    set_rng_state, setup_distributed, start_run, write_result)
 
 EXPERIMENT = "synthetic_gmm"
 # A mode is "covered" when at least this share of all reconstructions lands nearest to its mean
@@ -75,6 +81,13 @@ MIN_MODE_SHARE = 0.05
 RUN_DEFINING = ("dim", "token_dim", "hidden", "clusters", "points_per_cluster", "cluster_std",
                 "center_box", "min_separation", "codebook_size", "batch_size", "lr", "beta", "ema",
                 "ema_decay", "epochs", "ae_epochs", "ratio", "init_method", "seed")
+# Every number the parser accepts, checked before any work (common.check_ranges; floats must also
+# be finite). Rules between arguments are in `validate`.
+RANGES = {"dim": ">= 1", "token_dim": ">= 1", "hidden": ">= 1", "clusters": ">= 1", "points_per_cluster": ">= 2",
+          "cluster_std": "> 0", "center_box": "> 0", "min_separation": ">= 0", "codebook_size": ">= 1",
+          "batch_size": ">= 1", "lr": "> 0", "beta": ">= 0", "ema_decay": "(0, 1)", "epochs": ">= 1",
+          "ae_epochs": ">= 0", "ratio": ">= 1", "seed": ">= 0", "ckpt_every": ">= 1", "log_every": ">= 1",
+          "tsne_points": ">= 2", "dist_timeout": "> 0"}
 
 # ------------------------------------------------------------------------------------------------
 # Data: the mixture of section 6.1, standardised (appendix A.1)
@@ -268,9 +281,6 @@ def train_arm(args, method, data, device, resume_state=None):
                             **evaluate(model, x, labels, means)[0]})
         if done % args.ckpt_every == 0 and done < args.epochs:
             checkpoint(done)
-        if args.stop_after_epoch is not None and done == args.stop_after_epoch:
-            print(f"stopped after epoch {done} (--stop-after-epoch, simulated crash)", file=sys.stderr)
-            sys.exit(3)
     metrics, arrays = evaluate(model, x, labels, means)
     checkpoint(args.epochs, codebook=arrays["codebook"], code_counts=arrays["counts"])
     train_s = extra["train_seconds"]
@@ -409,69 +419,82 @@ def save_png(fig, path):
 
 
 def validate(args):
-    if args.token_dim < 1 or args.token_dim > args.hidden:
+    """Rules between arguments (single numbers are in RANGES), checked before any work."""
+    if args.token_dim > args.hidden:
         raise UserError(f"--token-dim must lie in [1, --hidden={args.hidden}], got {args.token_dim}")
-    if min(args.dim, args.hidden, args.clusters, args.batch_size, args.epochs,
-           args.codebook_size, args.log_every, args.ckpt_every, args.tsne_points) < 1:
-        raise UserError("--dim, --hidden, --clusters, --batch-size, --epochs, "
-                        "--codebook-size, --log-every, --ckpt-every and --tsne-points must all be >= 1")
-    if args.points_per_cluster < 2:  # a cluster of one point has no spread to reproduce
-        raise UserError(f"--points-per-cluster must be >= 2, got {args.points_per_cluster}")
     n = args.clusters * args.points_per_cluster
     if args.codebook_size > n:
         raise UserError(f"codebook of {args.codebook_size} codes is larger than the {n} data points")
-    if args.ratio < 1:
-        raise UserError(f"--ratio must be >= 1 (embeddings per code), got {args.ratio}")
-    if not args.lr > 0 or not args.cluster_std > 0:
-        raise UserError("--lr and --cluster-std must be positive")
-    if args.ema and not 0 < args.ema_decay < 1:
-        raise UserError(f"--ema-decay must lie in (0, 1), got {args.ema_decay}")
+    # The switch collects its embeddings from one epoch (the whole dataset): refuse a ratio it
+    # could only meet by silently collecting fewer.
+    needed = math.ceil(args.ratio * args.codebook_size)
+    if needed > n:
+        raise UserError(f"--ratio {args.ratio:g} x --codebook-size {args.codebook_size} needs {needed} embeddings "
+                        f"at the switch, but one epoch holds only the {n} data points; lower --ratio to at most "
+                        f"{n / args.codebook_size:g}")
     if args.method in ("deferred", "compare") and not 1 <= args.ae_epochs < args.epochs:
         raise UserError(f"--ae-epochs must lie in [1, --epochs) for the deferred arm, got {args.ae_epochs}")
 
 
-def load_resume_states(args, names):
-    """Checkpoints to continue, per arm (None: start that arm fresh); all checks before training."""
-    paths = {n: os.path.join(args.out, n + ".pt") for n in names}
-    if not any(os.path.exists(p) for p in paths.values()):
-        raise UserError(f"--resume: no checkpoint {' or '.join(paths.values())}")
-    states = {}
-    for n, p in paths.items():
-        states[n] = load_checkpoint(p) if os.path.exists(p) else None
-        if states[n] is not None:
-            check_resume_settings(states[n].get("args", {}), args, RUN_DEFINING, p)
+def run_files(args, methods, names):
+    """{arm name: every file that arm writes}; the figures belong to the last arm (written after it)."""
+    files = {n: [os.path.join(args.out, n + ext) for ext in (".pt", ".json")] for n in names}
+    if not args.no_figures:
+        tag = figure_tag(names)
+        files[names[-1]].append(os.path.join(args.out, tag + "_fig2.png"))
+        if any(m == "deferred" for m in methods):
+            files[names[-1]].append(os.path.join(args.out, tag + "_fig3.png"))
+    return files
+
+
+def figure_tag(names):
+    return names[0] if len(names) == 1 else "compare" + names[0][len("baseline"):]
+
+
+def start_arms(args, stack, methods, names):
+    """common.start_run for every arm (lock, overwrite and resume rules per arm); returns the
+    checkpoint to continue per arm (None: start fresh). Under --compare --resume an arm that never
+    reached its first checkpoint (the run was killed in the arm before it) starts fresh."""
+    files, states = run_files(args, methods, names), {}
+    for i, name in enumerate(names):
+        ckpt = files[name][0]
+        arm_args = args
+        if args.resume and i > 0 and not os.path.exists(ckpt):
+            arm_args = argparse.Namespace(**dict(vars(args), resume=False))
+        run = stack.enter_context(start_run(arm_args, name=name, outputs=files[name], ranges=RANGES,
+                                            defining=RUN_DEFINING, resume_from=ckpt,
+                                            checks=[lambda: make_mixture(args)], validate=validate))
+        states[name] = run.checkpoint
     return states
 
 
 def main(args):
-    validate(args)
-    info = setup_distributed(args.device)
+    info = setup_distributed(args.device, args.dist_timeout)
     if info.world_size > 1:
         raise UserError("synthetic_gmm.py runs in one process; launch it without torchrun")
     if info.device.type == "cpu":
         torch.set_num_threads(1)  # 32-wide layers: thread hand-offs cost more than they save
     methods = ["baseline", "deferred"] if args.method == "compare" else [args.method]
     names = [arm_name(args, m) for m in methods]
-    check_out_dir(args.out)
-    if not args.resume:
-        refuse_overwrite([os.path.join(args.out, n + ext) for n in names for ext in (".pt", ".json")])
-    states = load_resume_states(args, names) if args.resume else dict.fromkeys(names)
-    x, labels, means = (t.to(info.device) for t in make_mixture(args))
-    arms = [train_arm(args, m, (x, labels, means), info.device, states[n]) for m, n in zip(methods, names)]
+    with contextlib.ExitStack() as stack:
+        states = start_arms(args, stack, methods, names)
+        x, labels, means = (t.to(info.device) for t in make_mixture(args))
+        arms = [train_arm(args, m, (x, labels, means), info.device, states[n]) for m, n in zip(methods, names)]
+        if not args.no_figures:
+            plot_figures(args, arms, names, x, info.device)
+    return arms
 
-    if args.no_figures:
-        return arms
+
+def plot_figures(args, arms, names, x, device):
     t0 = time.time()
-    x_cpu = x.cpu()
-    tag = names[0] if len(names) == 1 else "compare" + names[0][len("baseline"):]
-    plot_figure2(os.path.join(args.out, tag + "_fig2.png"), x_cpu, arms, args)
+    tag = figure_tag(names)
+    plot_figure2(os.path.join(args.out, tag + "_fig2.png"), x.cpu(), arms, args)
     deferred = [a for a in arms if "ae_embeddings" in a]
     if deferred:
         with torch.no_grad():
-            untrained = build_model(args, info.device).encoder(x).cpu()
+            untrained = build_model(args, device).encoder(x).cpu()
         plot_figure3(os.path.join(args.out, tag + "_fig3.png"), untrained, deferred[0]["ae_embeddings"], args)
     print0(f"figures in {args.out} ({time.time() - t0:.1f} s)")
-    return arms
 
 
 def build_parser():
@@ -501,15 +524,12 @@ def build_parser():
     p.add_argument("--ratio", type=float, default=2.0, help="embeddings collected per code at the switch")
     p.add_argument("--init-method", choices=("sample", "kmeans"), default="sample")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the data order")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--out", default="runs/synthetic")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.pt")
     p.add_argument("--ckpt-every", type=int, default=20, help="checkpoint every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="history entry every N epochs")
     p.add_argument("--no-figures", action="store_true", help="results only (seed sweeps, tests)")
     p.add_argument("--tsne-points", type=int, default=1000, help="subsample for the t-SNE panels")
-    p.add_argument("--stop-after-epoch", type=int, default=None,
-                   help="testing only: exit (status 3) after this epoch, as if killed")
+    add_run_arguments(p, out_default="runs/synthetic")  # --out, --resume, --device, --dist-timeout
+    p.set_defaults(device="cpu")  # a 32-wide MLP: the CPU beats a launch-bound GPU
     return p
 
 

@@ -17,6 +17,7 @@ import cifar_sweep
 import evaluate
 from cifar_fixture import allow_fixture_checksums, write_cifar_fixture
 from common import perplexity_from_counts, run_cli
+from race import race
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("mse", "perplexity", "used_codes", "euclidean", "cosine", "vendi")
@@ -165,6 +166,85 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(data_dir, finished_
     assert {p.name: p.read_bytes() for p in finished_run.iterdir()} == before
 
 
+# The validation table: every number (finite, in range) and every rule between arguments and the
+# data is checked before anything is created or trained.
+@pytest.mark.parametrize("bad, message", [
+    (["--ratio", "inf"], "--ratio must be a finite number, got inf"),
+    (["--beta", "nan"], "--beta must be a finite number, got nan"),
+    (["--affine-lr", "nan"], "--affine-lr must be a finite number, got nan"),
+    (["--sync-nu", "-1"], "--sync-nu must be >= 0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--init-std", "0"], "--init-std must be > 0"),
+    (["--ema-decay", "1"], r"--ema-decay must be \(0, 1\)"),
+    (["--dist-timeout", "nan"], "--dist-timeout must be a positive number of minutes"),
+    (["--res-blocks", "-1"], "--res-blocks must be >= 0"),
+    (["--preset", "paper", "--num-codes", "8"], "outside the paper's range"),
+    (["--method", "gaussian", "--ae-epochs", "3"], "quantizes from the start"),
+    # one training image gives 64 encoder outputs: 10:1 for 32 codes cannot be met (was a silent 2:1)
+    (["--train-subset", "1"], r"the switch needs 320 encoder outputs \(--ratio 10 x --num-codes 32\), but one "
+                              r"epoch of 1 training images gives 64"),
+])
+def test_validation_table_refuses_at_start_and_creates_nothing(data_dir, tmp_path, capsys, monkeypatch, bad, message):
+    trained = []
+    monkeypatch.setattr(cifar_sweep, "train", lambda *a: trained.append(1))
+    with pytest.raises(SystemExit) as exit_info:
+        sweep("--preset", "smoke", "--num-codes", 32, "--data-dir", data_dir, "--out", tmp_path / "out", *bad)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists() and trained == []
+
+
+def test_unwritable_out_is_refused_before_training(data_dir, capsys, monkeypatch):
+    monkeypatch.setattr(cifar_sweep, "train", lambda *a: pytest.fail("trained"))
+    with pytest.raises(SystemExit):
+        sweep("--preset", "smoke", "--data-dir", data_dir, "--out", "/proc/dq_cifar_out")  # even root cannot write
+    assert capsys.readouterr().err.startswith("error: --out /proc/dq_cifar_out is not writable")
+
+
+def test_two_processes_racing_for_one_run_the_second_is_refused(data_dir, tmp_path, capsys):
+    """Issue #7's case: --lr 3e-4 and --lr 3e-3 into one --out under one run name. The second is
+    refused with one line while the first holds the run; the first's result records its own lr."""
+    out = tmp_path / "out"
+    argv = ["--preset", "smoke", "--method", "deferred_ema", "--num-codes", "32", "--data-dir", data_dir,
+            "--out", out, "--device", "cpu"]
+
+    def second():
+        with pytest.raises(SystemExit) as exit_info:
+            sweep(*argv, "--lr", "3e-3")
+        return exit_info.value.code, capsys.readouterr().err
+
+    code1, err1, pid, (code2, err2) = race(tmp_path, "cifar_sweep", "train", argv + ["--lr", "3e-4", "--workers", 0],
+                                           second)
+    name = "deferred_ema_K32_ae1_vq1_s0_smoke"
+    assert code2 == 2 and err2.count("\n") == 1, err2
+    assert err2.startswith(f"error: this run is in use by process {pid} ") and f"{name}.lock" in err2
+    assert code1 == 0, err1[-2000:]
+    assert json.loads((out / f"{name}.json").read_text())["args"]["lr"] == 3e-4
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}.json", f"{name}.pt"]
+
+
+def test_grid_takes_one_lock_per_run_and_cleans_its_temporaries(data_dir, tmp_path, monkeypatch, capsys):
+    """A grid run whose name is held by a live process (here: pid 1, always alive) is refused; the
+    runs before it have finished, and a temporary file left by a killed write of one is removed."""
+    configs = [cifar_sweep.run_config("baseline_ema", 32, ae_epochs=0, vq_epochs=2),
+               cifar_sweep.run_config("deferred_ema", 32, ae_epochs=1, vq_epochs=1)]
+    monkeypatch.setattr(cifar_sweep, "grid_configs", lambda name: configs)
+    out = tmp_path / "out"
+    out.mkdir()
+    held = "deferred_ema_K32_ae1_vq1_s0_smoke"
+    (out / f"{held}.lock").write_text(json.dumps({"pid": 1, "host": __import__("socket").gethostname(),
+                                                   "start_time": None}))
+    orphan = out / ".baseline_ema_K32_ae0_vq2_s0_smoke.pt.x1y2z3.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    with pytest.raises(SystemExit):
+        sweep("--grid", "table8", "--preset", "smoke", "--data-dir", data_dir, "--out", out)
+    assert capsys.readouterr().err.strip().endswith(f"in use by process 1 (lock {out / held}.lock); "
+                                                    "wait for it, or delete the lock if that process is gone")
+    assert sorted(p.name for p in out.iterdir()) == ["baseline_ema_K32_ae0_vq2_s0_smoke.json",
+                                                     "baseline_ema_K32_ae0_vq2_s0_smoke.pt", f"{held}.lock"]
+
+
 def test_methods_configure_the_quantizer_as_documented():
     def quantizer(method, **extra):
         argv = ["--preset", "smoke", "--method", method] + [f"--{k}={v}" for k, v in extra.items()]
@@ -179,9 +259,9 @@ def test_methods_configure_the_quantizer_as_documented():
     assert not quantizer("deferred").is_enabled
     paper = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "deferred"]))
     assert (paper.ae_epochs, paper.vq_epochs, paper.batch_size, paper.channels) == (50, 250, 128, 128)
-    with pytest.raises(cifar_sweep.UserError):
-        cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(
-            ["--method", "posthoc_kmeans", "--vq-epochs", "5"]))
+    with pytest.raises(cifar_sweep.UserError, match="posthoc_kmeans never trains with quantization"):
+        cifar_sweep.validate(cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(
+            ["--method", "posthoc_kmeans", "--vq-epochs", "5"])))
 
 
 @pytest.fixture(scope="module")
@@ -280,34 +360,68 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
     assert len(every) == 26 + 1 + 7 + 4 + 30  # fig5 + table8/9/10/11 minus shared runs
 
 
+# Injected into each torchrun rank by the launcher below (from outside the script): after every
+# epoch, `evaluate` is called on every rank with the model; the wrapper records the codebook that
+# rank holds, and `to_input` records a hash of the first batch each rank converts.
+RANK_SPY = """
+import hashlib, json, os
+import cifar_sweep
+_seen = {"rank": int(os.environ["RANK"]), "codebook_sha256": [], "first_batch_sha256": None}
+_evaluate, _to_input = cifar_sweep.evaluate, cifar_sweep.to_input
+
+
+def _sha(t):
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def evaluate(model, loader, args, device):
+    _seen["codebook_sha256"].append(_sha(model.quantizer.codebook))
+    with open(os.path.join(os.environ["SPY_DIR"], f"rank{_seen['rank']}.json"), "w") as f:
+        json.dump(_seen, f)
+    return _evaluate(model, loader, args, device)
+
+
+def to_input(batch, device):
+    if _seen["first_batch_sha256"] is None:
+        _seen["first_batch_sha256"] = _sha(batch[0])
+    return _to_input(batch, device)
+
+
+cifar_sweep.evaluate, cifar_sweep.to_input = evaluate, to_input
+"""
+
+
 def test_two_process_ddp_keeps_identical_codebooks(data_dir, tmp_path):
-    """torchrun with 2 gloo processes: every rank records the codebook it holds after each epoch."""
+    """torchrun with 2 gloo processes: every rank's codebook is recorded after each epoch."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(
         "import sys\n"
         f"sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\n"
         "from cifar_fixture import allow_fixture_checksums\n"
-        "allow_fixture_checksums()\n"
-        "import cifar_sweep\nfrom common import run_cli\n"
+        "allow_fixture_checksums()\n" + RANK_SPY +
+        "from common import run_cli\n"
         "run_cli(cifar_sweep.main, cifar_sweep.build_parser())\n")
-    out = tmp_path / "out"
+    out, spy = tmp_path / "out", tmp_path / "spy"
+    spy.mkdir()
     method = ("lru_kmeans", "--dead-code-steps", "1")  # gradient codebook, k-means init, replacement
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
            "--preset", "smoke", "--method", *method, "--num-codes", "32", "--vq-epochs", "3", "--data-dir",
-           data_dir, "--out", str(out), "--workers", "0", "--debug-rank-hashes", "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+           data_dir, "--out", str(out), "--workers", "0", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", SPY_DIR=str(spy))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     name = "lru_kmeans_dead1_K32_ae0_vq3_s0_smoke"
-    ranks = [json.loads((out / f"{name}.rank{r}.debug.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["codebook_sha256"] == ranks[1]["codebook_sha256"]
-    assert len(set(ranks[0]["codebook_sha256"])) == 3  # the codebook did change every epoch
+    ranks = [json.loads((spy / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # evaluated after each of the 3 epochs and once at the end, on both ranks, with one codebook
+    assert len(ranks[0]["codebook_sha256"]) == 4 and ranks[0]["codebook_sha256"] == ranks[1]["codebook_sha256"]
+    assert len(set(ranks[0]["codebook_sha256"][:3])) == 3  # the codebook did change every epoch
     # the ranks trained on different shards, so equality is the sync, not identical inputs
-    assert all(a != b for a, b in zip(ranks[0]["first_batch_sha256"], ranks[1]["first_batch_sha256"]))
+    assert ranks[0]["first_batch_sha256"] != ranks[1]["first_batch_sha256"]
     ckpt = torch.load(out / f"{name}.pt", weights_only=False)
     assert hashlib.sha256(ckpt["codebook"].numpy().tobytes()).hexdigest() == ranks[0]["codebook_sha256"][-1]
     record = json.loads((out / f"{name}.json").read_text())
     assert record["world_size"] == 2 and int(ckpt["code_counts"].sum()) == TEST_IMAGES * 64
+    assert not list(out.glob("*.lock"))
 
 
 # ---- evaluate.py renderers, from fixture JSONs with known numbers --------------------------------

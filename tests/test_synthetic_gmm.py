@@ -13,6 +13,7 @@ import torch
 import evaluate
 import synthetic_gmm as sg
 from common import run_cli
+from race import race
 
 # A few epochs are enough to exercise every phase (init, Continuous, switch, VQ, final).
 FAST = ["--epochs", "4", "--ae-epochs", "2", "--log-every", "1", "--ckpt-every", "2"]
@@ -56,7 +57,7 @@ def test_mixture_is_standardised_ten_by_thousand(dim):
 
 def test_impossible_centre_packing_is_a_user_error():
     rng = np.random.default_rng(0)
-    with pytest.raises(sg.UserError):
+    with pytest.raises(sg.UserError, match=r"cannot place 10 centres 5\.0 apart in \[-1\.0, 1\.0\]\^2"):
         sg.cluster_centres(2, 10, box=1.0, min_separation=5.0, rng=rng)
 
 
@@ -176,16 +177,44 @@ def test_single_arm_48d_uses_tsne_panels(tmp_path):
 
 # ---- resume -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arm,stop", [("--deferred", 3), ("--deferred", 5), ("--compare", 3)])
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path, arm, stop):
-    """--stop-after-epoch exits right after that epoch (as a kill would); the last checkpoint is
-    the one of epoch 2 or 4, so the resumed run redoes epochs, including the switch at epoch 3."""
+class Killed(BaseException):
+    """Stands for kill -9: not an Exception, so nothing in the script catches it."""
+
+
+def kill_at_epoch(monkeypatch, epoch):
+    """The process dies as epoch `epoch` starts (after `epoch` epochs), as a kill would: no extra
+    checkpoint, no result. Injected from outside through the function that orders each epoch."""
+    real = sg.epoch_batches
+
+    def batches(x, seed, e, batch_size):
+        if e == epoch:
+            raise Killed(f"killed at epoch {e}")
+        return real(x, seed, e, batch_size)
+    monkeypatch.setattr(sg, "epoch_batches", batches)
+
+
+def kill_before_result(monkeypatch):
+    """The process dies between an arm's final checkpoint and its JSON."""
+    def die(*a, **k):
+        raise Killed("killed before the result")
+    monkeypatch.setattr(sg, "write_result", die)
+
+
+@pytest.mark.parametrize("arm,kill", [("--deferred", 3), ("--deferred", 5), ("--compare", 3), ("--deferred", "result")])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch, arm, kill):
+    """The last checkpoint before a kill at epoch 3 or 5 is the one of epoch 2 or 4, so the resumed
+    run redoes epochs, including the switch at epoch 3; a kill after the final checkpoint leaves
+    only the result to write."""
     argv = [arm, "--epochs", "6", "--ae-epochs", "3", "--ckpt-every", "2", "--log-every", "1", "--no-figures"]
     run(argv + ["--out", str(tmp_path / "full")])
-    with pytest.raises(SystemExit) as stopped:
-        run(argv + ["--out", str(tmp_path / "killed"), "--stop-after-epoch", str(stop)])
-    assert stopped.value.code == 3
+    with monkeypatch.context() as m:
+        kill_before_result(m) if kill == "result" else kill_at_epoch(m, kill)
+        with pytest.raises(Killed):
+            run(argv + ["--out", str(tmp_path / "killed")])
     assert not (tmp_path / "killed" / "deferred_d2_t1_s0.json").exists()
+    with pytest.raises(SystemExit) as refused:  # a fresh start does not overwrite the killed run
+        run_cli(sg.main, sg.build_parser(), argv + ["--out", str(tmp_path / "killed")])
+    assert refused.value.code == 2
     run(argv + ["--out", str(tmp_path / "killed"), "--resume"])
     names = ["deferred"] if arm == "--deferred" else ["baseline", "deferred"]
     for method in names:
@@ -196,6 +225,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, arm, stop):
         a = torch.load(tmp_path / "full" / f"{method}_d2_t1_s0.pt", weights_only=False)
         b = torch.load(tmp_path / "killed" / f"{method}_d2_t1_s0.pt", weights_only=False)
         assert torch.equal(a["codebook"], b["codebook"])
+    assert not list((tmp_path / "killed").glob("*.lock")) and not list((tmp_path / "killed").glob(".*.tmp"))
 
 
 # ---- bad input and divergence -------------------------------------------------------------------
@@ -229,6 +259,67 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, b
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+# The validation table: every number is checked before anything is created (RANGES, validate).
+@pytest.mark.parametrize("bad, message", [
+    (["--ratio", "inf"], "--ratio must be a finite number, got inf"),
+    (["--beta", "nan"], "--beta must be a finite number, got nan"),
+    (["--center-box", "nan"], "--center-box must be a finite number, got nan"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--cluster-std", "-1"], "--cluster-std must be > 0"),
+    (["--ema-decay", "1"], r"--ema-decay must be \(0, 1\), got 1\.0"),
+    (["--beta", "-0.1"], "--beta must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--dist-timeout", "0"], "--dist-timeout must be"),
+    (["--min-separation", "nan"], "--min-separation must be a finite number"),
+    (["--ratio", "100"], r"needs 12800 embeddings at the switch, but one epoch holds only the 10000 data points"),
+    (["--center-box", "1"], r"cannot place 10 centres 5\.0 apart"),
+])
+def test_validation_table_refuses_at_start_and_creates_nothing(tmp_path, capsys, bad, message):
+    code, err = cli(bad + ["--compare", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_out_is_refused_before_training(capsys, monkeypatch):
+    trained = []
+    monkeypatch.setattr(sg, "train_arm", lambda *a, **k: trained.append(1))
+    code, err = cli(["--out", "/proc/dq_synthetic_out"], capsys)  # not writable, even for root
+    assert code == 2 and err.startswith("error: --out /proc/dq_synthetic_out is not writable")
+    assert trained == []
+
+
+def test_every_file_of_a_run_is_protected_and_orphan_temporaries_are_removed(tmp_path, capsys):
+    """Without --resume, an existing figure of the run is refused like its JSON; a temporary file
+    left by a killed write of one of the run's files is removed at start, another run's is kept."""
+    (tmp_path / "compare_d2_t1_s0_fig3.png").write_bytes(b"earlier figure")
+    code, err = cli(["--compare", "--out", str(tmp_path)] + FAST, capsys)
+    assert code == 2 and "compare_d2_t1_s0_fig3.png exists" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare_d2_t1_s0_fig3.png"]
+    (tmp_path / "compare_d2_t1_s0_fig3.png").unlink()
+    orphan = tmp_path / ".deferred_d2_t1_s0.pt.k1ll3d.tmp"
+    other = tmp_path / ".deferred_d2_t1_s1.pt.k1ll3d.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    other.write_bytes(b"another run's write")
+    run(["--compare", "--no-figures", "--out", str(tmp_path)] + FAST)
+    assert not orphan.exists() and other.exists()
+
+
+def test_two_processes_racing_for_one_run_the_second_is_refused(tmp_path, capsys):
+    """Same run name, different settings (lr), started while the first holds the run: the second
+    gets one line naming the first; the first finishes and its result records its own lr."""
+    out = tmp_path / "out"
+    argv = ["--epochs", "2", "--no-figures", "--out", str(out)]
+    code1, err1, pid, (code2, err2) = race(tmp_path, "synthetic_gmm", "train_arm", argv + ["--lr", "1e-3"],
+                                           lambda: cli(argv + ["--lr", "3e-3"], capsys))
+    assert code2 == 2 and err2.count("\n") == 1, err2
+    assert err2.startswith(f"error: this run is in use by process {pid} ") and "baseline_d2_t1_s0.lock" in err2
+    assert code1 == 0, err1
+    assert read(out / "baseline_d2_t1_s0.json")["args"]["lr"] == 1e-3
+    assert not (out / "baseline_d2_t1_s0.lock").exists()
 
 
 def test_divergence_stops_with_one_line_and_keeps_earlier_results(tmp_path, capsys):
