@@ -140,15 +140,31 @@ PAPER["imagenet_tokenizer"] = {
 # ================================================================================================
 
 
+# Results committed before the one vocabulary (issue #10, /work/notes/VOCAB.md) name some arguments
+# the old way; they are read under today's names (the files themselves stay as committed).
+# Per experiment: cifar_sweep's old --dim was the token dimension, synthetic_gmm's the data's.
+OLD_ARG_NAMES = {"synthetic_gmm": {"dim": "data_dim", "ae_epochs": "continuous_epochs"}}
+
+
+def current_arg_names(record):
+    """The record with its args under today's names (old names of OLD_ARG_NAMES mapped)."""
+    aliases = OLD_ARG_NAMES.get(record.get("experiment"), {})
+    args = record.get("args")
+    if isinstance(args, dict) and any(old in args for old in aliases):
+        record["args"] = {aliases.get(k, k): v for k, v in args.items()}
+    return record
+
+
 def load_results(root):
-    """Every result JSON under `root` (recursively), as a list of dicts with a 'path' added."""
+    """Every result JSON under `root` (recursively), as a list of dicts with a 'path' added and
+    old argument names mapped to today's (OLD_ARG_NAMES)."""
     paths = sorted(glob.glob(os.path.join(root, "**", "*.json"), recursive=True))
     results = []
     for path in paths:
         record = read_json(path)
         if isinstance(record, dict) and "experiment" in record and "metrics" in record:
             record["path"] = path
-            results.append(record)
+            results.append(current_arg_names(record))
     return results
 
 
@@ -282,8 +298,8 @@ def _synthetic_settings(args, method):
     separate rows, never averaged together as if they were seeds."""
     from synthetic_gmm import RUN_DEFINING, build_parser
     defaults = vars(build_parser().parse_args([]))
-    skip = {"dim", "token_dim", "ema", "seed"} | ({"ema_decay"} if not args.get("ema") else set())
-    skip |= {"ae_epochs"} if method == "baseline" else set()  # the baseline has no Continuous Phase
+    skip = {"data_dim", "token_dim", "ema", "seed"} | ({"ema_decay"} if not args.get("ema") else set())
+    skip |= {"continuous_epochs"} if method == "baseline" else set()  # the baseline has no Continuous Phase
     return ", ".join(f"{k}={args[k]:g}" if isinstance(args[k], float) else f"{k}={args[k]}"
                      for k in RUN_DEFINING if k not in skip and k in args and args[k] != defaults[k]) or "paper"
 
@@ -301,7 +317,7 @@ def render_synthetic(results, out_dir):
     for r in runs:
         a = r["args"]
         method = r["method"].replace("_ema", "")
-        key = (a["dim"], a["token_dim"], bool(a["ema"]), _synthetic_settings(a, method), method)
+        key = (a["data_dim"], a["token_dim"], bool(a["ema"]), _synthetic_settings(a, method), method)
         groups.setdefault(key, []).append(r)
     header = (["input → token", "codebook", "settings", "method", "seeds"] + [c[1] for c in SYNTH_COLUMNS]
               + ["init euclidean", "paper (qualitative)"])

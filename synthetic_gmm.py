@@ -3,27 +3,31 @@ section 4, Figures 2 and 3; setup in section 6.1 and appendix A.1).
 
 Ten Gaussian clusters of 1,000 points, standardised per feature, are reconstructed by a small
 MLP VQ-VAE. Two arms share the initial weights and the data order:
-  baseline   VQ-VAE trained 200 epochs; the codebook is initialised at step 0 from the untrained
-             encoder's outputs (the usual practice the paper blames for coverage failure);
-  deferred   autoencoder 100 epochs with the quantizer off (Continuous Phase), then the codebook
-             is initialised from the trained encoder's outputs and VQ runs 100 epochs
-             (Discretization Phase). Same total budget as the baseline (section 6.1).
+  baseline   --epochs 200, all of them Discretization Phase: the codebook is initialised at step 0
+             from the untrained encoder's outputs (the usual practice the paper blames for
+             coverage failure);
+  deferred   --continuous-epochs 100 with the quantizer off (Continuous Phase), then the codebook
+             is initialised from the trained encoder's outputs and the remaining 100 of the 200
+             --epochs run with quantization (Discretization Phase). Same total budget as the
+             baseline (section 6.1).
 Both go through `common.deferred_switch`; only the epoch of the switch differs.
 
 Commands (CPU; one process is the right size for a 10,000-point MLP):
     python synthetic_gmm.py --compare                                  # 2-d data, 1-d tokens
     python synthetic_gmm.py --compare --ema                            # EMA codebook, gamma 0.9
-    python synthetic_gmm.py --compare --dim 48 --token-dim 32          # Figure 2(b), t-SNE panels
+    python synthetic_gmm.py --compare --data-dim 48 --token-dim 32     # Figure 2(b), t-SNE panels
     python synthetic_gmm.py --deferred --seed 1 --out runs/synthetic   # one arm
     python synthetic_gmm.py --compare --resume                         # continue a killed run
 No file of an existing run (.pt, .json, figures) in --out is overwritten without --resume.
 One GPU: add `--device cuda` (works, but a 256 x 2 batch is launch-bound; the CPU is faster).
 torchrun is not supported: the whole job is a few seconds of one core.
 
-Outputs in --out (default runs/synthetic), <name> = <method>_d<dim>_t<token_dim>_s<seed>, method in
+Outputs in --out (default runs/synthetic), <name> = <method>_d<data_dim>_t<token_dim>_s<seed>, method in
 baseline, deferred, baseline_ema, deferred_ema:
     <name>.json      metrics (mse, perplexity, used_codes, euclidean, cosine, vendi, modes_covered,
-                     own_mode_share, within_mode_spread) + "history" every --log-every epochs +
+                     own_mode_share, within_mode_spread) + "history" every --log-every epochs
+                     ("phase": "continuous" | "discretization"; the entry with "switch": true is
+                     the model right after the switch, before any Discretization-Phase step) +
                      "init_codebook", the diagnostics of the codebook right after its initialisation
     <name>.pt        checkpoint (model, optimizer, epoch, history, RNG states, codebook, code_counts)
     <name>_fig2.png  Figure 2 panels of one arm; with --compare one figure compare<...>_fig2.png
@@ -32,14 +36,14 @@ baseline, deferred, baseline_ema, deferred_ema:
                      (written whenever the deferred arm runs)
 
 Choices the paper leaves open (documented here and in the JSON args):
-  * Cluster means: uniform in [-10, 10]^dim with standard deviation 1, as sklearn's make_blobs
+  * Cluster means: uniform in [-10, 10]^data-dim with standard deviation 1, as sklearn's make_blobs
     defaults, which the "StandardScaler" wording suggests; centres are redrawn until every pair is
     at least --min-separation (5) standard deviations apart, so the 10 modes never overlap in 2-d.
     The data depend on --seed (seed 0 is the reported setting).
   * Embedding-to-code ratio 2:1: the appendix says large codebooks "cannot be initialised from a
     single batch" and used 10:1 / 2:1 there; 128 codes from one batch of 256 embeddings is the
     single-batch initialisation that remark implies for the synthetic set. The codebook is
-    initialised from the first batch(es) of the first VQ epoch, in that epoch's data order.
+    initialised from the first batch(es) of the first Discretization-Phase epoch, in that epoch's data order.
   * Hidden width 32 (appendix A.1), so --token-dim may not exceed --hidden.
 
 Start-up (common.start_run, before any training): every number is checked (finite, in range:
@@ -78,15 +82,15 @@ EXPERIMENT = "synthetic_gmm"
 # (half of the 10% a mode would get if reconstructions matched the data).
 MIN_MODE_SHARE = 0.05
 # Options that change what a run computes: a checkpoint made under other values cannot be resumed.
-RUN_DEFINING = ("dim", "token_dim", "hidden", "clusters", "points_per_cluster", "cluster_std",
+RUN_DEFINING = ("data_dim", "token_dim", "hidden", "clusters", "points_per_cluster", "cluster_std",
                 "center_box", "min_separation", "codebook_size", "batch_size", "lr", "beta", "ema",
-                "ema_decay", "epochs", "ae_epochs", "ratio", "init_method", "seed")
+                "ema_decay", "epochs", "continuous_epochs", "ratio", "init_method", "seed")
 # Every number the parser accepts, checked before any work (common.check_ranges; floats must also
 # be finite). Rules between arguments are in `validate`.
-RANGES = {"dim": ">= 1", "token_dim": ">= 1", "hidden": ">= 1", "clusters": ">= 1", "points_per_cluster": ">= 2",
+RANGES = {"data_dim": ">= 1", "token_dim": ">= 1", "hidden": ">= 1", "clusters": ">= 1", "points_per_cluster": ">= 2",
           "cluster_std": "> 0", "center_box": "> 0", "min_separation": ">= 0", "codebook_size": ">= 1",
           "batch_size": ">= 1", "lr": "> 0", "beta": ">= 0", "ema_decay": "(0, 1)", "epochs": ">= 1",
-          "ae_epochs": ">= 0", "ratio": ">= 1", "seed": ">= 0", "ckpt_every": ">= 1", "log_every": ">= 1",
+          "continuous_epochs": ">= 0", "ratio": ">= 1", "seed": ">= 0", "ckpt_every": ">= 1", "log_every": ">= 1",
           "tsne_points": ">= 2", "dist_timeout": "> 0"}
 
 # ------------------------------------------------------------------------------------------------
@@ -115,9 +119,9 @@ def make_mixture(args):
     (zero mean, unit variance, population std like StandardScaler), and the cluster means mapped
     through the same standardisation (they define the modes for the coverage metric)."""
     rng = np.random.default_rng(args.seed)
-    centres = cluster_centres(args.dim, args.clusters, args.center_box, args.min_separation, rng)
+    centres = cluster_centres(args.data_dim, args.clusters, args.center_box, args.min_separation, rng)
     labels = np.repeat(np.arange(args.clusters), args.points_per_cluster)
-    raw = centres[labels] + args.cluster_std * rng.standard_normal((labels.size, args.dim))
+    raw = centres[labels] + args.cluster_std * rng.standard_normal((labels.size, args.data_dim))
     mean, std = raw.mean(0), raw.std(0)
     to_tensor = lambda a: torch.from_numpy(a).float()  # noqa: E731
     return to_tensor((raw - mean) / std), torch.from_numpy(labels), to_tensor((centres - mean) / std)
@@ -149,11 +153,11 @@ def mlp(d_in, hidden, d_out):
 class VQVAE(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.encoder = mlp(args.dim, args.hidden, args.token_dim)
+        self.encoder = mlp(args.data_dim, args.hidden, args.token_dim)
         # Starts disabled: the switch (at step 0 for the baseline) initialises and enables it.
         self.quantizer = VectorQuantizer(args.codebook_size, args.token_dim, beta=args.beta,
                                          ema_decay=args.ema_decay if args.ema else None, enabled=False)
-        self.decoder = mlp(args.token_dim, args.hidden, args.dim)
+        self.decoder = mlp(args.token_dim, args.hidden, args.data_dim)
 
     def forward(self, x):
         z = self.encoder(x)
@@ -226,7 +230,7 @@ def evaluate(model, x, labels, means):
 
 
 def arm_name(args, method):
-    return f"{method}{'_ema' if args.ema else ''}_d{args.dim}_t{args.token_dim}_s{args.seed}"
+    return f"{method}{'_ema' if args.ema else ''}_d{args.data_dim}_t{args.token_dim}_s{args.seed}"
 
 
 def train_arm(args, method, data, device, resume_state=None):
@@ -234,11 +238,11 @@ def train_arm(args, method, data, device, resume_state=None):
     x, labels, means = data
     name = arm_name(args, method)
     ckpt_path = os.path.join(args.out, name + ".pt")
-    switch_epoch = 0 if method == "baseline" else args.ae_epochs
+    switch_epoch = 0 if method == "baseline" else args.continuous_epochs
     model = build_model(args, device)
     init_digest = state_digest(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-    start, history, extra = 0, [], {"init_codebook": None, "ae_encoder": None}
+    start, history, extra = 0, [], {"init_codebook": None, "continuous_encoder": None}
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         opt.load_state_dict(resume_state["optimizer"])
@@ -257,13 +261,16 @@ def train_arm(args, method, data, device, resume_state=None):
         batches = epoch_batches(x, args.seed, epoch, args.batch_size)
         if epoch == switch_epoch:
             if method == "deferred":  # keep the Continuous-Phase encoder for Figure 3
-                extra["ae_encoder"] = {k: v.clone().cpu() for k, v in model.encoder.state_dict().items()}
+                extra["continuous_encoder"] = {k: v.clone().cpu() for k, v in model.encoder.state_dict().items()}
             # Section 5: codebook from the current encoder's embeddings of the first batch(es)
             # of this epoch. At epoch 0 (baseline) that encoder is untrained.
             deferred_switch(model.quantizer, model.encoder, batches, args.ratio, args.init_method, args.seed)
+            print0(f"{name}: Discretization Phase from epoch {epoch} (after {epoch} Continuous Phase epochs)")
             extra["init_codebook"] = codebook_metrics(model.quantizer.codebook)
-            history.append({"epoch": epoch, "phase": "init", **evaluate(model, x, labels, means)[0]})
-        phase = "vq" if model.quantizer.is_enabled else "continuous"
+            # The model right after the switch, before any Discretization-Phase step.
+            history.append({"epoch": epoch, "phase": "discretization", "switch": True,
+                            **evaluate(model, x, labels, means)[0]})
+        phase = "discretization" if model.quantizer.is_enabled else "continuous"
         loss_sum = torch.zeros((), device=device)
         for batch in batches:
             recon, _, _, vq_loss = model(batch)
@@ -291,11 +298,11 @@ def train_arm(args, method, data, device, resume_state=None):
            f"own-mode {metrics['own_mode_share']:.3f}  spread {metrics['within_mode_spread']:.2f}  "
            f"used codes {metrics['used_codes']}/{args.codebook_size}  "
            f"perplexity {metrics['perplexity']:.1f}  ({train_s:.1f} s)")
-    if extra["ae_encoder"] is not None:
-        ae_encoder = mlp(args.dim, args.hidden, args.token_dim).to(device)
-        ae_encoder.load_state_dict(extra["ae_encoder"])
+    if extra["continuous_encoder"] is not None:
+        continuous_encoder = mlp(args.data_dim, args.hidden, args.token_dim).to(device)
+        continuous_encoder.load_state_dict(extra["continuous_encoder"])
         with torch.no_grad():
-            arrays["ae_embeddings"] = ae_encoder(x).cpu()
+            arrays["continuous_embeddings"] = continuous_encoder(x).cpu()
     arrays.update(method=method, metrics=metrics)
     return arrays
 
@@ -311,19 +318,34 @@ def tsne(points, seed):
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points.numpy())
 
 
-def kde_curve(ax, values, grid, color, label, fill, hist=False):
-    """KDE with Scott's bandwidth; `hist` adds a thin histogram, because that bandwidth smooths
-    neighbouring modes of a 10-mode mixture together and the histogram shows the peaks."""
+# KDE bandwidth (Figures 2 and 3) in bins of the histogram drawn beside it (200 bins over the
+# plotted range). Rules of thumb that assume one mode smooth the ten modes of the trained encoder
+# together: on seed 0 (2-d data, 1-d tokens) Scott's rule gives 0.31 and Silverman's 0.27 and both
+# show 3 peaks, where the histogram shows 10 (cluster widths 0.04 ... 0.43, neighbouring means
+# 0.3 apart). Two bins (0.09 there) give exactly 10 peaks, at the 10 cluster means, as the paper's
+# Figure 3(b) shows; one bin starts splitting the widest cluster.
+HIST_BINS = 200
+KDE_BANDWIDTH_BINS = 2.0
+
+
+def kde_density(values, grid):
+    """Gaussian KDE of 1-d `values` on `grid` with a bandwidth of KDE_BANDWIDTH_BINS histogram bins
+    (the bins are HIST_BINS equal parts of the grid's range)."""
     from scipy.stats import gaussian_kde
+    values = np.asarray(values, dtype=np.float64)
+    if values.std() == 0:  # every value identical: a spike, which gaussian_kde cannot fit
+        return np.where(np.abs(grid - values[0]) <= np.ptp(grid) / 200, 1.0, 0.0)
+    bandwidth = KDE_BANDWIDTH_BINS * np.ptp(grid) / HIST_BINS
+    return gaussian_kde(values, bw_method=bandwidth / values.std(ddof=1))(grid)  # factor x sample std
+
+
+def kde_curve(ax, values, grid, color, label, fill, hist=False):
+    """`kde_density` drawn on `ax`; `hist` draws the histogram whose bins set the bandwidth."""
     values = values.double().numpy()
     if hist:
-        ax.hist(values, bins=grid[::4], density=True, histtype="step", color="#888888", lw=0.8,
-                label="histogram")
-    if np.ptp(values) > 0:
-        density = gaussian_kde(values)(grid)
-    else:  # every value identical: a spike, which gaussian_kde cannot fit
-        density = np.where(np.abs(grid - values[0]) <= np.ptp(grid) / 200, 1.0, 0.0)
-    (ax.fill_between if fill else ax.plot)(grid, density, color=color, label=label,
+        ax.hist(values, bins=np.linspace(grid[0], grid[-1], HIST_BINS + 1), density=True, histtype="step",
+                color="#888888", lw=0.8, label="histogram")
+    (ax.fill_between if fill else ax.plot)(grid, kde_density(values, grid), color=color, label=label,
                                            **({"alpha": 0.5} if fill else {"lw": 2}))
 
 
@@ -337,7 +359,7 @@ def first_pc(z):
 
 def data_panel(ax, x, arr, args, pick):
     recon = arr["recon"]
-    if args.dim == 2:
+    if args.data_dim == 2:
         ax.scatter(x[:, 0], x[:, 1], s=2, c="#a6cee3", label="data")
         ax.scatter(recon[:, 0], recon[:, 1], s=2, c="#1f4e9c", label="reconstruction")
         ax.set_title("data space")
@@ -384,7 +406,7 @@ def plot_figure2(path, x, arms, args):
                     transform=row[0].transAxes, fontsize=8)
         row[1].text(0.01, 0.01, f"used codes {m['used_codes']}/{args.codebook_size}, "
                     f"perplexity {m['perplexity']:.1f}", transform=row[1].transAxes, fontsize=8)
-    fig.suptitle(f"Figure 2: input dim {args.dim}, token dim {args.token_dim}"
+    fig.suptitle(f"Figure 2: input dim {args.data_dim}, token dim {args.token_dim}"
                  f"{', EMA codebook' if args.ema else ''}, seed {args.seed}")
     fig.tight_layout()
     save_png(fig, path)
@@ -403,7 +425,7 @@ def plot_figure3(path, untrained, trained, args):
         ax.legend(loc="upper right", fontsize=7)
         ax.set_title(f"{title}: range {np.ptp(values.numpy()):.2f}")
         ax.set_xlabel("encoder output" + view)
-    fig.suptitle(f"Figure 3: encoder outputs, input dim {args.dim}, token dim {args.token_dim}, seed {args.seed}")
+    fig.suptitle(f"Figure 3: encoder outputs, input dim {args.data_dim}, token dim {args.token_dim}, seed {args.seed}")
     fig.tight_layout()
     save_png(fig, path)
 
@@ -432,8 +454,8 @@ def validate(args):
         raise UserError(f"--ratio {args.ratio:g} x --codebook-size {args.codebook_size} needs {needed} embeddings "
                         f"at the switch, but one epoch holds only the {n} data points; lower --ratio to at most "
                         f"{n / args.codebook_size:g}")
-    if args.method in ("deferred", "compare") and not 1 <= args.ae_epochs < args.epochs:
-        raise UserError(f"--ae-epochs must lie in [1, --epochs) for the deferred arm, got {args.ae_epochs}")
+    if args.method in ("deferred", "compare") and not 1 <= args.continuous_epochs < args.epochs:
+        raise UserError(f"--continuous-epochs must lie in [1, --epochs) for the deferred arm, got {args.continuous_epochs}")
 
 
 def run_files(args, methods, names):
@@ -489,11 +511,11 @@ def plot_figures(args, arms, names, x, device):
     t0 = time.time()
     tag = figure_tag(names)
     plot_figure2(os.path.join(args.out, tag + "_fig2.png"), x.cpu(), arms, args)
-    deferred = [a for a in arms if "ae_embeddings" in a]
+    deferred = [a for a in arms if "continuous_embeddings" in a]
     if deferred:
         with torch.no_grad():
             untrained = build_model(args, device).encoder(x).cpu()
-        plot_figure3(os.path.join(args.out, tag + "_fig3.png"), untrained, deferred[0]["ae_embeddings"], args)
+        plot_figure3(os.path.join(args.out, tag + "_fig3.png"), untrained, deferred[0]["continuous_embeddings"], args)
     print0(f"figures in {args.out} ({time.time() - t0:.1f} s)")
 
 
@@ -505,13 +527,13 @@ def build_parser():
     arm.add_argument("--compare", dest="method", action="store_const", const="compare",
                      help="both arms from the same initial weights and data order")
     p.set_defaults(method="baseline")
-    p.add_argument("--dim", type=int, default=2, help="input dimension (paper: 2 and 48)")
+    p.add_argument("--data-dim", type=int, default=2, help="input (data) dimension (paper: 2 and 48)")
     p.add_argument("--token-dim", type=int, default=1, help="token dimension (paper: 1 and 32)")
     p.add_argument("--hidden", type=int, default=32, help="MLP hidden width (appendix A.1: 32)")
     p.add_argument("--clusters", type=int, default=10)
     p.add_argument("--points-per-cluster", type=int, default=1000)
     p.add_argument("--cluster-std", type=float, default=1.0)
-    p.add_argument("--center-box", type=float, default=10.0, help="centres uniform in [-box, box]^dim")
+    p.add_argument("--center-box", type=float, default=10.0, help="centres uniform in [-box, box]^data-dim")
     p.add_argument("--min-separation", type=float, default=5.0, help="minimum distance between centres")
     p.add_argument("--codebook-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=256)
@@ -519,8 +541,9 @@ def build_parser():
     p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
     p.add_argument("--ema", action="store_true", help="EMA codebook instead of a gradient codebook")
     p.add_argument("--ema-decay", type=float, default=0.9, help="EMA decay gamma (appendix A.1: 0.9)")
-    p.add_argument("--epochs", type=int, default=200, help="total epochs of every arm")
-    p.add_argument("--ae-epochs", type=int, default=100, help="Continuous-Phase epochs of the deferred arm")
+    p.add_argument("--epochs", type=int, default=200, help="total epochs of every arm (both phases)")
+    p.add_argument("--continuous-epochs", type=int, default=100,
+                   help="Continuous Phase epochs of the deferred arm (the baseline has none)")
     p.add_argument("--ratio", type=float, default=2.0, help="embeddings collected per code at the switch")
     p.add_argument("--init-method", choices=("sample", "kmeans"), default="sample")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the data order")

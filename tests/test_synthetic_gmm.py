@@ -16,7 +16,7 @@ from common import run_cli
 from race import race
 
 # A few epochs are enough to exercise every phase (init, Continuous, switch, VQ, final).
-FAST = ["--epochs", "4", "--ae-epochs", "2", "--log-every", "1", "--ckpt-every", "2"]
+FAST = ["--epochs", "4", "--continuous-epochs", "2", "--log-every", "1", "--ckpt-every", "2"]
 
 
 def run(argv):
@@ -39,7 +39,7 @@ def compare_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("dim", [2, 48])
 def test_mixture_is_standardised_ten_by_thousand(dim):
-    args = sg.build_parser().parse_args(["--dim", str(dim)])
+    args = sg.build_parser().parse_args(["--data-dim", str(dim)])
     x, labels, means = sg.make_mixture(args)
     assert x.shape == (10_000, dim) and x.dtype == torch.float32
     assert torch.bincount(labels).tolist() == [1000] * 10
@@ -132,9 +132,13 @@ def test_compare_writes_results_checkpoints_and_figures(compare_dir):
         # history: the codebook initialisation, then every epoch; deferred switches after 2 epochs
         phases = [(h["epoch"], h["phase"]) for h in record["history"]]
         if method == "baseline":
-            assert phases == [(0, "init"), (1, "vq"), (2, "vq"), (3, "vq"), (4, "vq")]
+            assert phases == [(0, "discretization"), (1, "discretization"), (2, "discretization"),
+                              (3, "discretization"), (4, "discretization")]
         else:
-            assert phases == [(1, "continuous"), (2, "continuous"), (2, "init"), (3, "vq"), (4, "vq")]
+            assert phases == [(1, "continuous"), (2, "continuous"), (2, "discretization"), (3, "discretization"),
+                              (4, "discretization")]
+        # the model right after the switch, before any Discretization-Phase step, is marked
+        assert [h["epoch"] for h in record["history"] if h.get("switch")] == [0 if method == "baseline" else 2]
         assert record["history"][-1]["mse"] == pytest.approx(m["mse"])
     for png in ("compare_d2_t1_s0_fig2.png", "compare_d2_t1_s0_fig3.png"):
         with open(compare_dir / png, "rb") as f:
@@ -146,7 +150,7 @@ def test_defaults_are_the_paper_setting(compare_dir):
     EMA decay 0.9, 200 epochs (deferred: 100 + 100), MLPs of three linear layers with ReLU."""
     args = sg.build_parser().parse_args([])
     assert (args.clusters, args.points_per_cluster, args.codebook_size, args.batch_size, args.lr, args.beta,
-            args.ema_decay, args.epochs, args.ae_epochs, args.hidden) == (10, 1000, 128, 256, 1e-3, 0.25, 0.9,
+            args.ema_decay, args.epochs, args.continuous_epochs, args.hidden) == (10, 1000, 128, 256, 1e-3, 0.25, 0.9,
                                                                           200, 100, 32)
     model = sg.VQVAE(args)
     for net in (model.encoder, model.decoder):
@@ -167,7 +171,7 @@ def test_compare_arms_start_from_identical_weights(compare_dir):
 
 
 def test_single_arm_48d_uses_tsne_panels(tmp_path):
-    run(["--deferred", "--dim", "48", "--token-dim", "32", "--tsne-points", "60", "--out", str(tmp_path)]
+    run(["--deferred", "--data-dim", "48", "--token-dim", "32", "--tsne-points", "60", "--out", str(tmp_path)]
         + FAST)
     record = read(tmp_path / "deferred_d48_t32_s0.json")
     assert record["metrics"]["dim"] == 32
@@ -205,7 +209,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch, arm, k
     """The last checkpoint before a kill at epoch 3 or 5 is the one of epoch 2 or 4, so the resumed
     run redoes epochs, including the switch at epoch 3; a kill after the final checkpoint leaves
     only the result to write."""
-    argv = [arm, "--epochs", "6", "--ae-epochs", "3", "--ckpt-every", "2", "--log-every", "1", "--no-figures"]
+    argv = [arm, "--epochs", "6", "--continuous-epochs", "3", "--ckpt-every", "2", "--log-every", "1", "--no-figures"]
     run(argv + ["--out", str(tmp_path / "full")])
     with monkeypatch.context() as m:
         kill_before_result(m) if kill == "result" else kill_at_epoch(m, kill)
@@ -241,7 +245,7 @@ def cli(argv, capsys):
     ["--token-dim", "33"],                       # wider than the hidden layer (32)
     ["--codebook-size", "20000"],                # more codes than the 10,000 points
     ["--ratio", "0.5"],
-    ["--deferred", "--ae-epochs", "200"],        # no epochs left for the Discretization Phase
+    ["--deferred", "--continuous-epochs", "200"],        # no epochs left for the Discretization Phase
     ["--resume"],                                # nothing to resume
     ["--resume", "--lr", "0.01"],                # checkpoint made with other settings
     [],                                          # the run exists: rerunning it needs --resume
@@ -345,7 +349,7 @@ def test_command_line_error_through_a_real_process(tmp_path):
 def fake_result(method, seed, mse, modes, ema=False, dim=2, token_dim=1, **other_args):
     metrics = {"mse": mse, "modes_covered": modes, "own_mode_share": modes / 10, "perplexity": 2.0 * modes,
                "used_codes": 10 * modes, "euclidean": 0.1 * modes, "cosine": 0.0, "vendi": 1.0}
-    args = dict(vars(sg.build_parser().parse_args([])), dim=dim, token_dim=token_dim, ema=ema, seed=seed,
+    args = dict(vars(sg.build_parser().parse_args([])), data_dim=dim, token_dim=token_dim, ema=ema, seed=seed,
                 **other_args)
     return {"experiment": "synthetic_gmm", "method": method + ("_ema" if ema else ""), "args": args,
             "metrics": metrics}
@@ -356,7 +360,7 @@ def test_renderer_tabulates_each_setting_with_seed_means(tmp_path):
                fake_result("deferred", 0, 0.1, 10), fake_result("deferred", 1, 0.1, 10),
                fake_result("deferred", 0, 0.3, 9, ema=True, dim=48, token_dim=32),
                fake_result("baseline", 2, 0.9, 1, epochs=50, lr=0.01),  # another setting: its own row
-               fake_result("baseline", 3, 0.4, 8, ae_epochs=50)]  # irrelevant to the baseline: a seed
+               fake_result("baseline", 3, 0.4, 8, continuous_epochs=50)]  # irrelevant to the baseline: a seed
     text = evaluate.RENDERERS["Figure 2 (synthetic)"](results, str(tmp_path))
     lines = text.splitlines()
     base = next(line for line in lines if "| 2 → 1 |" in line and "| paper | baseline |" in line)
@@ -372,3 +376,41 @@ def test_renderer_tabulates_each_setting_with_seed_means(tmp_path):
 def test_renderer_reads_real_results(compare_dir, tmp_path):
     text = evaluate.RENDERERS["Figure 2 (synthetic)"](evaluate.load_results(str(compare_dir)), str(tmp_path))
     assert "| baseline |" in text and "| deferred |" in text
+
+
+def test_committed_results_with_old_argument_names_are_read_under_todays(tmp_path):
+    """results/synthetic was written when --data-dim was --dim and --continuous-epochs was
+    --ae-epochs; evaluate.py maps those keys when reading and renders the committed numbers."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "synthetic")
+    raw = read(os.path.join(folder, "deferred_d48_t32_s0.json"))
+    assert "dim" in raw["args"] and "data_dim" not in raw["args"]  # the committed file, untouched
+    results = evaluate.load_results(folder)
+    assert len(results) == 24 and all("dim" not in r["args"] and "ae_epochs" not in r["args"] for r in results)
+    record = next(r for r in results if r["path"].endswith("deferred_d48_t32_s0.json"))
+    assert (record["args"]["data_dim"], record["args"]["continuous_epochs"]) == (48, 100)
+    text = evaluate.RENDERERS["Figure 2 (synthetic)"](results, str(tmp_path))
+    rows = [line for line in text.splitlines() if line.startswith("| 48 → 32 | gradient | paper | deferred |")]
+    mse = [r["metrics"]["mse"] for r in results if r["path"].endswith(tuple(f"deferred_d48_t32_s{s}.json"
+                                                                               for s in range(3)))]
+    assert len(rows) == 1 and f"| 3 | {np.mean(mse):.3f} ± {np.std(mse, ddof=1):.3f} |" in rows[0]
+    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 8  # header, 8 settings: every seed grouped
+
+
+def test_kde_bandwidth_resolves_ten_close_modes_that_scotts_rule_merges():
+    """Figure 3(b): ten modes 0.3 apart with widths 0.04 ... 0.4, like the trained encoder's outputs.
+    The histogram-following bandwidth shows ten peaks at the ten means; Scott's rule (the default
+    of gaussian_kde, used before) shows fewer."""
+    from scipy.signal import find_peaks
+    from scipy.stats import gaussian_kde
+    rng = np.random.default_rng(0)
+    means = np.array([-1.7, -1.36, -1.04, -0.76, -0.35, -0.03, 0.95, 1.49, 2.4, 5.0])
+    widths = np.array([0.09, 0.06, 0.06, 0.09, 0.04, 0.04, 0.08, 0.08, 0.43, 0.36])
+    values = np.concatenate([m + w * rng.standard_normal(1000) for m, w in zip(means, widths)])
+    grid = np.linspace(values.min() - 0.4, values.max() + 0.4, 800)
+
+    def peaks(density):
+        return grid[find_peaks(density, prominence=0.02 * density.max())[0]]
+    ours = peaks(sg.kde_density(values, grid))
+    assert len(ours) == 10 and (np.abs(ours - means) < np.maximum(0.05, widths / 2)).all()
+    assert len(peaks(gaussian_kde(values)(grid))) < 8
+    assert np.trapezoid(sg.kde_density(values, grid), grid) == pytest.approx(1.0, abs=1e-3)
