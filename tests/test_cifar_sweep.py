@@ -36,15 +36,15 @@ def fixture_checksums(monkeypatch):
 
 
 def sweep(*argv):
-    return run_cli(cifar_sweep.main, cifar_sweep.build_parser(), ["--workers", "0", *map(str, argv)])
+    return run_cli(cifar_sweep.main, cifar_sweep.build_parser(), ["--num-workers", "0", *map(str, argv)])
 
 
 def smoke(data_dir, out, method, *extra):
     """Run one smoke configuration; returns (json record, checkpoint, run name)."""
     args = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(
-        ["--preset", "smoke", "--method", method, "--num-codes", "32", *map(str, extra)]))
+        ["--preset", "smoke", "--method", method, "--codebook-size", "32", *map(str, extra)]))
     name = cifar_sweep.run_name(args)
-    sweep("--preset", "smoke", "--method", method, "--num-codes", 32, "--data-dir", data_dir, "--out", out, *extra)
+    sweep("--preset", "smoke", "--method", method, "--codebook-size", 32, "--data-dir", data_dir, "--out", out, *extra)
     with open(os.path.join(out, name + ".json")) as f:
         record = json.load(f)
     return record, torch.load(os.path.join(out, name + ".pt"), weights_only=False), name
@@ -74,14 +74,17 @@ def test_missing_folder_is_one_clear_line(tmp_path, capsys):
 def test_every_method_writes_a_valid_result(data_dir, tmp_path, method):
     record, ckpt, name = smoke(data_dir, str(tmp_path), method)
     assert record["experiment"] == "cifar10" and record["method"] == method
-    assert record["args"]["num_codes"] == 32 and record["run_name"] == name
+    assert record["args"]["codebook_size"] == 32 and record["run_name"] == name
     assert all(np.isfinite(record["metrics"][k]) for k in REQUIRED)
     args = record["args"]
     history = record["history"]
-    assert [h["epoch"] for h in history] == list(range(args["ae_epochs"] + args["vq_epochs"]))
+    assert [h["epoch"] for h in history] == list(range(args["epochs"]))
     for h in history:  # the quantizer is off exactly in the Continuous Phase
-        assert h["phase"] == ("continuous" if h["epoch"] < args["ae_epochs"] else "discretization")
+        assert h["phase"] == ("continuous" if h["epoch"] < args["continuous_epochs"] else "discretization")
         assert (h["quantized_steps"] > 0) == (h["phase"] == "discretization")
+        # usage of the epoch's training assignments (Figure 8), only while quantizing
+        assert (h["train_perplexity"] is None) == (h["phase"] == "continuous")
+        assert h["train_perplexity"] is None or 1 <= h["train_perplexity"] <= 32
         assert np.isfinite(h["val_loss"]) and np.isfinite(h["train_loss"])
     # usage counted over the whole test split; perplexity recomputed independently from the counts
     counts = ckpt["code_counts"]
@@ -107,7 +110,7 @@ def test_switch_collects_the_documented_number_of_embeddings(data_dir, tmp_path,
         return seen[-1][0]
 
     monkeypatch.setattr(cifar_sweep, "deferred_switch", spy)
-    smoke(data_dir, str(tmp_path), method, "--num-codes", codes, "--vq-epochs", 1)
+    smoke(data_dir, str(tmp_path), method, "--codebook-size", codes, "--epochs", 1, "--continuous-epochs", 0)
     assert seen == [(expected, "sample" if method == "deferred_ema" else "kmeans")]
 
 
@@ -145,20 +148,20 @@ def finished_run(data_dir, tmp_path_factory):
     [],                                        # the run exists: continuing it needs --resume
     ["--resume", "--lr", "1e-3"],              # its checkpoint was made with another recipe ...
     ["--resume", "--channels", "16"],          # ... or another network
-    ["--num-codes", "20000", "--seed", "5"],   # more codes than one epoch of encoder outputs (192 x 64)
+    ["--codebook-size", "20000", "--seed", "5"],   # more codes than one epoch of encoder outputs (192 x 64)
     ["--ratio", "0.5", "--seed", "5"],         # (both used to fail only at the switch, after the AE phase)
     ["--batch-size", "0", "--seed", "5"],
     ["--lr", "-1", "--seed", "5"],
-    ["--workers", "-1", "--seed", "5"],
+    ["--num-workers", "-1", "--seed", "5"],
     ["--train-subset", "0", "--seed", "5"],    # 0 used to mean "all images"
     ["--out", "FILE", "--seed", "5"],          # --out names a file
 ])
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(data_dir, finished_run, capsys, bad):
-    a_file = finished_run / "deferred_ema_K32_ae1_vq1_s0_smoke.json"
+    a_file = finished_run / "deferred_ema_K32_ep2_cont1_s0_smoke.json"
     bad = [str(a_file) if v == "FILE" else v for v in bad]
     before = {p.name: p.read_bytes() for p in finished_run.iterdir()}
     with pytest.raises(SystemExit) as exit_info:
-        sweep("--preset", "smoke", "--method", "deferred_ema", "--num-codes", 32, "--data-dir", data_dir,
+        sweep("--preset", "smoke", "--method", "deferred_ema", "--codebook-size", 32, "--data-dir", data_dir,
               "--out", finished_run, *bad)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
@@ -178,17 +181,19 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(data_dir, finished_
     (["--ema-decay", "1"], r"--ema-decay must be \(0, 1\)"),
     (["--dist-timeout", "nan"], "--dist-timeout must be a positive number of minutes"),
     (["--res-blocks", "-1"], "--res-blocks must be >= 0"),
-    (["--preset", "paper", "--num-codes", "8"], "outside the paper's range"),
-    (["--method", "gaussian", "--ae-epochs", "3"], "quantizes from the start"),
+    (["--preset", "paper", "--codebook-size", "8"], "outside the paper's range"),
+    (["--method", "gaussian", "--continuous-epochs", "1"], "quantizes from the start"),
+    (["--continuous-epochs", "3"], r"--continuous-epochs 3 exceeds the run's --epochs 2"),
+    (["--method", "alternated", "--affine-lr", "2"], "alternated optimisation steps the raw codes"),
     # one training image gives 64 encoder outputs: 10:1 for 32 codes cannot be met (was a silent 2:1)
-    (["--train-subset", "1"], r"the switch needs 320 encoder outputs \(--ratio 10 x --num-codes 32\), but one "
+    (["--train-subset", "1"], r"the switch needs 320 encoder outputs \(--ratio 10 x --codebook-size 32\), but one "
                               r"epoch of 1 training images gives 64"),
 ])
 def test_validation_table_refuses_at_start_and_creates_nothing(data_dir, tmp_path, capsys, monkeypatch, bad, message):
     trained = []
     monkeypatch.setattr(cifar_sweep, "train", lambda *a: trained.append(1))
     with pytest.raises(SystemExit) as exit_info:
-        sweep("--preset", "smoke", "--num-codes", 32, "--data-dir", data_dir, "--out", tmp_path / "out", *bad)
+        sweep("--preset", "smoke", "--codebook-size", 32, "--data-dir", data_dir, "--out", tmp_path / "out", *bad)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert __import__("re").search(message, err), err
@@ -203,46 +208,47 @@ def test_unwritable_out_is_refused_before_training(data_dir, capsys, monkeypatch
 
 
 def test_two_processes_racing_for_one_run_the_second_is_refused(data_dir, tmp_path, capsys):
-    """Issue #7's case: --lr 3e-4 and --lr 3e-3 into one --out under one run name. The second is
-    refused with one line while the first holds the run; the first's result records its own lr."""
+    """Two settings that share a run name (--beta is not part of it; --lr now is, so issue #7's
+    --lr 3e-4 / 3e-3 pair gets two names) into one --out at once: the second is refused with one
+    line while the first holds the run; the first's result records its own beta."""
     out = tmp_path / "out"
-    argv = ["--preset", "smoke", "--method", "deferred_ema", "--num-codes", "32", "--data-dir", data_dir,
+    argv = ["--preset", "smoke", "--method", "deferred_ema", "--codebook-size", "32", "--data-dir", data_dir,
             "--out", out, "--device", "cpu"]
 
     def second():
         with pytest.raises(SystemExit) as exit_info:
-            sweep(*argv, "--lr", "3e-3")
+            sweep(*argv, "--beta", "0.5")
         return exit_info.value.code, capsys.readouterr().err
 
-    code1, err1, pid, (code2, err2) = race(tmp_path, "cifar_sweep", "train", argv + ["--lr", "3e-4", "--workers", 0],
+    code1, err1, pid, (code2, err2) = race(tmp_path, "cifar_sweep", "train", argv + ["--beta", "0.25", "--num-workers", 0],
                                            second)
-    name = "deferred_ema_K32_ae1_vq1_s0_smoke"
+    name = "deferred_ema_K32_ep2_cont1_s0_smoke"
     assert code2 == 2 and err2.count("\n") == 1, err2
     assert err2.startswith(f"error: this run is in use by process {pid} ") and f"{name}.lock" in err2
     assert code1 == 0, err1[-2000:]
-    assert json.loads((out / f"{name}.json").read_text())["args"]["lr"] == 3e-4
+    assert json.loads((out / f"{name}.json").read_text())["args"]["beta"] == 0.25
     assert sorted(p.name for p in out.iterdir()) == [f"{name}.json", f"{name}.pt"]
 
 
 def test_grid_takes_one_lock_per_run_and_cleans_its_temporaries(data_dir, tmp_path, monkeypatch, capsys):
     """A grid run whose name is held by a live process (here: pid 1, always alive) is refused; the
     runs before it have finished, and a temporary file left by a killed write of one is removed."""
-    configs = [cifar_sweep.run_config("baseline_ema", 32, ae_epochs=0, vq_epochs=2),
-               cifar_sweep.run_config("deferred_ema", 32, ae_epochs=1, vq_epochs=1)]
+    configs = [cifar_sweep.run_config("baseline_ema", 32, continuous_epochs=0, epochs=2),
+               cifar_sweep.run_config("deferred_ema", 32, continuous_epochs=1, epochs=2)]
     monkeypatch.setattr(cifar_sweep, "grid_configs", lambda name: configs)
     out = tmp_path / "out"
     out.mkdir()
-    held = "deferred_ema_K32_ae1_vq1_s0_smoke"
+    held = "deferred_ema_K32_ep2_cont1_s0_smoke"
     (out / f"{held}.lock").write_text(json.dumps({"pid": 1, "host": __import__("socket").gethostname(),
                                                    "start_time": None}))
-    orphan = out / ".baseline_ema_K32_ae0_vq2_s0_smoke.pt.x1y2z3.tmp"
+    orphan = out / ".baseline_ema_K32_ep2_cont0_s0_smoke.pt.x1y2z3.tmp"
     orphan.write_bytes(b"half a checkpoint")
     with pytest.raises(SystemExit):
         sweep("--grid", "table8", "--preset", "smoke", "--data-dir", data_dir, "--out", out)
     assert capsys.readouterr().err.strip().endswith(f"in use by process 1 (lock {out / held}.lock); "
                                                     "wait for it, or delete the lock if that process is gone")
-    assert sorted(p.name for p in out.iterdir()) == ["baseline_ema_K32_ae0_vq2_s0_smoke.json",
-                                                     "baseline_ema_K32_ae0_vq2_s0_smoke.pt", f"{held}.lock"]
+    assert sorted(p.name for p in out.iterdir()) == ["baseline_ema_K32_ep2_cont0_s0_smoke.json",
+                                                     "baseline_ema_K32_ep2_cont0_s0_smoke.pt", f"{held}.lock"]
 
 
 def test_methods_configure_the_quantizer_as_documented():
@@ -258,10 +264,67 @@ def test_methods_configure_the_quantizer_as_documented():
     assert g.is_enabled and 8.0 < float(g.embed.std()) < 12.0
     assert not quantizer("deferred").is_enabled
     paper = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "deferred"]))
-    assert (paper.ae_epochs, paper.vq_epochs, paper.batch_size, paper.channels) == (50, 250, 128, 128)
+    assert (paper.continuous_epochs, paper.epochs, paper.batch_size, paper.channels) == (50, 300, 128, 128)
+    # --epochs alone keeps the method's paper split (deferred_ema: 150 of 300 epochs continuous)
+    short = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "deferred_ema", "--epochs", "20"]))
+    assert (short.continuous_epochs, short.epochs) == (10, 20)
+    assert cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "alternated"])).beta == 0.0
     with pytest.raises(cifar_sweep.UserError, match="posthoc_kmeans never trains with quantization"):
         cifar_sweep.validate(cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(
-            ["--method", "posthoc_kmeans", "--vq-epochs", "5"])))
+            ["--method", "posthoc_kmeans", "--continuous-epochs", "5"])))
+
+
+def test_alternated_step_equals_sgd_with_momentum_on_the_codebook_loss():
+    """AlternatedQuantizer against torch.optim.SGD(lr 50, momentum 0.9) on mean ||c_k(i) - z_i||^2
+    with the assignments of the nearest-code search, over three training forwards; the forward
+    output is the moved codes (straight-through), and evaluation does not move anything."""
+    torch.manual_seed(0)
+    q = cifar_sweep.AlternatedQuantizer(8, 4, beta=0.0)
+    q.embed.data.copy_(torch.randn(8, 4))
+    ref = q.embed.detach().clone().requires_grad_(True)
+    sgd = torch.optim.SGD([ref], lr=50.0, momentum=0.9)
+    q.train()
+    for _ in range(3):
+        z = torch.randn(64, 4) * 0.1
+        idx = torch.cdist(z, ref.detach()).argmin(1)
+        sgd.zero_grad()
+        ((ref[idx] - z) ** 2).mean().backward()
+        sgd.step()
+        z_q, indices, loss = q(z)
+        assert torch.equal(indices, idx)
+        assert torch.allclose(q.embed, ref.detach(), atol=1e-5)
+        assert torch.allclose(z_q, ref.detach()[idx], atol=1e-5)
+        assert loss.item() == pytest.approx(((ref.detach()[idx] - z) ** 2).mean().item(), rel=1e-4)
+    q.eval()
+    before = q.embed.clone()
+    q(torch.randn(64, 4))
+    assert torch.equal(q.embed, before) and int(q.inner_steps) == 3
+
+
+def test_a_diverging_run_records_its_failure_and_a_grid_goes_on(data_dir, tmp_path, monkeypatch, capsys):
+    """The loss becomes NaN in the second epoch (the first epoch's loss is poisoned from outside):
+    the JSON records the failure and the history up to it, the checkpoint of epoch 1 stays, the run
+    ends with one line; in a grid the next run still runs."""
+    real_epoch = cifar_sweep.train_epoch
+    calls = []
+
+    def poisoned(*a, **k):
+        stats = real_epoch(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            stats.update(finite=False, train_loss=float("nan"))
+        return stats
+    monkeypatch.setattr(cifar_sweep, "train_epoch", poisoned)
+    configs = [cifar_sweep.run_config("affine_sync", 32, epochs=3), cifar_sweep.run_config("baseline", 32, epochs=1)]
+    monkeypatch.setattr(cifar_sweep, "grid_configs", lambda name: configs)
+    sweep("--grid", "fig7", "--preset", "smoke", "--data-dir", data_dir, "--out", tmp_path)
+    err = capsys.readouterr().out
+    assert "failed: affine_sync_alr2_nu2_K32_ep3_cont0_s0_smoke: loss became nan at epoch 1" in err
+    failed = json.loads((tmp_path / "affine_sync_alr2_nu2_K32_ep3_cont0_s0_smoke.json").read_text())
+    assert failed["metrics"] == {} and failed["failed"].startswith("loss became nan at epoch 1")
+    assert [(h["epoch"], h.get("diverged", False)) for h in failed["history"]] == [(0, False), (1, True)]
+    assert torch.load(tmp_path / "affine_sync_alr2_nu2_K32_ep3_cont0_s0_smoke.pt", weights_only=False)["epoch"] == 1
+    assert (tmp_path / "baseline_K32_ep1_cont0_s0_smoke.json").exists()  # the grid went on
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +335,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     allow_fixture_checksums()
     try:
         return smoke(data_dir, str(tmp_path_factory.mktemp("ref")), "deferred_ema",
-                     "--ae-epochs", 1, "--vq-epochs", 2, "--dead-code-steps", 1)[0]
+                     "--epochs", 3, "--continuous-epochs", 1, "--dead-code-steps", 1)[0]
     finally:
         cifar.check_integrity = saved
 
@@ -288,7 +351,7 @@ def test_resume_after_kill_gives_the_same_result(data_dir, tmp_path, monkeypatch
         if len(saves) == kill_after_saves:
             raise KeyboardInterrupt("simulated kill")
 
-    extra = ("--ae-epochs", 1, "--vq-epochs", 2, "--dead-code-steps", 1)
+    extra = ("--epochs", 3, "--continuous-epochs", 1, "--dead-code-steps", 1)
     monkeypatch.setattr(cifar_sweep, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         smoke(data_dir, str(tmp_path), "deferred_ema", *extra)
@@ -339,7 +402,7 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
     for name in names[1:]:
         (out / f"{name}.json").write_text("{}")
     sweep("--grid", "table8", "--out", out)
-    assert ran == names[:1] == ["baseline_ema_K8192_ae0_vq300_s0"]
+    assert ran == names[:1] == ["baseline_ema_K8192_ep300_cont0_s0"]
     (out / f"{names[2]}.json").unlink()  # (the mocked run above wrote nothing for names[0])
     ran.clear()
     sweep("--grid", "table8", "--grid-shard", "1/2", "--out", out)  # shard 1 of 2 holds config 1 only
@@ -357,7 +420,8 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
             key = tuple(sorted(config.items()))
             every.setdefault(cifar_sweep.run_name(cifar_sweep.resolve_args(args)), set()).add(key)
     assert all(len(v) == 1 for v in every.values())
-    assert len(every) == 26 + 1 + 7 + 4 + 30  # fig5 + table8/9/10/11 minus shared runs
+    assert len(every) == 26 + 1 + 7 + 4 + 30 + 6  # fig5 + table8/9/10/11 + fig8 minus shared runs (fig6, fig7)
+    assert "alternated_lr0.001_K1024_ep300_cont0_s0" in every  # a learning rate other than the paper's is named
 
 
 # Injected into each torchrun rank by the launcher below (from outside the script): after every
@@ -405,12 +469,12 @@ def test_two_process_ddp_keeps_identical_codebooks(data_dir, tmp_path):
     spy.mkdir()
     method = ("lru_kmeans", "--dead-code-steps", "1")  # gradient codebook, k-means init, replacement
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
-           "--preset", "smoke", "--method", *method, "--num-codes", "32", "--vq-epochs", "3", "--data-dir",
-           data_dir, "--out", str(out), "--workers", "0", "--device", "cpu"]
+           "--preset", "smoke", "--method", *method, "--codebook-size", "32", "--epochs", "3", "--data-dir",
+           data_dir, "--out", str(out), "--num-workers", "0", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", SPY_DIR=str(spy))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    name = "lru_kmeans_dead1_K32_ae0_vq3_s0_smoke"
+    name = "lru_kmeans_dead1_K32_ep3_cont0_s0_smoke"
     ranks = [json.loads((spy / f"rank{r}.json").read_text()) for r in (0, 1)]
     # evaluated after each of the 3 epochs and once at the end, on both ranks, with one codebook
     assert len(ranks[0]["codebook_sha256"]) == 4 and ranks[0]["codebook_sha256"] == ranks[1]["codebook_sha256"]
@@ -442,6 +506,40 @@ def fake_result(out, config, mse, perplexity, vendi, euclidean=1.5, history=None
               "history": history or [{"epoch": 0, "val_loss": 0.02}, {"epoch": 1, "val_loss": 0.01}]}
     name = name or "_".join(f"{k}{v}" for k, v in sorted(config.items()))
     (out / f"{name}.json").write_text(json.dumps(record))
+
+
+def test_evaluate_renders_figures_7_and_8_from_histories(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    loss = [0.05, 0.04, 0.2]
+    # Figure 7: one finished seed, one that failed in its third epoch
+    fake_result(runs, cifar_sweep.grid_configs("fig7")[0], 0.012, 400.0, 1.5, name="f7s0", argv=("--seed", "0"),
+                history=[{"epoch": e, "train_loss": v} for e, v in enumerate(loss)])
+    record = {"experiment": "cifar10", "method": "affine_sync", "failed": "loss became nan at epoch 2",
+              "args": paper_args(cifar_sweep.grid_configs("fig7")[0], "--seed", "1"), "metrics": {},
+              "history": [{"epoch": 0, "train_loss": 0.06}, {"epoch": 1, "train_loss": 0.03},
+                          {"epoch": 2, "train_loss": None, "diverged": True}]}
+    (runs / "f7s1.json").write_text(json.dumps(record))
+    # Figure 8: perplexity falling towards 1 at one (size, lr), two seeds averaged
+    config = cifar_sweep.grid_configs("fig8")[0]
+    for seed, perp in ((0, [30.0, 3.0, 1.0]), (1, [50.0, 5.0, 1.0])):
+        fake_result(runs, config, 0.05, 1.0, 1.0, name=f"f8s{seed}", argv=("--seed", str(seed), "--lr", "1e-4"),
+                    history=[{"epoch": e, "train_loss": 0.03, "train_perplexity": p} for e, p in enumerate(perp)])
+    sync = cifar_sweep.grid_configs("table11")[4 * 5]  # Sync (sync_nu=0.1) at 1K: only a failed run
+    (runs / "sync.json").write_text(json.dumps(dict(record, method="sync", args=paper_args(sync))))
+    report = run_cli(evaluate.main, evaluate.build_parser(), ["tables", str(runs), "--out", str(tmp_path / "rep")])
+    fig7 = report.split("## Figure 7")[1].split("## ")[0]
+    assert "| 0 | 3 | 0.20000 | 0.04000 | finished |" in fig7
+    assert "| 1 | 3 | 0.03000 | 0.03000 | failed: loss became nan at epoch 2 |" in fig7
+    fig8 = report.split("## Figure 8")[1].split("## ")[0]
+    assert "| 1024 | 0.0001 | 2 | 40.0 | 1.0 | 0.03000 | 0.03000 | finished |" in fig8
+    # Table 11 shows the failed configuration as failed, the finished one as a number
+    t11 = report.split("## Table 11")[1]
+    assert "| Affine + Sync (default) | – | failed |" not in t11  # a finished seed exists: its mean is shown
+    assert "| Affine + Sync (default) | – | 12.00 |" in t11
+    assert "| Sync (sync_nu=0.1) | 12.17 | failed |" in t11
+    for png in ("fig7_cifar10_affine_sync_1024.png", "fig8_cifar10_alternated.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_renders_every_cifar_table(tmp_path):
