@@ -27,8 +27,8 @@ Choices the paper leaves open (documented here and in the report):
     is the plain per-pixel mean squared error, identical on [0, 1] and [-0.5, 0.5] (a shift), not
     divided by the data variance. Paper values of ~9e-3 are on this scale.
   * Batch size 128 (per step, across all GPUs: each of N ranks takes 128 / N).
-  * Validation (Figure 6) = the CIFAR-10 test set, evaluated after every epoch; no training image is
-    held out (the paper does not say; the classic VQ-VAE CIFAR-10 code does the same). The plotted
+  * Validation (Figure 6) = the CIFAR-10 test set, evaluated after every epoch (--val-every 1); no
+    training image is held out (the paper does not say; the classic VQ-VAE CIFAR-10 code does the same). The plotted
     "validation loss" is the training objective on it: MSE + VQ loss (codebook + beta * commitment;
     beta * commitment with an EMA codebook; 0 in the Continuous Phase).
   * Table 10's Gaussian inits and Table 8/9's baseline use an EMA codebook: their paper numbers
@@ -95,10 +95,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from common import (UsageCounter, UserError, VectorQuantizer, add_run_arguments, all_reduce_sum, autocast_for,
-                    cleanup_distributed, codebook_metrics, deferred_switch, nearest_code, perplexity_from_counts,
-                    print0, progress_bar, run_cli, save_checkpoint, seed_everything, set_rng_state,
-                    setup_distributed, start_run, wrap_ddp, write_result)
+from common import (FASHION_MNIST_SIZE, UsageCounter, UserError, VectorQuantizer, add_run_arguments,
+                    all_reduce_sum, autocast_for, cleanup_distributed, codebook_metrics, deferred_switch,
+                    load_fashion_mnist, nearest_code, perplexity_from_counts, print0, progress_bar, run_cli,
+                    save_checkpoint, seed_everything, set_rng_state, setup_distributed, start_run, wrap_ddp,
+                    write_result)
 
 # ================================================================================================
 # Methods, presets and the grids of every CIFAR-10 table
@@ -142,6 +143,11 @@ TABLE9_CONTINUOUS_EPOCHS = [0, 10, 20, 40, 60, 80, 100]
 TABLE10_STDS = [1.0, 2.0, 3.0, 10.0]
 # Figure 8: "across different learning rates and codebook sizes" (which ones, the paper does not say)
 FIG8_SIZES, FIG8_LRS = [1024, 16384], [1e-4, 3e-4, 1e-3]
+# CPU-sized grids (Figure 5 and Table 11 on real images, e.g. --dataset fashion-mnist): only method
+# and codebook size are set, so --epochs, --train-subset, --channels, --seed ... come from the
+# command line. Figure 5's sizes in steps of 4; the Table 11 methods (and alternated) at one size.
+CPU_FIG5_SIZES = [16, 64, 256, 1024, 4096, 16384]
+CPU_TABLE11_SIZE = 1024
 
 
 def run_config(method, codebook_size, continuous_epochs=None, epochs=None, **extra):
@@ -172,14 +178,20 @@ def grid_configs(name):
         return [run_config("affine_sync", 1024)]
     if name == "fig8":  # alternated optimisation collapsing
         return [run_config("alternated", k, lr=lr) for k in FIG8_SIZES for lr in FIG8_LRS]
+    if name == "cpu-fig5":  # alternate the method's order per size: --grid-shard I/2 splits the cost evenly
+        pairs = [("baseline_ema", "deferred_ema")[::1 - 2 * (i % 2)] for i in range(len(CPU_FIG5_SIZES))]
+        return [dict(method=m, codebook_size=k) for k, pair in zip(CPU_FIG5_SIZES, pairs) for m in pair]
+    if name == "cpu-table11":
+        return [dict(method=m, codebook_size=CPU_TABLE11_SIZE)
+                for m in TABLE11_METHODS + ["alternated"] if m not in ("baseline_ema", "deferred_ema")]
     raise UserError(f"unknown grid '{name}' (use {', '.join(GRIDS)})")
 
 
-GRIDS = ("fig5", "table8", "table9", "table10", "table11", "fig6", "fig7", "fig8")
+GRIDS = ("fig5", "table8", "table9", "table10", "table11", "fig6", "fig7", "fig8", "cpu-fig5", "cpu-table11")
 
 # Options that change what a run computes. A checkpoint made under other values cannot be resumed,
 # and evaluate.py averages only runs that agree on all of them except the seed.
-RUN_DEFINING = ("method", "codebook_size", "continuous_epochs", "epochs", "init_std", "affine_lr", "sync_nu",
+RUN_DEFINING = ("dataset", "method", "codebook_size", "continuous_epochs", "epochs", "init_std", "affine_lr", "sync_nu",
                 "dead_code_steps", "ratio", "token_dim", "channels", "res_channels", "res_blocks", "beta",
                 "ema_decay", "lr", "batch_size", "train_subset", "test_subset", "preset", "seed")
 
@@ -191,8 +203,16 @@ RANGES = {"codebook_size": ">= 1", "continuous_epochs": ">= 0", "epochs": ">= 1"
           "affine_lr": ">= 0", "sync_nu": ">= 0", "dead_code_steps": ">= 0", "ratio": ">= 1", "token_dim": ">= 1",
           "channels": ">= 2", "res_channels": ">= 1", "res_blocks": ">= 0", "beta": ">= 0", "ema_decay": "(0, 1)",
           "lr": "> 0", "batch_size": ">= 1", "train_subset": ">= 1", "test_subset": ">= 1", "num_workers": ">= 0",
-          "seed": ">= 0", "dist_timeout": "> 0"}
-TOKENS_PER_IMAGE = 8 * 8  # encoder outputs per 32 x 32 image (two stride-2 convolutions)
+          "seed": ">= 0", "dist_timeout": "> 0", "val_every": ">= 1"}
+# The network sees 32 x 32 images and makes 8 x 8 tokens of them (two stride-2 convolutions).
+NET_SIZE = 32
+TOKENS_PER_IMAGE = (NET_SIZE // 4) ** 2
+# Datasets: image channels, side in pixels, default --data-dir. A 28 x 28 Fashion-MNIST image is
+# zero-padded by 2 pixels on each side to 32 x 32: exact (its background is 0, so the padding is
+# more background), the network stays the paper's, and every reported MSE is taken over the 28 x 28
+# original pixels only (the padding is not data). One channel: first and last convolutions 1-wide.
+DATASETS = {"cifar10": dict(channels=3, size=32, data_dir="data/cifar10"),
+            "fashion-mnist": dict(channels=1, size=FASHION_MNIST_SIZE, data_dir="data/fashion-mnist")}
 
 
 def defining_keys(args):
@@ -215,6 +235,8 @@ def resolve_args(args):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.data_dir is None:
+        args.data_dir = DATASETS[args.dataset]["data_dir"]
     if args.epochs is None:
         args.epochs = m["epochs"]
     if args.continuous_epochs is None:
@@ -290,6 +312,8 @@ def run_name(args):
     tags += [f"K{args.codebook_size}", f"ep{args.epochs}", f"cont{args.continuous_epochs}", f"s{args.seed}"]
     if args.preset != "paper":
         tags.append(args.preset)
+    if args.dataset != "cifar10":
+        tags.append(args.dataset)
     return "_".join(tags)
 
 
@@ -317,10 +341,10 @@ class VQVAE(nn.Module):
     """32x32 image -> two stride-2 4x4 convs -> 8x8 x `channels` -> 3x3 conv -> residual stack ->
     1x1 conv to the token dim -> quantizer -> mirrored decoder. 64 tokens per image."""
 
-    def __init__(self, quantizer, channels=128, res_channels=64, res_blocks=2, token_dim=32):
+    def __init__(self, quantizer, channels=128, res_channels=64, res_blocks=2, token_dim=32, image_channels=3):
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(image_channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(channels // 2, channels, 4, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1),
             ResidualStack(channels, res_channels, res_blocks),
@@ -330,7 +354,7 @@ class VQVAE(nn.Module):
             nn.Conv2d(token_dim, channels, 3, padding=1),
             ResidualStack(channels, res_channels, res_blocks),
             nn.ConvTranspose2d(channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(channels // 2, 3, 4, stride=2, padding=1))
+            nn.ConvTranspose2d(channels // 2, image_channels, 4, stride=2, padding=1))
 
     def forward(self, x):
         z_q, indices, vq_loss = self.quantizer(self.encoder(x))
@@ -387,11 +411,13 @@ def build_model(args):
         init="gaussian" if args.method == "gaussian" else "uniform", init_std=args.init_std,
         enabled=m["switch"] is None, dead_code_steps=args.dead_code_steps,
         affine_lr=args.affine_lr, sync_nu=args.sync_nu)
-    return VQVAE(quantizer, args.channels, args.res_channels, args.res_blocks, args.token_dim)
+    return VQVAE(quantizer, args.channels, args.res_channels, args.res_blocks, args.token_dim,
+                 DATASETS[args.dataset]["channels"])
 
 
 # ================================================================================================
-# Data: torchvision's CIFAR-10 held in memory as uint8, converted on the device
+# Data: CIFAR-10 (torchvision) or Fashion-MNIST (common.load_fashion_mnist) held in memory as
+# uint8 (N, C, 32, 32), converted on the device
 # ================================================================================================
 
 
@@ -415,10 +441,26 @@ def to_input(batch, device):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+def load_fashion(root, train, download, subset):
+    """(N, 1, 32, 32) uint8 tensor of one Fashion-MNIST split: the 28 x 28 images zero-padded by 2
+    pixels on every side (see DATASETS)."""
+    images = load_fashion_mnist(root, train=train, download=download)[0]
+    images = images[:subset] if subset else images
+    pad = (NET_SIZE - FASHION_MNIST_SIZE) // 2
+    return F.pad(images[:, None], (pad, pad, pad, pad))
+
+
 def load_data(args):
     """{'train', 'test'}: both splits as uint8 tensors (a UserError when the data are missing)."""
-    return {"train": load_cifar(args.data_dir, True, args.download, args.train_subset),
-            "test": load_cifar(args.data_dir, False, args.download, args.test_subset)}
+    load = load_cifar if args.dataset == "cifar10" else load_fashion
+    return {"train": load(args.data_dir, True, args.download, args.train_subset),
+            "test": load(args.data_dir, False, args.download, args.test_subset)}
+
+
+def image_pixels(x, args):
+    """The pixels of the images themselves: the network's 32 x 32 minus any padding (DATASETS)."""
+    pad = (NET_SIZE - DATASETS[args.dataset]["size"]) // 2
+    return x[..., pad:NET_SIZE - pad, pad:NET_SIZE - pad] if pad else x
 
 
 def build_loaders(args, info, data):
@@ -452,14 +494,15 @@ def evaluate(model, loader, args, device):
         x = to_input(batch, device)
         with autocast_for(device):
             recon, indices, vq_loss = model(x)
-        sums[0] += F.mse_loss(recon.float(), x, reduction="sum").double()
+        sums[0] += F.mse_loss(image_pixels(recon.float(), args), image_pixels(x, args), reduction="sum").double()
         sums[1] += vq_loss.double() * x.shape[0]
         sums[2] += x.shape[0]
         if indices is not None:
             usage.update(indices)
     all_reduce_sum(sums)
     usage.all_reduce()
-    mse = float(sums[0] / (sums[2] * 3 * 32 * 32))
+    info = DATASETS[args.dataset]
+    mse = float(sums[0] / (sums[2] * info["channels"] * info["size"] ** 2))
     return {"mse": mse, "loss": mse + float(sums[1] / sums[2]), "counts": usage.counts.cpu()}
 
 
@@ -532,10 +575,11 @@ def train(args, info, name, paths, data, ckpt):
 
     def result(metrics, **extra):
         if info.is_main:
-            write_result(paths["json"], "cifar10", args.method, args, metrics, history, run_name=name,
-                         wall_seconds=time.time() - t0, world_size=info.world_size, **extra)
+            write_result(paths["json"], args.dataset, args.method, args, metrics, history, run_name=name,
+                         wall_seconds=time.time() - t0, world_size=info.world_size, eval_split="test",
+                         eval_images=len(data["test"]), data_range=1.0, **extra)
 
-    t0 = time.time()
+    t0, val = time.time(), None
     for epoch in range(start_epoch, args.epochs):
         if epoch == args.continuous_epochs and not model.quantizer.is_enabled:
             switch(model, train_loader, args, epoch)
@@ -548,22 +592,27 @@ def train(args, info, name, paths, data, ckpt):
             failure = f"loss became {stats['train_loss']} at epoch {epoch}; lower the learning rate or check the data"
             result({}, failed=failure)
             raise Diverged(f"{name}: {failure} (the history up to it is in {paths['json']})")
-        val = evaluate(model, test_loader, args, device)
-        history.append({"epoch": epoch, "phase": phase, "train_loss": stats["train_loss"],
-                        "train_mse": stats["train_mse"], "train_perplexity": stats["train_perplexity"],
-                        "val_loss": val["loss"], "val_mse": val["mse"],
-                        "val_perplexity": perplexity_from_counts(val["counts"]),
-                        "quantized_steps": stats["quantized_steps"]})
-        print0(f"epoch {epoch} ({phase.title()} Phase): train loss {stats['train_loss']:.5f}, "
-               f"val mse {val['mse']:.5f}")
-        save(epoch + 1, val["counts"])
+        record = {"epoch": epoch, "phase": phase, "train_loss": stats["train_loss"], "train_mse": stats["train_mse"],
+                  "train_perplexity": stats["train_perplexity"], "quantized_steps": stats["quantized_steps"]}
+        val = None
+        if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+            val = evaluate(model, test_loader, args, device)
+            record.update(val_loss=val["loss"], val_mse=val["mse"],
+                          val_perplexity=perplexity_from_counts(val["counts"]))
+        history.append(record)
+        print0(f"epoch {epoch} ({phase.title()} Phase): train loss {stats['train_loss']:.5f}"
+               + (f", val mse {val['mse']:.5f}" if val else ""))
+        save(epoch + 1, val and val["counts"])
+    final = val  # the last epoch's test evaluation is the result (at 16,384 codes it costs an epoch)
     if not model.quantizer.is_enabled:  # posthoc_kmeans: discretize after training, no fine-tuning
         switch(model, train_loader, args, args.epochs)
-    final = evaluate(model, test_loader, args, device)
+        final = None
+    if final is None:  # posthoc_kmeans, or a run resumed after its last epoch
+        final = evaluate(model, test_loader, args, device)
+        save(args.epochs, final["counts"])
     metrics = codebook_metrics(model.quantizer.codebook, final["counts"])
     metrics["mse"] = final["mse"]
     metrics["val_loss"] = final["loss"]
-    save(args.epochs, final["counts"])
     result(metrics)
     print0(f"{name}: test mse {metrics['mse']:.5f}, perplexity {metrics['perplexity']:.1f}, "
            f"vendi {metrics['vendi']:.3f}, euclidean {metrics['euclidean']:.3f}")
@@ -586,7 +635,7 @@ def train_epoch(ddp, optimizer, loader, args, info, desc):
         x = to_input(batch, device)
         with autocast_for(device):
             recon, indices, vq_loss = ddp(x)
-        mse = F.mse_loss(recon.float(), x)
+        mse = F.mse_loss(image_pixels(recon.float(), args), image_pixels(x, args))
         loss = mse + vq_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -664,9 +713,15 @@ def build_parser():
     p.add_argument("--batch-size", type=int, help="global batch size (paper preset 128)")
     p.add_argument("--train-subset", type=int, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, help="use only the first N test images")
-    p.add_argument("--data-dir", default="data/cifar10", help="folder holding cifar-10-batches-py")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 (needs internet)")
+    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
+    p.add_argument("--data-dir", help="cifar10: the folder holding cifar-10-batches-py (default data/cifar10); "
+                   "fashion-mnist: torchvision's layout or a folder with the four idx .gz files, e.g. "
+                   "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist; default "
+                   "data/fashion-mnist)")
+    p.add_argument("--download", action="store_true", help="download the dataset through torchvision (internet)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=1,
+                   help="evaluate the test split every N epochs (Figure 6's curves; always after the last)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     add_run_arguments(p, out_default="runs/cifar")  # --out, --resume (--grid: automatic), --device, --dist-timeout
     return p

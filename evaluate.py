@@ -603,6 +603,129 @@ def render_cifar_table11(results, out_dir):
     return "\n\n".join(parts) + "\n\n*Affine + Sync (default): training failure at 1,024 codes in the paper."
 
 
+# ---- Figure 5 and Table 11 on other data or recipes (e.g. cifar_sweep.py --grid cpu-fig5 / cpu-table11
+# --dataset fashion-mnist): runs are grouped by their recipe, i.e. every run-defining option except
+# those that vary inside a figure (method, codebook size, phase split, seed) or belong to one method;
+# the paper's own CIFAR-10 recipe is left to the tables above.
+
+SIZE_SWEEP_FREE = frozenset({"method", "codebook_size", "continuous_epochs", "seed"})
+METHOD_OWN = frozenset({"affine_lr", "sync_nu", "dead_code_steps", "beta", "init_std"})
+COVERAGE_COLUMNS = (("mse", "MSE x1e-3", 2), ("perplexity", "perplexity", 1), ("used_codes", "used codes", 0),
+                    ("euclidean", "euclidean", 3), ("cosine", "cosine", 3), ("vendi", "vendi", 3),
+                    ("vendi_centred", "vendi centred", 3))
+
+
+def _recipes(results, methods=None, free=SIZE_SWEEP_FREE):
+    """{(experiment, recipe): finished and failed runs} of cifar_sweep.py outside the paper's CIFAR-10
+    recipe; a recipe is a sorted tuple of (option, value) over RUN_DEFINING minus `free`."""
+    from cifar_sweep import DATASETS, build_parser, defining_args, resolve_args
+
+    def recipe(args):
+        return tuple(sorted((k, v) for k, v in defining_args(args).items() if k not in free))
+    paper = recipe(resolve_args(build_parser().parse_args([])))
+    groups = {}
+    for r in results:
+        if r["experiment"] in DATASETS and (methods is None or r["method"] in methods):
+            key = (r["experiment"], recipe(r["args"]))
+            if key != ("cifar10", paper):
+                groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _recipe_label(experiment, recipe):
+    """The recipe's options that differ from the paper preset, e.g. 'fashion-mnist: epochs=10, ...'."""
+    from cifar_sweep import build_parser, defining_args, resolve_args
+    paper = defining_args(resolve_args(build_parser().parse_args([])))
+    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in recipe
+               if k != "dataset" and paper.get(k) != v]
+    return f"{experiment}: " + (", ".join(changed) or "paper recipe")
+
+
+def _recipe_file(prefix, experiment, recipe):
+    import hashlib
+    return f"{prefix}_{experiment}_{hashlib.sha256(repr(recipe).encode()).hexdigest()[:8]}.png"
+
+
+def _mean_std_of(runs, key, digits, scale=1.0):
+    return mean_std([r["metrics"][key] / scale for r in runs if key in r["metrics"]], digits)
+
+
+@renderer("Figure 5 on other data or recipes (codebook-size sweep, baseline_ema vs deferred_ema)")
+def render_size_sweeps(results, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = ("baseline_ema", "deferred_ema")
+    parts = []
+    for (experiment, recipe), runs in sorted(_recipes(results, methods).items()):
+        done = [r for r in runs if not r.get("failed")]
+        sizes = sorted({r["args"]["codebook_size"] for r in done})
+        if len(sizes) < 2:
+            continue
+        cell = {(m, k): [r for r in done if r["method"] == m and r["args"]["codebook_size"] == k]
+                for m in methods for k in sizes}
+        keys = [c for c in COVERAGE_COLUMNS if any(c[0] in r["metrics"] for r in done) and c[0] != "used_codes"]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+        for ax, (key, label, _) in zip(axes[0], keys):
+            scale = CIFAR_MSE_UNIT if key == "mse" else 1.0
+            for m, name in zip(methods, ("VQ-VAE (baseline, EMA)", "Deferred Quantization (EMA)")):
+                pts = [(k, [r["metrics"][key] / scale for r in cell[(m, k)]]) for k in sizes if cell[(m, k)]]
+                if pts:
+                    ax.errorbar([k for k, _ in pts], [np.mean(v) for _, v in pts],
+                                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in pts],
+                                marker="o", capsize=3, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("codebook size")
+            ax.set_title(label)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(_recipe_label(experiment, recipe), fontsize=9)
+        fig.tight_layout()
+        png = _recipe_file("fig5", experiment, recipe)
+        fig.savefig(os.path.join(out_dir, png), dpi=120)
+        plt.close(fig)
+        header = ["codes", "method", "seeds"] + [label for _, label, _ in COVERAGE_COLUMNS]
+        body = [[k, m, len(cell[(m, k)])] + [_mean_std_of(cell[(m, k)], key, d, CIFAR_MSE_UNIT if key == "mse" else 1)
+                                             for key, _, d in COVERAGE_COLUMNS]
+                for k in sizes for m in methods if cell[(m, k)]]
+        parts.append(f"**{_recipe_label(experiment, recipe)}**\n\n" + markdown_table(header, body)
+                     + f"\n\nMean ± std over seeds, on the test split. Plot: {png}")
+    return "\n\n".join(parts) or None
+
+
+@renderer("Table 11 methods at one codebook size, on other data or recipes")
+def render_methods_at_size(results, out_dir):
+    """Every method run at one codebook size under one recipe (at least three methods), with the
+    coverage suite, and their training loss / training-usage perplexity per epoch (Figures 6-8)."""
+    parts = []
+    for (experiment, recipe), runs in sorted(_recipes(results, free=SIZE_SWEEP_FREE | METHOD_OWN).items()):
+        for k in sorted({r["args"]["codebook_size"] for r in runs}):
+            by_method = {}
+            for r in runs:
+                if r["args"]["codebook_size"] == k:
+                    by_method.setdefault(r["method"], []).append(r)
+            if len(by_method) < 3:
+                continue
+            order = [m for m in CIFAR_LABELS if m in by_method] + sorted(set(by_method) - set(CIFAR_LABELS))
+            body = []
+            for m in order:
+                done = [r for r in by_method[m] if not r.get("failed")]
+                body.append([CIFAR_LABELS.get(m, m), len(by_method[m])]
+                            + [_mean_std_of(done, key, d, CIFAR_MSE_UNIT if key == "mse" else 1)
+                               for key, _, d in COVERAGE_COLUMNS]
+                            + ["; ".join(sorted({_run_status(r) for r in by_method[m]}))])
+            png = _curve_figure(os.path.join(out_dir, _recipe_file(f"methods_K{k}", experiment, recipe)),
+                                [(CIFAR_LABELS.get(m, m), {key: _history_curve(by_method[m], key)
+                                                          for key in ("train_loss", "train_perplexity")})
+                                 for m in order],
+                                [("train_loss", "training loss (MSE + VQ loss)"),
+                                 ("train_perplexity", "perplexity of the epoch's training assignments")],
+                                f"{_recipe_label(experiment, recipe)}, {k} codes")
+            header = ["method", "seeds"] + [label for _, label, _ in COVERAGE_COLUMNS] + ["status"]
+            parts.append(f"**{_recipe_label(experiment, recipe)}, {k} codes**\n\n" + markdown_table(header, body)
+                         + f"\n\nMean ± std over seeds, on the test split. Training curves: {png}")
+    return "\n\n".join(parts) or None
+
+
 # ---- ImageNet-100 / ODIR tokenizer renderers ----
 
 TOKENIZER_TITLES = {

@@ -455,7 +455,8 @@ def validate(args):
                         f"at the switch, but one epoch holds only the {n} data points; lower --ratio to at most "
                         f"{n / args.codebook_size:g}")
     if args.method in ("deferred", "compare") and not 1 <= args.continuous_epochs < args.epochs:
-        raise UserError(f"--continuous-epochs must lie in [1, --epochs) for the deferred arm, got {args.continuous_epochs}")
+        raise UserError(f"--continuous-epochs must lie in [1, --epochs) for the deferred arm, "
+                        f"got {args.continuous_epochs}")
 
 
 def run_files(args, methods, names):

@@ -15,7 +15,7 @@ import torch
 
 import cifar_sweep
 import evaluate
-from cifar_fixture import allow_fixture_checksums, write_cifar_fixture
+from cifar_fixture import allow_fixture_checksums, write_cifar_fixture, write_fashion_fixture
 from common import perplexity_from_counts, run_cli
 from race import race
 
@@ -61,6 +61,70 @@ def test_fixture_is_read_by_the_real_loader(data_dir):
     assert len(cifar_sweep.load_cifar(data_dir, True, False, None)) == 5 * 48
 
 
+# ---- --dataset fashion-mnist ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    return write_fashion_fixture(str(tmp_path_factory.mktemp("fashion")))
+
+
+def test_fashion_images_are_zero_padded_to_the_network_size(fashion):
+    root, arrays = fashion
+    images = cifar_sweep.load_fashion(root, train=False, download=False, subset=None)
+    assert images.dtype == torch.uint8 and images.shape == (64, 1, 32, 32)
+    assert torch.equal(images[:, 0, 2:30, 2:30], torch.from_numpy(arrays["t10k"][0]))
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert int(images[:, 0][:, border].max()) == 0  # the padding is background
+    assert len(cifar_sweep.load_fashion(root, True, False, 100)) == 100
+
+
+def test_fashion_mnist_run_measures_the_28_pixel_images(fashion, tmp_path):
+    """One channel in and out; the reported MSE is over the 28 x 28 original pixels, recomputed
+    here from the saved model and the raw idx arrays, independently of the script's evaluation."""
+    root, arrays = fashion
+    sweep("--dataset", "fashion-mnist", "--data-dir", root, "--preset", "smoke", "--method", "deferred_ema",
+          "--codebook-size", 32, "--out", tmp_path)
+    name = "deferred_ema_K32_ep2_cont1_s0_smoke_fashion-mnist"
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert record["experiment"] == "fashion-mnist" and record["args"]["dataset"] == "fashion-mnist"
+    assert (record["eval_split"], record["eval_images"], record["data_range"]) == ("test", 64, 1.0)
+    args = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(
+        ["--dataset", "fashion-mnist", "--preset", "smoke", "--codebook-size", "32"]))
+    model = cifar_sweep.build_model(args)
+    model.load_state_dict(torch.load(tmp_path / f"{name}.pt", weights_only=False)["model"])
+    model.eval()
+    assert model.encoder[0].in_channels == 1 and model.decoder[-1].out_channels == 1
+    x = torch.from_numpy(arrays["t10k"][0]).float()[:, None] / 255.0  # (64, 1, 28, 28) in [0, 1]
+    with torch.no_grad():
+        recon = model(torch.nn.functional.pad(x - 0.5, (2, 2, 2, 2), value=-0.5))[0][..., 2:30, 2:30] + 0.5
+    assert record["metrics"]["mse"] == pytest.approx(float(((recon - x) ** 2).mean()), rel=1e-5)
+
+
+def test_bad_fashion_data_dir_is_one_line(fashion, tmp_path, capsys):
+    import gzip
+    root, _ = fashion
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in os.listdir(root):
+        (broken / f).write_bytes(open(os.path.join(root, f), "rb").read())
+
+    def error(data_dir):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep("--dataset", "fashion-mnist", "--data-dir", data_dir, "--preset", "smoke", "--out", tmp_path / "out")
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
+        return err
+    assert error(tmp_path / "nowhere").startswith("error: data folder not found")
+    images = broken / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:200])  # truncated .gz
+    assert error(broken).startswith(f"error: cannot read {images}: Compressed file ended")
+    with gzip.open(images, "wb") as f:  # a labels file where the images should be: wrong magic
+        f.write(gzip.open(broken / "t10k-labels-idx1-ubyte.gz").read())
+    assert error(broken).startswith(f"error: {images} is not an idx images file (magic number 2049")
+
+
 def test_missing_folder_is_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sweep("--preset", "smoke", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "out")
@@ -90,6 +154,8 @@ def test_every_method_writes_a_valid_result(data_dir, tmp_path, method):
     counts = ckpt["code_counts"]
     assert int(counts.sum()) == TEST_IMAGES * 8 * 8
     assert record["metrics"]["perplexity"] == pytest.approx(perplexity_from_counts(counts))
+    if method != "posthoc_kmeans":  # the last epoch's test evaluation is the result (not recomputed)
+        assert record["metrics"]["mse"] == history[-1]["val_mse"]
     assert record["metrics"]["used_codes"] == int((counts > 0).sum())
     assert ckpt["codebook"].shape == (32, 32)
     # appendix A.1: Adam with amsgrad, lr 3e-4
@@ -220,8 +286,8 @@ def test_two_processes_racing_for_one_run_the_second_is_refused(data_dir, tmp_pa
             sweep(*argv, "--beta", "0.5")
         return exit_info.value.code, capsys.readouterr().err
 
-    code1, err1, pid, (code2, err2) = race(tmp_path, "cifar_sweep", "train", argv + ["--beta", "0.25", "--num-workers", 0],
-                                           second)
+    code1, err1, pid, (code2, err2) = race(tmp_path, "cifar_sweep", "train",
+                                           argv + ["--beta", "0.25", "--num-workers", 0], second)
     name = "deferred_ema_K32_ep2_cont1_s0_smoke"
     assert code2 == 2 and err2.count("\n") == 1, err2
     assert err2.startswith(f"error: this run is in use by process {pid} ") and f"{name}.lock" in err2
@@ -266,7 +332,8 @@ def test_methods_configure_the_quantizer_as_documented():
     paper = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "deferred"]))
     assert (paper.continuous_epochs, paper.epochs, paper.batch_size, paper.channels) == (50, 300, 128, 128)
     # --epochs alone keeps the method's paper split (deferred_ema: 150 of 300 epochs continuous)
-    short = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "deferred_ema", "--epochs", "20"]))
+    short = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "deferred_ema",
+                                                                            "--epochs", "20"]))
     assert (short.continuous_epochs, short.epochs) == (10, 20)
     assert cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(["--method", "alternated"])).beta == 0.0
     with pytest.raises(cifar_sweep.UserError, match="posthoc_kmeans never trains with quantization"):
@@ -360,7 +427,7 @@ def test_resume_after_kill_gives_the_same_result(data_dir, tmp_path, monkeypatch
     real_evaluate = cifar_sweep.evaluate
     monkeypatch.setattr(cifar_sweep, "evaluate", lambda *a: trained.append(1) or real_evaluate(*a))
     resumed = smoke(data_dir, str(tmp_path), "deferred_ema", *extra, "--resume")[0]
-    assert len(trained) == 3 - kill_after_saves + 1  # only the remaining epochs (+ final test) ran
+    assert len(trained) == 3 - kill_after_saves  # only the remaining epochs ran (the last one's test is the result)
     assert resumed["metrics"] == uninterrupted["metrics"]
     assert resumed["history"] == uninterrupted["history"]
 
@@ -411,14 +478,16 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
     resumed.clear()
     sweep("--grid", "table8", "--grid-shard", "0/2", "--out", out)  # configs 0 and 2
     assert ran == [names[0], names[2]] and resumed == [False, True]
-    # names are unique across every grid, so tables sharing a run reuse it and nothing collides
+    # one name, one run: across every grid the same name always means the same run-defining
+    # settings, so tables sharing a run reuse it and nothing collides
     every = {}
     for grid in cifar_sweep.GRIDS:
         for config in cifar_sweep.grid_configs(grid):
             args = cifar_sweep.build_parser().parse_args([])
             vars(args).update(config)
-            key = tuple(sorted(config.items()))
-            every.setdefault(cifar_sweep.run_name(cifar_sweep.resolve_args(args)), set()).add(key)
+            args = cifar_sweep.resolve_args(args)
+            key = tuple(sorted(cifar_sweep.defining_args(args).items()))
+            every.setdefault(cifar_sweep.run_name(args), set()).add(key)
     assert all(len(v) == 1 for v in every.values())
     assert len(every) == 26 + 1 + 7 + 4 + 30 + 6  # fig5 + table8/9/10/11 + fig8 minus shared runs (fig6, fig7)
     assert "alternated_lr0.001_K1024_ep300_cont0_s0" in every  # a learning rate other than the paper's is named
@@ -579,3 +648,39 @@ def test_evaluate_renders_every_cifar_table(tmp_path):
     assert (tmp_path / "rep" / "fig6_cifar10_val_loss.png").stat().st_size > 0
     # Figure 6 holds the eight Table 11 methods' curves, final value from the history
     assert report.split("## Figure 6")[1].count("| 0.01000 |") == 8
+
+
+def test_evaluate_renders_size_sweeps_and_method_tables_of_other_recipes(tmp_path):
+    """The CPU family's shape (cpu-fig5 + cpu-table11 on fashion-mnist with a small recipe): one
+    Figure-5-like PNG and table with mean ± std over seeds, one table of the methods at one size;
+    runs of the paper's CIFAR-10 recipe are left to the paper tables."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    recipe = ("--dataset", "fashion-mnist", "--epochs", "10", "--train-subset", "6000", "--channels", "32",
+              "--res-channels", "16")
+    for method, k, seed, mse in [("baseline_ema", 16, 0, 0.020), ("baseline_ema", 16, 1, 0.022),
+                                 ("deferred_ema", 16, 0, 0.018), ("deferred_ema", 16, 1, 0.018),
+                                 ("baseline_ema", 64, 0, 0.015), ("deferred_ema", 64, 0, 0.012),
+                                 ("lru_kmeans", 64, 0, 0.011), ("alternated", 64, 0, 0.05)]:
+        config = {"method": method, "codebook_size": k}
+        fake_result(runs, config, mse, 10.0 * k, 1.5, name=f"{method}{k}s{seed}", argv=recipe + ("--seed", str(seed)),
+                    history=[{"epoch": 0, "train_loss": 0.1, "train_perplexity": 5.0}])
+        record = json.loads((runs / f"{method}{k}s{seed}.json").read_text())
+        record["experiment"] = "fashion-mnist"
+        (runs / f"{method}{k}s{seed}.json").write_text(json.dumps(record))
+    fake_result(runs, cifar_sweep.grid_configs("fig5")[0], 0.5, 1.0, 1.0, name="paper_recipe")
+    report = run_cli(evaluate.main, evaluate.build_parser(), ["tables", str(runs), "--out", str(tmp_path / "rep")])
+    sweep_part = report.split("## Figure 5 on other data")[1].split("## ")[0]
+    assert "fashion-mnist: channels=32, epochs=10, res_channels=16, train_subset=6000" in sweep_part
+    assert "| 16 | baseline_ema | 2 | 21.00 ± 1.41 | 160.0 ± 0.0 |" in sweep_part
+    assert "| 64 | deferred_ema | 1 | 12.00 | 640.0 |" in sweep_part
+    assert "| 16384 |" not in sweep_part and "500.00" not in sweep_part  # the paper recipe's run is not here
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("fig5_fashion-mnist_*.png"))
+    assert len(pngs) == 1 and pngs[0] in sweep_part
+    methods_part = report.split("## Table 11 methods at one codebook size")[1].split("## ")[0]
+    assert "fashion-mnist: channels=32, epochs=10, res_channels=16, train_subset=6000, 64 codes" in methods_part
+    rows = [line for line in methods_part.splitlines() if line.startswith("| ") and "seeds" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| Baseline + EMA", "| LRU + K-means", "| Deferred + EMA (Ours)",
+                                                "| Alternated optimisation"]
+    assert "| Alternated optimisation | 1 | 50.00 |" in methods_part and "| 16 codes" not in methods_part
+    assert list((tmp_path / "rep").glob("methods_K64_fashion-mnist_*.png"))

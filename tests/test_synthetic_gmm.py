@@ -393,7 +393,8 @@ def test_committed_results_with_old_argument_names_are_read_under_todays(tmp_pat
     mse = [r["metrics"]["mse"] for r in results if r["path"].endswith(tuple(f"deferred_d48_t32_s{s}.json"
                                                                                for s in range(3)))]
     assert len(rows) == 1 and f"| 3 | {np.mean(mse):.3f} ± {np.std(mse, ddof=1):.3f} |" in rows[0]
-    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 8  # header, 8 settings: every seed grouped
+    # the header and 8 settings: the seeds of each are grouped
+    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 8
 
 
 def test_kde_bandwidth_resolves_ten_close_modes_that_scotts_rule_merges():
