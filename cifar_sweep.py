@@ -585,19 +585,23 @@ def train(args, info, name, paths, data, ckpt):
             switch(model, train_loader, args, epoch)
         phase = "discretization" if model.quantizer.is_enabled else "continuous"
         sampler.set_epoch(epoch)
+        t_epoch = time.time()
         stats = train_epoch(ddp, optimizer, train_loader, args, info,
                             desc=f"{name} epoch {epoch} ({phase.title()} Phase)")
+        train_seconds = time.time() - t_epoch
         if not stats["finite"]:  # Figure 7's failure: record it, keep the last good checkpoint, stop
             history.append({"epoch": epoch, "phase": phase, "train_loss": None, "diverged": True})
             failure = f"loss became {stats['train_loss']} at epoch {epoch}; lower the learning rate or check the data"
             result({}, failed=failure)
             raise Diverged(f"{name}: {failure} (the history up to it is in {paths['json']})")
         record = {"epoch": epoch, "phase": phase, "train_loss": stats["train_loss"], "train_mse": stats["train_mse"],
-                  "train_perplexity": stats["train_perplexity"], "quantized_steps": stats["quantized_steps"]}
+                  "train_perplexity": stats["train_perplexity"], "quantized_steps": stats["quantized_steps"],
+                  "train_seconds": train_seconds}
         val = None
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+            t_val = time.time()
             val = evaluate(model, test_loader, args, device)
-            record.update(val_loss=val["loss"], val_mse=val["mse"],
+            record.update(val_loss=val["loss"], val_mse=val["mse"], val_seconds=time.time() - t_val,
                           val_perplexity=perplexity_from_counts(val["counts"]))
         history.append(record)
         print0(f"epoch {epoch} ({phase.title()} Phase): train loss {stats['train_loss']:.5f}"

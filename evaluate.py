@@ -451,7 +451,7 @@ def _curve_figure(path, series, panels, title):
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, (key, ylabel) in zip(axes[0], panels):
         for label, curves in series:
-            ax.plot(np.arange(1, len(curves[key]) + 1), curves[key], label=label)
+            ax.plot(np.arange(1, len(curves[key]) + 1), curves[key], label=label, marker=".")
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -650,6 +650,11 @@ def _mean_std_of(runs, key, digits, scale=1.0):
     return mean_std([r["metrics"][key] / scale for r in runs if key in r["metrics"]], digits)
 
 
+def _coverage_columns(runs):
+    """COVERAGE_COLUMNS that at least one run reports (vendi_centred only in newer results)."""
+    return [c for c in COVERAGE_COLUMNS if any(c[0] in r["metrics"] for r in runs)]
+
+
 @renderer("Figure 5 on other data or recipes (codebook-size sweep, baseline_ema vs deferred_ema)")
 def render_size_sweeps(results, out_dir):
     import matplotlib
@@ -664,7 +669,8 @@ def render_size_sweeps(results, out_dir):
             continue
         cell = {(m, k): [r for r in done if r["method"] == m and r["args"]["codebook_size"] == k]
                 for m in methods for k in sizes}
-        keys = [c for c in COVERAGE_COLUMNS if any(c[0] in r["metrics"] for r in done) and c[0] != "used_codes"]
+        columns = _coverage_columns(done)
+        keys = [c for c in columns if c[0] != "used_codes"]
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
         for ax, (key, label, _) in zip(axes[0], keys):
             scale = CIFAR_MSE_UNIT if key == "mse" else 1.0
@@ -683,9 +689,9 @@ def render_size_sweeps(results, out_dir):
         png = _recipe_file("fig5", experiment, recipe)
         fig.savefig(os.path.join(out_dir, png), dpi=120)
         plt.close(fig)
-        header = ["codes", "method", "seeds"] + [label for _, label, _ in COVERAGE_COLUMNS]
+        header = ["codes", "method", "seeds"] + [label for _, label, _ in columns]
         body = [[k, m, len(cell[(m, k)])] + [_mean_std_of(cell[(m, k)], key, d, CIFAR_MSE_UNIT if key == "mse" else 1)
-                                             for key, _, d in COVERAGE_COLUMNS]
+                                             for key, _, d in columns]
                 for k in sizes for m in methods if cell[(m, k)]]
         parts.append(f"**{_recipe_label(experiment, recipe)}**\n\n" + markdown_table(header, body)
                      + f"\n\nMean ± std over seeds, on the test split. Plot: {png}")
@@ -706,12 +712,13 @@ def render_methods_at_size(results, out_dir):
             if len(by_method) < 3:
                 continue
             order = [m for m in CIFAR_LABELS if m in by_method] + sorted(set(by_method) - set(CIFAR_LABELS))
+            columns = _coverage_columns([r for m in order for r in by_method[m]])
             body = []
             for m in order:
                 done = [r for r in by_method[m] if not r.get("failed")]
                 body.append([CIFAR_LABELS.get(m, m), len(by_method[m])]
                             + [_mean_std_of(done, key, d, CIFAR_MSE_UNIT if key == "mse" else 1)
-                               for key, _, d in COVERAGE_COLUMNS]
+                               for key, _, d in columns]
                             + ["; ".join(sorted({_run_status(r) for r in by_method[m]}))])
             png = _curve_figure(os.path.join(out_dir, _recipe_file(f"methods_K{k}", experiment, recipe)),
                                 [(CIFAR_LABELS.get(m, m), {key: _history_curve(by_method[m], key)
@@ -720,7 +727,7 @@ def render_methods_at_size(results, out_dir):
                                 [("train_loss", "training loss (MSE + VQ loss)"),
                                  ("train_perplexity", "perplexity of the epoch's training assignments")],
                                 f"{_recipe_label(experiment, recipe)}, {k} codes")
-            header = ["method", "seeds"] + [label for _, label, _ in COVERAGE_COLUMNS] + ["status"]
+            header = ["method", "seeds"] + [label for _, label, _ in columns] + ["status"]
             parts.append(f"**{_recipe_label(experiment, recipe)}, {k} codes**\n\n" + markdown_table(header, body)
                          + f"\n\nMean ± std over seeds, on the test split. Training curves: {png}")
     return "\n\n".join(parts) or None
