@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
@@ -680,7 +681,8 @@ class VectorQuantizer(nn.Module):
       init               'uniform' (U(-1/K, 1/K), the usual nn.Embedding VQ-VAE init) or
                          'gaussian' with init_std (paper Table 10). Data-driven init goes through
                          `init_from_embeddings` ('sample' or 'kmeans').
-      enabled            False: identity, no loss (the Continuous Phase). See `deferred_switch`.
+      enabled            False: identity (l2_norm: the unit-sphere projection), no loss (the
+                         Continuous Phase). See `deferred_switch`.
       dead_code_steps    > 0: SoundStream-style LRU replacement; a code unused for that many
                          training steps is replaced by a random encoder output of the current batch.
       affine_lr          > 0: affine reparameterisation of Huh et al. (2023): codes are
@@ -689,13 +691,23 @@ class VectorQuantizer(nn.Module):
                          reaches the codebook, scaled by nu.
       simvq              True: SimVQ (Zhu et al. 2025): a frozen random codebook C seen through a
                          learned linear map, codes = C W^T.
+      l2_norm            True: LlamaGen's quantizer (Sun et al. 2024, tokenizer/tokenizer_image/
+                         vq_model.py): encoder outputs and codes are projected onto the unit sphere
+                         for the search, both loss terms and the straight-through output, so the
+                         decoder only ever sees unit vectors. The stored codes keep a free norm
+                         (`embed`, the "raw" codebook a checkpoint holds); `codebook` is their
+                         projection. Initial codes (U(-1/K, 1/K)) and every write (data init,
+                         replacement, EMA step) are stored as unit vectors. While disabled the
+                         quantizer is the projection itself (no quantization), so a Continuous
+                         Phase trains the decoder on the unit vectors it sees after the switch.
 
     Under torch.distributed, EMA statistics and usage are all-reduced and every codebook write
     (init, replacement) is computed on rank 0 and broadcast, so all ranks hold the same codebook.
     """
 
     def __init__(self, num_codes, dim, beta=0.25, ema_decay=None, init="uniform", init_std=1.0,
-                 enabled=True, dead_code_steps=0, affine_lr=0.0, sync_nu=0.0, simvq=False, eps=1e-5):
+                 enabled=True, dead_code_steps=0, affine_lr=0.0, sync_nu=0.0, simvq=False, eps=1e-5,
+                 l2_norm=False):
         super().__init__()
         if num_codes < 1 or dim < 1:
             raise UserError(f"a codebook needs at least one code of dimension >= 1, got {num_codes} x {dim}")
@@ -708,11 +720,14 @@ class VectorQuantizer(nn.Module):
                             "(those options train the codebook by gradient)")
         if affine_lr > 0 and simvq:
             raise UserError("choose one codebook reparameterisation: affine_lr or simvq")
+        if l2_norm and (affine_lr > 0 or simvq):
+            raise UserError("l2_norm (LlamaGen's unit-sphere codes) is not combined with affine_lr or simvq")
+        self.l2_norm = bool(l2_norm)
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema_decay, self.eps = ema_decay, eps
         self.dead_code_steps, self.affine_lr, self.sync_nu = dead_code_steps, affine_lr, sync_nu
 
-        weight = self._initial_codes(init, init_std)
+        weight = self._unit(self._initial_codes(init, init_std))  # LlamaGen: U(-1/K, 1/K), then normalised
         if ema_decay is None:
             self.embed = nn.Parameter(weight, requires_grad=not simvq)
         else:
@@ -737,6 +752,11 @@ class VectorQuantizer(nn.Module):
             return torch.randn(self.num_codes, self.dim) * init_std
         raise UserError(f"unknown codebook init '{init}' (use uniform, gaussian, or init_from_embeddings)")
 
+    def _unit(self, x):
+        """Rows (or channels of a (B, dim, H, W) map) projected onto the unit sphere in l2_norm mode;
+        unchanged otherwise. F.normalize divides by max(||x||, 1e-12): a zero vector stays zero."""
+        return F.normalize(x, dim=1) if self.l2_norm else x
+
     # ---- the codebook as users see it ---------------------------------------------------------
     @property
     def codebook(self):
@@ -746,7 +766,7 @@ class VectorQuantizer(nn.Module):
             codes = (1.0 + self.affine_lr * self.affine_scale) * codes + self.affine_lr * self.affine_bias
         if self.simvq_map is not None:
             codes = self.simvq_map(codes)
-        return codes
+        return self._unit(codes)
 
     def lookup(self, indices):
         """Code vectors for integer indices of any shape: (...,) -> (..., dim)."""
@@ -766,7 +786,7 @@ class VectorQuantizer(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, z):
         if not self.is_enabled:
-            return z, None, z.new_zeros(())
+            return self._unit(z), None, z.new_zeros(())
         z_q, indices, loss = self.quantize_flat(latent_rows(z, self.dim))
         if z.dim() == 4:
             b, _, h, w = z.shape
@@ -779,7 +799,7 @@ class VectorQuantizer(nn.Module):
         Distances, codes and losses stay float32 under bf16 autocast (an affine or SimVQ codebook
         computed in bf16 would round every code)."""
         with torch.autocast(z.device.type, enabled=False):
-            z = z.float()
+            z = self._unit(z.float())  # l2_norm: search, losses and output all on the unit sphere
             codebook = self.codebook.float()
             indices = nearest_code(z, codebook)
             q = F.embedding(indices, codebook)
@@ -832,7 +852,7 @@ class VectorQuantizer(nn.Module):
         self.embed_avg.mul_(gamma).add_(sums, alpha=1 - gamma)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
-        self.embed.copy_(self.embed_avg / smoothed[:, None])
+        self.embed.copy_(self._unit(self.embed_avg / smoothed[:, None]))  # l2_norm: back onto the sphere
 
     # ---- codebook writes (identical on every rank) --------------------------------------------
     @torch.no_grad()
@@ -840,7 +860,7 @@ class VectorQuantizer(nn.Module):
         """Write raw code vectors for the codes in `mask` and reset their EMA state consistently
         (cluster_size 1, embed_avg = embed), so the next EMA step moves them by a weighted mean
         of old position and new data instead of erasing the write."""
-        self.embed.data[mask] = values.to(self.embed.dtype)
+        self.embed.data[mask] = self._unit(values.to(self.embed.dtype))
         self.steps_unused[mask] = 0
         if self.ema_decay is not None:
             self.cluster_size[mask] = 1.0
@@ -890,7 +910,8 @@ class VectorQuantizer(nn.Module):
         """
         if method not in ("sample", "kmeans"):
             raise UserError(f"unknown init method '{method}' (use sample or kmeans)")
-        pool = all_gather_rows(latent_rows(embeddings.detach(), self.dim).float())
+        # l2_norm: sample / cluster the unit vectors that the search will compare codes with
+        pool = all_gather_rows(self._unit(latent_rows(embeddings.detach(), self.dim).float()))
         if pool.shape[0] < self.num_codes:
             raise UserError(f"codebook of {self.num_codes} codes is larger than the {pool.shape[0]} "
                             "embeddings collected to initialise it; collect more or use fewer codes")
@@ -987,6 +1008,8 @@ class MultiScaleQuantizer(nn.Module):
         if list(scales) != sorted(set(scales)):
             raise UserError(f"scales must be strictly increasing, got {list(scales)}")
         self.scales = tuple(int(s) for s in scales)
+        if vq_options.get("l2_norm"):
+            raise UserError("l2_norm is a single-scale option: residuals of unit vectors are not unit vectors")
         self.num_codes, self.dim = num_codes, dim
         self.vq = VectorQuantizer(num_codes, dim, enabled=True, **vq_options)
         self.beta = self.vq.beta
@@ -1073,6 +1096,62 @@ class MultiScaleQuantizer(nn.Module):
             codes = self.vq.lookup(idx.long()).permute(0, 3, 1, 2)
             f_hat = f_hat + self._contribution(k, codes, size)
         return f_hat
+
+    # ---- next-scale prediction (VAR's generator): its inputs come from this quantizer ----------
+    #
+    # The generator predicts the indices of scale k+1 from everything decoded up to scale k. Its
+    # input for scale k+1 is f_hat_k (the accumulated sum of the contributions of scales 1..k,
+    # on the full grid) area-downsampled to s_{k+1} x s_{k+1}: exactly the map the tokenizer
+    # quantized at that scale, except that the generator sees the accumulated reconstruction
+    # rather than the residual (VAR, models/quant.py: idxBl_to_var_input for training,
+    # get_next_autoregressive_input for inference). Both use this quantizer's effective codebook
+    # (SimVQ / affine aware) and its phi convolutions, in float32 as in `forward`.
+
+    @property
+    def token_counts(self):
+        """Tokens per scale, s_k^2; their sum L is the length of a next-scale-prediction sequence."""
+        return tuple(s * s for s in self.scales)
+
+    def next_scale_input(self, k, f_hat, idx):
+        """One step of next-scale prediction after the indices of scale k are known.
+
+        f_hat  (B, dim, H, W) accumulated reconstruction of scales < k (zeros before scale 0)
+        idx    (B, s_k, s_k) or (B, s_k^2) indices of scale k (any integer dtype)
+        Returns (f_hat + h_k, x) where x is the (B, s_{k+1}^2, dim) input of scale k+1, f_hat
+        area-downsampled and flattened row-major, or None after the last scale. The codes of the
+        last scale already lie on the grid and are not resampled (`_contribution`). float32.
+        """
+        if not 0 <= k < len(self.scales):
+            raise UserError(f"scale index {k} outside 0..{len(self.scales) - 1}")
+        s, grid = self.scales[k], self.scales[-1]
+        with torch.autocast(f_hat.device.type, enabled=False):
+            codes = self.vq.lookup(idx.long().reshape(-1, s, s)).float().permute(0, 3, 1, 2)
+            f_hat = f_hat.float() + self._contribution(k, codes, (grid, grid))
+            if k == len(self.scales) - 1:
+                return f_hat, None
+            nxt = self.scales[k + 1]
+            down = F.interpolate(f_hat, size=(nxt, nxt), mode="area") if nxt != grid else f_hat
+            return f_hat, down.flatten(2).transpose(1, 2)
+
+    def teacher_forcing_input(self, indices):
+        """Training input of next-scale prediction from ground-truth indices (teacher forcing):
+        [idx_1, ..., idx_K] (each (B, s, s) or (B, s^2)), or one (B, L) tensor with the scales laid
+        end to end (VAR's idx_BL), -> (B, L - s_1^2, dim) float32, the inputs of scales 2..K in
+        sequence order. The first scale's input is the class token, not a map."""
+        if isinstance(indices, torch.Tensor):
+            if indices.dim() != 2 or indices.shape[1] != sum(self.token_counts):
+                raise UserError(f"expected (B, {sum(self.token_counts)}) indices for scales {self.scales}, "
+                                f"got {tuple(indices.shape)}")
+            indices = indices.split(self.token_counts, dim=1)
+        if len(indices) != len(self.scales):
+            raise UserError(f"expected {len(self.scales)} index maps (scales {self.scales}), got {len(indices)}")
+        grid = self.scales[-1]
+        f_hat = torch.zeros(indices[0].shape[0], self.dim, grid, grid, device=indices[0].device)
+        inputs = []
+        for k in range(len(self.scales) - 1):
+            f_hat, x = self.next_scale_input(k, f_hat, indices[k])
+            inputs.append(x)
+        return torch.cat(inputs, 1) if inputs else f_hat.new_zeros(f_hat.shape[0], 0, self.dim)
 
 
 
@@ -1762,6 +1841,30 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
+# The encoder/decoder arguments of a tokenizer (imagenet_tokenizer.py's flags of the same names).
+TOKENIZER_ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
+
+
+def build_tokenizer(cfg):
+    """The tokenizer (`VQAutoencoder` with a `VectorQuantizer` or `MultiScaleQuantizer`) from an
+    args namespace or the args dict stored in an imagenet_tokenizer checkpoint. The quantizer
+    starts disabled (Continuous Phase); loading a Discretization-Phase state dict turns it on."""
+    cfg = cfg if isinstance(cfg, dict) else vars(cfg)
+    vq_opts = dict(beta=cfg["beta"], ema_decay=cfg["ema_decay"], simvq=cfg["simvq"], enabled=False)
+    if cfg.get("l2_norm"):  # LlamaGen's unit-sphere quantizer (llamagen_deferred.py)
+        vq_opts["l2_norm"] = True
+    if cfg["quantizer"] == "vq":
+        quantizer = VectorQuantizer(cfg["codebook_size"], cfg["token_dim"], **vq_opts)
+    else:
+        quantizer = MultiScaleQuantizer(cfg["codebook_size"], cfg["token_dim"], scales=cfg["scales"],
+                                        num_phi=cfg["num_phi"], phi_ratio=cfg["phi_ratio"], **vq_opts)
+    arch = {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in TOKENIZER_ARCH_KEYS}
+    model = VQAutoencoder(quantizer, cfg["token_dim"], **arch)
+    grid = model.encoder.latent_resolution
+    if cfg["quantizer"] == "msvq" and cfg["scales"][-1] != grid:
+        raise UserError(f"the last --scales entry must equal the latent grid {grid}, got {cfg['scales'][-1]}")
+    return model
+
 # ================================================================================================
 # 6. Data: image folders, reproducible split files
 # ================================================================================================
@@ -2007,3 +2110,517 @@ def load_fashion_mnist(data_dir, train=True, download=False):
     if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
         raise UserError(f"{label_path}: label {labels.max()} outside the {len(FASHION_MNIST_CLASSES)} classes")
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+# ================================================================================================
+# 7. Generators: what the generator scripts share (generator_maskgit.py, generator_var.py,
+#    llamagen_deferred.py)
+# ================================================================================================
+#
+# The chain: a trained tokenizer checkpoint + its token dumps (imagenet_tokenizer.py
+# --dump-tokens) -> a generator trained on the tokens -> class-balanced samples decoded by the
+# frozen tokenizer -> g-FID against the tokenizer's test split, pixel distance and LPIPS diversity
+# (paper section 6.1, Tables 4, 6, 13, 14, 17) -> one result JSON (/work/notes/generator_json.md).
+
+
+def load_tokenizer(path, device="cpu"):
+    """(model, args dict) of a trained tokenizer checkpoint (imagenet_tokenizer.py best.pt /
+    last.pt), frozen: eval mode, no gradients. One-line UserErrors for a missing or unreadable
+    file, a file that is not a tokenizer checkpoint, and a Continuous-Phase checkpoint (its
+    quantizer is off, so it has no tokens to decode)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.get("args") if isinstance(ckpt, dict) else None
+    needed = TOKENIZER_ARCH_KEYS + ("quantizer", "codebook_size", "token_dim")
+    if not isinstance(cfg, dict) or "model" not in ckpt or any(k not in cfg for k in needed):
+        raise UserError(f"{path} is not a tokenizer checkpoint of imagenet_tokenizer.py (no 'model' and 'args')")
+    model = build_tokenizer(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: the weights do not fit the architecture in its args "
+                        f"({str(err).splitlines()[0]})") from None
+    if not model.quantizer.is_enabled:
+        raise UserError(f"{path} is from the Continuous Phase (quantization off): it has no tokens; "
+                        "use the run's best.pt or a last.pt written after the switch")
+    model.eval().requires_grad_(False)
+    return model.to(device), cfg
+
+
+def tokenizer_identity(cfg, path):
+    """What a generator result records about its tokenizer, so tables can pick rows without
+    opening checkpoints: the checkpoint, its run name, Deferred Quantization or not, quantizer,
+    dataset / split scheme, GAN loss or not, codebook size, SimVQ."""
+    dataset = cfg.get("dataset")
+    return {"checkpoint": os.path.abspath(path), "name": cfg.get("name"), "deferred": bool(cfg.get("deferred")),
+            "quantizer": cfg["quantizer"], "scheme": cfg.get("scheme"),
+            "dataset": dataset if dataset not in (None, "imagefolder") else cfg.get("scheme"),
+            "gan": (cfg.get("gan_weight") or 0) > 0, "codebook_size": cfg["codebook_size"],
+            "simvq": bool(cfg.get("simvq")), "resolution": cfg["resolution"]}
+
+
+def tokenizer_test_split(cfg, data_dir=None):
+    """The test images of a tokenizer's own split: the reference set of g-FID (paper section 6.1:
+    generated samples against the test set). `data_dir` overrides the folder recorded in the
+    checkpoint (data moved to another machine)."""
+    split_file = cfg.get("split_file")
+    if not split_file or not os.path.exists(split_file):
+        raise UserError(f"the tokenizer's split file {split_file} is missing; the g-FID reference is its test split")
+    return SplitImageDataset(data_dir or cfg["data_dir"], load_split(split_file), "test", cfg["resolution"])
+
+
+def tokenizer_test_cache_name(cfg, data_dir=None):
+    """The name under which torch-fidelity caches the Inception statistics of a tokenizer's test
+    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder, the resolution and the list
+    of test images, so another split, folder or size never reuses them. On a CPU the reference
+    features of 10,000 images take half an hour; every generator run of a tokenizer shares them.
+    (A changed image under an unchanged file name would not be noticed: delete the cache then.)"""
+    key = json.dumps([os.path.abspath(data_dir or cfg["data_dir"]), cfg["resolution"],
+                      load_split(cfg["split_file"])["test"]])
+    return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TokenDump:
+    """A token dump (imagenet_tokenizer.py --dump-tokens) checked and converted for training.
+
+    tokens_NL   (N, L) int64: the image's tokens in raster order; for msvq the scales one after
+                another, coarsest first (VAR's idx_BL layout), L = sum of s^2
+    labels      (N,) int64 class indices in [0, num_classes)
+    scales      side of each token map: [h] for vq (square grid), the pyramid for msvq
+    The record's other fields (checkpoint, split, split_file) are kept under `record`.
+    """
+    path: str
+    tokens_NL: torch.Tensor
+    labels: torch.Tensor
+    quantizer: str
+    scales: tuple
+    codebook_size: int
+    num_classes: int
+    record: dict
+
+    def __len__(self):
+        return self.tokens_NL.shape[0]
+
+    def __getitem__(self, i):
+        return self.tokens_NL[i], self.labels[i]
+
+    @property
+    def seq_len(self):
+        return self.tokens_NL.shape[1]
+
+    def maps(self, idx_BL):
+        """(B, L) tokens -> what the tokenizer decodes: (B, h, w) for vq, [(B, s, s), ...] for msvq."""
+        out, start = [], 0
+        for s in self.scales:
+            out.append(idx_BL[:, start:start + s * s].reshape(-1, s, s))
+            start += s * s
+        return out if self.quantizer == "msvq" else out[0]
+
+
+def _num_classes_of(record, labels):
+    """The dump's class count: recorded in the dump, else the classes of its split file, else
+    the largest label + 1 (a class absent from this split would then be missed: say so)."""
+    if isinstance(record.get("num_classes"), int):
+        return record["num_classes"]
+    split_file = record.get("split_file")
+    if split_file and os.path.exists(split_file):
+        return len(load_split(split_file)["classes"])
+    return int(labels.max()) + 1 if labels.numel() else 0
+
+
+def load_token_dump(path):
+    """Read and check a token dump; UserError (one line) for a missing or foreign file, shapes
+    that do not match the recorded quantizer / scales, ids outside [0, codebook_size), labels
+    outside [0, num_classes). int16 tokens become int64 (embedding layers need long ids)."""
+    if not os.path.exists(path):
+        raise UserError(f"token dump not found: {path} (write it with imagenet_tokenizer.py --dump-tokens)")
+    record = load_checkpoint(path)
+    keys = ("tokens", "labels", "quantizer", "codebook_size")
+    if not isinstance(record, dict) or any(k not in record for k in keys):
+        raise UserError(f"{path} is not a token dump (needs keys {', '.join(keys)})")
+    quantizer, k = record["quantizer"], record["codebook_size"]
+    maps = record["tokens"] if quantizer == "msvq" else [record["tokens"]]
+    if quantizer not in ("vq", "msvq") or not isinstance(maps, (list, tuple)) or not maps:
+        raise UserError(f"{path}: quantizer '{quantizer}' with tokens of type {type(record['tokens']).__name__}")
+    labels = torch.as_tensor(record["labels"])
+    n = labels.shape[0] if labels.dim() == 1 else -1
+    for m in maps:
+        if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[0] != n or m.shape[1] != m.shape[2] \
+                or m.is_floating_point():
+            raise UserError(f"{path}: token maps must be integer (N, s, s) tensors with one label per image; got "
+                            f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__} for "
+                            f"{tuple(labels.shape)} labels")
+    scales = tuple(int(m.shape[-1]) for m in maps)
+    if quantizer == "msvq" and "scales" in record and list(record["scales"]) != list(scales):
+        raise UserError(f"{path}: token maps of sides {list(scales)}, but scales {list(record['scales'])} recorded")
+    tokens = torch.cat([m.reshape(n, -1).long() for m in maps], 1)
+    if n == 0:
+        raise UserError(f"{path} holds no images")
+    if tokens.min() < 0 or tokens.max() >= k:
+        raise UserError(f"{path}: token ids must lie in [0, {k}), found {int(tokens.min())}..{int(tokens.max())}")
+    labels = labels.long()
+    num_classes = _num_classes_of(record, labels)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"{path}: labels must lie in [0, {num_classes}), found {int(labels.min())}..{int(labels.max())}")
+    return TokenDump(os.path.abspath(path), tokens, labels, quantizer, scales, int(k), num_classes, record)
+
+
+def check_dumps_match(dumps, tokenizer_cfg, tokenizer_path):
+    """Training and validation dumps must come from one tokenizer, the one that decodes samples:
+    the same quantizer, codebook size, token maps and classes."""
+    ref = dumps[0]
+    for d in dumps[1:]:
+        if (d.quantizer, d.codebook_size, d.scales, d.num_classes) != (ref.quantizer, ref.codebook_size, ref.scales,
+                                                                        ref.num_classes):
+            raise UserError(f"{d.path} and {ref.path} come from different tokenizers "
+                            f"({d.quantizer}/{d.codebook_size}/{list(d.scales)}/{d.num_classes} classes vs "
+                            f"{ref.quantizer}/{ref.codebook_size}/{list(ref.scales)}/{ref.num_classes})")
+    if (tokenizer_cfg["quantizer"], tokenizer_cfg["codebook_size"]) != (ref.quantizer, ref.codebook_size):
+        raise UserError(f"{tokenizer_path} is a {tokenizer_cfg['quantizer']} tokenizer with "
+                        f"{tokenizer_cfg['codebook_size']} codes, but {ref.path} holds {ref.quantizer} tokens of "
+                        f"{ref.codebook_size} codes")
+
+
+def epoch_seed(seed, epoch, stream=0):
+    """A seed for one (run seed, epoch, stream); stream 0 is the data order (`epoch_batches`),
+    1 + rank a rank's training randomness (masks, dropout). Reseeding every epoch makes an epoch
+    independent of what ran before, so --resume from an epoch-boundary checkpoint reproduces the
+    uninterrupted run on every rank of a torchrun job."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+def epoch_batches(n, global_batch, seed, epoch, rank=0, world_size=1, shuffle=True):
+    """This rank's index batches of one epoch over n items: a permutation seeded by (seed,
+    epoch), cut into global batches; each global batch is split evenly over the ranks. With
+    `shuffle` (training) incomplete global batches are dropped; without it (evaluation) every
+    item is visited once and the last batch may be short or empty on some ranks."""
+    if global_batch % world_size:
+        raise UserError(f"--batch-size {global_batch} must be divisible by the number of processes {world_size}")
+    order = (torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+             if shuffle else torch.arange(n))
+    stop = n - n % global_batch if shuffle else n
+    per_rank = global_batch // world_size
+    batches = []
+    for start in range(0, stop, global_batch):
+        chunk = order[start:start + global_batch]
+        batches.append(chunk[rank * per_rank:(rank + 1) * per_rank])
+    return batches
+
+
+def warmup_factor(step, warmup_steps):
+    """Linear learning-rate warm-up: (step + 1) / warmup_steps for the first warmup_steps
+    optimizer steps (step counted from 0), then 1."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+class PlateauSchedule:
+    """ReduceLROnPlateau with early stopping on a validation loss (paper appendix A.1: "trained
+    with ReduceLROnPlateau scheduling and early stopping"), as plain state that goes into
+    checkpoints. `step(val_loss)` once per validation:
+      * improvement = val_loss < best * (1 - threshold) (torch's mode 'min', threshold_mode 'rel');
+      * after more than `patience` validations without improvement, lr = max(lr * factor, min_lr)
+        and the count restarts (torch.optim.lr_scheduler.ReduceLROnPlateau, cooldown 0);
+      * once lr has reached min_lr, `stop_patience` more validations without improvement set
+        `stopped`.
+    `lr` is the plateau learning rate; scripts multiply it by `warmup_factor` at every step.
+    Returns True when this validation loss is the lowest so far (any decrease, no threshold): the
+    caller writes best.pt then."""
+
+    def __init__(self, lr, factor=0.5, patience=5, min_lr=1e-6, stop_patience=10, threshold=1e-4):
+        self.lr, self.factor, self.patience, self.min_lr = lr, factor, patience, min_lr
+        self.stop_patience, self.threshold = stop_patience, threshold
+        self.best, self.lowest, self.bad, self.stale_at_min, self.stopped = math.inf, math.inf, 0, 0, False
+
+    def step(self, val_loss):
+        lowest = val_loss < self.lowest
+        self.lowest = min(self.lowest, val_loss)
+        at_min = self.lr <= self.min_lr * (1 + 1e-9)
+        if val_loss < self.best * (1.0 - self.threshold) or not math.isfinite(self.best):
+            self.best, self.bad, self.stale_at_min = val_loss, 0, 0
+        else:
+            self.bad += 1
+            self.stale_at_min += at_min
+            if self.bad > self.patience and not at_min:
+                self.lr, self.bad = max(self.lr * self.factor, self.min_lr), 0
+        self.stopped = self.stale_at_min >= self.stop_patience
+        return lowest
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("lr", "best", "lowest", "bad", "stale_at_min", "stopped")}
+
+    def load_state_dict(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def balanced_labels(n, num_classes):
+    """n class labels spread evenly over the classes (counts differ by at most one), sorted, so
+    that a sample grid has one block per class. The paper does not say how many samples per
+    class it drew; every class gets its share (VAR's evaluation: 50 per class)."""
+    if n < 1 or num_classes < 1:
+        raise UserError(f"need at least one sample and one class, got {n} samples, {num_classes} classes")
+    return torch.arange(n) * num_classes // n
+
+
+@torch.no_grad()
+def generate_images(sample_tokens, tokenizer, dump, labels, batch_size, device, progress=True):
+    """Decode class-conditional samples batch by batch: `sample_tokens(labels_B)` returns (B, L)
+    token ids (the script's sampler, drawing from ONE generator for the whole run, so no two
+    batches repeat each other); the frozen tokenizer decodes them. Returns float images in
+    [0, 1] on the CPU, (n, C, H, W), and the (n, L) tokens."""
+    images, tokens = [], []
+    for start in progress_bar(range(0, labels.shape[0], batch_size), desc="sampling", disable=not progress):
+        lab = labels[start:start + batch_size].to(device)
+        idx_BL = sample_tokens(lab)
+        tokens.append(idx_BL.cpu())
+        images.append(tokenizer.decode_indices(dump.maps(idx_BL)).float().clamp(0, 1).cpu())
+    return torch.cat(images), torch.cat(tokens)
+
+
+def as_rgb(images):
+    """Grayscale (N, 1, H, W) -> (N, 3, H, W) by repeating the channel: Inception and LPIPS take
+    RGB. Other images pass unchanged. (Reference datasets give RGB: SplitImageDataset converts.)"""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def sample_grid(images, labels, per_class=8):
+    """One row per class with up to `per_class` of its samples (Figure 9's layout of a sample
+    sheet), as a uint8 (3, rows * H, per_class * W) image; missing cells stay white."""
+    images = as_rgb(images)
+    classes = labels.unique().tolist()
+    _, c, h, w = images.shape
+    grid = torch.full((3, len(classes) * h, per_class * w), 255, dtype=torch.uint8)
+    for row, cls in enumerate(classes):
+        for col, i in enumerate((labels == cls).nonzero().flatten()[:per_class].tolist()):
+            grid[:, row * h:(row + 1) * h, col * w:(col + 1) * w] = to_uint8(images[i])
+    return grid
+
+
+def write_png(path, image_uint8):
+    """Atomically write a uint8 (C, H, W) tensor as a PNG."""
+    from PIL import Image
+    array = image_uint8.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
+
+
+def write_samples(folder, images, labels, grid_path, per_class=8):
+    """Every sample as <folder>/<index>_class<label>.png (what torch-fidelity and people read) and
+    the class-by-row sheet at `grid_path`."""
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        write_png(os.path.join(folder, f"{i:05d}_class{label}.png"), to_uint8(image))
+    write_png(grid_path, sample_grid(images, labels, per_class))
+
+
+# LPIPS's AlexNet pools twice after its stride-4 first layer: images below 31x31 leave no feature
+# map for its later layers (torch raises "Output size is too small").
+LPIPS_MIN_SIZE = 31
+
+
+def sample_metrics(images, reference, *, reference_split="test", reference_cache=None, fid=True, prc=False,
+                   lpips_model=None, lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
+    """The paper's generation metrics of one sample set (section 6.1): g-FID against
+    `reference` (the tokenizer's test split; torch-fidelity, as r-FID), optionally precision /
+    recall, mean pairwise pixel distance, and LPIPS diversity over all pairs (`lpips_pairs` caps
+    them, drawn with `seed`). Images float in [0, 1]. `reference_cache` names torch-fidelity's
+    cache of the reference features (tokenizer_test_cache_name). Returns (metrics, provenance):
+    the provenance (split, reference set, image range, pixel scale, pairs) goes into the JSON."""
+    metrics = {"num_samples": int(images.shape[0]), "pixel_diversity": pixel_diversity(images, scale=pixel_scale)}
+    provenance = {"eval_split": reference_split, "data_range": 1.0, "pixel_scale": pixel_scale,
+                  "fid_reference": None, "lpips_pairs": None}
+    if fid or prc:
+        cache = {"cache": True, "input2_cache_name": reference_cache} if reference_cache else {}
+        metrics.update(fidelity_metrics(as_rgb(images), reference, fid=fid, prc=prc, device=device, **cache))
+        if "fid" in metrics:
+            metrics["gfid"] = metrics.pop("fid")
+        provenance["fid_reference"] = f"{reference_split} split, {len(reference)} images"
+    if lpips_model is not None:
+        if min(images.shape[-2:]) < LPIPS_MIN_SIZE:
+            raise UserError(f"LPIPS (AlexNet) needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}, "
+                            f"got {tuple(images.shape[-2:])}")
+        n_pairs = images.shape[0] * (images.shape[0] - 1) // 2
+        generator = torch.Generator().manual_seed(seed)
+        metrics["lpips_diversity"] = lpips_diversity(as_rgb(images), lpips_model, max_pairs=lpips_pairs,
+                                                     generator=generator)
+        provenance["lpips_pairs"] = min(n_pairs, lpips_pairs or n_pairs)
+    return metrics, provenance
+
+
+def write_generator_result(path, experiment, args, metrics, history, *, tokenizer, provenance, sampling,
+                           checkpoint, notes=None, **extra):
+    """The generator result JSON (convention: /work/notes/generator_json.md, README): common
+    fields of `write_result`, method '<generator>_<deferred|baseline>' from the tokenizer, the
+    tokenizer's identity, the sampling settings, and where the metrics come from."""
+    generator = experiment.replace("generator_", "")
+    method = f"{generator}_{'deferred' if tokenizer['deferred'] else 'baseline'}"
+    return write_result(path, experiment, method, args, metrics, history, tokenizer=tokenizer,
+                        sampling=sampling, checkpoint=os.path.abspath(checkpoint), notes=notes or {},
+                        **provenance, **extra)
+
+
+def open_rgb(path):
+    """An image file as an RGB PIL image, or a one-line UserError naming the file (a truncated or
+    foreign file inside a dataset of a million images should not end a run with a traceback)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+
+
+# ---- One command line for every generator script: inputs, outputs, checks, the sample report ----
+#
+# generator_maskgit.py and generator_var.py take the same inputs (--tokenizer, --tokens-dir,
+# --data-dir), write the same files, sample with the same options (--sample, --sample-seed,
+# --sample-batch-size, --per-class, --skip-fid, --prc, --skip-lpips, --lpips-pairs, --sample-only
+# with --checkpoint) and report in one JSON; what differs is the model and its sampler.
+
+GENERATORS = {"vq": "maskgit", "msvq": "var"}  # the generator of each tokenizer kind: generator_<name>.py
+
+
+def add_generator_arguments(parser, quantizer, out_default):
+    """The arguments every generator script shares, with one meaning: its inputs, the samples and
+    their metrics, --name and the run arguments (add_run_arguments). Returns the "sampling and
+    metrics" group, to which the script adds its sampler's options."""
+    g = parser.add_argument_group("inputs")
+    g.add_argument("--tokenizer", required=True, help=f"tokenizer checkpoint (imagenet_tokenizer.py, --quantizer {quantizer})")
+    g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
+    g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
+    g = parser.add_argument_group("sampling and metrics")
+    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
+    g.add_argument("--sample-batch-size", type=int, default=100)
+    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
+    g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
+    g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
+    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
+    g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
+    g.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
+    g.add_argument("--checkpoint", help="generator checkpoint for --sample-only")
+    g.add_argument("--name", help=f"run name (default {GENERATORS[quantizer]}_<tokenizer run folder>)")
+    add_run_arguments(parser, out_default=out_default)
+    return g
+
+
+def generator_tokens_dir(args):
+    """Where the token dumps are: --tokens-dir, else the tokenizer's run folder, where
+    imagenet_tokenizer.py --dump-tokens writes them."""
+    return args.tokens_dir or os.path.dirname(os.path.abspath(args.tokenizer))
+
+
+def load_generator_inputs(args, quantizer):
+    """The frozen tokenizer (CPU) with its args and the training / validation dumps of
+    <tokens dir>/tokens_{train,val}.pt, checked against each other: a tokenizer of the kind the
+    script models (`quantizer`: 'vq' or 'msvq'), dumps made from this tokenizer, image size
+    enough for LPIPS diversity when it is asked for. Every problem is a one-line UserError."""
+    tokenizer, cfg = load_tokenizer(args.tokenizer)  # refuses Continuous-Phase and foreign files
+    if cfg["quantizer"] != quantizer:
+        raise UserError(f"{args.tokenizer} is a {cfg['quantizer']} tokenizer; generator_{GENERATORS[quantizer]}.py "
+                        f"models {quantizer} tokens (use generator_{GENERATORS[cfg['quantizer']]}.py)")
+    dumps = [load_token_dump(os.path.join(generator_tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
+    check_dumps_match(dumps, cfg, args.tokenizer)
+    for d in dumps:
+        made_from = d.record.get("checkpoint")
+        if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
+            raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
+    if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
+        raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
+                        f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
+    return tokenizer, cfg, dumps[0], dumps[1]
+
+
+def generator_output_paths(out, name):
+    """The files of one generator run (all of them are start_run outputs)."""
+    run_dir = os.path.join(out, name)
+    return {"last": os.path.join(run_dir, "last.pt"), "best": os.path.join(run_dir, "best.pt"),
+            "samples": os.path.join(run_dir, "samples"), "grid": os.path.join(run_dir, "samples_grid.png"),
+            "tokens": os.path.join(run_dir, "samples_tokens.pt"), "json": os.path.join(out, f"{name}.json")}
+
+
+def check_sample_weights(args):
+    """The metric weights that --sample needs (a start_run check: fails before training)."""
+    if args.sample and not args.skip_fid:
+        inception_weights_path()
+    if args.sample and not args.skip_lpips:
+        load_lpips("alex")
+
+
+def validate_generator_args(args):
+    """Cross-argument rules every generator script shares (start_run's `validate`)."""
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+    if args.sample_only and not args.checkpoint:
+        raise UserError("--sample-only needs --checkpoint (a generator checkpoint to sample from)")
+    if args.sample_only and args.resume:
+        raise UserError("--sample-only writes a new run; it has nothing to --resume")
+    if args.sample == 1 and not (args.skip_lpips and args.skip_fid):
+        raise UserError("diversity and FID need at least 2 samples; use --sample >= 2")
+
+
+def adopt_generator_settings(args, saved, defining, script):
+    """--sample-only: the architecture and training settings (`defining`) come from the generator
+    checkpoint `saved`, so the JSON describes the model that was sampled; it must belong to
+    --tokenizer. Returns the checkpoint's training history."""
+    cfg = saved.get("args") if isinstance(saved, dict) else None
+    if not isinstance(cfg, dict) or "model" not in saved or any(k not in cfg for k in defining):
+        raise UserError(f"{args.checkpoint} is not a {script} checkpoint")
+    if os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
+        raise UserError(f"{args.checkpoint} was trained on the tokens of {cfg['tokenizer']}, not {args.tokenizer}")
+    for k in defining:
+        if k not in ("tokenizer", "tokens_dir"):
+            setattr(args, k, cfg[k])
+    return saved.get("state", {}).get("history", [])
+
+
+def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics, history,
+                   checkpoint, paths, device):
+    """The end of every generator run (rank 0): --sample class-balanced samples drawn by
+    `sample_tokens(labels_B) -> (B, L)` (which draws from ONE generator seeded once per run),
+    decoded by the frozen `tokenizer`, written as PNGs, a class-per-row grid and a token file;
+    the usage of codes in the sampled tokens; g-FID / precision-recall / pixel distance / LPIPS
+    diversity with their provenance (sample_metrics); then the result JSON. `sampling` holds the
+    script's sampler settings, `metrics` what the script measured already (validation loss)."""
+    metrics, notes, extra = dict(metrics), {}, {}
+    provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
+    if args.sample:
+        labels = balanced_labels(args.sample, dump.num_classes)
+        start = datetime.datetime.now()
+        images, tokens = generate_images(sample_tokens, tokenizer, dump, labels, args.sample_batch_size, device)
+        sampling = dict(sampling, num_samples=args.sample, labels="class-balanced", seed=args.sample_seed,
+                        batch_size=args.sample_batch_size,
+                        seconds=(datetime.datetime.now() - start).total_seconds())
+        write_samples(paths["samples"], images, labels, paths["grid"], args.per_class)
+        atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
+        counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
+        metrics.update(token_perplexity=perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
+        reference, cache = None, None
+        if not args.skip_fid:
+            reference = tokenizer_test_split(tokenizer_cfg, args.data_dir)
+            cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir)
+        lpips_model = None if args.skip_lpips else load_lpips("alex", device)
+        found, provenance = sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
+                                           prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
+                                           seed=args.sample_seed, device=device)
+        metrics.update(found)
+        folder = os.path.dirname(os.path.abspath(paths["json"]))
+        extra = {k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")}
+        if args.skip_fid:
+            notes["gfid"] = "not computed: --skip-fid"
+        if args.skip_lpips:
+            notes["lpips_diversity"] = "not computed: --skip-lpips"
+    else:
+        sampling, notes["samples"] = None, "no samples: --sample 0"
+    write_generator_result(paths["json"], experiment, args, metrics, history,
+                           tokenizer=tokenizer_identity(tokenizer_cfg, args.tokenizer), provenance=provenance,
+                           sampling=sampling, checkpoint=checkpoint, notes=notes, **extra)
+    print0({k: v for k, v in metrics.items()})
+    return metrics

@@ -8,6 +8,9 @@ Commands:
     python evaluate.py codebook runs/cifar/deferred_ema_8192.pt
     python evaluate.py codebook foreign.ckpt --key state_dict.quantize.embedding.weight --json
     python evaluate.py codebook codes.npy
+    # public checkpoints (LlamaGen vq_ds16_c2i.pt, VAR vae_ch160v4096z32.pth, taming last.ckpt: their
+    # codebook keys are found without --key), raw and l2-normalised codes, saved for Table 7
+    python evaluate.py codebook vq_ds16_c2i.pt --view both --label llamagen --save runs/llamagen/coverage_llamagen.json
 
     # every table / figure whose runs exist under a results folder (markdown + PNG figures)
     python evaluate.py tables runs/ --out report/
@@ -144,6 +147,37 @@ PAPER["imagenet_tokenizer"] = {
 }
 
 
+# ---- generators (generator_maskgit.py, generator_var.py): Tables 4, 6, 13, 14, 17 ----
+# g-FID, pixel distance, LPIPS diversity (section 6.1). Rows: (label, selector, values); the
+# selector picks a generator JSON by generator, the tokenizer's Deferred Quantization, dataset and
+# GAN loss (convention: README "Generator results"). Transcribed from the paper's text.
+_GEN_COLS = ("gfid", "pixel_diversity", "lpips_diversity")
+
+
+def _gen_sel(generator, deferred, dataset="imagenet100", gan=False):
+    return {"generator": generator, "deferred": deferred, "dataset": dataset, "gan": gan}
+
+
+PAPER["generators"] = {
+    "Table 4": [("MaskGIT ✓", _gen_sel("maskgit", True), (14.60, 80.77, 0.677)),
+                ("MaskGIT ✗", _gen_sel("maskgit", False), (14.75, 75.89, 0.668)),
+                ("VAR ✓", _gen_sel("var", True), (10.44, 75.75, 0.667)),
+                ("VAR ✗", _gen_sel("var", False), (12.88, 70.69, 0.633))],
+    "Table 6": [("VAR ✓", _gen_sel("var", True, "odir"), (34.33, 49.83, 0.401)),
+                ("VAR ✗", _gen_sel("var", False, "odir"), (37.65, 49.01, 0.390))],
+    "Table 13": [("MaskGIT ✓", _gen_sel("maskgit", True, gan=True), (10.85, 79.17, 0.712)),
+                 ("MaskGIT ✗", _gen_sel("maskgit", False, gan=True), (12.25, 78.83, 0.714)),
+                 ("VAR ✓", _gen_sel("var", True, gan=True), (8.30, 77.10, 0.719)),
+                 ("VAR ✗", _gen_sel("var", False, gan=True), (7.83, 73.37, 0.714))],
+    "Table 14": [("VAR ✓", _gen_sel("var", True, "odir", gan=True), (29.65, 50.56, 0.550)),
+                 ("VAR ✗", _gen_sel("var", False, "odir", gan=True), (27.89, 45.14, 0.570))],
+    # generation columns only; the tokenizer columns are "Table 17 tokenizer columns" above
+    "Table 17": [("no GAN ✓", _gen_sel("maskgit", True, "odir"), (38.04, 48.44, 0.370)),
+                 ("no GAN ✗", _gen_sel("maskgit", False, "odir"), (27.95, 49.73, 0.397)),
+                 ("GAN ✓", _gen_sel("maskgit", True, "odir", gan=True), (38.30, 48.15, 0.371)),
+                 ("GAN ✗", _gen_sel("maskgit", False, "odir", gan=True), (32.60, 49.28, 0.402))],
+}
+
 # ================================================================================================
 # Loading results
 # ================================================================================================
@@ -204,8 +238,11 @@ def markdown_table(header, rows):
 # ================================================================================================
 
 # Our checkpoints store the effective codebook under 'codebook' and the usage counts of the final
-# evaluation under 'code_counts' (see `save_checkpoint` calls in the scripts).
-DEFAULT_CODEBOOK_KEYS = ("codebook",)
+# evaluation under 'code_counts' (see `save_checkpoint` calls in the scripts). The public tokenizers of
+# Table 7 keep theirs as: LlamaGen vq_ds16_c2i.pt {'model': state dict}, taming's VQGAN last.ckpt
+# (Lightning) {'state_dict': ...}, VAR vae_ch160v4096z32.pth a plain state dict.
+DEFAULT_CODEBOOK_KEYS = ("codebook", "model.quantize.embedding.weight", "state_dict.quantize.embedding.weight",
+                         "quantize.embedding.weight")
 
 
 def lookup_key(obj, key):
@@ -258,15 +295,43 @@ def as_float_codes(codes, where):
     return codes if codes.is_floating_point() and codes.dtype != torch.float16 else codes.float()
 
 
+def unit_codes(codes):
+    """The codes projected onto the unit sphere (what an l2-normalised quantizer such as LlamaGen's
+    compares inputs with); a zero code stays zero."""
+    return torch.nn.functional.normalize(codes, dim=1)
+
+
+def codebook_views(codes, counts, view):
+    """{view name: metrics}: 'raw' the stored tensor, 'normalised' its rows at unit length.
+    Euclidean distance and Vendi depend on the norms, cosine does not; a raw LlamaGen codebook
+    can exceed the unit-sphere bound (mean pairwise distance < sqrt(2 (1 + 1/(S-1))) there)."""
+    views = {"raw": codes, "normalised": unit_codes(codes)}
+    names = ("raw", "normalised") if view == "both" else (view,)
+    return {name: codebook_metrics(views[name], counts) for name in names}
+
+
 def cmd_codebook(args):
     codes, counts = load_codebook(args.path, args.key)
-    metrics = codebook_metrics(codes, counts)
+    views = codebook_views(codes, counts, args.view)
+    if args.save:
+        from common import write_result
+        if not args.label:
+            raise UserError("--save needs --label (the table row, e.g. llamagen, var, vqgan)")
+        metrics = dict(views.get("raw") or views["normalised"])
+        if "normalised" in views:
+            metrics.update({f"{k}_unit": views["normalised"][k] for k in ("euclidean", "cosine", "vendi")})
+        options = {k: v for k, v in vars(args).items() if k != "func"}
+        write_result(args.save, "codebook", args.label, options, metrics, source=os.path.abspath(args.path),
+                     key=args.key, view=args.view)
+    metrics = views[args.view] if args.view != "both" else views
     if args.json:
         import json
         print(json.dumps(metrics))
     else:
-        for k, v in metrics.items():
-            print(f"{k:>10}: {fmt(v, 4)}")
+        names = list(views)
+        print(f"{'':>10}  " + "  ".join(f"{n:>10}" for n in names))
+        for k in views[names[0]]:
+            print(f"{k:>10}: " + "  ".join(f"{fmt(views[n][k], 4):>10}" for n in names))
     return metrics
 
 
@@ -788,6 +853,215 @@ for _table in TOKENIZER_TITLES:
     _register_tokenizer_table(_table)
 
 
+# ---- ImageNet-1K LlamaGen tokenizer and LlamaGen-B (llamagen_deferred.py): Tables 7 and 12 ----
+# Table 7: r-FID marked * is cited by the paper from the original papers / repositories; its coverage
+# metrics come from the public checkpoints. Table 12: LlamaGen-B's row is cited from LlamaGen.
+PAPER["llamagen_table7"] = {
+    "VAR": {"rfid": 0.90, "psnr": 22.11, "ssim": 0.730, "vendi": 5.61, "euclidean": 1.11, "cosine": 1.0000},
+    "VQGAN": {"rfid": 4.98, "psnr": 20.00, "ssim": 0.629, "vendi": 1.50, "euclidean": 1.59, "cosine": 1.0000},
+    "LlamaGen": {"rfid": 2.19, "psnr": 20.79, "ssim": 0.675, "vendi": 5.29, "euclidean": 1.42, "cosine": 0.9927},
+    "+ Deferred": {"rfid": 2.12, "psnr": 20.82, "ssim": 0.676, "vendi": 5.38, "euclidean": 6.48, "cosine": 0.9956},
+}
+PAPER["llamagen_table12"] = {
+    "LlamaGen-B": {"gfid": 5.46, "isc": 193.61, "precision": 0.83, "recall": 0.45},
+    "+ Deferred": {"gfid": 5.07, "isc": 194.81, "precision": 0.83, "recall": 0.47},
+}
+# (row, paper row, our tokenizer arm, coverage label of `evaluate.py codebook --save --label`)
+LLAMAGEN_T7_ROWS = (("VAR (public)", "VAR", None, "var"), ("VQGAN (public)", "VQGAN", None, "vqgan"),
+                    ("LlamaGen (public)", "LlamaGen", "public", "llamagen"),
+                    ("LlamaGen (our baseline run)", None, "baseline", None),
+                    ("+ Deferred", "+ Deferred", "deferred", None))
+LLAMAGEN_T12_ROWS = (("LlamaGen-B (public checkpoints)", "LlamaGen-B", "public"),
+                     ("LlamaGen-B (our baseline run)", "LlamaGen-B", "baseline"),
+                     ("+ Deferred", "+ Deferred", "deferred"))
+
+
+def _last(runs):
+    return runs[-1] if runs else None
+
+
+def _arm_of(record):
+    args = record["args"]
+    return record.get("arm") or args.get("arm") or ("deferred" if args.get("deferred") else "baseline")
+
+
+@renderer("Table 7 (ImageNet-1K 256x256 val: LlamaGen tokenizer, Deferred, public tokenizers)")
+def render_llamagen_table7(results, out_dir):
+    """Ours: reconstruction metrics from llamagen_deferred.py --stage tokenizer-eval (arms public,
+    baseline, deferred); coverage from the same JSON or from `evaluate.py codebook --save`. Raw
+    codes are what the paper measured; unit = l2-normalised rows (what LlamaGen's quantizer uses)."""
+    tok = [r for r in results if r["experiment"] == "llamagen_tokenizer"]
+    cov = [r for r in results if r["experiment"] == "codebook"]
+    rows, any_ours = [], False
+    for label, paper_key, arm, cov_label in LLAMAGEN_T7_ROWS:
+        run = _last([r for r in tok if _arm_of(r) == arm]) if arm else None
+        cover = _last([r for r in cov if r["method"] == cov_label]) if cov_label else None
+        m = dict((cover or {}).get("metrics", {}))
+        m.update((run or {}).get("metrics", {}))
+        any_ours |= bool(m)
+        paper = PAPER["llamagen_table7"].get(paper_key, {})
+        row = [label]
+        for key, digits in (("rfid", 2), ("psnr", 2), ("ssim", 3), ("vendi", 2), ("euclidean", 2), ("cosine", 4)):
+            ours = [fmt(m.get("ssim_llamagen"), 3), fmt(m.get("ssim"), 3)] if key == "ssim" else [fmt(m.get(key), digits)]
+            if key in ("vendi", "euclidean"):
+                ours.append(fmt(m.get(f"{key}_unit"), digits))
+            row += [fmt(paper.get(key), digits)] + ours
+        rows.append(row)
+    if not any_ours:
+        return None
+    header = ["Tokenizer", "r-FID paper", "r-FID ours", "PSNR paper", "PSNR ours", "SSIM paper",
+              "SSIM ours (LlamaGen protocol)", "SSIM ours (data range 1)", "Vendi paper", "Vendi ours raw",
+              "Vendi ours unit", "Euc. paper", "Euc. ours raw", "Euc. ours unit", "Cos. paper", "Cos. ours"]
+    return markdown_table(header, rows) + (
+        "\n\nPaper r-FID of VAR, VQGAN, LlamaGen cited from their papers (r-FID vs the 50k val images). "
+        "The paper's SSIM is LlamaGen's protocol (skimage, 7x7 uniform window, data_range=2.0 on [0, 1] "
+        "images); ours is shown that way and correctly (Gaussian window, range 1). Coverage: raw = stored "
+        "codes (the paper's reading: LlamaGen's 1.42 and Deferred's 6.48 exceed the unit-sphere bound of "
+        "about 1.41), unit = l2-normalised codes, the ones LlamaGen's quantizer uses; cosine is the same "
+        "for both. '–': run absent.")
+
+
+@renderer("Table 12 (LlamaGen-B on ImageNet-1K 256x256)")
+def render_llamagen_table12(results, out_dir):
+    """Ours: llamagen_deferred.py --stage sample-eval (generator_llamagen JSON) per arm."""
+    gen = [r for r in results if r["experiment"] == "generator_llamagen"]
+    if not gen:
+        return None
+    rows = []
+    for label, paper_key, arm in LLAMAGEN_T12_ROWS:
+        m = (_last([r for r in gen if _arm_of(r) == arm]) or {}).get("metrics", {})
+        paper = PAPER["llamagen_table12"][paper_key]
+        rows.append([label] + [v for key, d in (("gfid", 2), ("isc", 2), ("precision", 2), ("recall", 2))
+                               for v in _paper_ours(paper[key], m.get(key), d)])
+    header = ["Generator", "g-FID paper", "g-FID ours", "IS paper", "IS ours", "Precision paper", "Precision ours",
+              "Recall paper", "Recall ours"]
+    return markdown_table(header, rows) + (
+        "\n\nThe paper cites LlamaGen-B (5.46 / 193.61 / 0.83 / 0.45); the public c2i_B_256.pt gives "
+        "6.13 / 193.61 / 0.75 / 0.45 through the ADM evaluator (LlamaGen issue #48). Ours: torch-fidelity's "
+        "Inception, FID against --fid-reference (each JSON's fid_reference says which); IS needs Inception "
+        "logits ('–' and a note in the JSON when skipped).")
+
+
+# ---- generator renderers (Tables 4, 6, 13, 14, 17-generation, Figure 9) ----
+
+GENERATOR_TITLES = {
+    "Table 4": "Table 4 (generators, ImageNet-100)",
+    "Table 6": "Table 6 (VAR, ODIR)",
+    "Table 13": "Table 13 (generators on GAN tokenizers, ImageNet-100)",
+    "Table 14": "Table 14 (VAR on GAN tokenizers, ODIR)",
+    "Table 17": "Table 17 generation columns (MaskGIT, ODIR)",
+}
+GENERATOR_LABELS = {"gfid": "g-FID", "pixel_diversity": "Pixel Dist.", "lpips_diversity": "LPIPS D."}
+PAPER_DATASETS = ("imagenet100", "odir")
+
+
+def generator_runs(results, generator=None):
+    """Generator result JSONs (experiment generator_maskgit / generator_var), of one generator
+    when given."""
+    names = (f"generator_{generator}",) if generator else ("generator_maskgit", "generator_var")
+    return [r for r in results if r["experiment"] in names and isinstance(r.get("tokenizer"), dict)]
+
+
+def generator_run(results, sel):
+    """The run matching a row selector (the last one in path order when several match)."""
+    tok = ("deferred", "dataset", "gan")
+    matches = [r for r in generator_runs(results, sel["generator"])
+               if all(r["tokenizer"].get(k) == sel[k] for k in tok)]
+    return matches[-1] if matches else None
+
+
+def render_generator_table(results, table):
+    rows = PAPER["generators"][table]
+    runs = [generator_run(results, sel) for _, sel, _ in rows]
+    if not any(runs):
+        return None
+    header = ["Row"] + [f"{GENERATOR_LABELS[c]} {who}" for c in _GEN_COLS for who in ("paper", "ours")] + ["samples"]
+    body = []
+    for (label, _, paper), run in zip(rows, runs):
+        metrics = run["metrics"] if run else {}
+        cells = [v for col, p in zip(_GEN_COLS, paper)
+                 for v in (fmt(p, 3 if col == "lpips_diversity" else 2),
+                           fmt(metrics.get(col), 3 if col == "lpips_diversity" else 2))]
+        body.append([label] + cells + [fmt(metrics.get("num_samples"))])
+    return markdown_table(header, body) + _generator_note(runs)
+
+
+def _generator_note(runs):
+    """What our numbers were measured against (reference set, pixel scale, LPIPS pairs)."""
+    seen = sorted({(r.get("fid_reference"), r.get("pixel_scale"), r.get("lpips_pairs")) for r in runs if r},
+                  key=str)
+    parts = [f"g-FID reference: {ref or 'not computed'}; pixel distance of [0, 1] images x {scale}; "
+             f"LPIPS pairs: {pairs or 'not computed'}" for ref, scale, pairs in seen]
+    return ("\n\nOurs: " + " | ".join(parts) + ". '–': run absent or metric not computed "
+            "(the run's JSON 'notes' say why).")
+
+
+def _register_generator_table(table):
+    renderer(GENERATOR_TITLES[table])(lambda results, out_dir: render_generator_table(results, table))
+
+
+for _table in GENERATOR_TITLES:
+    _register_generator_table(_table)
+
+
+@renderer("Generation on other datasets (no paper counterpart, e.g. Fashion-MNIST)")
+def render_other_generation(results, out_dir):
+    """Every generator run on a dataset the paper did not use, both arms side by side, with the
+    generated tokens' usage (perplexity, codes used) next to the image metrics."""
+    runs = [r for r in generator_runs(results) if r["tokenizer"].get("dataset") not in PAPER_DATASETS]
+    if not runs:
+        return None
+    cols = (("gfid", 2), ("pixel_diversity", 2), ("lpips_diversity", 3), ("token_perplexity", 1),
+            ("token_used_codes", 1), ("val_loss", 4), ("num_samples", 1))
+    header = ["generator", "dataset", "GAN", "Deferred", "codes"] + [c for c, _ in cols]
+    key = lambda r: (r["experiment"], str(r["tokenizer"].get("dataset")), r["tokenizer"].get("gan"),  # noqa: E731
+                     r["tokenizer"].get("codebook_size"), r["tokenizer"].get("deferred"), r["path"])
+    body = [[r["experiment"].replace("generator_", ""), r["tokenizer"].get("dataset"),
+             "✓" if r["tokenizer"].get("gan") else "✗", "✓" if r["tokenizer"].get("deferred") else "✗",
+             r["tokenizer"].get("codebook_size")] + [fmt(r["metrics"].get(c), d) for c, d in cols]
+            for r in sorted(runs, key=key)]
+    return markdown_table(header, body) + _generator_note(runs)
+
+
+@renderer("Figure 9 (samples without / with Deferred Quantization)")
+def render_figure9(results, out_dir):
+    """Per generator, dataset and GAN setting with both arms: the two runs' class-row sample
+    grids side by side, (a) w/o and (b) w/ Deferred Quantization, as in Figure 9 (VAR there)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    pairs = {}
+    for r in generator_runs(results):
+        if r.get("grid"):
+            t = r["tokenizer"]
+            pairs.setdefault((r["experiment"], str(t.get("dataset")), bool(t.get("gan"))), {})[bool(t["deferred"])] = r
+    lines = []
+    for (experiment, dataset, gan), arms in sorted(pairs.items()):
+        if set(arms) != {False, True}:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(12, 6.5))
+        for ax, deferred, title in ((axes[0], False, "(a) w/o Deferred Quantization"),
+                                    (axes[1], True, "(b) w/ Deferred Quantization")):
+            run = arms[deferred]
+            path = os.path.join(os.path.dirname(run["path"]), run["grid"])
+            if not os.path.exists(path):
+                raise UserError(f"{run['path']} names the sample grid {path}, which does not exist")
+            with Image.open(path) as img:
+                ax.imshow(np.asarray(img.convert("RGB")))
+            m = run["metrics"]
+            ax.set_title(f"{title}\ng-FID {fmt(m.get('gfid'))}, pixel dist. {fmt(m.get('pixel_diversity'))}, "
+                         f"LPIPS-D {fmt(m.get('lpips_diversity'), 3)}", fontsize=10)
+            ax.axis("off")
+        generator = experiment.replace("generator_", "")
+        fig.suptitle(f"{generator} samples, {dataset}{' (GAN tokenizers)' if gan else ''}: one row per class")
+        fig.tight_layout()
+        name = f"fig9_{generator}_{dataset}{'_gan' if gan else ''}.png"
+        fig.savefig(os.path.join(out_dir, name), dpi=120)
+        plt.close(fig)
+        lines.append(f"- {generator}, {dataset}{', GAN' if gan else ''}: {name}")
+    return "\n".join(lines) if lines else None
+
 def cmd_tables(args):
     results = load_results(args.runs)
     if not results:
@@ -1143,6 +1417,10 @@ def build_parser():
     c.add_argument("path", help="our .pt checkpoint, a foreign checkpoint, or a .npy array")
     c.add_argument("--key", help="dotted key path of the codebook tensor inside a checkpoint")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--view", choices=["raw", "normalised", "both"], default="raw",
+                   help="the stored codes, their l2-normalised rows, or both")
+    c.add_argument("--save", help="also write a result JSON (experiment 'codebook') for `tables`")
+    c.add_argument("--label", help="with --save: the row it fills (llamagen, var, vqgan for Table 7)")
     c.set_defaults(func=cmd_codebook)
     t = sub.add_parser("tables", help="render the paper's tables and figures from result JSONs")
     t.add_argument("runs", help="folder searched recursively for result JSON files")

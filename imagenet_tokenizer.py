@@ -68,7 +68,6 @@ import common
 from common import UserError, print0
 
 EXPERIMENT = "imagenet_tokenizer"
-ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,23 +172,6 @@ def run_name(args):
 # ------------------------------------------------------------------------------------------------
 # Model, data, losses
 # ------------------------------------------------------------------------------------------------
-
-
-def build_model(cfg):
-    """The tokenizer from an args namespace or the args dict stored in a checkpoint."""
-    cfg = cfg if isinstance(cfg, dict) else vars(cfg)
-    vq_opts = dict(beta=cfg["beta"], ema_decay=cfg["ema_decay"], simvq=cfg["simvq"], enabled=False)
-    if cfg["quantizer"] == "vq":
-        quantizer = common.VectorQuantizer(cfg["codebook_size"], cfg["token_dim"], **vq_opts)
-    else:
-        quantizer = common.MultiScaleQuantizer(cfg["codebook_size"], cfg["token_dim"], scales=cfg["scales"],
-                                               num_phi=cfg["num_phi"], phi_ratio=cfg["phi_ratio"], **vq_opts)
-    model = common.VQAutoencoder(quantizer, cfg["token_dim"], **{k: tuple(cfg[k]) if isinstance(cfg[k], list)
-                                                                 else cfg[k] for k in ARCH_KEYS})
-    grid = model.encoder.latent_resolution
-    if cfg["quantizer"] == "msvq" and cfg["scales"][-1] != grid:
-        raise UserError(f"the last --scales entry must equal the latent grid {grid}, got {cfg['scales'][-1]}")
-    return model
 
 
 def default_split_file(args):
@@ -398,8 +380,9 @@ def main(args):
         ckpt = common.load_checkpoint(ckpt_path)
         # the architecture and the run's identity come from the checkpoint, the data / evaluation
         # options from the command line
-        for k in ARCH_KEYS + ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay", "simvq",
-                              "scales", "num_phi", "phi_ratio", "deferred", "gan_weight", "scheme"):
+        for k in common.TOKENIZER_ARCH_KEYS + ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay",
+                                               "simvq", "scales", "num_phi", "phi_ratio", "deferred", "gan_weight",
+                                               "scheme"):
             setattr(args, k, ckpt["args"][k])
         args.name = args.name or ckpt["args"].get("name")
         # the split the checkpoint was trained on: a fresh default split (other --out or --seed)
@@ -408,7 +391,7 @@ def main(args):
         name = run_name(args)
         run_dir = os.path.join(args.out, name)
     args.split_file = default_split_file(args)  # recorded in the checkpoints' args
-    model = build_model(args).to(info.device)
+    model = common.build_tokenizer(args).to(info.device)
     # LPIPS is a training loss (--lpips-weight) and an evaluation metric; a missing backbone
     # weight file is a UserError naming it (exit 2), unless neither use is asked for.
     lpips_fn = None

@@ -20,3 +20,7 @@ def real_weights(monkeypatch):
     monkeypatch.setenv("TORCH_HOME", home)
     monkeypatch.delenv("DQ_INCEPTION_WEIGHTS", raising=False)
     return os.path.join(home, "hub", "checkpoints")
+
+
+# Shared fixtures of the generator tests (tiny trained tokenizers and their token dumps).
+pytest_plugins = ("generator_fixture",)

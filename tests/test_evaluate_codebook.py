@@ -81,7 +81,9 @@ def test_missing_file_and_wrong_key_are_one_line_errors(tmp_path, codes):
     path = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"quantize.embedding.weight": codes}}, path)
     assert_one_line_error(evaluate(path, "--key", "state_dict.quantizer.weight"), "state_dict.quantizer.weight")
-    assert_one_line_error(evaluate(path), "--key")  # no 'codebook' key: asks for one
+    unknown = tmp_path / "unknown.ckpt"
+    torch.save({"state_dict": {"vq.codes": codes}}, unknown)
+    assert_one_line_error(evaluate(unknown), "--key")  # no known codebook key: asks for one
     bad = tmp_path / "vector.npy"
     np.save(bad, np.arange(5.0))
     assert_one_line_error(evaluate(bad), "(num_codes, dim)")
