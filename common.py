@@ -1722,15 +1722,18 @@ def _class_uniform_sample(by_class, size, rng):
     return sorted(picked)
 
 
-def make_split(root, scheme, seed, out_path, test_size=20000, val_size=5000, test_fraction=0.2,
+def make_split(root, scheme, seed, out_path=None, test_size=20000, val_size=5000, test_fraction=0.2,
                val_fraction=0.1):
-    """Write a reproducible train/val/test split of an ImageFolder tree to `out_path` (JSON).
+    """A reproducible train/val/test split of an ImageFolder tree, written to `out_path` (JSON)
+    unless that is None (then `write_split` writes it later, e.g. once the run's lock is held).
 
     scheme 'imagenet100' (paper section 6.1; `root` is the ImageNet-100 *training* folder):
     `test_size` images (20,000) sampled uniformly over all classes, then a `val_size` (5,000)
     validation set the same way; the rest is train.
     scheme 'odir': a random 70/20/10 train/test/val split of all images (`test_fraction`,
-    `val_fraction`). Same tree + same seed -> same file. Returns the split dict.
+    `val_fraction`). Same tree + same seed -> same file. The file records the part sizes
+    ("sizes"), so a later run can refuse a split made with other --test-size / --val-size.
+    Returns the split dict.
     """
     classes, items = scan_image_folder(root)
     rng = random.Random(seed)
@@ -1756,14 +1759,19 @@ def make_split(root, scheme, seed, out_path, test_size=20000, val_size=5000, tes
     else:
         raise UserError(f"unknown split scheme '{scheme}' (use imagenet100 or odir)")
     split = {"scheme": scheme, "seed": seed, "root": os.path.abspath(root), "classes": classes,
+             "sizes": {"train": len(train), "val": len(val), "test": len(test)},
              "train": [list(it) for it in train], "val": [list(it) for it in val],
              "test": [list(it) for it in test]}
-    write_json(out_path, split)
+    if out_path is not None:
+        write_json(out_path, split)
     return split
 
 
 def load_split(path):
-    """Read a split file written by make_split and check its structure (UserError if not)."""
+    """Read a split file written by make_split and check its structure (UserError if not).
+    A file without "sizes" (written before they were recorded) gets them from its parts."""
+    if os.path.isdir(path):
+        raise UserError(f"split file {path} is a folder; name a JSON file (it is written if absent)")
     split = read_json(path)
     keys = ("scheme", "seed", "root", "classes") + SPLIT_PARTS
     if not isinstance(split, dict) or any(k not in split for k in keys):
@@ -1775,12 +1783,70 @@ def load_split(path):
                 isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int)
                 and 0 <= e[1] < num_classes for e in entries):
             raise UserError(f"{path}: '{part}' must be a list of [relative path, class index] pairs")
+    sizes = {part: len(split[part]) for part in SPLIT_PARTS}
+    if split.setdefault("sizes", sizes) != sizes:
+        raise UserError(f"{path}: its recorded sizes {split['sizes']} differ from its parts {sizes}")
     return split
+
+
+def write_split(split, path):
+    """Write `split` to `path` unless a split file is already there, and return the one on disk.
+    The file appears complete or not at all, and only the first of several runs started at once
+    (each with its own name, sharing one split file) writes it: a later writer would otherwise
+    replace the split that an earlier run has already started training on."""
+    if os.path.exists(path):
+        return load_split(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(split, indent=1) + "\n")
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with contextlib.suppress(FileExistsError):  # another run wrote it first: use theirs
+            os.link(tmp, path)
+        os.unlink(tmp)
+    except OSError as err:
+        raise UserError(f"cannot write split file {path}: {err.strerror or err}") from None
+    return load_split(path)
+
+
+class ImageReadError(UserError):
+    """An image that cannot be read. Raised inside a DataLoader worker, torch re-raises it in the
+    main process as ImageReadError('Caught ImageReadError in DataLoader worker ...' + the worker's
+    traceback); this class keeps only the original message, so the user sees one line either way."""
+
+    def __init__(self, message):
+        own = f"{ImageReadError.__name__}: "
+        if "Traceback" in message and own in message:
+            message = message.rstrip().rsplit(own, 1)[1].splitlines()[0]
+        super().__init__(message)
+
+
+def read_rgb(path):
+    """An image file as an 8-bit RGB PIL image. 16-bit greyscale (PIL mode I;16, e.g. 16-bit PNG)
+    is scaled by 255/65535 (PIL's own convert would clip it to 255: nearly all white); PIL already
+    reduces 16-bit RGB(A) to 8 bits. 32-bit integer or float images (mode I or F, e.g. TIFF) have no
+    known range and are refused."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I;16"):
+                wide = np.asarray(img, dtype=np.uint16).astype(np.float64)
+                return Image.fromarray(np.round(wide / 257.0).astype(np.uint8)).convert("RGB")
+            if img.mode in ("I", "F"):
+                raise ImageReadError(f"cannot read image {path}: 32-bit {'integer' if img.mode == 'I' else 'float'} "
+                                     "pixels have no known range; convert it to an 8- or 16-bit image")
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from None
 
 
 class SplitImageDataset(torch.utils.data.Dataset):
     """One part ('train' / 'val' / 'test') of a split: items (image, label) with the image a float
-    (3, resolution, resolution) tensor in [0, 1]: RGB, shorter side resized to `resolution`
+    (3, resolution, resolution) tensor in [0, 1]: RGB (`read_rgb`), shorter side resized to `resolution`
     (bicubic, PIL), centre-cropped; with `train_augment`, a random horizontal flip (torch RNG, so
     DataLoader worker seeding applies). `root` overrides the split's root (data moved elsewhere).
     """
@@ -1803,12 +1869,7 @@ class SplitImageDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         relpath, label = self.items[index]
-        path = os.path.join(self.root, relpath)
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read image {path}: {err}") from None
+        img = read_rgb(os.path.join(self.root, relpath))
         r = self.resolution
         w, h = img.size
         scale = r / min(w, h)

@@ -147,6 +147,9 @@ def load_results(root):
     for path in paths:
         record = read_json(path)
         if isinstance(record, dict) and "experiment" in record and "metrics" in record:
+            if not isinstance(record.get("args"), dict) or not isinstance(record["metrics"], dict):
+                raise UserError(f"{path} is a result JSON without its 'args' / 'metrics' dicts (every script "
+                                "writes both): fix or move it out of the folder")
             record["path"] = path
             results.append(record)
     return results
@@ -220,15 +223,45 @@ def load_codebook(path, key=None):
     else:
         raise UserError(f"no codebook at key '{key}' in {path}" if key else
                         f"no codebook found in {path}; name its dotted key path with --key")
+    codes = as_float_codes(codes, f"'{k}' in {path}")
     counts = ckpt.get("code_counts") if isinstance(ckpt, dict) else None
-    return as_float_codes(codes, f"'{k}' in {path}"), counts
+    return codes, None if counts is None else checked_counts(counts, codes.shape[0], path)
+
+
+def as_numbers(value, where):
+    """A real-valued tensor from a tensor / array / list, or a one-line UserError naming `where`
+    (a dict picked by --key, an array of strings, ...)."""
+    if isinstance(value, np.ndarray) and not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+        raise UserError(f"the array at {where} holds {value.dtype} values, not numbers")
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"the value at {where} is a {type(value).__name__}, not a tensor of numbers") from None
+    if tensor.is_complex():
+        raise UserError(f"the tensor at {where} is complex, not real")
+    return tensor
 
 
 def as_float_codes(codes, where):
-    codes = torch.as_tensor(codes)
+    codes = as_numbers(codes, where)
     if codes.dim() != 2:
         raise UserError(f"the tensor at {where} has shape {tuple(codes.shape)}; a codebook is (num_codes, dim)")
-    return codes if codes.is_floating_point() and codes.dtype != torch.float16 else codes.float()
+    codes = codes if codes.is_floating_point() and codes.dtype != torch.float16 else codes.float()
+    if not torch.isfinite(codes).all():
+        raise UserError(f"the codebook at {where} holds NaN or infinite values")
+    return codes
+
+
+def checked_counts(counts, num_codes, path):
+    """Usage counts must be one finite, non-negative count per code: anything else would give a
+    perplexity without meaning."""
+    counts = as_numbers(counts, f"'code_counts' in {path}").double()
+    if counts.shape != (num_codes,):
+        raise UserError(f"'code_counts' in {path} has shape {tuple(counts.shape)}, not one count for each "
+                        f"of the {num_codes} codes")
+    if not torch.isfinite(counts).all() or (counts < 0).any():
+        raise UserError(f"'code_counts' in {path} holds negative, NaN or infinite counts")
+    return counts
 
 
 def cmd_codebook(args):

@@ -144,3 +144,65 @@ def test_split_image_dataset_errors(image_folder, tmp_path):
     os.remove(image_folder / split["test"][0][0])
     with pytest.raises(UserError, match="cannot read image"):
         common.SplitImageDataset(None, split, "test", 8)[0]
+
+
+def test_split_records_its_sizes_and_a_tampered_file_is_refused(image_folder, tmp_path):
+    split = common.make_split(image_folder, "imagenet100", 0, tmp_path / "s.json", test_size=7, val_size=5)
+    assert split["sizes"] == {"train": 9, "val": 5, "test": 7}
+    assert common.load_split(tmp_path / "s.json")["sizes"] == split["sizes"]
+    (tmp_path / "t.json").write_text(json.dumps(dict(split, test=split["test"][:6])))
+    with pytest.raises(UserError, match=r"recorded sizes .* differ from its parts"):
+        common.load_split(tmp_path / "t.json")
+    old = {k: v for k, v in split.items() if k != "sizes"}  # written before sizes were recorded
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert common.load_split(tmp_path / "old.json")["sizes"] == split["sizes"]
+    with pytest.raises(UserError, match="is a folder"):
+        common.load_split(tmp_path)
+
+
+def test_write_split_keeps_the_first_writers_file(image_folder, tmp_path, monkeypatch):
+    first = common.make_split(image_folder, "imagenet100", 0, None, test_size=7, val_size=5)
+    second = common.make_split(image_folder, "imagenet100", 1, None, test_size=7, val_size=5)
+    path = tmp_path / "splits" / "s.json"
+    assert not path.parent.exists()  # out_path None: computed, not written
+    assert common.write_split(first, path) == first
+    assert common.write_split(second, path) == first  # a later run gets the existing split
+    # two runs that both saw no file: the second one's link fails and it reads the first one's
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if str(p) == str(path) else real_exists(p))
+    assert common.write_split(second, path) == first
+    monkeypatch.undo()
+    assert [p.name for p in path.parent.iterdir()] == ["s.json"]  # no temporary file left
+
+
+def test_16_bit_greyscale_png_is_scaled_not_saturated(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"  # what PIL makes of a 16-bit PNG
+    rgb = np.asarray(common.read_rgb(tmp_path / "g16.png"))
+    expected = np.round(ramp / 257.0).astype(np.uint8)  # 65535 -> 255, linear
+    assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    assert (rgb == 255).mean() < 0.01  # PIL's own convert('RGB') saturates ~99% of these pixels
+    split = {"root": str(tmp_path), "train": [["g16.png", 0]]}
+    x = common.SplitImageDataset(None, split, "train", 64)[0][0]
+    assert torch.allclose(x[0], torch.from_numpy(expected).float() / 255, atol=1e-6)
+
+
+def test_images_without_a_known_range_are_refused(tmp_path):
+    Image.fromarray(np.full((8, 8), 70000, dtype=np.int32), mode="I").save(tmp_path / "i32.tif")
+    with pytest.raises(common.ImageReadError, match=r"i32\.tif: 32-bit integer pixels have no known range"):
+        common.read_rgb(tmp_path / "i32.tif")
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    with pytest.raises(common.ImageReadError, match=r"cannot read image .*junk\.png: cannot identify"):
+        common.read_rgb(tmp_path / "junk.png")
+
+
+def test_image_read_error_from_a_worker_keeps_one_line():
+    """torch re-raises a worker's error as exc_type('Caught ... ' + the worker traceback)."""
+    try:
+        raise common.ImageReadError("cannot read image /d/x.png: truncated")
+    except common.ImageReadError:
+        import traceback
+        wrapped = ("Caught ImageReadError in DataLoader worker process 1.\nOriginal " + traceback.format_exc())
+    assert str(common.ImageReadError(message=wrapped)) == "cannot read image /d/x.png: truncated"
+    assert str(common.ImageReadError("plain message")) == "plain message"

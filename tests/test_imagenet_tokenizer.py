@@ -3,6 +3,7 @@ quantizer (VAR), the VQGAN encoder/decoder, and the training / evaluation / toke
 tiny generated ImageFolder (CPU, tiny model, LPIPS weight 0, --skip-fid)."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -160,6 +161,12 @@ TINY = ["--resolution", "32", "--ch", "8", "--ch-mult", "1,2,2", "--num-res-bloc
         "--skip-fid", "--select-by", "val_loss", "--device", "cpu"]
 
 
+def without_sizes(argv):
+    """argv without its --test-size / --val-size pairs."""
+    drop = {i + k for i, a in enumerate(argv) if a in ("--test-size", "--val-size") for k in (0, 1)}
+    return [a for i, a in enumerate(argv) if i not in drop]
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """3 classes x 10 PNGs of 32x32 with class-dependent colours."""
@@ -224,7 +231,10 @@ def test_runs_write_results_with_all_metrics(trained):
 def test_eval_only_reproduces_the_final_evaluation(image_folder, trained):
     out, runs = trained
     name, record = runs[("msvq", False)]
+    with pytest.raises(common.UserError, match=rf"{name}\.(json|pt) exists"):  # never replaced silently
+        run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
     os.remove(out / f"{name}.json")
+    os.remove(out / f"{name}.pt")
     run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
     with open(out / f"{name}.json") as f:
         again = json.load(f)
@@ -257,9 +267,10 @@ def test_split_of_another_tree_or_scheme_is_refused(image_folder, trained, tmp_p
         for i in range(8):
             Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(other / c / f"{i}.png")
     common.make_split(str(other), "imagenet100", 0, tmp_path / "other.json", test_size=4, val_size=4)
-    base = ["--data-dir", str(image_folder)] + TINY + ["--epochs", "1"]
-    for extra, pattern in ((["--split-file", str(tmp_path / "other.json")], "classes differ"),
-                           (["--split-file", str(out.parent / "split.json"), "--scheme", "odir"], "not 'odir'")):
+    for sizes, extra, pattern in ((True, ["--split-file", str(tmp_path / "other.json")], "classes differ"),
+                                  (False, ["--split-file", str(out.parent / "split.json"), "--scheme", "odir"],
+                                   "not 'odir'")):
+        base = ["--data-dir", str(image_folder)] + (TINY if sizes else without_sizes(TINY)) + ["--epochs", "1"]
         args = tok.build_parser().parse_args(base + ["--out", str(tmp_path / "o")] + extra)
         with pytest.raises(common.UserError, match=pattern):
             tok.main(args)
@@ -416,3 +427,169 @@ def test_tables_put_our_scaled_values_beside_the_papers():
     assert evaluate.render_tokenizer_table([run], "Table 5") is None  # no ODIR run
     absent = next(line for line in text.splitlines() if line.startswith("| VAR ✓")).split(" | ")
     assert absent[1:3] == ["5.04", "–"]  # the paper's value stays, ours is marked absent
+
+
+class Killed(BaseException):
+    """What a kill -9 does to the run: it stops where it is (not an Exception, so nothing catches it)."""
+
+
+def test_a_kill_before_best_pt_does_not_change_the_reported_result(image_folder, tmp_path, monkeypatch):
+    """Issue #7.1: the kill lands just before best.pt of the last epoch is written; after --resume
+    the reported (best) checkpoint must be the one of the uninterrupted run."""
+    extra = ["--quantizer", "vq", "--epochs", "2", "--name", "k"]
+    run_script(image_folder, tmp_path / "a", *extra)
+    straight = json.loads((tmp_path / "a" / "k.json").read_text())
+
+    writes = []
+    real_save = common.save_checkpoint
+
+    def save_or_die(path, **state):
+        writes.append(os.path.basename(path))
+        if os.path.basename(path) == "best.pt" and writes.count("best.pt") == 2:
+            raise Killed()
+        real_save(path, **state)
+    monkeypatch.setattr(common, "save_checkpoint", save_or_die)
+    with pytest.raises(Killed):
+        run_script(image_folder, tmp_path / "b", *extra)
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    run_script(image_folder, tmp_path / "b", *extra, "--resume")
+    resumed = json.loads((tmp_path / "b" / "k.json").read_text())
+    assert [h["val_loss"] for h in resumed["history"]] == pytest.approx([h["val_loss"] for h in straight["history"]])
+    for key in ("mse", "perplexity", "euclidean"):
+        assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], rel=1e-6), key
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults and bad input (issue #7): the start-up protocol, one line for every refusal
+# ------------------------------------------------------------------------------------------------
+
+
+def parse(image_folder, out, *extra):
+    return tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(out),
+                                          "--split-file", str(out.parent / "split.json")] + TINY + list(extra))
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--ratio", "inf"], "--ratio must be a finite number"),
+    (["--beta", "nan"], "--beta must be a finite number"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--ema-decay", "1"], r"--ema-decay must be \(0, 1\)"),
+    (["--resolution", "0"], "--resolution must be >= 1"),
+    (["--resolution", "30"], "--resolution 30 must be a multiple of 4"),
+    (["--ch-mult", ""], "--ch-mult needs at least one multiplier"),
+    (["--ch-mult", "1,0"], "--ch-mult must be >= 1"),
+    (["--quantizer", "msvq", "--scales", "1,2,4"], "--scales must increase strictly up to the latent grid 8"),
+    (["--min-lr", "1"], "--min-lr 1 must not exceed --lr"),
+    (["--simvq", "--ema-decay", "0.9"], "cannot be combined with --ema-decay"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--dist-timeout", "0"], "--dist-timeout must be a positive number"),
+    (["--scheme", "odir", "--split-file", "x.json"], "--test-size / --val-size apply to --scheme imagenet100"),
+    # 16 codes at 2:1 need 32 embeddings; 18 training images x 8x8 give 1,152: 600 codes need 1,200
+    (["--codebook-size", "600", "--deferred"], r"--codebook-size 600 at --ratio 2 needs 1200 embeddings, but the "
+                                               r"18 training images give 1152"),
+    (["--codebook-size", "100", "--ratio", "12"], "needs 1200 embeddings"),
+])
+def test_bad_settings_are_one_line_errors_before_anything_is_written(image_folder, tmp_path, extra, pattern):
+    args = parse(image_folder, tmp_path / "o", *extra)
+    with pytest.raises(common.UserError, match=pattern):
+        tok.main(args)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_simvq_baseline_collects_no_embeddings_so_any_codebook_size_fits(image_folder, tmp_path):
+    tok.check_codebook_fits(parse(image_folder, tmp_path, "--simvq", "--codebook-size", "5000"), 18, 1)
+    with pytest.raises(common.UserError, match="needs 10000 embeddings"):
+        tok.check_codebook_fits(parse(image_folder, tmp_path, "--simvq", "--deferred", "--codebook-size", "5000"), 18, 1)
+
+
+def test_split_file_that_is_a_folder_and_a_foreign_checkpoint_are_one_line_errors(image_folder, tmp_path):
+    (tmp_path / "folder").mkdir()
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "o"),
+                                          "--split-file", str(tmp_path / "folder")] + TINY)
+    with pytest.raises(common.UserError, match="is a folder"):
+        tok.main(args)
+    cifar = tmp_path / "cifar.pt"  # what cifar_sweep.py writes: other args, no encoder settings
+    common.save_checkpoint(cifar, model={}, args={"codebook_size": 512, "lr": 3e-4}, codebook=torch.zeros(4, 2))
+    with pytest.raises(common.UserError, match=r"cifar\.pt is not an imagenet_tokenizer checkpoint \(no args ch in it\)"):
+        tok.main(parse(image_folder, tmp_path / "o", "--eval-only", "--checkpoint", str(cifar)))
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_an_existing_split_must_match_the_requested_sizes(image_folder, tmp_path):
+    common.write_split(common.make_split(str(image_folder), "imagenet100", 0, None, test_size=6, val_size=6),
+                       tmp_path / "split.json")
+    for extra, pattern in ((["--test-size", "5"], "has 6 test images, not --test-size 5"),
+                           (["--test-size", "6", "--val-size", "4"], "has 6 val images, not --val-size 4")):
+        argv = without_sizes(TINY)
+        args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "o"),
+                                              "--split-file", str(tmp_path / "split.json")] + argv + extra)
+        with pytest.raises(common.UserError, match=pattern):
+            tok.main(args)
+    # without sizes the scheme's defaults (20,000 / 5,000) are asked for: refused too
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "o"),
+                                          "--split-file", str(tmp_path / "split.json")] + argv)
+    with pytest.raises(common.UserError, match="not --test-size 20000"):
+        tok.main(args)
+
+
+@pytest.fixture(scope="module")
+def finished(image_folder, tmp_path_factory):
+    """One finished baseline run with a token dump and a validation evaluation: every kind of file."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    run_script(image_folder, out, "--epochs", "1", "--name", "f")
+    run_script(image_folder, out, "--dump-tokens", "test", "--checkpoint", str(out / "f" / "best.pt"))
+    run_script(image_folder, out, "--eval-only", "--eval-split", "val", "--checkpoint", str(out / "f" / "best.pt"))
+    return out
+
+
+@pytest.mark.parametrize("keep", ["f.json", "f.pt", "f_val.json", "f_val.pt", "f/best.pt", "f/last.pt",
+                                  "f/tokens_test.pt"])
+def test_no_file_of_a_run_is_overwritten_without_resume(image_folder, finished, tmp_path, keep):
+    out = tmp_path / "out"
+    os.makedirs(out / "f")
+    (out / keep).write_bytes((finished / keep).read_bytes())
+    with pytest.raises(common.UserError, match=rf"{keep} exists: pass --resume"):
+        run_script(image_folder, out, "--epochs", "1", "--name", "f")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [keep]
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "3e-4"), ("--beta", "0.5"), ("--ratio", "3"), ("--ae-epochs", "2"),
+                                         ("--init-method", "kmeans"), ("--codebook-size", "8"), ("--token-dim", "8"),
+                                         ("--ema-decay", "0.9")])
+def test_resume_refuses_other_run_defining_settings(image_folder, finished, flag, value):
+    with pytest.raises(common.UserError, match=rf"^--resume: .*last\.pt was made with other settings \({flag} "):
+        run_script(image_folder, finished, "--epochs", "1", "--name", "f", "--resume", flag, value)
+
+
+def test_a_live_run_holds_its_name(image_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = common.RunLock(str(out / "f.lock")).acquire()  # this process: alive
+    try:
+        with pytest.raises(common.UserError, match=r"this run is in use by process \d+ \(lock .*f\.lock\)"):
+            run_script(image_folder, out, "--epochs", "1", "--name", "f")
+    finally:
+        lock.release()
+    assert sorted(os.listdir(out)) == []
+
+
+def test_unreadable_image_with_workers_is_one_line(image_folder, tmp_path):
+    """Issue #7.7: a DataLoader worker re-raises errors with its traceback; the user sees one line."""
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "class1" / "03.png").write_bytes(b"not a png")
+    cmd = [sys.executable, os.path.join(ROOT, "imagenet_tokenizer.py"), "--data-dir", str(data),
+           "--out", str(tmp_path / "o")] + TINY + ["--num-workers", "2", "--test-size", "1", "--val-size", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error") or "Traceback" in line]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert lines == [f"error: cannot read image {data / 'class1' / '03.png'}: cannot identify image file "
+                     f"'{data / 'class1' / '03.png'}'"], proc.stderr[-2000:]
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_training(image_folder, tmp_path):
+    (tmp_path / "file").write_text("x")
+    args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path / "file" / "o")] + TINY)
+    with pytest.raises(common.UserError, match=r"--out .* is a file, not a folder"):
+        tok.main(args)
+    assert sorted(os.listdir(tmp_path)) == ["file"]
