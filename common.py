@@ -1665,6 +1665,28 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
+# The encoder/decoder arguments of a tokenizer (imagenet_tokenizer.py's flags of the same names).
+TOKENIZER_ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
+
+
+def build_tokenizer(cfg):
+    """The tokenizer (`VQAutoencoder` with a `VectorQuantizer` or `MultiScaleQuantizer`) from an
+    args namespace or the args dict stored in an imagenet_tokenizer checkpoint. The quantizer
+    starts disabled (Continuous Phase); loading a Discretization-Phase state dict turns it on."""
+    cfg = cfg if isinstance(cfg, dict) else vars(cfg)
+    vq_opts = dict(beta=cfg["beta"], ema_decay=cfg["ema_decay"], simvq=cfg["simvq"], enabled=False)
+    if cfg["quantizer"] == "vq":
+        quantizer = VectorQuantizer(cfg["codebook_size"], cfg["token_dim"], **vq_opts)
+    else:
+        quantizer = MultiScaleQuantizer(cfg["codebook_size"], cfg["token_dim"], scales=cfg["scales"],
+                                        num_phi=cfg["num_phi"], phi_ratio=cfg["phi_ratio"], **vq_opts)
+    arch = {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in TOKENIZER_ARCH_KEYS}
+    model = VQAutoencoder(quantizer, cfg["token_dim"], **arch)
+    grid = model.encoder.latent_resolution
+    if cfg["quantizer"] == "msvq" and cfg["scales"][-1] != grid:
+        raise UserError(f"the last --scales entry must equal the latent grid {grid}, got {cfg['scales'][-1]}")
+    return model
+
 # ================================================================================================
 # 6. Data: image folders, reproducible split files
 # ================================================================================================
@@ -1881,3 +1903,331 @@ class SplitImageDataset(torch.utils.data.Dataset):
         if self.train_augment and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, label
+
+
+# ================================================================================================
+# 7. Generators: what the generator scripts share (generator_maskgit.py, generator_var.py,
+#    llamagen_deferred.py)
+# ================================================================================================
+#
+# The chain: a trained tokenizer checkpoint + its token dumps (imagenet_tokenizer.py
+# --dump-tokens) -> a generator trained on the tokens -> class-balanced samples decoded by the
+# frozen tokenizer -> g-FID against the tokenizer's test split, pixel distance and LPIPS diversity
+# (paper section 6.1, Tables 4, 6, 13, 14, 17) -> one result JSON (/work/notes/generator_json.md).
+
+
+def load_tokenizer(path, device="cpu"):
+    """(model, args dict) of a trained tokenizer checkpoint (imagenet_tokenizer.py best.pt /
+    last.pt), frozen: eval mode, no gradients. One-line UserErrors for a missing or unreadable
+    file, a file that is not a tokenizer checkpoint, and a Continuous-Phase checkpoint (its
+    quantizer is off, so it has no tokens to decode)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.get("args") if isinstance(ckpt, dict) else None
+    needed = TOKENIZER_ARCH_KEYS + ("quantizer", "codebook_size", "token_dim")
+    if not isinstance(cfg, dict) or "model" not in ckpt or any(k not in cfg for k in needed):
+        raise UserError(f"{path} is not a tokenizer checkpoint of imagenet_tokenizer.py (no 'model' and 'args')")
+    model = build_tokenizer(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: the weights do not fit the architecture in its args "
+                        f"({str(err).splitlines()[0]})") from None
+    if not model.quantizer.is_enabled:
+        raise UserError(f"{path} is from the Continuous Phase (quantization off): it has no tokens; "
+                        "use the run's best.pt or a last.pt written after the switch")
+    model.eval().requires_grad_(False)
+    return model.to(device), cfg
+
+
+def tokenizer_identity(cfg, path):
+    """What a generator result records about its tokenizer, so tables can pick rows without
+    opening checkpoints: the checkpoint, its run name, Deferred Quantization or not, quantizer,
+    dataset / split scheme, GAN loss or not, codebook size, SimVQ."""
+    dataset = cfg.get("dataset")
+    return {"checkpoint": os.path.abspath(path), "name": cfg.get("name"), "deferred": bool(cfg.get("deferred")),
+            "quantizer": cfg["quantizer"], "scheme": cfg.get("scheme"),
+            "dataset": dataset if dataset not in (None, "imagefolder") else cfg.get("scheme"),
+            "gan": (cfg.get("gan_weight") or 0) > 0, "codebook_size": cfg["codebook_size"],
+            "simvq": bool(cfg.get("simvq")), "resolution": cfg["resolution"]}
+
+
+def tokenizer_test_split(cfg, data_dir=None):
+    """The test images of a tokenizer's own split: the reference set of g-FID (paper section 6.1:
+    generated samples against the test set). `data_dir` overrides the folder recorded in the
+    checkpoint (data moved to another machine)."""
+    split_file = cfg.get("split_file")
+    if not split_file or not os.path.exists(split_file):
+        raise UserError(f"the tokenizer's split file {split_file} is missing; the g-FID reference is its test split")
+    return SplitImageDataset(data_dir or cfg["data_dir"], load_split(split_file), "test", cfg["resolution"])
+
+
+@dataclass
+class TokenDump:
+    """A token dump (imagenet_tokenizer.py --dump-tokens) checked and converted for training.
+
+    tokens_NL   (N, L) int64: the image's tokens in raster order; for msvq the scales one after
+                another, coarsest first (VAR's idx_BL layout), L = sum of s^2
+    labels      (N,) int64 class indices in [0, num_classes)
+    scales      side of each token map: [h] for vq (square grid), the pyramid for msvq
+    The record's other fields (checkpoint, split, split_file) are kept under `record`.
+    """
+    path: str
+    tokens_NL: torch.Tensor
+    labels: torch.Tensor
+    quantizer: str
+    scales: tuple
+    codebook_size: int
+    num_classes: int
+    record: dict
+
+    def __len__(self):
+        return self.tokens_NL.shape[0]
+
+    def __getitem__(self, i):
+        return self.tokens_NL[i], self.labels[i]
+
+    @property
+    def seq_len(self):
+        return self.tokens_NL.shape[1]
+
+    def maps(self, idx_BL):
+        """(B, L) tokens -> what the tokenizer decodes: (B, h, w) for vq, [(B, s, s), ...] for msvq."""
+        out, start = [], 0
+        for s in self.scales:
+            out.append(idx_BL[:, start:start + s * s].reshape(-1, s, s))
+            start += s * s
+        return out if self.quantizer == "msvq" else out[0]
+
+
+def _num_classes_of(record, labels):
+    """The dump's class count: recorded in the dump, else the classes of its split file, else
+    the largest label + 1 (a class absent from this split would then be missed: say so)."""
+    if isinstance(record.get("num_classes"), int):
+        return record["num_classes"]
+    split_file = record.get("split_file")
+    if split_file and os.path.exists(split_file):
+        return len(load_split(split_file)["classes"])
+    return int(labels.max()) + 1 if labels.numel() else 0
+
+
+def load_token_dump(path):
+    """Read and check a token dump; UserError (one line) for a missing or foreign file, shapes
+    that do not match the recorded quantizer / scales, ids outside [0, codebook_size), labels
+    outside [0, num_classes). int16 tokens become int64 (embedding layers need long ids)."""
+    if not os.path.exists(path):
+        raise UserError(f"token dump not found: {path} (write it with imagenet_tokenizer.py --dump-tokens)")
+    record = load_checkpoint(path)
+    keys = ("tokens", "labels", "quantizer", "codebook_size")
+    if not isinstance(record, dict) or any(k not in record for k in keys):
+        raise UserError(f"{path} is not a token dump (needs keys {', '.join(keys)})")
+    quantizer, k = record["quantizer"], record["codebook_size"]
+    maps = record["tokens"] if quantizer == "msvq" else [record["tokens"]]
+    if quantizer not in ("vq", "msvq") or not isinstance(maps, (list, tuple)) or not maps:
+        raise UserError(f"{path}: quantizer '{quantizer}' with tokens of type {type(record['tokens']).__name__}")
+    labels = torch.as_tensor(record["labels"])
+    n = labels.shape[0] if labels.dim() == 1 else -1
+    for m in maps:
+        if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[0] != n or m.shape[1] != m.shape[2] \
+                or m.is_floating_point():
+            raise UserError(f"{path}: token maps must be integer (N, s, s) tensors with one label per image; got "
+                            f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__} for "
+                            f"{tuple(labels.shape)} labels")
+    scales = tuple(int(m.shape[-1]) for m in maps)
+    if quantizer == "msvq" and "scales" in record and list(record["scales"]) != list(scales):
+        raise UserError(f"{path}: token maps of sides {list(scales)}, but scales {list(record['scales'])} recorded")
+    tokens = torch.cat([m.reshape(n, -1).long() for m in maps], 1)
+    if n == 0:
+        raise UserError(f"{path} holds no images")
+    if tokens.min() < 0 or tokens.max() >= k:
+        raise UserError(f"{path}: token ids must lie in [0, {k}), found {int(tokens.min())}..{int(tokens.max())}")
+    labels = labels.long()
+    num_classes = _num_classes_of(record, labels)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"{path}: labels must lie in [0, {num_classes}), found {int(labels.min())}..{int(labels.max())}")
+    return TokenDump(os.path.abspath(path), tokens, labels, quantizer, scales, int(k), num_classes, record)
+
+
+def check_dumps_match(dumps, tokenizer_cfg, tokenizer_path):
+    """Training and validation dumps must come from one tokenizer, the one that decodes samples:
+    the same quantizer, codebook size, token maps and classes."""
+    ref = dumps[0]
+    for d in dumps[1:]:
+        if (d.quantizer, d.codebook_size, d.scales, d.num_classes) != (ref.quantizer, ref.codebook_size, ref.scales,
+                                                                        ref.num_classes):
+            raise UserError(f"{d.path} and {ref.path} come from different tokenizers "
+                            f"({d.quantizer}/{d.codebook_size}/{list(d.scales)}/{d.num_classes} classes vs "
+                            f"{ref.quantizer}/{ref.codebook_size}/{list(ref.scales)}/{ref.num_classes})")
+    if (tokenizer_cfg["quantizer"], tokenizer_cfg["codebook_size"]) != (ref.quantizer, ref.codebook_size):
+        raise UserError(f"{tokenizer_path} is a {tokenizer_cfg['quantizer']} tokenizer with "
+                        f"{tokenizer_cfg['codebook_size']} codes, but {ref.path} holds {ref.quantizer} tokens of "
+                        f"{ref.codebook_size} codes")
+
+
+def epoch_seed(seed, epoch, stream=0):
+    """A seed for one (run seed, epoch, stream); stream 0 is the data order (`epoch_batches`),
+    1 + rank a rank's training randomness (masks, dropout). Reseeding every epoch makes an epoch
+    independent of what ran before, so --resume from an epoch-boundary checkpoint reproduces the
+    uninterrupted run on every rank of a torchrun job."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+def epoch_batches(n, global_batch, seed, epoch, rank=0, world_size=1, shuffle=True):
+    """This rank's index batches of one epoch over n items: a permutation seeded by (seed,
+    epoch), cut into global batches; each global batch is split evenly over the ranks. With
+    `shuffle` (training) incomplete global batches are dropped; without it (evaluation) every
+    item is visited once and the last batch may be short or empty on some ranks."""
+    if global_batch % world_size:
+        raise UserError(f"--batch-size {global_batch} must be divisible by the number of processes {world_size}")
+    order = (torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+             if shuffle else torch.arange(n))
+    stop = n - n % global_batch if shuffle else n
+    per_rank = global_batch // world_size
+    batches = []
+    for start in range(0, stop, global_batch):
+        chunk = order[start:start + global_batch]
+        batches.append(chunk[rank * per_rank:(rank + 1) * per_rank])
+    return batches
+
+
+def warmup_factor(step, warmup_steps):
+    """Linear learning-rate warm-up: (step + 1) / warmup_steps for the first warmup_steps
+    optimizer steps (step counted from 0), then 1."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+class PlateauSchedule:
+    """ReduceLROnPlateau with early stopping on a validation loss (paper appendix A.1: "trained
+    with ReduceLROnPlateau scheduling and early stopping"), as plain state that goes into
+    checkpoints. `step(val_loss)` once per validation:
+      * improvement = val_loss < best * (1 - threshold) (torch's mode 'min', threshold_mode 'rel');
+      * after more than `patience` validations without improvement, lr = max(lr * factor, min_lr)
+        and the count restarts (torch.optim.lr_scheduler.ReduceLROnPlateau, cooldown 0);
+      * once lr has reached min_lr, `stop_patience` more validations without improvement set
+        `stopped`.
+    `lr` is the plateau learning rate; scripts multiply it by `warmup_factor` at every step.
+    Returns True when this validation loss is the best so far (the caller writes best.pt)."""
+
+    def __init__(self, lr, factor=0.5, patience=5, min_lr=1e-6, stop_patience=10, threshold=1e-4):
+        self.lr, self.factor, self.patience, self.min_lr = lr, factor, patience, min_lr
+        self.stop_patience, self.threshold = stop_patience, threshold
+        self.best, self.bad, self.stale_at_min, self.stopped = math.inf, 0, 0, False
+
+    def step(self, val_loss):
+        improved = val_loss < self.best * (1.0 - self.threshold) if math.isfinite(self.best) else True
+        at_min = self.lr <= self.min_lr * (1 + 1e-9)
+        if improved:
+            self.best, self.bad, self.stale_at_min = val_loss, 0, 0
+        else:
+            self.bad += 1
+            self.stale_at_min += at_min
+            if self.bad > self.patience and not at_min:
+                self.lr, self.bad = max(self.lr * self.factor, self.min_lr), 0
+        self.stopped = self.stale_at_min >= self.stop_patience
+        return improved
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("lr", "best", "bad", "stale_at_min", "stopped")}
+
+    def load_state_dict(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def balanced_labels(n, num_classes):
+    """n class labels spread evenly over the classes (counts differ by at most one), sorted, so
+    that a sample grid has one block per class. The paper does not say how many samples per
+    class it drew; every class gets its share (VAR's evaluation: 50 per class)."""
+    if n < 1 or num_classes < 1:
+        raise UserError(f"need at least one sample and one class, got {n} samples, {num_classes} classes")
+    return torch.arange(n) * num_classes // n
+
+
+@torch.no_grad()
+def generate_images(sample_tokens, tokenizer, dump, labels, batch_size, device, progress=True):
+    """Decode class-conditional samples batch by batch: `sample_tokens(labels_B)` returns (B, L)
+    token ids (the script's sampler, drawing from ONE generator for the whole run, so no two
+    batches repeat each other); the frozen tokenizer decodes them. Returns float images in
+    [0, 1] on the CPU, (n, C, H, W), and the (n, L) tokens."""
+    images, tokens = [], []
+    for start in progress_bar(range(0, labels.shape[0], batch_size), desc="sampling", disable=not progress):
+        lab = labels[start:start + batch_size].to(device)
+        idx_BL = sample_tokens(lab)
+        tokens.append(idx_BL.cpu())
+        images.append(tokenizer.decode_indices(dump.maps(idx_BL)).float().clamp(0, 1).cpu())
+    return torch.cat(images), torch.cat(tokens)
+
+
+def as_rgb(images):
+    """Grayscale (N, 1, H, W) -> (N, 3, H, W) by repeating the channel: Inception and LPIPS take
+    RGB. Other images pass unchanged. (Reference datasets give RGB: SplitImageDataset converts.)"""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def sample_grid(images, labels, per_class=8):
+    """One row per class with up to `per_class` of its samples (Figure 9's layout of a sample
+    sheet), as a uint8 (3, rows * H, per_class * W) image; missing cells stay white."""
+    images = as_rgb(images)
+    classes = labels.unique().tolist()
+    _, c, h, w = images.shape
+    grid = torch.full((3, len(classes) * h, per_class * w), 255, dtype=torch.uint8)
+    for row, cls in enumerate(classes):
+        for col, i in enumerate((labels == cls).nonzero().flatten()[:per_class].tolist()):
+            grid[:, row * h:(row + 1) * h, col * w:(col + 1) * w] = to_uint8(images[i])
+    return grid
+
+
+def write_png(path, image_uint8):
+    """Atomically write a uint8 (C, H, W) tensor as a PNG."""
+    from PIL import Image
+    array = image_uint8.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
+
+
+def write_samples(folder, images, labels, grid_path, per_class=8):
+    """Every sample as <folder>/<index>_class<label>.png (what torch-fidelity and people read) and
+    the class-by-row sheet at `grid_path`."""
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        write_png(os.path.join(folder, f"{i:05d}_class{label}.png"), to_uint8(image))
+    write_png(grid_path, sample_grid(images, labels, per_class))
+
+
+def sample_metrics(images, reference, *, reference_split="test", fid=True, prc=False, lpips_model=None,
+                   lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
+    """The paper's generation metrics of one sample set (section 6.1): g-FID against
+    `reference` (the tokenizer's test split; torch-fidelity, as r-FID), optionally precision /
+    recall, mean pairwise pixel distance, and LPIPS diversity over all pairs (`lpips_pairs` caps
+    them, drawn with `seed`). Images float in [0, 1]. Returns (metrics, provenance): the
+    provenance (split, reference set, image range, pixel scale, pairs) goes into the JSON."""
+    metrics = {"num_samples": int(images.shape[0]), "pixel_diversity": pixel_diversity(images, scale=pixel_scale)}
+    provenance = {"eval_split": reference_split, "data_range": 1.0, "pixel_scale": pixel_scale,
+                  "fid_reference": None, "lpips_pairs": None}
+    if fid or prc:
+        metrics.update(fidelity_metrics(as_rgb(images), reference, fid=fid, prc=prc, device=device))
+        if "fid" in metrics:
+            metrics["gfid"] = metrics.pop("fid")
+        provenance["fid_reference"] = f"{reference_split} split, {len(reference)} images"
+    if lpips_model is not None:
+        n_pairs = images.shape[0] * (images.shape[0] - 1) // 2
+        generator = torch.Generator().manual_seed(seed)
+        metrics["lpips_diversity"] = lpips_diversity(as_rgb(images), lpips_model, max_pairs=lpips_pairs,
+                                                     generator=generator)
+        provenance["lpips_pairs"] = min(n_pairs, lpips_pairs or n_pairs)
+    return metrics, provenance
+
+
+def write_generator_result(path, experiment, args, metrics, history, *, tokenizer, provenance, sampling,
+                           checkpoint, notes=None, **extra):
+    """The generator result JSON (convention: /work/notes/generator_json.md, README): common
+    fields of `write_result`, method '<generator>_<deferred|baseline>' from the tokenizer, the
+    tokenizer's identity, the sampling settings, and where the metrics come from."""
+    generator = experiment.replace("generator_", "")
+    method = f"{generator}_{'deferred' if tokenizer['deferred'] else 'baseline'}"
+    return write_result(path, experiment, method, args, metrics, history, tokenizer=tokenizer,
+                        sampling=sampling, checkpoint=os.path.abspath(checkpoint), notes=notes or {},
+                        **provenance, **extra)

@@ -78,11 +78,10 @@ import common
 from common import UserError, print0
 
 EXPERIMENT = "imagenet_tokenizer"
-ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
 QUANTIZER_KEYS = ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay", "simvq", "scales",
                   "num_phi", "phi_ratio")
 # What a checkpoint fixes: --eval-only / --dump-tokens take these from it.
-IDENTITY_KEYS = ARCH_KEYS + QUANTIZER_KEYS + ("deferred", "gan_weight", "scheme")
+IDENTITY_KEYS = common.TOKENIZER_ARCH_KEYS + QUANTIZER_KEYS + ("deferred", "gan_weight", "scheme")
 # Settings that define a run: --resume refuses a checkpoint made under other values.
 DEFINING = IDENTITY_KEYS + ("split_file", "ae_epochs", "ratio", "init_method", "lr", "min_lr",
                             "plateau_patience", "plateau_factor", "batch_size", "lpips_weight",
@@ -239,23 +238,6 @@ def loader(dataset, args, shuffle_sampler=None):
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
-
-
-def build_model(cfg):
-    """The tokenizer from an args namespace or the args dict stored in a checkpoint."""
-    cfg = cfg if isinstance(cfg, dict) else vars(cfg)
-    vq_opts = dict(beta=cfg["beta"], ema_decay=cfg["ema_decay"], simvq=cfg["simvq"], enabled=False)
-    if cfg["quantizer"] == "vq":
-        quantizer = common.VectorQuantizer(cfg["codebook_size"], cfg["token_dim"], **vq_opts)
-    else:
-        quantizer = common.MultiScaleQuantizer(cfg["codebook_size"], cfg["token_dim"], scales=cfg["scales"],
-                                               num_phi=cfg["num_phi"], phi_ratio=cfg["phi_ratio"], **vq_opts)
-    model = common.VQAutoencoder(quantizer, cfg["token_dim"], **{k: tuple(cfg[k]) if isinstance(cfg[k], list)
-                                                                 else cfg[k] for k in ARCH_KEYS})
-    grid = model.encoder.latent_resolution
-    if cfg["quantizer"] == "msvq" and cfg["scales"][-1] != grid:
-        raise UserError(f"the last --scales entry must equal the latent grid {grid}, got {cfg['scales'][-1]}")
-    return model
 
 
 def load_tokenizer_checkpoint(path):
@@ -603,7 +585,7 @@ def train(args, info):
                           validate=validate) as run:
         data = make_datasets(share_split(found.get("new"), args), args)
         common.seed_everything(args.seed)
-        model = build_model(args).to(info.device)
+        model = common.build_tokenizer(args).to(info.device)
         lpips_fn = load_lpips_if_needed(args, info)
         t = make_trainer(args, info, model, lpips_fn, run.checkpoint)
         fit(t, data, args, info, paths)
@@ -700,7 +682,7 @@ def evaluate_checkpoint(args, info):
         split = share_split(None, args)
         for part in ("test", "val"):
             setattr(args, f"{part}_size", split["sizes"][part])
-        model = build_model(args).to(info.device)
+        model = common.build_tokenizer(args).to(info.device)
         model.load_state_dict(ckpt["model"])
         if not model.quantizer.is_enabled:
             raise UserError(f"{ckpt_path} is from the Continuous Phase (quantization off): no tokens to "

@@ -167,10 +167,8 @@ def without_sizes(argv):
     return [a for i, a in enumerate(argv) if i not in drop]
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """3 classes x 10 PNGs of 32x32 with class-dependent colours."""
-    root = tmp_path_factory.mktemp("imagefolder")
+def write_image_folder(root):
+    """3 classes x 10 PNGs of 32x32 with class-dependent colours (also the generator tests' data)."""
     rng = np.random.default_rng(0)
     for c in range(3):
         os.makedirs(root / f"class{c}")
@@ -179,6 +177,11 @@ def image_folder(tmp_path_factory):
             img = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / f"class{c}" / f"{i:02d}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imagefolder"))
 
 
 def run_script(image_folder, out, *extra):
@@ -221,7 +224,7 @@ def test_runs_write_results_with_all_metrics(trained):
         # usage counted over the whole test split: 6 images x (64 tokens, or 1+4+16+64 for msvq)
         per_image = 64 if quantizer == "vq" else 1 + 4 + 16 + 64
         assert ckpt["code_counts"].sum().item() == 6 * per_image
-        model = tok.build_model(ckpt["args"])
+        model = common.build_tokenizer(ckpt["args"])
         model.load_state_dict(ckpt["model"])
         assert torch.allclose(ckpt["codebook"], model.quantizer.codebook.detach())
         assert m["euclidean"] == pytest.approx(common.mean_pairwise_euclidean(ckpt["codebook"]))
@@ -296,7 +299,7 @@ def test_token_dump_round_trip(image_folder, trained, quantizer):
                "--checkpoint", str(ckpt_path))
     dump = torch.load(out / name / "tokens_test.pt", weights_only=False)
     ckpt = torch.load(ckpt_path, weights_only=False)
-    model = tok.build_model(ckpt["args"])
+    model = common.build_tokenizer(ckpt["args"])
     model.load_state_dict(ckpt["model"])
     model.eval()
     split = common.load_split(out.parent / "split.json")

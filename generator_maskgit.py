@@ -1,0 +1,598 @@
+"""MaskGIT (Chang et al. 2022) on the tokens of a frozen tokenizer, with and without Deferred
+Quantization: the generation half of the paper for the single-scale (MaskGIT) tokenizer
+(section 6.1, Tables 4, 13 and 17; sample sheets in the style of Figure 9).
+
+A class-conditional bidirectional transformer learns to fill in masked tokens of the tokenizer's
+token grid; samples start fully masked and are revealed over a few parallel decoding steps, then
+decoded to images by the tokenizer. The paper's claim: tokens with better coverage (Deferred
+Quantization) give more diverse samples (higher pixel distance and LPIPS diversity, lower g-FID).
+
+Inputs: a tokenizer checkpoint of imagenet_tokenizer.py (--quantizer vq) and its token dumps
+`tokens_train.pt` / `tokens_val.pt` (imagenet_tokenizer.py --dump-tokens train|val), which that
+script writes next to the checkpoint. The tokenizer stays frozen; it only decodes samples.
+
+Commands
+    # the tokenizer's token dumps (once per tokenizer)
+    python imagenet_tokenizer.py --dump-tokens train --checkpoint runs/in100/vq_deferred_imagenet100/best.pt ...
+    python imagenet_tokenizer.py --dump-tokens val --checkpoint runs/in100/vq_deferred_imagenet100/best.pt ...
+
+    # CPU smoke run (a 2-layer model, 2 epochs, 20 samples, no pretrained weights needed)
+    python generator_maskgit.py --tokenizer runs/smoke/vq_deferred_imagenet100/best.pt --out runs/smoke_maskgit \
+        --depth 2 --width 64 --heads 4 --mlp-dim 128 --batch-size 8 --warmup-steps 10 --epochs 2 \
+        --sample 20 --steps 4 --skip-fid --skip-lpips --device cpu
+
+    # Fashion-MNIST on a 2-core CPU (the README's real-image chain; 7x7 or 8x8 token grid)
+    python generator_maskgit.py --tokenizer runs/fmnist/vq_deferred_fashion-mnist/best.pt --out runs/fmnist_maskgit \
+        --depth 4 --width 128 --heads 4 --mlp-dim 512 --dropout 0.1 --batch-size 128 --lr 5e-4 \
+        --warmup-steps 200 --epochs 8 --sample 1000 --steps 8 --device cpu
+
+    # one GPU, paper configuration (the official class-conditional MaskGIT: 24 layers, width 768)
+    python generator_maskgit.py --tokenizer runs/in100/vq_deferred_imagenet100/best.pt --out runs/maskgit
+
+    # several GPUs (--batch-size is global: 256 split over the processes)
+    torchrun --nproc_per_node=2 generator_maskgit.py --tokenizer runs/in100/vq_deferred_imagenet100/best.pt \
+        --out runs/maskgit
+
+    # sample again from a trained generator with other settings (a new run name)
+    python generator_maskgit.py --tokenizer runs/in100/vq_deferred_imagenet100/best.pt --out runs/maskgit \
+        --sample-only --checkpoint runs/maskgit/maskgit_vq_deferred_imagenet100/best.pt --cfg-scale 2 \
+        --name maskgit_vq_deferred_imagenet100_cfg2
+
+Runs per table (one run per tokenizer of imagenet_tokenizer.py's table runs; then
+`python evaluate.py tables runs/`):
+    Table 4   tokenizers vq baseline / vq --deferred, ImageNet-100          (2 runs)
+    Table 13  the same with the GAN tokenizers (--gan-weight 0.5)             (2 runs)
+    Table 17  ODIR tokenizers vq, without and with GAN loss, both arms        (4 runs)
+The VAR rows of these tables come from generator_var.py; evaluate.py renders both.
+
+Outputs in --out, <name> = maskgit_<tokenizer run folder> unless --name:
+    <name>/last.pt, <name>/best.pt   generator checkpoints (best = lowest validation loss)
+    <name>/samples/*.png              every sample, <index>_class<label>.png
+    <name>/samples_grid.png           one row per class (material for Figure 9)
+    <name>/samples_tokens.pt          the sampled tokens and labels
+    <name>.json                       metrics (gfid, pixel_diversity, lpips_diversity, val_loss, ...),
+                                      history, the tokenizer's identity, the sampling settings
+                                      (convention: README "Generator results")
+
+What the official code fixes and what we chose (google-research/maskgit, valeoai/Maskgit-pytorch):
+  * Architecture (official class-conditional config): BERT-style post-LayerNorm transformer,
+    24 layers, width 768, 16 heads, MLP 3072, dropout 0.1, LayerNorm eps 1e-12, learned position
+    embeddings, truncated-normal(0.02) init, an MLM head (dense, GELU, LayerNorm) whose output
+    weights are the token embedding (tied) plus a bias. The class token is prepended.
+  * Token ids: codes 0..K-1, [MASK] = K (never a code id; the official -1 wraps to the last
+    embedding row in JAX, which PyTorch does not do), class c = K + 1 + c, the null class for
+    classifier-free guidance K + 1 + num_classes. The head predicts the K codes only (the official
+    sampler slices its logits to the codes).
+  * Training masks (MaskGIT paper section 3.2): r ~ U[0, 1), ceil(cos(pi/2 r) N) tokens chosen
+    uniformly are masked. Loss: cross-entropy with label smoothing 0.1 on the masked positions
+    only (official `compute_loss_for_all=False`); --loss-on-all-tokens is the other official option.
+  * Label dropout 0.1 (the null class) so that classifier-free guidance is possible: OUR choice,
+    the official MaskGIT has no guidance (valeoai's port drops labels with p 0.1). --cfg-scale 0
+    (default) samples from the conditional model alone, as the official sampler does.
+  * Optimisation: AdamW (betas 0.9, 0.96, weight decay 0.045 on matrices and embeddings, not on
+    biases / LayerNorms), lr 1e-4, linear warm-up 5000 steps, batch 256 (official); gradient
+    clipping 1.0 (valeoai); bf16 autocast on CUDA. Paper appendix A.1: ReduceLROnPlateau and early
+    stopping (no values given): we reduce by 0.5 after 5 epochs without validation improvement,
+    down to 1e-6, and stop after 10 more epochs at the minimum; --epochs (300, valeoai) caps it.
+    The validation loss uses fixed masks and no label dropout, so epochs compare.
+  * Decoding (official parallel_decode.py): --steps T (12, the official `decode` default); at step
+    t a token is sampled at every masked position; ratio = (t+1)/T; floor(N cos(pi/2 ratio))
+    positions stay masked (at least one, and at least one fewer than before); the ones kept masked
+    are those with the lowest confidence log p + 4.5 (1 - ratio) Gumbel noise; tokens already
+    revealed are never re-masked or resampled. After the last step nothing is masked (the official
+    code returns that step's sample before its final re-masking). T larger than N is refused.
+  * Classifier-free guidance (not official): logits = c + w (c - u), u with the null class, w =
+    --cfg-scale constant over the steps.
+  * Samples (paper: not stated): --sample 5,000 class-balanced (50 per class on ImageNet-100, as
+    VAR evaluates), drawn from ONE random stream per run (--sample-seed), so no two batches repeat
+    each other. g-FID against the tokenizer's test split (torch-fidelity, as its r-FID); pixel
+    distance and LPIPS diversity over all pairs (common.sample_metrics).
+  * The official config also sets `min_masking_rate = 0.5` without released training code that
+    uses it; we do not use it.
+"""
+import argparse
+import functools
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import UserError, print0
+
+EXPERIMENT = "generator_maskgit"
+LAYERNORM_EPS = 1e-12  # BERT's, as the official transformer
+RANGES = {"depth": ">= 1", "width": ">= 1", "heads": ">= 1", "mlp_dim": ">= 1", "dropout": "[0, 1)",
+          "label_smoothing": "[0, 1)", "label_dropout": "[0, 1)", "lr": "> 0", "min_lr": ">= 0",
+          "weight_decay": ">= 0", "clip": "> 0", "batch_size": ">= 1", "epochs": ">= 0", "warmup_steps": ">= 0",
+          "plateau_factor": "(0, 1)", "plateau_patience": ">= 0", "patience": ">= 1", "steps": ">= 1",
+          "cfg_scale": ">= 0", "choice_temperature": ">= 0", "temperature": "> 0", "sample": ">= 0",
+          "sample_batch_size": ">= 1", "lpips_pairs": ">= 1", "per_class": ">= 1"}
+# Settings that define a training run: --resume refuses a checkpoint made under other values.
+ARCH = ("depth", "width", "heads", "mlp_dim", "dropout")
+DEFINING = ARCH + ("tokenizer", "tokens_dir", "label_smoothing", "loss_on_all_tokens", "label_dropout", "lr",
+                   "min_lr", "weight_decay", "clip", "batch_size", "warmup_steps", "plateau_factor",
+                   "plateau_patience", "patience", "seed")
+
+
+# ------------------------------------------------------------------------------------------------
+# Model: BERT-style bidirectional transformer over [class token, tokens]
+# ------------------------------------------------------------------------------------------------
+
+
+class MaskGITTransformer(nn.Module):
+    """Class-conditional masked-token model. forward(idx_BN, label_B) -> logits (B, N, K) over the
+    K codes at every position; idx_BN holds code ids or `mask_id`; label_B holds class indices,
+    or `num_classes` for the null class of classifier-free guidance."""
+
+    def __init__(self, codebook_size, num_classes, seq_len, depth=24, width=768, heads=16, mlp_dim=3072,
+                 dropout=0.1):
+        super().__init__()
+        self.codebook_size, self.num_classes, self.seq_len = codebook_size, num_classes, seq_len
+        self.mask_id = codebook_size
+        vocab = codebook_size + 1 + num_classes + 1  # codes, [MASK], classes, null class
+        self.tok_emb = nn.Embedding(vocab, width)
+        self.pos_emb = nn.Parameter(torch.zeros(1, seq_len + 1, width))
+        self.emb_norm = nn.LayerNorm(width, eps=LAYERNORM_EPS)
+        self.emb_drop = nn.Dropout(dropout)
+        # post-LN blocks (x = LN(x + attn(x)); x = LN(x + mlp(x))), tanh-GELU as jax.nn.gelu
+        layer = nn.TransformerEncoderLayer(width, heads, mlp_dim, dropout, batch_first=True, norm_first=False,
+                                           layer_norm_eps=LAYERNORM_EPS,
+                                           activation=functools.partial(F.gelu, approximate="tanh"))
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(approximate="tanh"),
+                                  nn.LayerNorm(width, eps=LAYERNORM_EPS))
+        self.head_bias = nn.Parameter(torch.zeros(codebook_size))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Truncated normal (std 0.02, cut at 2 std) for every weight matrix and embedding, zero
+        biases, unit LayerNorms: the official initialisation."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 and "norm" not in name:
+                nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+            elif "norm" not in name:
+                nn.init.zeros_(p)
+
+    def class_token(self, label_B):
+        return self.codebook_size + 1 + label_B
+
+    def forward(self, idx_BN, label_B):
+        x_BN = torch.cat([self.class_token(label_B)[:, None], idx_BN], 1)
+        h = self.emb_drop(self.emb_norm(self.tok_emb(x_BN) + self.pos_emb))
+        h = self.head(self.blocks(h)[:, 1:])
+        return h @ self.tok_emb.weight[:self.codebook_size].t() + self.head_bias
+
+
+def build_generator(cfg, dump):
+    cfg = cfg if isinstance(cfg, dict) else vars(cfg)
+    return MaskGITTransformer(dump.codebook_size, dump.num_classes, dump.seq_len, **{k: cfg[k] for k in ARCH})
+
+
+# ------------------------------------------------------------------------------------------------
+# Training objective: cosine mask schedule, masked-token cross-entropy, label dropout
+# ------------------------------------------------------------------------------------------------
+
+
+def mask_ratio(r):
+    """The cosine schedule gamma(r) = cos(pi/2 r), clipped to [1e-6, 1] (official mask_schedule.py)."""
+    return torch.cos(math.pi / 2 * r).clamp(1e-6, 1.0)
+
+
+def random_mask(batch, seq_len, device=None, generator=None):
+    """(B, N) bool: per image r ~ U[0, 1) and ceil(gamma(r) N) positions, chosen uniformly, masked
+    (MaskGIT section 3.2); always between 1 and N."""
+    r = torch.rand(batch, device=device, generator=generator)
+    count = torch.ceil(mask_ratio(r) * seq_len).clamp(1, seq_len)
+    rank = torch.rand(batch, seq_len, device=device, generator=generator).argsort(1).argsort(1)
+    return rank < count[:, None]
+
+
+def drop_labels(label_B, p, num_classes, generator=None):
+    """Replace each label by the null class `num_classes` with probability p (classifier-free guidance)."""
+    if p <= 0:
+        return label_B
+    drop = torch.rand(label_B.shape, device=label_B.device, generator=generator) < p
+    return label_B.masked_fill(drop, num_classes)
+
+
+def token_loss_sum(logits_BNK, target_BN, masked_BN, label_smoothing=0.1, all_tokens=False):
+    """(sum of the cross-entropy over the scored positions, their number): the masked positions
+    (official) or every position (`all_tokens`). Logits of unscored positions do not matter."""
+    ce = F.cross_entropy(logits_BNK.float().flatten(0, 1), target_BN.flatten(), reduction="none",
+                         label_smoothing=label_smoothing).view_as(target_BN)
+    weight = torch.ones_like(ce) if all_tokens else masked_BN.to(ce.dtype)
+    return (ce * weight).sum(), weight.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# Iterative parallel decoding (official parallel_decode.py) with optional classifier-free guidance
+# ------------------------------------------------------------------------------------------------
+
+
+def masked_after_steps(num_tokens, steps):
+    """How many tokens are still masked after each of the T steps, all starting masked:
+    floor(N cos(pi/2 (t+1)/T)), kept in [1, previous - 1] before the last step (every step reveals
+    at least one token and leaves one for the next), 0 after the last."""
+    if steps > num_tokens:
+        raise UserError(f"--steps {steps} exceeds the {num_tokens} tokens of an image: every step must "
+                        "reveal at least one token")
+    counts, left = [], num_tokens
+    for t in range(steps - 1):
+        left = max(1, min(left - 1, math.floor(num_tokens * math.cos(math.pi / 2 * (t + 1) / steps))))
+        counts.append(left)
+    return counts + [0]
+
+
+def guided_logits(model, idx_BN, label_B, cfg_scale):
+    """Conditional logits c, or c + w (c - u) with u the null-class logits (one doubled batch)."""
+    if cfg_scale == 0:
+        return model(idx_BN, label_B).float()
+    null = torch.full_like(label_B, model.num_classes)
+    cond, uncond = model(torch.cat([idx_BN, idx_BN]), torch.cat([label_B, null])).float().chunk(2)
+    return cond + cfg_scale * (cond - uncond)
+
+
+def gumbel(shape, device, generator):
+    u = torch.rand(shape, device=device, generator=generator).clamp_min(torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(u))
+
+
+@torch.no_grad()
+def sample_tokens(model, label_B, steps, generator, cfg_scale=0.0, choice_temperature=4.5, temperature=1.0,
+                  history=None):
+    """(B, N) code ids for the given classes, by MaskGIT's parallel decoding. `generator` is the
+    run's one random stream (categorical draws and Gumbel noise). `history`, when a list, receives
+    the working sequence after every step (the official decoder returns them all too)."""
+    b, n, mask_id = label_B.shape[0], model.seq_len, model.mask_id
+    device = label_B.device
+    idx = torch.full((b, n), mask_id, dtype=torch.long, device=device)
+    still_masked = masked_after_steps(n, steps)
+    for t in range(steps):
+        masked = idx == mask_id
+        with common.autocast_for(device):
+            logits = guided_logits(model, idx, label_B, cfg_scale)
+        log_p = torch.log_softmax(logits / temperature, -1)
+        drawn = torch.multinomial(log_p.exp().flatten(0, 1), 1, generator=generator).view(b, n)
+        sampled = torch.where(masked, drawn, idx)  # revealed tokens are never resampled
+        if t == steps - 1:
+            idx = sampled
+        else:
+            ratio = (t + 1) / steps
+            confidence = log_p.gather(-1, sampled[..., None])[..., 0] + \
+                choice_temperature * (1 - ratio) * gumbel((b, n), device, generator)
+            confidence = confidence.masked_fill(~masked, math.inf)  # fixed tokens are never re-masked
+            lowest = confidence.topk(still_masked[t], dim=1, largest=False).indices
+            idx = sampled.scatter(1, lowest, mask_id)
+        if history is not None:
+            history.append(idx.clone())
+    return idx
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: tokenizer, token dumps, reference images
+# ------------------------------------------------------------------------------------------------
+
+
+def tokens_dir(args):
+    return args.tokens_dir or os.path.dirname(os.path.abspath(args.tokenizer))
+
+
+def load_inputs(args):
+    """Tokenizer args, training and validation dumps; every problem a one-line UserError."""
+    tokenizer_ckpt = common.load_checkpoint(args.tokenizer)
+    cfg = tokenizer_ckpt.get("args") if isinstance(tokenizer_ckpt, dict) else None
+    if not isinstance(cfg, dict) or "quantizer" not in cfg:
+        raise UserError(f"{args.tokenizer} is not a tokenizer checkpoint of imagenet_tokenizer.py")
+    if cfg["quantizer"] != "vq":
+        raise UserError(f"{args.tokenizer} is a multi-scale ({cfg['quantizer']}) tokenizer: MaskGIT needs a "
+                        "single-scale one (--quantizer vq); use generator_var.py for msvq")
+    dumps = [common.load_token_dump(os.path.join(tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
+    common.check_dumps_match(dumps, cfg, args.tokenizer)
+    for d in dumps:
+        made_from = d.record.get("checkpoint")
+        if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
+            raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
+    masked_after_steps(dumps[0].seq_len, args.steps)  # --steps > N fails now, not after training
+    return cfg, dumps[0], dumps[1]
+
+
+def check_weights(args):
+    if args.sample and not args.skip_fid:
+        common.inception_weights_path()
+    if args.sample and not args.skip_lpips:
+        common.load_lpips("alex")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model, args):
+    """AdamW; weight decay on weight matrices and embeddings only (not biases or LayerNorms)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.96))
+
+
+@torch.no_grad()
+def validation_loss(model, dump, args, info):
+    """Mean masked-token loss over the whole validation dump, label dropout OFF and dropout off;
+    the masks come from a generator seeded by --seed, the same every epoch, so epochs compare."""
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    masks = random_mask(len(dump), dump.seq_len, generator=gen)
+    sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+    for idx in common.epoch_batches(len(dump), args.batch_size, args.seed, 0, info.rank, info.world_size,
+                                    shuffle=False):
+        if idx.numel() == 0:
+            continue
+        tokens, labels, masked = dump.tokens_NL[idx].to(info.device), dump.labels[idx].to(info.device), \
+            masks[idx].to(info.device)
+        with common.autocast_for(info.device):
+            logits = model(tokens.masked_fill(masked, model.mask_id), labels)
+        loss_sum, count = token_loss_sum(logits, tokens, masked, args.label_smoothing, args.loss_on_all_tokens)
+        sums += torch.stack([loss_sum.double(), count.double()])
+    common.all_reduce_sum(sums)
+    model.train()
+    return (sums[0] / sums[1]).item()
+
+
+def train_epoch(model, ddp_model, opt, sched, dump, args, info, state):
+    """One epoch; returns (mean training loss, images per second over all ranks, seconds)."""
+    epoch = state["epoch"]
+    torch.manual_seed(common.epoch_seed(args.seed, epoch, 1 + info.rank))  # masks, label drops, dropout
+    batches = common.epoch_batches(len(dump), args.batch_size, args.seed, epoch, info.rank, info.world_size)
+    if not batches:
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(dump)} training images")
+    model.train()
+    sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+    start = time.time()
+    for idx in common.progress_bar(batches, desc=f"epoch {epoch}", leave=False):
+        common.set_lr(opt, sched.lr * common.warmup_factor(state["step"], args.warmup_steps))
+        tokens, labels = dump.tokens_NL[idx].to(info.device), dump.labels[idx].to(info.device)
+        masked = random_mask(tokens.shape[0], tokens.shape[1], device=info.device)
+        with common.autocast_for(info.device):
+            logits = ddp_model(tokens.masked_fill(masked, model.mask_id),
+                               drop_labels(labels, args.label_dropout, model.num_classes))
+        loss_sum, count = token_loss_sum(logits, tokens, masked, args.label_smoothing, args.loss_on_all_tokens)
+        loss = loss_sum / count
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        state["step"] += 1
+        sums += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=info.device)])
+    common.all_reduce_sum(sums)
+    common.check_finite(sums[0], f"epoch {epoch}")
+    seconds = time.time() - start
+    return (sums[0] / sums[1]).item(), len(batches) * args.batch_size / seconds, seconds
+
+
+def train(args, info, dumps, run, paths):
+    """Train to early stopping or --epochs; rank 0 writes best.pt before last.pt every epoch."""
+    train_dump, val_dump = dumps
+    common.seed_everything(args.seed)  # identical initial weights on every rank
+    model = build_generator(args, train_dump).to(info.device)
+    opt = build_optimizer(model, args)
+    sched = common.PlateauSchedule(args.lr, args.plateau_factor, args.plateau_patience, args.min_lr, args.patience)
+    state = {"epoch": 0, "step": 0, "history": []}
+    if run.checkpoint is not None:
+        model.load_state_dict(run.checkpoint["model"])
+        opt.load_state_dict(run.checkpoint["optimizer"])
+        sched.load_state_dict(run.checkpoint["schedule"])
+        state = run.checkpoint["state"]
+        print0(f"resumed from {paths['last']} after epoch {state['epoch']}")
+    ddp_model = common.wrap_ddp(model, info)
+    print0(f"MaskGIT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {len(train_dump)} "
+           f"training images of {train_dump.seq_len} tokens, {train_dump.codebook_size} codes, "
+           f"{train_dump.num_classes} classes")
+    while not sched.stopped and state["epoch"] < args.epochs:
+        train_loss, speed, seconds = train_epoch(model, ddp_model, opt, sched, train_dump, args, info, state)
+        val_loss = validation_loss(model, val_dump, args, info)
+        record = {"epoch": state["epoch"], "lr": sched.lr, "train_loss": train_loss, "val_loss": val_loss,
+                  "images_per_second": speed, "seconds": seconds}
+        improved = sched.step(val_loss)
+        state["history"].append(record)
+        state["epoch"] += 1
+        print0(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if info.is_main:
+            common.save_checkpoints(paths["last"], paths["best"] if improved else None, model=model.state_dict(),
+                                    optimizer=opt.state_dict(), schedule=sched.state_dict(), state=state,
+                                    args=vars(args), val_loss=val_loss, epoch=state["epoch"])
+        if common.is_distributed():
+            torch.distributed.barrier()
+    if sched.stopped:
+        print0(f"early stop after epoch {state['epoch'] - 1}: no validation improvement at the minimum lr")
+    return state["history"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Samples and metrics (rank 0)
+# ------------------------------------------------------------------------------------------------
+
+
+def sample_and_report(args, info, tokenizer_cfg, dump, ckpt_path, history, paths):
+    """Class-balanced samples from the checkpoint at ckpt_path, PNGs, metrics, the result JSON."""
+    ckpt = common.load_checkpoint(ckpt_path)
+    model = build_generator(ckpt["args"], dump).to(info.device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    tokenizer, _ = common.load_tokenizer(args.tokenizer, info.device)
+    metrics = {"val_loss": ckpt.get("val_loss")}
+    sampling, notes, provenance, extra = None, {}, {"eval_split": None, "fid_reference": None,
+                                                    "data_range": 1.0}, {}
+    if args.sample:
+        labels = common.balanced_labels(args.sample, dump.num_classes)
+        generator = torch.Generator(info.device).manual_seed(args.sample_seed)  # ONE stream for all batches
+        sampler = functools.partial(sample_tokens, model, steps=args.steps, generator=generator,
+                                    cfg_scale=args.cfg_scale, choice_temperature=args.choice_temperature,
+                                    temperature=args.temperature)
+        start = time.time()
+        images, tokens = common.generate_images(sampler, tokenizer, dump, labels, args.sample_batch_size,
+                                                info.device)
+        sample_seconds = time.time() - start
+        common.write_samples(paths["samples"], images, labels, paths["grid"], args.per_class)
+        common.atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
+        counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
+        metrics.update(token_perplexity=common.perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
+        reference = None if args.skip_fid else common.tokenizer_test_split(tokenizer_cfg, args.data_dir)
+        lpips_model = None if args.skip_lpips else common.load_lpips("alex", info.device)
+        found, provenance = common.sample_metrics(images, reference, fid=not args.skip_fid, prc=args.prc,
+                                                  lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
+                                                  seed=args.sample_seed, device=info.device)
+        metrics.update(found)
+        sampling = {"num_samples": args.sample, "labels": "class-balanced", "seed": args.sample_seed,
+                    "batch_size": args.sample_batch_size, "steps": args.steps, "cfg_scale": args.cfg_scale,
+                    "choice_temperature": args.choice_temperature, "temperature": args.temperature,
+                    "seconds": sample_seconds}
+        folder = os.path.dirname(os.path.abspath(paths["json"]))
+        extra = {"samples": os.path.relpath(paths["samples"], folder), "grid": os.path.relpath(paths["grid"], folder)}
+    else:
+        notes["samples"] = "no samples: --sample 0"
+    if args.sample and args.skip_fid:
+        notes["gfid"] = "not computed: --skip-fid"
+    if args.sample and args.skip_lpips:
+        notes["lpips_diversity"] = "not computed: --skip-lpips"
+    common.write_generator_result(paths["json"], EXPERIMENT, args, metrics, history,
+                                  tokenizer=common.tokenizer_identity(tokenizer_cfg, args.tokenizer),
+                                  provenance=provenance, sampling=sampling, checkpoint=ckpt_path, notes=notes,
+                                  **extra)
+    print0({k: v for k, v in metrics.items()})
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def run_name(args):
+    if args.name:
+        return args.name
+    return "maskgit_" + os.path.basename(os.path.dirname(os.path.abspath(args.tokenizer)))
+
+
+def output_paths(args, name):
+    run_dir = os.path.join(args.out, name)
+    return {"last": os.path.join(run_dir, "last.pt"), "best": os.path.join(run_dir, "best.pt"),
+            "samples": os.path.join(run_dir, "samples"), "grid": os.path.join(run_dir, "samples_grid.png"),
+            "tokens": os.path.join(run_dir, "samples_tokens.pt"), "json": os.path.join(args.out, f"{name}.json")}
+
+
+def validate(args):
+    if args.width % args.heads:
+        raise UserError(f"--width {args.width} must be divisible by --heads {args.heads}")
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+    if args.sample_only and not args.checkpoint:
+        raise UserError("--sample-only needs --checkpoint (a generator checkpoint to sample from)")
+    if args.sample_only and args.resume:
+        raise UserError("--sample-only writes a new run; it has nothing to --resume")
+    if args.sample == 1 and not (args.skip_lpips and args.skip_fid):
+        raise UserError("diversity and FID need at least 2 samples; use --sample >= 2")
+
+
+def adopt_checkpoint_settings(args, saved):
+    """--sample-only: the architecture and training settings come from the generator checkpoint
+    (so the JSON describes the model that was sampled), which must belong to --tokenizer."""
+    cfg = saved.get("args") if isinstance(saved, dict) else None
+    if not isinstance(cfg, dict) or "model" not in saved or any(k not in cfg for k in DEFINING):
+        raise UserError(f"{args.checkpoint} is not a generator_maskgit.py checkpoint")
+    if os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
+        raise UserError(f"{args.checkpoint} was trained on the tokens of {cfg['tokenizer']}, not {args.tokenizer}")
+    for k in DEFINING:
+        if k not in ("tokenizer", "tokens_dir"):
+            setattr(args, k, cfg[k])
+    return saved.get("state", {}).get("history", [])
+
+
+def main(args):
+    info = common.setup_distributed(args.device, args.dist_timeout)
+    # absolute paths: checkpoints compare them on --resume, results record them
+    args.tokenizer = os.path.abspath(args.tokenizer)
+    args.tokens_dir = args.tokens_dir and os.path.abspath(args.tokens_dir)
+    name = run_name(args)
+    paths = output_paths(args, name)
+    outputs = [paths[k] for k in ("json", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
+    checks = [lambda: load_inputs(args), lambda: check_weights(args)]
+    if args.sample_only:
+        checks.append(lambda: adopt_checkpoint_settings(argparse.Namespace(**vars(args)),
+                                                        common.load_checkpoint(args.checkpoint)))
+    with common.start_run(args, name=name, outputs=outputs, ranges=RANGES, defining=DEFINING,
+                          resume_from=paths["last"], checks=checks, validate=validate) as run:
+        tokenizer_cfg, train_dump, val_dump = load_inputs(args)
+        if args.sample_only:
+            ckpt_path = args.checkpoint
+            history = adopt_checkpoint_settings(args, common.load_checkpoint(ckpt_path))
+        else:
+            history = train(args, info, (train_dump, val_dump), run, paths)
+            ckpt_path = paths["best"]
+            if not os.path.exists(ckpt_path):
+                raise UserError("training ended before its first epoch; raise --epochs")
+        common.cleanup_distributed()  # sampling and metrics run on rank 0 alone
+        if info.is_main:
+            return sample_and_report(args, info, tokenizer_cfg, train_dump, ckpt_path, history, paths)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (imagenet_tokenizer.py, --quantizer vq)")
+    g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
+    g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
+
+    g = p.add_argument_group("model (official class-conditional MaskGIT)")
+    g.add_argument("--depth", type=int, default=24)
+    g.add_argument("--width", type=int, default=768)
+    g.add_argument("--heads", type=int, default=16)
+    g.add_argument("--mlp-dim", type=int, default=3072)
+    g.add_argument("--dropout", type=float, default=0.1)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch (all processes together)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=1e-6, help="ReduceLROnPlateau floor")
+    g.add_argument("--weight-decay", type=float, default=0.045)
+    g.add_argument("--warmup-steps", type=int, default=5000)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--loss-on-all-tokens", action="store_true",
+                   help="cross-entropy on every position (official option; default: masked positions only)")
+    g.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (for --cfg-scale)")
+    g.add_argument("--epochs", type=int, default=300, help="cap; early stopping usually ends sooner")
+    g.add_argument("--plateau-factor", type=float, default=0.5)
+    g.add_argument("--plateau-patience", type=int, default=5, help="epochs without improvement before lr drops")
+    g.add_argument("--patience", type=int, default=10, help="early stopping: epochs at --min-lr without improvement")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("sampling and metrics")
+    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
+    g.add_argument("--sample-batch-size", type=int, default=100)
+    g.add_argument("--steps", type=int, default=12, help="decoding steps T")
+    g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance w (0: conditional only)")
+    g.add_argument("--choice-temperature", type=float, default=4.5, help="Gumbel noise scale of the confidence")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the token draws")
+    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
+    g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
+    g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
+    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
+    g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
+    g.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
+    g.add_argument("--checkpoint", help="generator checkpoint for --sample-only")
+    g.add_argument("--name", help="run name (default maskgit_<tokenizer run folder>)")
+    common.add_run_arguments(p, out_default="runs/generator_maskgit")
+    return p
+
+
+if __name__ == "__main__":
+    common.run_cli(main, build_parser())

@@ -1,0 +1,213 @@
+"""common.py section 7, what the generator scripts share: frozen tokenizer and token-dump loading
+with their one-line errors, epoch batches across ranks, warm-up and plateau schedule, class-balanced
+labels, sample files and grids, and the sample metrics' provenance."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from common import UserError
+from generator_fixture import write_token_dump
+
+
+# ---- frozen tokenizer ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quantizer", ["vq", "msvq"])
+def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_runs, quantizer):
+    run = tokenizer_runs[quantizer]
+    model, cfg = common.load_tokenizer(run.checkpoint)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert cfg["quantizer"] == quantizer and model.quantizer.is_enabled
+    dump = common.load_token_dump(run.tokens["val"])
+    val = common.SplitImageDataset(run.data_dir, common.load_split(run.split_file), "val", 32)
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        recon, _, _ = model(x)
+        decoded = model.decode_indices(dump.maps(dump.tokens_NL))
+    assert torch.allclose(decoded, recon, atol=1e-4)
+    assert torch.equal(dump.labels, torch.tensor([val[i][1] for i in range(len(val))]))
+    test = common.tokenizer_test_split(cfg)  # the g-FID reference: the tokenizer's own test split
+    assert len(test) == 6 and test.items == common.load_split(run.split_file)["test"]
+    ident = common.tokenizer_identity(cfg, run.checkpoint)
+    assert ident["deferred"] is False and ident["gan"] is False and ident["quantizer"] == quantizer
+    assert ident["codebook_size"] == 16 and ident["checkpoint"] == os.path.abspath(run.checkpoint)
+
+
+def test_tokenizer_errors_are_one_line(tokenizer_runs, tmp_path):
+    with pytest.raises(UserError, match="no such checkpoint"):
+        common.load_tokenizer(tmp_path / "absent.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not a tokenizer checkpoint"):
+        common.load_tokenizer(tmp_path / "foreign.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        common.load_tokenizer(tmp_path / "text.pt")
+    ckpt = torch.load(tokenizer_runs["vq"].checkpoint, weights_only=False)
+    ckpt["model"]["quantizer.enabled"] = torch.tensor(False)
+    torch.save(ckpt, tmp_path / "continuous.pt")
+    with pytest.raises(UserError, match="Continuous Phase"):
+        common.load_tokenizer(tmp_path / "continuous.pt")
+    ckpt = torch.load(tokenizer_runs["vq"].checkpoint, weights_only=False)
+    ckpt["args"]["codebook_size"] = 32
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    with pytest.raises(UserError, match="do not fit"):
+        common.load_tokenizer(tmp_path / "mismatch.pt")
+
+
+# ---- token dumps --------------------------------------------------------------------------------
+
+def test_token_dumps_of_both_quantizers(tokenizer_runs):
+    vq = common.load_token_dump(tokenizer_runs["vq"].tokens["train"])
+    raw = torch.load(tokenizer_runs["vq"].tokens["train"], weights_only=False)
+    assert raw["tokens"].dtype == torch.int16 and vq.tokens_NL.dtype == torch.int64
+    assert vq.tokens_NL.shape == (18, 64) and vq.scales == (8,) and vq.num_classes == 3 and len(vq) == 18
+    assert torch.equal(vq.maps(vq.tokens_NL), raw["tokens"].long())
+    ms = common.load_token_dump(tokenizer_runs["msvq"].tokens["val"])
+    assert ms.scales == (1, 2, 4, 8) and ms.tokens_NL.shape == (6, 1 + 4 + 16 + 64)
+    raw = torch.load(tokenizer_runs["msvq"].tokens["val"], weights_only=False)
+    assert all(torch.equal(a, b.long()) for a, b in zip(ms.maps(ms.tokens_NL), raw["tokens"]))
+    # VAR's idx_BL layout: scale 1 first, then 2x2 in raster order, ...
+    assert torch.equal(ms.tokens_NL[:, 1:5], raw["tokens"][1].reshape(6, 4).long())
+    tokens, label = ms[2]
+    assert torch.equal(tokens, ms.tokens_NL[2]) and label == ms.labels[2]
+
+
+def test_token_dump_errors_are_one_line(tmp_path, tokenizer_runs):
+    good = torch.randint(0, 8, (5, 4, 4))
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(UserError, match="token dump not found.*--dump-tokens"):
+        common.load_token_dump(tmp_path / "absent.pt")
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not a token dump"):
+        common.load_token_dump(tmp_path / "foreign.pt")
+    cases = [
+        (dict(tokens=good.clone().index_fill_(0, torch.tensor([1]), 8)), r"ids must lie in \[0, 8\), found 0..8"),
+        (dict(labels=torch.tensor([0, 1, 2, 0, 3]), num_classes=3), r"labels must lie in \[0, 3\)"),
+        (dict(labels=torch.tensor([0, 1, 2])), "one label per image"),
+        (dict(tokens=torch.randint(0, 8, (5, 4, 3))), "one label per image"),
+        (dict(tokens=[torch.randint(0, 8, (5, s, s)) for s in (1, 2)], quantizer="msvq", scales=[1, 3]),
+         "scales"),
+    ]
+    for i, (change, pattern) in enumerate(cases):
+        kw = dict(tokens=good, labels=labels, codebook_size=8)
+        kw.update(change)
+        path = write_token_dump(tmp_path / f"bad{i}.pt", **kw)
+        with pytest.raises(UserError, match=pattern):
+            common.load_token_dump(path)
+    ok = common.load_token_dump(write_token_dump(tmp_path / "ok.pt", good, labels, 8, num_classes=4))
+    assert ok.num_classes == 4  # recorded count wins over the labels seen
+    other = common.load_token_dump(write_token_dump(tmp_path / "k9.pt", good, labels, 9, num_classes=4))
+    with pytest.raises(UserError, match="different tokenizers"):
+        common.check_dumps_match([ok, other], {"quantizer": "vq", "codebook_size": 8}, "tok.pt")
+    with pytest.raises(UserError, match="msvq tokenizer with 16 codes"):
+        common.check_dumps_match([ok], {"quantizer": "msvq", "codebook_size": 16}, "tok.pt")
+
+
+# ---- batches, schedules, labels -----------------------------------------------------------------
+
+def test_epoch_batches_split_each_global_batch_over_ranks():
+    one = common.epoch_batches(23, 6, seed=1, epoch=3)
+    two = [common.epoch_batches(23, 6, seed=1, epoch=3, rank=r, world_size=2) for r in range(2)]
+    assert len(one) == 3 and all(b.numel() == 6 for b in one)  # 23 // 6, incomplete batch dropped
+    for b, b0, b1 in zip(one, *two):
+        assert torch.equal(b, torch.cat([b0, b1]))
+    assert not torch.equal(one[0], common.epoch_batches(23, 6, seed=1, epoch=4)[0])  # reshuffled per epoch
+    evaluation = [common.epoch_batches(23, 6, 1, 0, r, 2, shuffle=False) for r in range(2)]
+    assert sorted(torch.cat([torch.cat(e) for e in evaluation]).tolist()) == list(range(23))
+    with pytest.raises(UserError, match="divisible"):
+        common.epoch_batches(23, 5, 0, 0, 0, 2)
+
+
+def test_plateau_schedule_follows_torch_and_stops_early():
+    losses = [1, .9, .95, .96, .97, .99, .89, .9, .91, .92, .93, .94, .95, .96, .97, .98, .99, 1, 1, 1]
+    ours = common.PlateauSchedule(1.0, factor=0.5, patience=2, min_lr=0.1, stop_patience=3)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2, min_lr=0.1)
+    best, stopped_at = [], None
+    for i, loss in enumerate(losses):
+        best.append(ours.step(loss))
+        ref.step(loss)
+        assert ours.lr == pytest.approx(opt.param_groups[0]["lr"]), i
+        if ours.stopped and stopped_at is None:
+            stopped_at = i
+    assert [i for i, b in enumerate(best) if b] == [0, 1, 6]
+    # lr reaches 0.1 at validation 15; 3 more validations without improvement at the minimum
+    assert stopped_at == 18
+    again = common.PlateauSchedule(1.0)
+    again.load_state_dict(ours.state_dict())
+    assert again.state_dict() == ours.state_dict()
+    assert [common.warmup_factor(s, 4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
+    assert common.warmup_factor(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("n, classes", [(10, 10), (23, 10), (7, 3), (5, 8)])
+def test_balanced_labels(n, classes):
+    labels = common.balanced_labels(n, classes)
+    counts = torch.bincount(labels, minlength=classes)
+    assert labels.shape == (n,) and counts.max() - counts.min() <= 1 and counts.sum() == n
+    assert torch.equal(labels, labels.sort().values)
+    with pytest.raises(UserError):
+        common.balanced_labels(0, 3)
+
+
+# ---- samples on disk and their metrics ----------------------------------------------------------
+
+def test_sample_files_and_class_rows_grid(tmp_path):
+    labels = torch.tensor([0, 0, 0, 2, 2])
+    images = torch.stack([torch.full((1, 4, 4), v) for v in (0.0, 0.25, 0.5, 0.75, 1.0)])  # grayscale
+    common.write_samples(tmp_path / "s", images, labels, tmp_path / "grid.png", per_class=2)
+    files = sorted(os.listdir(tmp_path / "s"))
+    assert files == ["00000_class0.png", "00001_class0.png", "00002_class0.png", "00003_class2.png",
+                     "00004_class2.png"]
+    assert np.asarray(Image.open(tmp_path / "s" / files[3])).max() == round(0.75 * 255)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * 4, 2 * 4, 3)  # 2 classes present -> 2 rows; 2 columns
+    assert grid[0, 0, 0] == 0 and grid[0, 4, 0] == round(0.25 * 255)  # class 0: first two samples
+    assert grid[4, 0, 0] == round(0.75 * 255) and grid[4, 4, 0] == 255
+
+
+def test_sample_metrics_record_their_provenance(monkeypatch):
+    seen = {}
+
+    def fake_fidelity(generated, reference, fid=True, prc=False, device=None):
+        seen["shapes"] = (tuple(generated.shape), len(reference))
+        return dict({"fid": 12.5} if fid else {}, **({"precision": 0.5, "recall": 0.25} if prc else {}))
+
+    def fake_lpips(images, model, max_pairs=None, generator=None):
+        seen["lpips"] = (images.shape[1], max_pairs)
+        return 0.5
+
+    monkeypatch.setattr(common, "fidelity_metrics", fake_fidelity)
+    monkeypatch.setattr(common, "lpips_diversity", fake_lpips)
+    images = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    reference = [(torch.rand(3, 6, 6), 0) for _ in range(7)]
+    metrics, prov = common.sample_metrics(images, reference, prc=True, lpips_model=object(), lpips_pairs=4)
+    assert metrics == {"num_samples": 5, "pixel_diversity": pytest.approx(common.pixel_diversity(images)),
+                       "gfid": 12.5, "precision": 0.5, "recall": 0.25, "lpips_diversity": 0.5}
+    assert seen["shapes"] == ((5, 3, 6, 6), 7) and seen["lpips"] == (3, 4)  # grayscale -> RGB
+    assert prov == {"eval_split": "test", "data_range": 1.0, "pixel_scale": 1.0,
+                    "fid_reference": "test split, 7 images", "lpips_pairs": 4}
+    metrics, prov = common.sample_metrics(images, reference, fid=False)
+    assert set(metrics) == {"num_samples", "pixel_diversity"} and prov["fid_reference"] is None
+
+
+def test_generate_images_decodes_each_batch(tokenizer_runs):
+    model, _ = common.load_tokenizer(tokenizer_runs["msvq"].checkpoint)
+    dump = common.load_token_dump(tokenizer_runs["msvq"].tokens["val"])
+    calls = []
+
+    def sampler(labels_B):  # returns the dump's own tokens for the requested rows
+        calls.append(labels_B.tolist())
+        start = sum(len(c) for c in calls[:-1])
+        return dump.tokens_NL[start:start + labels_B.shape[0]]
+
+    images, tokens = common.generate_images(sampler, model, dump, dump.labels, batch_size=4,
+                                            device="cpu", progress=False)
+    assert calls == [dump.labels[:4].tolist(), dump.labels[4:].tolist()]
+    assert torch.equal(tokens, dump.tokens_NL)
+    with torch.no_grad():
+        expected = model.decode_indices(dump.maps(dump.tokens_NL)).clamp(0, 1)
+    assert images.shape == (6, 3, 32, 32) and torch.allclose(images, expected, atol=1e-6)
