@@ -1905,6 +1905,96 @@ class SplitImageDataset(torch.utils.data.Dataset):
         return x, label
 
 
+# ---- Fashion-MNIST (Xiao et al. 2017): 70,000 real 28x28 grayscale images, readable offline ------
+# Offline: `apt-get install dataset-fashion-mnist` puts the four idx .gz files in FASHION_MNIST_APT_DIR.
+# Online: torchvision's FashionMNIST(download=True) fetches the same files into <dir>/FashionMNIST/raw.
+# We parse idx ourselves (it is a 2-line format) so that a missing, truncated or foreign file is a
+# one-line error naming the file instead of a torchvision traceback.
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_APT_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_SIZE = 28
+# idx header: two zero bytes, a type byte (0x08 = uint8), the number of dimensions, then one
+# big-endian uint32 per dimension; the magic number is the first four bytes read as one uint32.
+IDX_MAGIC = {"labels": 0x0801, "images": 0x0803}  # 2049 (1-d uint8), 2051 (3-d uint8)
+
+
+def read_idx(path, kind):
+    """The uint8 array held by one idx file (`kind` 'images' -> (N, rows, cols), 'labels' -> (N,)),
+    plain or gzip-compressed (by the .gz suffix). A file that cannot be read, does not decompress,
+    has the wrong magic number or a size that disagrees with its header is a one-line UserError
+    naming the file."""
+    import gzip
+    import zlib
+
+    try:
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        raise UserError(f"cannot read {path}: {reason}") from None
+    magic = IDX_MAGIC[kind]
+    ndim = magic & 0xFF
+    header = 4 * (1 + ndim)
+    if len(data) < header:
+        raise UserError(f"{path} is truncated: {len(data)} bytes, shorter than an idx {kind} header ({header})")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise UserError(f"{path} is not an idx {kind} file (magic number {found}, expected {magic})")
+    shape = tuple(int.from_bytes(data[4 * (k + 1):4 * (k + 2)], "big") for k in range(ndim))
+    if len(data) != header + math.prod(shape):
+        raise UserError(f"{path} holds {len(data) - header} bytes of data, its header says {math.prod(shape)} "
+                        f"(shape {shape}): truncated or corrupt")
+    return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header).reshape(shape)
+
+
+def fashion_mnist_files(data_dir, train):
+    """(images, labels) paths of one Fashion-MNIST split in `data_dir`: torchvision's layout
+    (<dir>/FashionMNIST/raw/) or a folder that holds the idx files itself (the Debian package's).
+    Each file may be plain or .gz (torchvision keeps both; the plain one is read then)."""
+    prefix = "train" if train else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data folder not found: {data_dir}")
+    folders = (os.path.join(data_dir, "FashionMNIST", "raw"), data_dir)
+    for folder in folders:
+        found = [next((p for p in (os.path.join(folder, s), os.path.join(folder, s + ".gz")) if os.path.isfile(p)), None)
+                 for s in stems]
+        if any(found):
+            break
+    missing = [s for s, p in zip(stems, found) if p is None]
+    if missing:
+        raise UserError(f"Fashion-MNIST file {missing[0]}[.gz] not found in {folder} (expected there or in "
+                        f"{folders[0]}; offline: apt-get install dataset-fashion-mnist puts the files in "
+                        f"{FASHION_MNIST_APT_DIR}; online: --download)")
+    return tuple(found)
+
+
+def load_fashion_mnist(data_dir, train=True, download=False):
+    """One Fashion-MNIST split as (images uint8 (N, 28, 28), labels int64 (N,)): the 60,000
+    training or the 10,000 test images. `download` fetches missing files through torchvision into
+    <data_dir>/FashionMNIST/raw first (needs internet). Labels index FASHION_MNIST_CLASSES."""
+    if download:
+        import torchvision
+
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"Fashion-MNIST download into {data_dir} failed: {str(err).splitlines()[0]}") from None
+    image_path, label_path = fashion_mnist_files(data_dir, train)
+    images, labels = read_idx(image_path, "images"), read_idx(label_path, "labels")
+    if images.shape[1:] != (FASHION_MNIST_SIZE, FASHION_MNIST_SIZE):
+        raise UserError(f"{image_path}: images of {images.shape[1]}x{images.shape[2]}, Fashion-MNIST's are "
+                        f"{FASHION_MNIST_SIZE}x{FASHION_MNIST_SIZE}")
+    if len(labels) != len(images):
+        raise UserError(f"{label_path} holds {len(labels)} labels for the {len(images)} images of {image_path}")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise UserError(f"{label_path}: label {labels.max()} outside the {len(FASHION_MNIST_CLASSES)} classes")
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
 # ================================================================================================
 # 7. Generators: what the generator scripts share (generator_maskgit.py, generator_var.py,
 #    llamagen_deferred.py)
