@@ -687,8 +687,16 @@ class VectorQuantizer(nn.Module):
                          (1 + a*s) * c + a*b with learnable per-dimension s, b and a = affine_lr.
       sync_nu            > 0: synchronized update of Huh et al. (2023): the task-loss gradient also
                          reaches the codebook, scaled by nu.
-      simvq              True: SimVQ (Zhu et al. 2025): a frozen random codebook C seen through a
-                         learned linear map, codes = C W^T.
+      simvq              True: SimVQ (Zhu et al. 2025) as its official code builds it (youngsheen/
+                         SimVQ, taming/modules/vqvae/quantize.py): a frozen codebook C drawn
+                         N(0, 1/dim) seen through a learned linear layer with bias, codes = C W^T + b,
+                         W and b with nn.Linear's default init (`init` applies to plain codebooks).
+                         A data-driven init (`init_from_embeddings`: the deferred arm's switch) sets C
+                         to the chosen embeddings and resets the layer to the identity (W = I, b = 0),
+                         so the effective codes are exactly those embeddings, as without SimVQ, and
+                         the layer learns from there. (Solving C = (codes - b) W^-T through the random
+                         layer would give the same codes but a frozen C whose scale depends on W's
+                         conditioning.) Dead-code replacement writes through the current layer.
 
     Under torch.distributed, EMA statistics and usage are all-reduced and every codebook write
     (init, replacement) is computed on rank 0 and broadcast, so all ranks hold the same codebook.
@@ -712,7 +720,7 @@ class VectorQuantizer(nn.Module):
         self.ema_decay, self.eps = ema_decay, eps
         self.dead_code_steps, self.affine_lr, self.sync_nu = dead_code_steps, affine_lr, sync_nu
 
-        weight = self._initial_codes(init, init_std)
+        weight = self._simvq_codes() if simvq else self._initial_codes(init, init_std)
         if ema_decay is None:
             self.embed = nn.Parameter(weight, requires_grad=not simvq)
         else:
@@ -722,9 +730,7 @@ class VectorQuantizer(nn.Module):
         if affine_lr > 0:
             self.affine_scale = nn.Parameter(torch.zeros(dim))
             self.affine_bias = nn.Parameter(torch.zeros(dim))
-        self.simvq_map = nn.Linear(dim, dim, bias=False) if simvq else None
-        if simvq:
-            nn.init.eye_(self.simvq_map.weight)
+        self.simvq_map = nn.Linear(dim, dim) if simvq else None  # torch's default init, as SimVQ's code
         self.register_buffer("enabled", torch.tensor(bool(enabled)))
         self.register_buffer("steps_unused", torch.zeros(num_codes, dtype=torch.long))
 
@@ -736,6 +742,10 @@ class VectorQuantizer(nn.Module):
                 raise UserError(f"init_std must be > 0, got {init_std}")
             return torch.randn(self.num_codes, self.dim) * init_std
         raise UserError(f"unknown codebook init '{init}' (use uniform, gaussian, or init_from_embeddings)")
+
+    def _simvq_codes(self):
+        """SimVQ's frozen codebook: N(0, 1/dim) entries (its nn.init.normal_(std=dim ** -0.5))."""
+        return torch.randn(self.num_codes, self.dim) * self.dim ** -0.5
 
     # ---- the codebook as users see it ---------------------------------------------------------
     @property
@@ -853,8 +863,9 @@ class VectorQuantizer(nn.Module):
         if self.affine_lr > 0:
             scale = 1.0 + self.affine_lr * self.affine_scale
             return (codes - self.affine_lr * self.affine_bias) / scale
-        if self.simvq_map is not None:
-            return torch.linalg.solve(self.simvq_map.weight.float(), codes.t()).t()
+        if self.simvq_map is not None:  # codes = C W^T + b  ->  C^T = W^-1 (codes - b)^T
+            shifted = codes - self.simvq_map.bias.float()
+            return torch.linalg.solve(self.simvq_map.weight.float(), shifted.t()).t()
         return codes
 
     def _write_from_rank0(self, mask, choose):
@@ -886,7 +897,8 @@ class VectorQuantizer(nn.Module):
         `embeddings` are this rank's (N_r, dim) vectors or (B, dim, H, W) maps; they are gathered
         from all ranks, and rank 0 draws `num_codes` of them without replacement ('sample') or runs
         k-means on them ('kmeans'); the result is broadcast, so every rank starts from the same
-        codebook. EMA state is reset to match (see `set_codes`).
+        codebook. EMA state is reset to match (see `set_codes`); a SimVQ layer is reset to the
+        identity, so its frozen codebook holds the embeddings themselves (see the class docstring).
         """
         if method not in ("sample", "kmeans"):
             raise UserError(f"unknown init method '{method}' (use sample or kmeans)")
@@ -900,6 +912,9 @@ class VectorQuantizer(nn.Module):
             if method == "sample":
                 return pool[torch.randperm(pool.shape[0], generator=gen)[: self.num_codes].to(pool.device)]
             return kmeans(pool, self.num_codes, iters=kmeans_iters, generator=gen)
+        if self.simvq_map is not None:
+            nn.init.eye_(self.simvq_map.weight)
+            nn.init.zeros_(self.simvq_map.bias)
         self._write_from_rank0(torch.ones(self.num_codes, dtype=torch.bool, device=self.embed.device), choose)
 
 

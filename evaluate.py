@@ -542,36 +542,76 @@ TOKENIZER_LABELS = {"rfid": "r-FID", "mse": "MSE", "lpips": "LPIPS", "euclidean"
                     "cosine": "Cos.", "vendi": "Vendi", "perplexity": "Perp."}
 
 
-def tokenizer_run(results, sel):
-    """The imagenet_tokenizer run matching a row selector, evaluated on the test split (the last
-    one in path order when several match)."""
-    matches = [r for r in select(results, "imagenet_tokenizer", quantizer=sel["quantizer"],
-                                 deferred=sel["deferred"], scheme=sel["scheme"], simvq=sel["simvq"])
-               if (r["args"].get("gan_weight", 0) > 0) == sel["gan"] and r.get("eval_split", "test") == "test"]
-    return matches[-1] if matches else None
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def tokenizer_settings_key(args, defaults):
+    """The run-defining settings of a tokenizer run (imagenet_tokenizer.DEFINING, plus --epochs and
+    --patience, which end a run) except the seed and the split file: runs that share them are seeds
+    of one configuration. A key missing from an older JSON takes the parser's default."""
+    from imagenet_tokenizer import DEFINING
+    skip = {"seed", "split_file"} | (set() if args.get("deferred") else {"continuous_epochs"})
+    return tuple((k, _hashable(args.get(k, defaults.get(k)))) for k in DEFINING + ("epochs", "patience")
+                 if k not in skip)
+
+
+def tokenizer_defaults():
+    from imagenet_tokenizer import build_parser
+    return vars(build_parser().parse_args(["--data-dir", "."]))
+
+
+def settings_label(key, defaults, shown_elsewhere):
+    """'paper' for the script's defaults, else the settings that differ from them, e.g. 'epochs=40'."""
+    diff = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in key
+            if k not in shown_elsewhere and v != _hashable(defaults.get(k))]
+    return ", ".join(diff) or "paper"
+
+
+def tokenizer_groups(results, sel):
+    """imagenet_tokenizer runs on the test split that match a row selector, grouped by their
+    run-defining settings: [(settings label, runs)], one group per configuration, its seeds
+    together (the paper's settings first, then by label)."""
+    runs = [r for r in select(results, "imagenet_tokenizer", quantizer=sel["quantizer"], deferred=sel["deferred"],
+                              scheme=sel["scheme"], simvq=sel["simvq"])
+            if (r["args"].get("gan_weight", 0) > 0) == sel["gan"] and r.get("eval_split", "test") == "test"]
+    defaults, groups = tokenizer_defaults(), {}
+    for r in runs:
+        groups.setdefault(tokenizer_settings_key(r["args"], defaults), []).append(r)
+    shown = set(sel) | {"gan_weight"}
+    labelled = [(settings_label(key, defaults, shown), group) for key, group in groups.items()]
+    return sorted(labelled, key=lambda item: (item[0] != "paper", item[0]))
+
+
+def mean_metric(runs, key):
+    values = [r["metrics"].get(key) for r in runs if r["metrics"].get(key) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def render_tokenizer_table(results, table):
     spec = PAPER["imagenet_tokenizer"][table]
-    runs = [tokenizer_run(results, sel) for _, sel, _ in spec["rows"]]
-    if not any(runs):
+    rows_groups = [(label, tokenizer_groups(results, sel), paper) for label, sel, paper in spec["rows"]]
+    if not any(groups for _, groups, _ in rows_groups):
         return None
-    header = ["Row"]
+    header = ["Row", "settings", "seeds"]
     for col in spec["cols"]:
         scale = spec["scale"].get(col)
         name = TOKENIZER_LABELS[col] + (f" (x{scale:.0e})" if scale else "")
         header += [f"{name} paper", f"{name} ours"]
     rows = []
-    for (label, _, paper), run in zip(spec["rows"], runs):
-        row = [label]
-        for col in spec["cols"]:
-            ours = run["metrics"].get(col) if run else None
-            if ours is not None and col in spec["scale"]:
-                ours = ours / spec["scale"][col]  # same scaling as the paper's column
-            row += [fmt(paper[col]), fmt(ours)]
-        rows.append(row)
-    note = ("\n\nMSE / LPIPS shown divided by the factors in the headers (paper's convention; for "
-            "Tables 2, 3, 5 the factor is inferred, see PAPER). '–': run absent or metric not computed.")
+    for label, groups, paper in rows_groups:
+        for settings, runs in groups or [("–", [])]:
+            row = [label, settings, len(runs)]
+            for col in spec["cols"]:
+                ours = mean_metric(runs, col)
+                if ours is not None and col in spec["scale"]:
+                    ours = ours / spec["scale"][col]  # same scaling as the paper's column
+                row += [fmt(paper[col]), fmt(ours)]
+            rows.append(row)
+    note = ("\n\nOurs: mean over the seeds of one configuration; runs that differ in a run-defining setting "
+            "(named under 'settings'; 'paper' = the script's defaults) get their own row. MSE / LPIPS shown "
+            "divided by the factors in the headers (paper's convention; for Tables 2, 3, 5 the factor is "
+            "inferred, see PAPER). '–': run absent or metric not computed.")
     return markdown_table(header, rows) + note
 
 

@@ -8,27 +8,29 @@ downsamplings so the latent grid is 16x16, codebook 16,384):
 Loss: MSE + LPIPS + codebook + beta * commitment (section 6), optionally + PatchGAN hinge loss with
 taming's adaptive weight (appendix A.6, --gan-weight > 0).
 
-Recipe (section 6.1): with --deferred the autoencoder first trains --ae-epochs (paper 200) epochs
-without quantization (Continuous Phase); then the codebook is initialised from 2 x 16,384 encoder
-embeddings (--ratio 2) and quantization turns on (Discretization Phase). The baseline makes the same
-switch at step 0 with the untrained encoder. Quantized training uses ReduceLROnPlateau on the
-validation loss (patience 20, factor 0.5, lr 1e-4 -> 1e-7) and stops early once at the minimum lr
-with no improvement for --patience epochs. best.pt is the checkpoint with the best validation
-r-FID (--select-by val_loss where the Inception weights are absent); last.pt is the latest one.
+Recipe (section 6.1). With --deferred the autoencoder first trains --continuous-epochs (paper 200)
+epochs with the quantizer off (Continuous Phase); then the codebook is initialised from 2 x 16,384
+encoder embeddings (--ratio 2) and quantization turns on (Discretization Phase). The baseline makes
+the same switch at step 0 with the untrained encoder. --epochs is the total of both phases, a cap:
+in the Discretization Phase ReduceLROnPlateau halves the lr when the validation loss has not improved
+for 20 epochs (1e-4 -> 1e-7) and training stops early once the lr sits at its minimum with no
+improvement for --patience epochs. best.pt is the checkpoint with the best validation r-FID
+(--select-by val_loss where the Inception weights are absent); last.pt is the latest one; the JSON
+reports best.pt on ImageNet-100 and last.pt on ODIR (appendix A.1).
 
 Commands
     # CPU smoke run (tiny model, a few steps, no pretrained weights needed)
-    python imagenet_tokenizer.py --data-dir tiny_imagefolder --scheme imagenet100 --test-size 8 \
-        --val-size 8 --resolution 32 --ch 8 --ch-mult 1,2,2 --num-res-blocks 1 --attn-resolutions 8 \
-        --z-channels 8 --token-dim 8 --codebook-size 32 --scales 1,2,4,8 --epochs 2 --ae-epochs 1 \
-        --deferred --lpips-weight 0 --skip-lpips --skip-fid --select-by val_loss --num-workers 0 \
-        --out runs/smoke
+    python imagenet_tokenizer.py --data-dir tiny_imagefolder --test-size 8 --val-size 8 \
+        --resolution 32 --ch 8 --ch-mult 1,2,2 --num-res-blocks 1 --attn-resolutions 8 \
+        --z-channels 8 --token-dim 8 --codebook-size 32 --scales 1,2,4,8 --epochs 2 \
+        --continuous-epochs 1 --deferred --lpips-weight 0 --skip-lpips --skip-fid \
+        --select-by val_loss --num-workers 0 --out runs/smoke
 
     # one GPU, paper configuration (MaskGIT tokenizer, Deferred Quantization, ImageNet-100)
     python imagenet_tokenizer.py --data-dir /data/imagenet100 --scheme imagenet100 \
         --split-file runs/in100/split.json --quantizer vq --deferred --out runs/in100
 
-    # the documented launch: two GPUs (paper: 2 x A100 40 GB)
+    # the documented launch: two GPUs (paper: 2 x A100 40 GB); --batch-size is global
     torchrun --nproc_per_node=2 imagenet_tokenizer.py --data-dir /data/imagenet100 \
         --split-file runs/in100/split.json --quantizer msvq --deferred --simvq --out runs/in100
 
@@ -44,20 +46,39 @@ LPIPS weights in $TORCH_HOME/hub/checkpoints):
     Table 15  --scheme imagenet100 --quantizer vq | msvq --gan-weight 0.5 --gan-start 20000 (4 runs)
     Table 16  --scheme odir --quantizer msvq --gan-weight 0.5 --gan-start 20000 (2 runs)
     Table 17  --scheme odir --quantizer vq [--gan-weight 0.5 --gan-start 20000] (4 runs)
-then `python evaluate.py tables <out>`. The GAN weight / start are LlamaGen's; the paper gives none.
+then `python evaluate.py tables <out>` (runs that differ only in --seed are averaged; runs that
+differ in a run-defining setting get their own row). The GAN weight / start are LlamaGen's.
 
-Outputs (rank 0): <out>/<name>.json (metrics on the test split, per-epoch history),
-<out>/<name>.pt (the evaluated checkpoint with `codebook` and `code_counts` for
-`python evaluate.py codebook`), <out>/<name>/{best,last}.pt, <out>/<name>/tokens_<split>.pt;
---eval-split val|train writes <out>/<name>_<split>.{json,pt} instead. --eval-only and --dump-tokens
-use the split file recorded in the checkpoint unless --split-file is given.
+Choices the paper leaves open (documented here and recorded in the JSON args):
+  * Learning-rate schedule: section 6.1 (the tables) uses ReduceLROnPlateau, the default here.
+    Appendix A.1 says the tokenizers were trained with ReduceLROnPlateau *and* cosine annealing and
+    gives a minimum lr of 1e-6 (section 6.1: 1e-7). --lr-schedule cosine anneals from --lr to
+    --min-lr over the Discretization epochs (epochs - continuous epochs), once per epoch, and runs
+    to --epochs (the schedule fixes the length: no early stopping). Both phases start at --lr; the
+    Continuous Phase keeps it constant.
+  * SimVQ (Table 2, --simvq): SimVQ as published (Zhu et al. 2025; youngsheen/SimVQ): a frozen
+    codebook drawn N(0, 1/dim) seen through a learned linear layer in torch's default init. The
+    "+ SimVQ" baseline starts from that random codebook (its switch at step 0 only turns the
+    quantizer on: SimVQ does not initialise from data). Only the deferred arm starts from encoder
+    embeddings: at its switch the frozen codebook is set to them and the layer to the identity,
+    so its initial codes are the embeddings exactly, as without SimVQ (common.VectorQuantizer).
+  * --batch-size is global (all ranks together) and must divide by the number of processes; the
+    paper does not state it: 64 = 32 per GPU on its 2 GPUs. --token-dim 32 is VAR's (not stated).
+  * The Adam betas (0.5, 0.9) are taming's VQGAN setting (not stated).
+
+Outputs (rank 0): <out>/<name>.json (metrics on the test split, per-epoch history with "phase":
+"continuous" | "discretization"), <out>/<name>.pt (the evaluated checkpoint with `codebook` and
+`code_counts` for `python evaluate.py codebook`), <out>/<name>/{best,last}.pt,
+<out>/<name>/tokens_<split>.pt; --eval-split val|train writes <out>/<name>_<split>.{json,pt}
+instead. --eval-only and --dump-tokens use the split file recorded in the checkpoint unless
+--split-file is given.
 
 Start-up (common.start_run): every number is checked before any training (a codebook larger than
 the embeddings the training split can give at --ratio is refused at start, not at the switch), the
 data, the split file and the metric weights are checked, the run's lock <out>/<name>.lock is taken,
 and none of the run's files (JSON, .pt, checkpoints, token dumps) is overwritten without --resume;
---resume refuses a checkpoint made with other run-defining settings (DEFINING). Every evaluation or
-token dump refuses to replace an earlier one: delete the file to redo it. best.pt is written before
+--resume refuses a checkpoint made with other run-defining settings (DEFINING). An evaluation or
+token dump never replaces an earlier one: delete the file to redo it. best.pt is written before
 last.pt, so no kill can make a resumed run report another checkpoint than an uninterrupted one.
 Pretrained weights needed (no download happens): LPIPS's AlexNet backbone
 ($TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth) unless --lpips-weight 0 and --skip-lpips,
@@ -82,9 +103,10 @@ QUANTIZER_KEYS = ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay"
                   "num_phi", "phi_ratio")
 # What a checkpoint fixes: --eval-only / --dump-tokens take these from it.
 IDENTITY_KEYS = common.TOKENIZER_ARCH_KEYS + QUANTIZER_KEYS + ("deferred", "gan_weight", "scheme")
-# Settings that define a run: --resume refuses a checkpoint made under other values.
-DEFINING = IDENTITY_KEYS + ("split_file", "ae_epochs", "ratio", "init_method", "lr", "min_lr",
-                            "plateau_patience", "plateau_factor", "batch_size", "lpips_weight",
+# Settings that define a run: --resume refuses a checkpoint made under other values (and with
+# --lr-schedule cosine also --epochs, which sets the schedule's length).
+DEFINING = IDENTITY_KEYS + ("split_file", "continuous_epochs", "ratio", "init_method", "lr", "min_lr",
+                            "lr_schedule", "plateau_patience", "plateau_factor", "batch_size", "lpips_weight",
                             "gan_start", "disc_layers", "seed", "select_by", "fid_every",
                             "max_steps_per_epoch", "train_augment")
 RANGES = {
@@ -92,11 +114,14 @@ RANGES = {
     "num_workers": ">= 0", "ch": ">= 1", "ch_mult": ">= 1", "num_res_blocks": ">= 1",
     "attn_resolutions": ">= 1", "z_channels": ">= 1", "token_dim": ">= 1", "codebook_size": ">= 1",
     "beta": ">= 0", "ema_decay": "(0, 1)", "scales": ">= 1", "num_phi": ">= 1", "phi_ratio": "[0, 1]",
-    "ae_epochs": ">= 0", "ratio": ">= 1", "lr": "> 0", "min_lr": ">= 0", "plateau_patience": ">= 0",
-    "plateau_factor": "(0, 1)", "patience": ">= 1", "epochs": ">= 0", "max_steps_per_epoch": ">= 0",
+    "continuous_epochs": ">= 0", "ratio": ">= 1", "lr": "> 0", "min_lr": ">= 0", "plateau_patience": ">= 0",
+    "plateau_factor": "(0, 1)", "patience": ">= 1", "epochs": ">= 1", "max_steps_per_epoch": ">= 0",
     "lpips_weight": ">= 0", "gan_weight": ">= 0", "gan_start": ">= 0", "disc_layers": ">= 1",
     "seed": ">= 0", "fid_every": ">= 1", "fid_batch_size": ">= 1",
 }
+# Phase names: "continuous" / "discretization" in JSON, the paper's words in logs.
+CONTINUOUS, DISCRETIZATION = "continuous", "discretization"
+PHASE_TITLES = {CONTINUOUS: "Continuous Phase", DISCRETIZATION: "Discretization Phase"}
 # --test-size / --val-size of a scheme that takes sizes (odir takes the paper's fractions).
 SCHEME_SIZES = {"imagenet100": {"test": 20000, "val": 5000}}
 
@@ -230,8 +255,13 @@ def shard(dataset, info):
     return Subset(dataset, range(info.rank, len(dataset), info.world_size))
 
 
-def loader(dataset, args, shuffle_sampler=None):
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=shuffle_sampler, shuffle=False,
+def rank_batch(args, info):
+    """This process's share of the global --batch-size."""
+    return args.batch_size // info.world_size
+
+
+def loader(dataset, args, info, shuffle_sampler=None):
+    return DataLoader(dataset, batch_size=rank_batch(args, info), sampler=shuffle_sampler, shuffle=False,
                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=False)
 
 
@@ -296,7 +326,7 @@ def evaluate(model, dataset, args, info, lpips_fn, fid_dir=None, metrics_wanted=
         shutil.rmtree(fid_dir, ignore_errors=True)
     if fid_dir and common.is_distributed():
         torch.distributed.barrier()
-    for b, (x, _) in enumerate(common.progress_bar(loader(subset, args), desc="evaluate", leave=False)):
+    for b, (x, _) in enumerate(common.progress_bar(loader(subset, args, info), desc="evaluate", leave=False)):
         x = x.to(device, non_blocking=True)
         recon, indices, vq_loss = net(x)  # float32: bf16 rounding would show in MSE ~1e-4
         n = x.shape[0]
@@ -317,7 +347,7 @@ def evaluate(model, dataset, args, info, lpips_fn, fid_dir=None, metrics_wanted=
         if indices is not None:
             count_usage(counter, indices)
         if fid_dir:
-            write_pngs(fid_dir, recon, x, start=info.rank + b * args.batch_size * info.world_size,
+            write_pngs(fid_dir, recon, x, start=info.rank + b * args.batch_size,
                        stride=info.world_size)
     common.all_reduce_sum(sums)
     counter.all_reduce()
@@ -389,10 +419,10 @@ def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     net.eval()
     rows, dtype = [], torch.int16 if net.quantizer.num_codes <= 2**15 else torch.int32
     subset = shard(dataset, info)
-    for b, (x, y) in enumerate(common.progress_bar(loader(subset, args), desc="tokens", leave=False)):
+    for b, (x, y) in enumerate(common.progress_bar(loader(subset, args, info), desc="tokens", leave=False)):
         z_q, indices, _ = net.quantizer(net.encode(x.to(info.device)))
         maps = indices if isinstance(indices, list) else [indices]
-        order = torch.arange(x.shape[0]) * info.world_size + info.rank + b * args.batch_size * info.world_size
+        order = torch.arange(x.shape[0]) * info.world_size + info.rank + b * args.batch_size
         rows.append(torch.cat([order[:, None], y[:, None].long()] + [m.reshape(x.shape[0], -1).cpu() for m in maps], 1))
     local = torch.cat(rows).to(info.device)
     table = common.all_gather_rows(local).cpu()
@@ -416,6 +446,45 @@ def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
 # ------------------------------------------------------------------------------------------------
 
 
+class CosineSchedule:
+    """Appendix A.1's alternative to ReduceLROnPlateau: the lr follows half a cosine from `lr` to
+    `min_lr` over `epochs` Discretization epochs, one step per epoch, and then stays at `min_lr`.
+    Same interface as common.PlateauSchedule (`lr`, `stopped`, `step(val_loss)` -> improved,
+    state_dict); it never stops early: its length is the schedule."""
+
+    def __init__(self, lr, min_lr, epochs):
+        self.base_lr, self.min_lr, self.epochs = lr, min_lr, epochs
+        self.lr, self.done, self.best, self.stopped = lr, 0, math.inf, False
+
+    def step(self, val_loss):
+        self.done += 1
+        progress = min(self.done, self.epochs) / self.epochs
+        self.lr = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        improved = val_loss < self.best
+        self.best = min(self.best, val_loss)
+        return improved
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("lr", "done", "best", "stopped")}
+
+    def load_state_dict(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def continuous_epochs(args):
+    """Epochs before the switch: --continuous-epochs for the deferred arm, 0 for the baseline."""
+    return args.continuous_epochs if args.deferred else 0
+
+
+def make_schedule(args):
+    """The Discretization Phase's lr schedule (section 6.1 / appendix A.1)."""
+    if args.lr_schedule == "cosine":
+        return CosineSchedule(args.lr, args.min_lr, args.epochs - continuous_epochs(args))
+    return common.PlateauSchedule(args.lr, factor=args.plateau_factor, patience=args.plateau_patience,
+                                  min_lr=args.min_lr, stop_patience=args.patience)
+
+
 @dataclass
 class Trainer:
     """What one training run holds: the model (and its DDP wrapper), the optional discriminator,
@@ -426,14 +495,14 @@ class Trainer:
     ddp_disc: torch.nn.Module
     opt: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
-    sched: object
+    schedule: object
     lpips_fn: object
     state: dict
 
     def checkpoint(self, args):
         blob = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-                    scheduler=self.sched.state_dict(), state=self.state, epoch=self.state["epoch"],
-                    step=self.state["vq_step"], args=vars(args), experiment=EXPERIMENT,
+                    schedule=self.schedule.state_dict(), state=self.state, epoch=self.state["epoch"],
+                    step=self.state["discretization_steps"], args=vars(args), experiment=EXPERIMENT,
                     history=self.state["history"], codebook=self.model.quantizer.codebook.detach().float().cpu())
         if self.disc is not None:
             blob.update(disc=self.disc.state_dict(), disc_optimizer=self.opt_d.state_dict())
@@ -441,17 +510,17 @@ class Trainer:
 
 
 def make_trainer(args, info, model, lpips_fn, resumed):
+    """Optimizers (Adam, betas (0.5, 0.9) as taming's VQGAN), schedule and state, fresh or from
+    the --resume checkpoint."""
     disc = common.PatchDiscriminator(n_layers=args.disc_layers).to(info.device) if args.gan_weight > 0 else None
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc is not None else None
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=args.plateau_factor,
-                                                       patience=args.plateau_patience, min_lr=args.min_lr)
-    state = {"epoch": 0, "vq_step": 0, "best_val_loss": float("inf"), "best_select": float("inf"),
-             "stale_at_min": 0, "history": [], "stopped": False}
+    schedule = make_schedule(args)
+    state = {"epoch": 0, "discretization_steps": 0, "best_select": math.inf, "history": []}
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
-        sched.load_state_dict(resumed["scheduler"])
+        schedule.load_state_dict(resumed["schedule"])
         if disc is not None:
             disc.load_state_dict(resumed["disc"])
             opt_d.load_state_dict(resumed["disc_optimizer"])
@@ -460,29 +529,37 @@ def make_trainer(args, info, model, lpips_fn, resumed):
         print0(f"resumed at epoch {state['epoch']}")
     # A gradient codebook (and the msvq phi convs) sit unused in the Continuous Phase.
     return Trainer(model, common.wrap_ddp(model, info, find_unused_parameters=True), disc,
-                   common.wrap_ddp(disc, info) if disc is not None else None, opt, opt_d, sched, lpips_fn, state)
+                   common.wrap_ddp(disc, info) if disc is not None else None, opt, opt_d, schedule, lpips_fn, state)
 
 
 def switch_to_discretization(t, train_loader, sampler, args, info, epoch):
     """The switch (section 5). Baseline: epoch 0, untrained encoder. Deferred: after the Continuous
-    Phase. Embeddings are the encoder outputs on the latent grid (for msvq: the finest scale)."""
+    Phase. Embeddings are the encoder outputs on the latent grid (for msvq: the finest scale). The
+    SimVQ baseline keeps SimVQ's random frozen codebook: its switch only turns quantization on."""
+    quantizer = t.model.quantizer
+    if args.simvq and not args.deferred:
+        quantizer.set_enabled(True)
+        print0(f"epoch {epoch}: {PHASE_TITLES[DISCRETIZATION]}: SimVQ's random codebook, quantization on")
+        return
     sampler.set_epoch(10**6 + epoch)  # its own data order, independent of the epochs
     t.model.eval()
-    n = common.deferred_switch(t.model.quantizer, lambda batch: t.model.encode(batch[0].to(info.device)),
+    n = common.deferred_switch(quantizer, lambda batch: t.model.encode(batch[0].to(info.device)),
                                train_loader, args.ratio, args.init_method, args.seed, progress=True)
     t.model.train()
-    print0(f"epoch {epoch}: codebook initialised from {n} embeddings per rank; quantization on")
+    print0(f"epoch {epoch}: {PHASE_TITLES[DISCRETIZATION]}: codebook initialised from {n} embeddings per rank; "
+           "quantization on")
 
 
 def train_epoch(t, train_loader, args, info, epoch, phase):
     """One pass over the training split; returns the mean train loss and reconstruction loss."""
     t.model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # steps, loss, rec
-    for step, (x, _) in enumerate(common.progress_bar(train_loader, desc=f"epoch {epoch} ({phase})")):
+    for step, (x, _) in enumerate(common.progress_bar(train_loader, desc=f"epoch {epoch} ({PHASE_TITLES[phase]})")):
         if args.max_steps_per_epoch and step >= args.max_steps_per_epoch:
             break
         x = x.to(info.device, non_blocking=True)
-        gan_on = t.disc is not None and phase == "quantized" and t.state["vq_step"] >= args.gan_start
+        gan_on = (t.disc is not None and phase == DISCRETIZATION
+                  and t.state["discretization_steps"] >= args.gan_start)
         with common.autocast_for(info.device):
             recon, _, vq_loss = t.ddp_model(x)
             recon = recon.float()
@@ -503,8 +580,8 @@ def train_epoch(t, train_loader, args, info, epoch, phase):
             t.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             t.opt_d.step()
-        if phase == "quantized":
-            t.state["vq_step"] += 1
+        if phase == DISCRETIZATION:
+            t.state["discretization_steps"] += 1
         sums += torch.stack([torch.ones((), dtype=torch.float64, device=info.device),
                              loss.detach().double(), rec.detach().double()])
     common.all_reduce_sum(sums)
@@ -512,50 +589,40 @@ def train_epoch(t, train_loader, args, info, epoch, phase):
             "train_rec": (sums[2] / sums[0].clamp(min=1)).item()}
 
 
-def update_schedule(state, sched, opt, val_loss, args):
-    """ReduceLROnPlateau on the validation loss, and early stopping once the lr sits at its
-    minimum and the validation loss has not improved for --patience epochs (section 6.1)."""
-    sched.step(val_loss)
-    if val_loss < state["best_val_loss"]:
-        state["best_val_loss"], state["stale_at_min"] = val_loss, 0
-    elif opt.param_groups[0]["lr"] <= args.min_lr * (1 + 1e-6):
-        state["stale_at_min"] += 1
-    state["stopped"] = state["stale_at_min"] >= args.patience
-
-
 def fit(t, data, args, info, paths):
     """Continuous Phase (deferred arm), the switch, Discretization Phase; one validation and one
     checkpoint pair per epoch (best.pt before last.pt: `common.save_checkpoints`)."""
-    ae_epochs = args.ae_epochs if args.deferred else 0
+    switch_epoch = continuous_epochs(args)
     sampler = DistributedSampler(data["train"], num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, seed=args.seed, drop_last=True)
-    train_loader = loader(data["train"], args, sampler)
+    train_loader = loader(data["train"], args, info, sampler)
     quantizer, state = t.model.quantizer, t.state
-    while not state["stopped"] and state["epoch"] < ae_epochs + args.epochs:
+    while not t.schedule.stopped and state["epoch"] < args.epochs:
         epoch = state["epoch"]
-        if epoch >= ae_epochs and not quantizer.is_enabled:
+        if epoch >= switch_epoch and not quantizer.is_enabled:
             switch_to_discretization(t, train_loader, sampler, args, info, epoch)
-        phase = "quantized" if quantizer.is_enabled else "continuous"
+        phase = DISCRETIZATION if quantizer.is_enabled else CONTINUOUS
         sampler.set_epoch(epoch)
         record = {"epoch": epoch, "phase": phase, "lr": t.opt.param_groups[0]["lr"]}
         record.update(train_epoch(t, train_loader, args, info, epoch, phase))
 
-        # Validation: loss every epoch; r-FID every --fid-every quantized epochs for best.pt.
-        want_fid = phase == "quantized" and args.select_by == "fid" and (epoch - ae_epochs) % args.fid_every == 0
+        # Validation: loss every epoch; r-FID every --fid-every Discretization epochs for best.pt.
+        want_fid = phase == DISCRETIZATION and args.select_by == "fid" and (epoch - switch_epoch) % args.fid_every == 0
         val = evaluate(t.ddp_model, data["val"], args, info, t.lpips_fn,
                        fid_dir=os.path.join(paths.folder, "fid_val") if want_fid else None, metrics_wanted=False)
         record["val_loss"] = val["loss"]
         if want_fid:
             record["val_rfid"] = val["rfid"]
-        if phase == "quantized":
-            update_schedule(state, t.sched, t.opt, val["loss"], args)
+        if phase == DISCRETIZATION:
+            t.schedule.step(val["loss"])
+            common.set_lr(t.opt, t.schedule.lr)
             record["val_perplexity"] = common.perplexity_from_counts(val["counts"])
         state["history"].append(record)
         state["epoch"] = epoch + 1
         print0(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
         score = val.get("rfid") if args.select_by == "fid" else val["loss"]
-        improved = phase == "quantized" and score is not None and score < state["best_select"]
+        improved = phase == DISCRETIZATION and score is not None and score < state["best_select"]
         if improved:
             state["best_select"] = score
         if info.is_main:
@@ -580,9 +647,10 @@ def train(args, info):
         found["new"] = found["split"] if is_new else None
         check_codebook_fits(args, found["split"]["sizes"]["train"], info.world_size)
 
-    with common.start_run(args, name=paths.name, outputs=paths.all(), ranges=RANGES, defining=DEFINING,
+    defining = DEFINING + (("epochs",) if args.lr_schedule == "cosine" else ())
+    with common.start_run(args, name=paths.name, outputs=paths.all(), ranges=RANGES, defining=defining,
                           resume_from=paths.last, checks=weight_checks(args) + [check_data],
-                          validate=validate) as run:
+                          validate=lambda a: validate(a, info.world_size)) as run:
         data = make_datasets(share_split(found.get("new"), args), args)
         common.seed_everything(args.seed)
         model = common.build_tokenizer(args).to(info.device)
@@ -590,8 +658,9 @@ def train(args, info):
         t = make_trainer(args, info, model, lpips_fn, run.checkpoint)
         fit(t, data, args, info, paths)
         report = paths.best if (args.report_checkpoint or default_report(args)) == "best" else paths.last
-        if not os.path.exists(report):
-            raise UserError("training ended before any quantized epoch; raise --epochs")
+        if not os.path.exists(report):  # every validation score was NaN
+            raise UserError(f"no Discretization epoch gave a finite --select-by {args.select_by} score: "
+                            f"{report} was never written")
         model.load_state_dict(common.load_checkpoint(report)["model"])
         final_report(model, data[args.eval_split], args, info, lpips_fn, paths, report, t.state["history"])
 
@@ -618,9 +687,14 @@ def resolve_sizes(args):
             setattr(args, f"{part}_size", size)
 
 
-def validate(args):
+def validate(args, world_size):
     """Cross-argument rules, before anything is written (the Continuous Phase can last days, so
     nothing may fail only at the switch or after it)."""
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is global: it must divide by the {world_size} processes")
+    if args.deferred and not args.continuous_epochs < args.epochs and not (args.eval_only or args.dump_tokens):
+        raise UserError(f"--epochs {args.epochs} counts both phases: it must exceed --continuous-epochs "
+                        f"{args.continuous_epochs} so that the Discretization Phase gets at least one epoch")
     if not args.ch_mult:
         raise UserError("--ch-mult needs at least one multiplier, e.g. 1,1,2,4")
     steps = 2 ** (len(args.ch_mult) - 1)
@@ -677,8 +751,8 @@ def evaluate_checkpoint(args, info):
 
     def check_data():
         found["split"], _ = prepare_split(args, create=False)
-    with common.start_run(args, name=paths.name, outputs=outputs, ranges=RANGES, validate=validate,
-                          checks=weight_checks(args) + [check_data]):
+    with common.start_run(args, name=paths.name, outputs=outputs, ranges=RANGES,
+                          validate=lambda a: validate(a, info.world_size), checks=weight_checks(args) + [check_data]):
         split = share_split(None, args)
         for part in ("test", "val"):
             setattr(args, f"{part}_size", split["sizes"][part])
@@ -730,7 +804,8 @@ def build_parser():
     g.add_argument("--val-size", type=int, help="imagenet100 scheme: validation images (default 5,000)")
     g.add_argument("--resolution", type=int, default=128)
     g.add_argument("--train-augment", action="store_true", help="random flips in training (off in the paper)")
-    g.add_argument("--batch-size", type=int, default=32, help="per process")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="global batch (all processes together; must divide by their number)")
     g.add_argument("--num-workers", type=int, default=4)
 
     g = p.add_argument_group("model (VQGAN encoder/decoder, section 6.1)")
@@ -756,22 +831,27 @@ def build_parser():
 
     g = p.add_argument_group("Deferred Quantization (section 5)")
     g.add_argument("--deferred", action="store_true", help="Continuous Phase first, then switch")
-    g.add_argument("--ae-epochs", type=int, default=200, help="Continuous Phase epochs (paper 200)")
+    g.add_argument("--continuous-epochs", type=int, default=200,
+                   help="Continuous-Phase epochs of the deferred arm (paper 200); the baseline switches at step 0")
     g.add_argument("--ratio", type=float, default=2.0, help="embeddings per code collected for the init (paper 2:1)")
     g.add_argument("--init-method", choices=["sample", "kmeans"], default="sample")
 
     g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=1200,
+                   help="total epochs, both phases (a cap: early stopping ends the Discretization Phase sooner)")
     g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min-lr", type=float, default=1e-7)
+    g.add_argument("--min-lr", type=float, default=1e-7, help="section 6.1: 1e-7 (appendix A.1: 1e-6)")
+    g.add_argument("--lr-schedule", choices=["plateau", "cosine"], default="plateau",
+                   help="Discretization Phase: ReduceLROnPlateau + early stopping (section 6.1, the tables) or "
+                        "cosine annealing to --min-lr over the Discretization epochs (appendix A.1)")
     g.add_argument("--plateau-patience", type=int, default=20)
     g.add_argument("--plateau-factor", type=float, default=0.5)
     g.add_argument("--patience", type=int, default=20,
-                   help="early stopping: epochs at the minimum lr without validation improvement")
-    g.add_argument("--epochs", type=int, default=1000, help="cap on the quantized epochs (early stopping ends sooner)")
+                   help="plateau: early stopping after this many epochs at the minimum lr without improvement")
     g.add_argument("--max-steps-per-epoch", type=int, default=0, help="0: full epochs (tests use a few)")
     g.add_argument("--lpips-weight", type=float, default=1.0)
     g.add_argument("--gan-weight", type=float, default=0.0, help="> 0: PatchGAN hinge loss (appendix A.6)")
-    g.add_argument("--gan-start", type=int, default=0, help="quantized-phase steps before the GAN loss starts")
+    g.add_argument("--gan-start", type=int, default=0, help="Discretization-Phase steps before the GAN loss starts")
     g.add_argument("--disc-layers", type=int, default=3)
     g.add_argument("--seed", type=int, default=0)
 
@@ -779,7 +859,7 @@ def build_parser():
     g.add_argument("--name", help="run name (default <method>_<scheme>[_gan])")
     g.add_argument("--select-by", choices=["fid", "val_loss"], default="fid",
                    help="best.pt criterion: validation r-FID (paper) or validation loss (no Inception weights)")
-    g.add_argument("--fid-every", type=int, default=1, help="validation r-FID every N quantized epochs")
+    g.add_argument("--fid-every", type=int, default=1, help="validation r-FID every N Discretization epochs")
     g.add_argument("--skip-fid", action="store_true", help="no r-FID (the JSON says why)")
     g.add_argument("--skip-lpips", action="store_true", help="no LPIPS metric (the JSON says why)")
     g.add_argument("--fid-batch-size", type=int, default=128)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -199,7 +200,8 @@ def trained(image_folder, tmp_path_factory):
     runs = {}
     for quantizer in ("vq", "msvq"):
         for deferred in (False, True):
-            extra = ["--quantizer", quantizer, "--epochs", "2"] + (["--deferred", "--ae-epochs", "1"] if deferred else [])
+            extra = ["--quantizer", quantizer] + (["--deferred", "--continuous-epochs", "1", "--epochs", "3"]
+                                                  if deferred else ["--epochs", "2"])
             args = run_script(image_folder, out, *extra)
             name = tok.run_name(args)
             with open(out / f"{name}.json") as f:
@@ -219,7 +221,7 @@ def test_runs_write_results_with_all_metrics(trained):
         assert m["rfid"] is None and "skip-fid" in record["notes"]["rfid"]
         assert m["num_images"] == 6 and 1 <= m["used_codes"] <= 16
         phases = [h["phase"] for h in record["history"]]
-        assert phases == (["continuous", "quantized", "quantized"] if deferred else ["quantized", "quantized"])
+        assert phases == ["continuous"] * deferred + ["discretization"] * 2
         ckpt = torch.load(out / f"{name}.pt", weights_only=False)
         # usage counted over the whole test split: 6 images x (64 tokens, or 1+4+16+64 for msvq)
         per_image = 64 if quantizer == "vq" else 1 + 4 + 16 + 64
@@ -320,21 +322,45 @@ def test_token_dump_round_trip(image_folder, trained, quantizer):
     assert dump["checkpoint"] == os.path.abspath(ckpt_path)
 
 
-def test_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path):
-    common_args = ["--quantizer", "vq", "--deferred", "--ae-epochs", "1"]
-    run_script(image_folder, tmp_path / "a", *common_args, "--epochs", "1", "--name", "r")
+class Killed(BaseException):
+    """What a kill -9 does to the run: it stops where it is (not an Exception, so nothing catches it)."""
+
+
+def kill_at(monkeypatch, when):
+    """Make common.save_checkpoint "kill" the process just before the write for which
+    when(file name, state) is true; returns the list of file names written or attempted."""
+    writes = []
+    real_save = common.save_checkpoint
+
+    def save_or_die(path, **state):
+        writes.append(os.path.basename(path))
+        if when(os.path.basename(path), state):
+            raise Killed()
+        real_save(path, **state)
+    monkeypatch.setattr(common, "save_checkpoint", save_or_die)
+    return writes
+
+
+def test_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path, monkeypatch):
+    common_args = ["--quantizer", "vq", "--deferred", "--continuous-epochs", "1", "--epochs", "2", "--name", "r"]
+    run_script(image_folder, tmp_path / "a", *common_args)
     straight = torch.load(tmp_path / "a" / "r" / "last.pt", weights_only=False)
-    # interrupted after the Continuous Phase: a run capped there leaves last.pt at epoch 1 (and,
-    # with no quantized epoch to report, says so)
-    with pytest.raises(common.UserError, match="before any quantized epoch"):
-        run_script(image_folder, tmp_path / "b", *common_args, "--epochs", "0", "--name", "r")
+    # killed when the first Discretization epoch's checkpoints are written: last.pt is the
+    # Continuous Phase's
+    kill_at(monkeypatch, lambda name, state: state["epoch"] == 2)
+    with pytest.raises(Killed):
+        run_script(image_folder, tmp_path / "b", *common_args)
+    monkeypatch.undo()
+    last = tmp_path / "b" / "r" / "last.pt"
+    assert torch.load(last, weights_only=False)["history"][-1]["phase"] == "continuous"
     # a Continuous-Phase checkpoint has no tokens to evaluate or dump
     for mode in (["--eval-only"], ["--dump-tokens", "test"]):
         with pytest.raises(common.UserError, match="Continuous Phase"):
-            run_script(image_folder, tmp_path / "b", *mode, "--checkpoint", str(tmp_path / "b" / "r" / "last.pt"))
-    run_script(image_folder, tmp_path / "b", *common_args, "--epochs", "1", "--name", "r", "--resume")
-    resumed = torch.load(tmp_path / "b" / "r" / "last.pt", weights_only=False)
+            run_script(image_folder, tmp_path / "b", *mode, "--checkpoint", str(last))
+    run_script(image_folder, tmp_path / "b", *common_args, "--resume")
+    resumed = torch.load(last, weights_only=False)
     assert resumed["epoch"] == straight["epoch"] == 2
+    assert [h["phase"] for h in resumed["history"]] == ["continuous", "discretization"]
     for k, v in straight["model"].items():
         assert torch.allclose(v.float(), resumed["model"][k].float(), atol=1e-6), k
 
@@ -396,7 +422,7 @@ def test_two_process_run_counts_every_test_image_once(image_folder, tmp_path):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(ROOT, "imagenet_tokenizer.py"), "--data-dir", str(image_folder), "--out", str(tmp_path),
-           "--quantizer", "msvq", "--deferred", "--ae-epochs", "1", "--epochs", "1", "--name", "ddp",
+           "--quantizer", "msvq", "--deferred", "--continuous-epochs", "1", "--epochs", "2", "--name", "ddp",
            "--split-file", str(tmp_path / "split.json")] + TINY
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -426,14 +452,31 @@ def test_tables_put_our_scaled_values_beside_the_papers():
     text = evaluate.render_tokenizer_table([run], "Table 3")
     row = next(line for line in text.splitlines() if line.startswith("| MaskGIT ✗"))
     # paper then ours per column; MSE x1e-4 and LPIPS x1e-3 as in the paper's columns
-    assert row.split(" | ")[1:7] == ["12.22", "7.00", "3.91", "3.00", "2.70", "2.00"]
+    assert row.split(" | ")[1:9] == ["paper", "1", "12.22", "7.00", "3.91", "3.00", "2.70", "2.00"]
     assert evaluate.render_tokenizer_table([run], "Table 5") is None  # no ODIR run
     absent = next(line for line in text.splitlines() if line.startswith("| VAR ✓")).split(" | ")
-    assert absent[1:3] == ["5.04", "–"]  # the paper's value stays, ours is marked absent
+    assert absent[1:5] == ["–", "0", "5.04", "–"]  # the paper's value stays, ours is marked absent
 
 
-class Killed(BaseException):
-    """What a kill -9 does to the run: it stops where it is (not an Exception, so nothing catches it)."""
+def test_tables_average_seeds_and_keep_other_settings_apart():
+    import evaluate
+
+    def run(seed, mse, **settings):
+        args = {"quantizer": "vq", "deferred": True, "scheme": "imagenet100", "simvq": False, "gan_weight": 0.0,
+                "seed": seed, "split_file": f"/runs/s{seed}/split.json", "ch_mult": [1, 1, 2, 4], **settings}
+        return {"experiment": "imagenet_tokenizer", "eval_split": "test", "args": args,
+                "metrics": {"mse": mse, "rfid": None, "perplexity": 1000.0 + seed}}
+    results = [run(0, 3e-4), run(1, 5e-4), run(2, 4e-4, lr=3e-4), run(0, 9e-4, continuous_epochs=20),
+               dict(run(3, 1.0), eval_split="val")]  # a validation evaluation is never a table value
+    rows = [line.split(" | ") for line in evaluate.render_tokenizer_table(results, "Table 3").splitlines()
+            if line.startswith("| MaskGIT ✓")]
+    # columns: row, settings, seeds, r-FID paper/ours, MSE paper/ours, ...
+    assert [(r[1], r[2], r[6]) for r in rows] == [("paper", "2", "4.00"), ("continuous_epochs=20", "1", "9.00"),
+                                                  ("lr=0.0003", "1", "4.00")]
+    # the baseline's --continuous-epochs does nothing: it never separates baseline seeds
+    base = [dict(run(s, 2e-4), args=dict(run(s, 2e-4)["args"], deferred=False, continuous_epochs=c))
+            for s, c in ((0, 200), (1, 5))]
+    assert [len(g) for _, g in evaluate.tokenizer_groups(base, evaluate._sel("vq", False))] == [2]
 
 
 def test_a_kill_before_best_pt_does_not_change_the_reported_result(image_folder, tmp_path, monkeypatch):
@@ -443,18 +486,11 @@ def test_a_kill_before_best_pt_does_not_change_the_reported_result(image_folder,
     run_script(image_folder, tmp_path / "a", *extra)
     straight = json.loads((tmp_path / "a" / "k.json").read_text())
 
-    writes = []
-    real_save = common.save_checkpoint
-
-    def save_or_die(path, **state):
-        writes.append(os.path.basename(path))
-        if os.path.basename(path) == "best.pt" and writes.count("best.pt") == 2:
-            raise Killed()
-        real_save(path, **state)
-    monkeypatch.setattr(common, "save_checkpoint", save_or_die)
+    # the kill lands just before best.pt of the last epoch (epoch 2 after it)
+    kill_at(monkeypatch, lambda name, state: name == "best.pt" and state["epoch"] == 2)
     with pytest.raises(Killed):
         run_script(image_folder, tmp_path / "b", *extra)
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    monkeypatch.undo()
     run_script(image_folder, tmp_path / "b", *extra, "--resume")
     resumed = json.loads((tmp_path / "b" / "k.json").read_text())
     assert [h["val_loss"] for h in resumed["history"]] == pytest.approx([h["val_loss"] for h in straight["history"]])
@@ -556,7 +592,7 @@ def test_no_file_of_a_run_is_overwritten_without_resume(image_folder, finished, 
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [keep]
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "3e-4"), ("--beta", "0.5"), ("--ratio", "3"), ("--ae-epochs", "2"),
+@pytest.mark.parametrize("flag, value", [("--lr", "3e-4"), ("--beta", "0.5"), ("--ratio", "3"), ("--continuous-epochs", "2"),
                                          ("--init-method", "kmeans"), ("--codebook-size", "8"), ("--token-dim", "8"),
                                          ("--ema-decay", "0.9")])
 def test_resume_refuses_other_run_defining_settings(image_folder, finished, flag, value):
@@ -596,3 +632,84 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_training(image_folder,
     with pytest.raises(common.UserError, match=r"--out .* is a file, not a folder"):
         tok.main(args)
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Paper details (issue #10): phases, global batch, lr schedules, SimVQ
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--deferred", "--continuous-epochs", "2", "--epochs", "2"], "--epochs 2 counts both phases"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_epochs_count_both_phases(image_folder, tmp_path, extra, pattern):
+    with pytest.raises(common.UserError, match=pattern):
+        tok.main(parse(image_folder, tmp_path / "o", *extra))
+
+
+def test_batch_size_is_global_and_must_divide_by_the_processes(image_folder, tmp_path):
+    args = parse(image_folder, tmp_path, "--batch-size", "6")
+    tok.validate(args, 2)
+    with pytest.raises(common.UserError, match="--batch-size 6 is global: it must divide by the 4 processes"):
+        tok.validate(args, 4)
+    assert tok.rank_batch(args, common.DistInfo(0, 3, 0, torch.device("cpu"))) == 2
+
+
+def test_cosine_schedule_anneals_to_the_minimum_over_the_discretization_epochs():
+    s = tok.CosineSchedule(1e-3, 1e-5, epochs=4)
+    lrs = [s.lr]
+    for _ in range(6):
+        s.step(1.0)
+        lrs.append(s.lr)
+    expected = [1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * min(k, 4) / 4)) for k in range(7)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[2] == pytest.approx((1e-3 + 1e-5) / 2) and lrs[-1] == pytest.approx(1e-5) and not s.stopped
+    again = tok.CosineSchedule(1e-3, 1e-5, epochs=4)
+    again.load_state_dict(s.state_dict())
+    assert again.lr == s.lr and again.done == 6
+
+
+def test_cosine_run_records_its_lr_and_resume_keeps_its_length(image_folder, tmp_path, capsys):
+    extra = ["--deferred", "--continuous-epochs", "1", "--lr", "1e-3", "--min-lr", "1e-5", "--lr-schedule", "cosine",
+             "--name", "c"]
+    run_script(image_folder, tmp_path / "o", *extra, "--epochs", "3")
+    record = json.loads((tmp_path / "o" / "c.json").read_text())
+    # constant lr in the Continuous Phase; the cosine over the 2 Discretization epochs
+    assert [h["lr"] for h in record["history"]] == pytest.approx([1e-3, 1e-3, (1e-3 + 1e-5) / 2])
+    assert [h["phase"] for h in record["history"]] == ["continuous", "discretization", "discretization"]
+    printed = capsys.readouterr().out
+    assert "Discretization Phase: codebook initialised from" in printed and "quantized" not in printed
+    with pytest.raises(common.UserError, match=r"other settings \(--epochs 3 -> 5\)"):
+        run_script(image_folder, tmp_path / "o", *extra, "--epochs", "5", "--resume")
+
+
+def simvq_model(args):
+    torch.manual_seed(0)
+    model = common.build_tokenizer(args)
+    return model, types.SimpleNamespace(model=model)
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "msvq"])
+def test_simvq_baseline_keeps_its_random_codebook_and_only_the_deferred_arm_starts_from_embeddings(
+        image_folder, tmp_path, quantizer):
+    info = common.DistInfo(0, 1, 0, torch.device("cpu"))
+    images = [(torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)) for _ in range(4)]
+    sampler = types.SimpleNamespace(set_epoch=lambda epoch: None)
+    for deferred in (False, True):
+        args = parse(image_folder, tmp_path, "--simvq", "--quantizer", quantizer,
+                     *(["--deferred", "--continuous-epochs", "1"] if deferred else []))
+        model, t = simvq_model(args)
+        vq = model.quantizer.vq if quantizer == "msvq" else model.quantizer
+        random_codes, layer = vq.embed.clone(), vq.simvq_map.weight.detach().clone()
+        tok.switch_to_discretization(t, images, sampler, args, info, epoch=1 if deferred else 0)
+        assert model.quantizer.is_enabled
+        if not deferred:  # SimVQ as published: the frozen N(0, 1/dim) codebook and its random layer
+            assert torch.equal(vq.embed, random_codes) and torch.equal(vq.simvq_map.weight, layer)
+            assert vq.embed.std().item() == pytest.approx(args.token_dim ** -0.5, rel=0.35)
+        else:  # the codes are encoder embeddings, through an identity layer
+            with torch.no_grad():
+                z = common.latent_rows(torch.cat([model.encode(x) for x, _ in images]), args.token_dim)
+            assert torch.equal(vq.simvq_map.weight.detach(), torch.eye(args.token_dim))
+            gaps = (model.quantizer.codebook.detach()[:, None] - z[None]).norm(dim=-1).min(1).values
+            assert gaps.max() < 1e-6
