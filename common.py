@@ -2210,17 +2210,19 @@ class PlateauSchedule:
       * once lr has reached min_lr, `stop_patience` more validations without improvement set
         `stopped`.
     `lr` is the plateau learning rate; scripts multiply it by `warmup_factor` at every step.
-    Returns True when this validation loss is the best so far (the caller writes best.pt)."""
+    Returns True when this validation loss is the lowest so far (any decrease, no threshold): the
+    caller writes best.pt then."""
 
     def __init__(self, lr, factor=0.5, patience=5, min_lr=1e-6, stop_patience=10, threshold=1e-4):
         self.lr, self.factor, self.patience, self.min_lr = lr, factor, patience, min_lr
         self.stop_patience, self.threshold = stop_patience, threshold
-        self.best, self.bad, self.stale_at_min, self.stopped = math.inf, 0, 0, False
+        self.best, self.lowest, self.bad, self.stale_at_min, self.stopped = math.inf, math.inf, 0, 0, False
 
     def step(self, val_loss):
-        improved = val_loss < self.best * (1.0 - self.threshold) if math.isfinite(self.best) else True
+        lowest = val_loss < self.lowest
+        self.lowest = min(self.lowest, val_loss)
         at_min = self.lr <= self.min_lr * (1 + 1e-9)
-        if improved:
+        if val_loss < self.best * (1.0 - self.threshold) or not math.isfinite(self.best):
             self.best, self.bad, self.stale_at_min = val_loss, 0, 0
         else:
             self.bad += 1
@@ -2228,10 +2230,10 @@ class PlateauSchedule:
             if self.bad > self.patience and not at_min:
                 self.lr, self.bad = max(self.lr * self.factor, self.min_lr), 0
         self.stopped = self.stale_at_min >= self.stop_patience
-        return improved
+        return lowest
 
     def state_dict(self):
-        return {k: getattr(self, k) for k in ("lr", "best", "bad", "stale_at_min", "stopped")}
+        return {k: getattr(self, k) for k in ("lr", "best", "lowest", "bad", "stale_at_min", "stopped")}
 
     def load_state_dict(self, state):
         for k, v in state.items():

@@ -135,6 +135,37 @@ PAPER["imagenet_tokenizer"] = {
 }
 
 
+# ---- generators (generator_maskgit.py, generator_var.py): Tables 4, 6, 13, 14, 17 ----
+# g-FID, pixel distance, LPIPS diversity (section 6.1). Rows: (label, selector, values); the
+# selector picks a generator JSON by generator, the tokenizer's Deferred Quantization, dataset and
+# GAN loss (convention: README "Generator results"). Transcribed from the paper's text.
+_GEN_COLS = ("gfid", "pixel_diversity", "lpips_diversity")
+
+
+def _gen_sel(generator, deferred, dataset="imagenet100", gan=False):
+    return {"generator": generator, "deferred": deferred, "dataset": dataset, "gan": gan}
+
+
+PAPER["generators"] = {
+    "Table 4": [("MaskGIT ✓", _gen_sel("maskgit", True), (14.60, 80.77, 0.677)),
+                ("MaskGIT ✗", _gen_sel("maskgit", False), (14.75, 75.89, 0.668)),
+                ("VAR ✓", _gen_sel("var", True), (10.44, 75.75, 0.667)),
+                ("VAR ✗", _gen_sel("var", False), (12.88, 70.69, 0.633))],
+    "Table 6": [("VAR ✓", _gen_sel("var", True, "odir"), (34.33, 49.83, 0.401)),
+                ("VAR ✗", _gen_sel("var", False, "odir"), (37.65, 49.01, 0.390))],
+    "Table 13": [("MaskGIT ✓", _gen_sel("maskgit", True, gan=True), (10.85, 79.17, 0.712)),
+                 ("MaskGIT ✗", _gen_sel("maskgit", False, gan=True), (12.25, 78.83, 0.714)),
+                 ("VAR ✓", _gen_sel("var", True, gan=True), (8.30, 77.10, 0.719)),
+                 ("VAR ✗", _gen_sel("var", False, gan=True), (7.83, 73.37, 0.714))],
+    "Table 14": [("VAR ✓", _gen_sel("var", True, "odir", gan=True), (29.65, 50.56, 0.550)),
+                 ("VAR ✗", _gen_sel("var", False, "odir", gan=True), (27.89, 45.14, 0.570))],
+    # generation columns only; the tokenizer columns are "Table 17 tokenizer columns" above
+    "Table 17": [("no GAN ✓", _gen_sel("maskgit", True, "odir"), (38.04, 48.44, 0.370)),
+                 ("no GAN ✗", _gen_sel("maskgit", False, "odir"), (27.95, 49.73, 0.397)),
+                 ("GAN ✓", _gen_sel("maskgit", True, "odir", gan=True), (38.30, 48.15, 0.371)),
+                 ("GAN ✗", _gen_sel("maskgit", False, "odir", gan=True), (32.60, 49.28, 0.402))],
+}
+
 # ================================================================================================
 # Loading results
 # ================================================================================================
@@ -622,6 +653,126 @@ def _register_tokenizer_table(table):
 for _table in TOKENIZER_TITLES:
     _register_tokenizer_table(_table)
 
+
+# ---- generator renderers (Tables 4, 6, 13, 14, 17-generation, Figure 9) ----
+
+GENERATOR_TITLES = {
+    "Table 4": "Table 4 (generators, ImageNet-100)",
+    "Table 6": "Table 6 (VAR, ODIR)",
+    "Table 13": "Table 13 (generators on GAN tokenizers, ImageNet-100)",
+    "Table 14": "Table 14 (VAR on GAN tokenizers, ODIR)",
+    "Table 17": "Table 17 generation columns (MaskGIT, ODIR)",
+}
+GENERATOR_LABELS = {"gfid": "g-FID", "pixel_diversity": "Pixel Dist.", "lpips_diversity": "LPIPS D."}
+PAPER_DATASETS = ("imagenet100", "odir")
+
+
+def generator_runs(results, generator=None):
+    """Generator result JSONs (experiment generator_maskgit / generator_var), of one generator
+    when given."""
+    names = (f"generator_{generator}",) if generator else ("generator_maskgit", "generator_var")
+    return [r for r in results if r["experiment"] in names and isinstance(r.get("tokenizer"), dict)]
+
+
+def generator_run(results, sel):
+    """The run matching a row selector (the last one in path order when several match)."""
+    tok = ("deferred", "dataset", "gan")
+    matches = [r for r in generator_runs(results, sel["generator"])
+               if all(r["tokenizer"].get(k) == sel[k] for k in tok)]
+    return matches[-1] if matches else None
+
+
+def render_generator_table(results, table):
+    rows = PAPER["generators"][table]
+    runs = [generator_run(results, sel) for _, sel, _ in rows]
+    if not any(runs):
+        return None
+    header = ["Row"] + [f"{GENERATOR_LABELS[c]} {who}" for c in _GEN_COLS for who in ("paper", "ours")] + ["samples"]
+    body = []
+    for (label, _, paper), run in zip(rows, runs):
+        metrics = run["metrics"] if run else {}
+        cells = [v for col, p in zip(_GEN_COLS, paper)
+                 for v in (fmt(p, 3 if col == "lpips_diversity" else 2),
+                           fmt(metrics.get(col), 3 if col == "lpips_diversity" else 2))]
+        body.append([label] + cells + [fmt(metrics.get("num_samples"))])
+    return markdown_table(header, body) + _generator_note(runs)
+
+
+def _generator_note(runs):
+    """What our numbers were measured against (reference set, pixel scale, LPIPS pairs)."""
+    seen = sorted({(r.get("fid_reference"), r.get("pixel_scale"), r.get("lpips_pairs")) for r in runs if r},
+                  key=str)
+    parts = [f"g-FID reference: {ref or 'not computed'}; pixel distance of [0, 1] images x {scale}; "
+             f"LPIPS pairs: {pairs or 'not computed'}" for ref, scale, pairs in seen]
+    return ("\n\nOurs: " + " | ".join(parts) + ". '–': run absent or metric not computed "
+            "(the run's JSON 'notes' say why).")
+
+
+def _register_generator_table(table):
+    renderer(GENERATOR_TITLES[table])(lambda results, out_dir: render_generator_table(results, table))
+
+
+for _table in GENERATOR_TITLES:
+    _register_generator_table(_table)
+
+
+@renderer("Generation on other datasets (no paper counterpart, e.g. Fashion-MNIST)")
+def render_other_generation(results, out_dir):
+    """Every generator run on a dataset the paper did not use, both arms side by side, with the
+    generated tokens' usage (perplexity, codes used) next to the image metrics."""
+    runs = [r for r in generator_runs(results) if r["tokenizer"].get("dataset") not in PAPER_DATASETS]
+    if not runs:
+        return None
+    cols = (("gfid", 2), ("pixel_diversity", 2), ("lpips_diversity", 3), ("token_perplexity", 1),
+            ("token_used_codes", 1), ("val_loss", 4), ("num_samples", 1))
+    header = ["generator", "dataset", "GAN", "Deferred", "codes"] + [c for c, _ in cols]
+    key = lambda r: (r["experiment"], str(r["tokenizer"].get("dataset")), r["tokenizer"].get("gan"),  # noqa: E731
+                     r["tokenizer"].get("codebook_size"), r["tokenizer"].get("deferred"), r["path"])
+    body = [[r["experiment"].replace("generator_", ""), r["tokenizer"].get("dataset"),
+             "✓" if r["tokenizer"].get("gan") else "✗", "✓" if r["tokenizer"].get("deferred") else "✗",
+             r["tokenizer"].get("codebook_size")] + [fmt(r["metrics"].get(c), d) for c, d in cols]
+            for r in sorted(runs, key=key)]
+    return markdown_table(header, body) + _generator_note(runs)
+
+
+@renderer("Figure 9 (samples without / with Deferred Quantization)")
+def render_figure9(results, out_dir):
+    """Per generator, dataset and GAN setting with both arms: the two runs' class-row sample
+    grids side by side, (a) w/o and (b) w/ Deferred Quantization, as in Figure 9 (VAR there)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    pairs = {}
+    for r in generator_runs(results):
+        if r.get("grid"):
+            t = r["tokenizer"]
+            pairs.setdefault((r["experiment"], str(t.get("dataset")), bool(t.get("gan"))), {})[bool(t["deferred"])] = r
+    lines = []
+    for (experiment, dataset, gan), arms in sorted(pairs.items()):
+        if set(arms) != {False, True}:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(12, 6.5))
+        for ax, deferred, title in ((axes[0], False, "(a) w/o Deferred Quantization"),
+                                    (axes[1], True, "(b) w/ Deferred Quantization")):
+            run = arms[deferred]
+            path = os.path.join(os.path.dirname(run["path"]), run["grid"])
+            if not os.path.exists(path):
+                raise UserError(f"{run['path']} names the sample grid {path}, which does not exist")
+            with Image.open(path) as img:
+                ax.imshow(np.asarray(img.convert("RGB")))
+            m = run["metrics"]
+            ax.set_title(f"{title}\ng-FID {fmt(m.get('gfid'))}, pixel dist. {fmt(m.get('pixel_diversity'))}, "
+                         f"LPIPS-D {fmt(m.get('lpips_diversity'), 3)}", fontsize=10)
+            ax.axis("off")
+        generator = experiment.replace("generator_", "")
+        fig.suptitle(f"{generator} samples, {dataset}{' (GAN tokenizers)' if gan else ''}: one row per class")
+        fig.tight_layout()
+        name = f"fig9_{generator}_{dataset}{'_gan' if gan else ''}.png"
+        fig.savefig(os.path.join(out_dir, name), dpi=120)
+        plt.close(fig)
+        lines.append(f"- {generator}, {dataset}{', GAN' if gan else ''}: {name}")
+    return "\n".join(lines) if lines else None
 
 def cmd_tables(args):
     results = load_results(args.runs)

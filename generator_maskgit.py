@@ -283,10 +283,7 @@ def tokens_dir(args):
 
 def load_inputs(args):
     """Tokenizer args, training and validation dumps; every problem a one-line UserError."""
-    tokenizer_ckpt = common.load_checkpoint(args.tokenizer)
-    cfg = tokenizer_ckpt.get("args") if isinstance(tokenizer_ckpt, dict) else None
-    if not isinstance(cfg, dict) or "quantizer" not in cfg:
-        raise UserError(f"{args.tokenizer} is not a tokenizer checkpoint of imagenet_tokenizer.py")
+    _, cfg = common.load_tokenizer(args.tokenizer)  # also refuses Continuous-Phase and foreign files
     if cfg["quantizer"] != "vq":
         raise UserError(f"{args.tokenizer} is a multi-scale ({cfg['quantizer']}) tokenizer: MaskGIT needs a "
                         "single-scale one (--quantizer vq); use generator_var.py for msvq")

@@ -134,6 +134,9 @@ def test_plateau_schedule_follows_torch_and_stops_early():
         if ours.stopped and stopped_at is None:
             stopped_at = i
     assert [i for i, b in enumerate(best) if b] == [0, 1, 6]
+    tiny = common.PlateauSchedule(1.0, threshold=0.1)
+    assert [tiny.step(v) for v in (1.0, 0.95, 0.99)] == [True, True, False]  # best.pt: any decrease
+    assert tiny.bad == 2  # ... while the plateau counts only decreases beyond the threshold
     # lr reaches 0.1 at validation 15; 3 more validations without improvement at the minimum
     assert stopped_at == 18
     again = common.PlateauSchedule(1.0)

@@ -1,0 +1,68 @@
+"""evaluate.py's generator renderers: Tables 4, 6, 13, 14, 17 (generation columns), the table of
+datasets the paper did not use, and Figure 9, from JSONs in the generator convention
+(common.write_generator_result) of both generators."""
+import argparse
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+import evaluate
+
+
+def write_run(folder, name, generator, deferred, dataset="imagenet100", gan=False, metrics=None, grid_value=None):
+    """A generator JSON as the scripts write it (and, with grid_value, its sample grid PNG)."""
+    extra = {}
+    if grid_value is not None:
+        common.write_png(os.path.join(folder, name, "samples_grid.png"), torch.full((3, 8, 16), grid_value,
+                                                                                     dtype=torch.uint8))
+        extra = {"samples": f"{name}/samples", "grid": f"{name}/samples_grid.png"}
+    tokenizer = {"checkpoint": "/x/best.pt", "name": "t", "deferred": deferred, "quantizer": "vq", "scheme": dataset,
+                 "dataset": dataset, "gan": gan, "codebook_size": 16384, "simvq": False, "resolution": 128}
+    provenance = {"eval_split": "test", "fid_reference": "test split, 20000 images", "data_range": 1.0,
+                  "pixel_scale": 1.0, "lpips_pairs": 12497500}
+    common.write_generator_result(os.path.join(folder, f"{name}.json"), f"generator_{generator}",
+                                  argparse.Namespace(seed=0), metrics or {}, [], tokenizer=tokenizer,
+                                  provenance=provenance, sampling={"num_samples": 5000}, checkpoint="/x/g.pt", **extra)
+
+
+def row(text, label):
+    return next(line for line in text.splitlines() if line.startswith(f"| {label} |")).split(" | ")[1:]
+
+
+def test_paper_tables_put_ours_beside_the_paper_for_both_generators(tmp_path):
+    write_run(tmp_path, "m1", "maskgit", True, metrics={"gfid": 15.0, "pixel_diversity": 70.0,
+                                                        "lpips_diversity": 0.6, "num_samples": 5000})
+    write_run(tmp_path, "v0", "var", False, metrics={"gfid": 11.0, "pixel_diversity": 72.5, "num_samples": 5000})
+    write_run(tmp_path, "o", "var", True, dataset="odir", gan=True, metrics={"gfid": 30.0})
+    results = evaluate.load_results(str(tmp_path))
+    t4 = evaluate.render_generator_table(results, "Table 4")
+    assert row(t4, "MaskGIT ✓")[:6] == ["14.60", "15.00", "80.77", "70.00", "0.677", "0.600"]
+    assert row(t4, "VAR ✗")[:6] == ["12.88", "11.00", "70.69", "72.50", "0.633", "–"]
+    assert row(t4, "MaskGIT ✗")[:2] == ["14.75", "–"]  # no run: the paper's value stays
+    assert "test split, 20000 images" in t4
+    assert evaluate.render_generator_table(results, "Table 14").count("30.00") == 1
+    assert evaluate.render_generator_table(results, "Table 6") is None  # odir without GAN: no run
+    # methods follow the tokenizer's arm
+    assert sorted(r["method"] for r in results) == ["maskgit_deferred", "var_baseline", "var_deferred"]
+
+
+def test_other_datasets_and_figure9_from_the_sample_grids(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "fm0", "maskgit", False, dataset="fashion-mnist", metrics={"pixel_diversity": 9.0},
+              grid_value=10)
+    write_run(runs, "fm1", "maskgit", True, dataset="fashion-mnist", metrics={"pixel_diversity": 9.5},
+              grid_value=200)
+    write_run(runs, "single", "var", True, dataset="fashion-mnist", grid_value=0)  # one arm only: no figure
+    args = argparse.Namespace(runs=str(runs), out=str(tmp_path / "report"), only=None)
+    report = evaluate.cmd_tables(args)
+    assert "## Generation on other datasets" in report and "Table 4" not in report
+    lines = [line for line in report.splitlines() if line.startswith("| maskgit | fashion-mnist")]
+    assert [line.split(" | ")[3] for line in lines] == ["✗", "✓"]
+    assert "fig9_maskgit_fashion-mnist.png" in report and "fig9_var" not in report
+    figure = np.asarray(Image.open(tmp_path / "report" / "fig9_maskgit_fashion-mnist.png").convert("L"))
+    middle = figure[figure.shape[0] // 2]
+    left, right = middle[: figure.shape[1] // 2], middle[figure.shape[1] // 2:]
+    assert 5 <= left.min() <= 15 and 195 <= right.min() <= 205  # the w/o grid left, the w/ grid right
