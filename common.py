@@ -2010,6 +2010,95 @@ def load_fashion_mnist(data_dir, train=True, download=False):
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
+# ---- Tokenizer datasets: one entry point for every script that needs a tokenizer's own split ----
+# A tokenizer run (imagenet_tokenizer.py) records its data in its args: "dataset" ("imagefolder",
+# the default of runs that predate the option, or "fashion-mnist"), "data_dir", "split_file",
+# "resolution". `tokenizer_datasets` turns those into the exact train / val / test images the run
+# used, so a generator computes g-FID against the tokenizer's own test split.
+
+FASHION_MNIST_SCHEME = "fashion-mnist"
+
+
+def make_fashion_mnist_split(data_dir, seed, val_size=5000, out_path=None, download=False):
+    """The Fashion-MNIST split of a tokenizer run: the official 60,000 training images minus a
+    seeded, class-balanced validation set of `val_size` (drawn like the imagenet100 scheme's), and
+    the official 10,000 test images. Items name an image as '<file>/<index>' ('train/123' is image
+    123 of the training file), with its label. Written to `out_path` unless None; returns the
+    split dict (scheme 'fashion-mnist', classes FASHION_MNIST_CLASSES, sizes)."""
+    _, train_labels = load_fashion_mnist(data_dir, train=True, download=download)
+    _, test_labels = load_fashion_mnist(data_dir, train=False, download=download)
+    if not 0 < val_size < len(train_labels):
+        raise UserError(f"--val-size {val_size} must leave training images among the {len(train_labels)}")
+    by_class = [[] for _ in FASHION_MNIST_CLASSES]
+    for i, label in enumerate(train_labels.tolist()):
+        by_class[label].append((i, label))
+    val = _class_uniform_sample(by_class, val_size, random.Random(seed))
+    parts = {"train": [("train", it) for it in sorted(it for rest in by_class for it in rest)],
+             "val": [("train", it) for it in val], "test": [("test", it) for it in enumerate(test_labels.tolist())]}
+    split = {"scheme": FASHION_MNIST_SCHEME, "seed": seed, "root": os.path.abspath(data_dir),
+             "classes": list(FASHION_MNIST_CLASSES), "sizes": {k: len(v) for k, v in parts.items()},
+             **{k: [[f"{name}/{i}", label] for name, (i, label) in v] for k, v in parts.items()}}
+    if out_path is not None:
+        write_json(out_path, split)
+    return split
+
+
+class FashionMNISTSplit(torch.utils.data.Dataset):
+    """One part of a Fashion-MNIST split: items (image, label), the image a float (3, resolution,
+    resolution) tensor in [0, 1]: the 28x28 greyscale image replicated to 3 channels (LPIPS and
+    Inception take RGB; the tokenizer stays the paper's 3-channel one) and zero-padded to
+    `resolution` (>= 28; 32 gives 2 pixels a side, and 32 halves cleanly to an 8x8 latent grid).
+    Fashion-MNIST's background is exactly 0, so the padding adds background and changes no pixel
+    of a garment (resizing would blur every image). `files` maps 'train' / 'test' to the
+    (images, labels) of `load_fashion_mnist`; an item whose label differs from the file's is
+    refused (a split file of other data)."""
+
+    def __init__(self, files, split, part, resolution, train_augment=False):
+        if resolution < FASHION_MNIST_SIZE:
+            raise UserError(f"Fashion-MNIST images are {FASHION_MNIST_SIZE}x{FASHION_MNIST_SIZE}: --resolution "
+                            f"{resolution} would crop them; use 32 (zero padding)")
+        where = [(name, int(index)) for name, index in (item.split("/") for item, _ in split[part])]
+        self.images = torch.stack([files[name][0][i] for name, i in where]) if where else torch.zeros(0, 28, 28)
+        self.labels = torch.tensor([label for _, label in split[part]], dtype=torch.long)
+        found = torch.tensor([int(files[name][1][i]) for name, i in where], dtype=torch.long)
+        if not torch.equal(found, self.labels):
+            raise UserError(f"the '{part}' part of the split names images whose labels differ from the "
+                            "Fashion-MNIST files': the split file belongs to other data")
+        total = resolution - FASHION_MNIST_SIZE
+        self.pad = (total // 2, total - total // 2, total // 2, total - total // 2)  # left, right, top, bottom
+        self.train_augment = train_augment
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        x = F.pad(self.images[index].float() / 255.0, self.pad).expand(3, -1, -1)
+        if self.train_augment and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])
+
+
+def tokenizer_datasets(cfg, data_dir=None, parts=SPLIT_PARTS, train_augment=False, download=False):
+    """{part: dataset} of a tokenizer run from its args dict (a checkpoint's "args" or
+    vars(args)): the images of its split file, prepared as the run saw them (ImageFolder: RGB,
+    resized and centre-cropped to its resolution; Fashion-MNIST: 3 channels, zero-padded). Images
+    are float (3, H, W) in [0, 1] with integer labels. `data_dir` overrides the folder recorded in
+    the run (data moved to another machine); `train_augment` flips training images at random.
+    The generator scripts take `tokenizer_datasets(cfg, parts=("test",))["test"]` as the g-FID
+    reference: the tokenizer's own test split, never one drawn afresh."""
+    split_file = cfg.get("split_file")
+    if not split_file or not os.path.exists(split_file):
+        raise UserError(f"the tokenizer's split file {split_file} is missing: its images are defined by it")
+    split = load_split(split_file)
+    data_dir = data_dir or cfg.get("data_dir") or split["root"]
+    augment = {part: train_augment and part == "train" for part in parts}
+    if cfg.get("dataset", "imagefolder") == FASHION_MNIST_SCHEME:
+        needed = {item.split("/")[0] for part in parts for item, _ in split[part]}
+        files = {name: load_fashion_mnist(data_dir, train=name == "train", download=download) for name in needed}
+        return {part: FashionMNISTSplit(files, split, part, cfg["resolution"], augment[part]) for part in parts}
+    return {part: SplitImageDataset(data_dir, split, part, cfg["resolution"], augment[part]) for part in parts}
+
+
 # ================================================================================================
 # 7. Generators: what the generator scripts share (generator_maskgit.py, generator_var.py,
 #    llamagen_deferred.py)

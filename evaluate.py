@@ -646,6 +646,38 @@ def render_tokenizer_table(results, table):
     return markdown_table(header, rows) + note
 
 
+# Datasets the paper did not use (Fashion-MNIST on a CPU): our runs only, mean ± std over seeds.
+OTHER_TOKENIZER_COLUMNS = (("mse", "MSE", 5), ("psnr", "PSNR", 2), ("ssim", "SSIM", 3), ("lpips", "LPIPS", 4),
+                           ("rfid", "r-FID", 2), ("euclidean", "Euc.", 3), ("cosine", "Cos.", 3),
+                           ("vendi", "Vendi", 2), ("vendi_centred", "Vendi (centred)", 2),
+                           ("perplexity", "Perp.", 1), ("used_codes", "used codes", 0))
+
+
+@renderer("Tokenizers on other datasets (Fashion-MNIST; the paper has no values)")
+def render_tokenizer_other_datasets(results, out_dir):
+    """One row per (dataset, quantizer, SimVQ, GAN, settings, arm), seeds averaged: baseline and
+    Deferred Quantization side by side for datasets outside the paper's tables."""
+    runs = [r for r in select(results, "imagenet_tokenizer") if r["args"].get("scheme") not in ("imagenet100", "odir")
+            and r.get("eval_split", "test") == "test"]
+    if not runs:
+        return None
+    defaults, groups = tokenizer_defaults(), {}
+    for r in runs:
+        a = r["args"]
+        shown = {"quantizer", "deferred", "scheme", "simvq", "gan_weight", "dataset", "resolution", "continuous_epochs"}
+        key = (a.get("scheme"), a["quantizer"], bool(a.get("simvq")), a.get("gan_weight", 0) > 0,
+               settings_label(tokenizer_settings_key(a, defaults), defaults, shown),
+               "deferred" if a["deferred"] else "baseline", a.get("continuous_epochs", 0) if a["deferred"] else 0)
+        groups.setdefault(key, []).append(r)
+    columns = [c for c in OTHER_TOKENIZER_COLUMNS if any(r["metrics"].get(c[0]) is not None for r in runs)]
+    header = ["dataset", "quantizer", "settings", "arm", "continuous epochs", "seeds"] + [c[1] for c in columns]
+    rows = [[dataset, quantizer + (" + SimVQ" if simvq else "") + (" + GAN" if gan else ""), settings, arm,
+             continuous if arm == "deferred" else "–", len(groups[key])]
+            + [mean_std([r["metrics"].get(k) for r in groups[key]], d) for k, _, d in columns]
+            for key in sorted(groups) for dataset, quantizer, simvq, gan, settings, arm, continuous in [key]]
+    return markdown_table(header, rows) + "\n\nMean ± std over seeds, on each dataset's test split."
+
+
 def _register_tokenizer_table(table):
     renderer(TOKENIZER_TITLES[table])(lambda results, out_dir: render_tokenizer_table(results, table))
 

@@ -105,7 +105,7 @@ QUANTIZER_KEYS = ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay"
 IDENTITY_KEYS = common.TOKENIZER_ARCH_KEYS + QUANTIZER_KEYS + ("deferred", "gan_weight", "scheme")
 # Settings that define a run: --resume refuses a checkpoint made under other values (and with
 # --lr-schedule cosine also --epochs, which sets the schedule's length).
-DEFINING = IDENTITY_KEYS + ("split_file", "continuous_epochs", "ratio", "init_method", "lr", "min_lr",
+DEFINING = IDENTITY_KEYS + ("dataset", "split_file", "continuous_epochs", "ratio", "init_method", "lr", "min_lr",
                             "lr_schedule", "plateau_patience", "plateau_factor", "batch_size", "lpips_weight",
                             "gan_start", "disc_layers", "seed", "select_by", "fid_every",
                             "max_steps_per_epoch", "train_augment")
@@ -122,8 +122,12 @@ RANGES = {
 # Phase names: "continuous" / "discretization" in JSON, the paper's words in logs.
 CONTINUOUS, DISCRETIZATION = "continuous", "discretization"
 PHASE_TITLES = {CONTINUOUS: "Continuous Phase", DISCRETIZATION: "Discretization Phase"}
-# --test-size / --val-size of a scheme that takes sizes (odir takes the paper's fractions).
-SCHEME_SIZES = {"imagenet100": {"test": 20000, "val": 5000}}
+# --test-size / --val-size of a scheme that takes sizes (odir takes the paper's fractions;
+# Fashion-MNIST's test set is the official one).
+SCHEME_SIZES = {"imagenet100": {"test": 20000, "val": 5000}, common.FASHION_MNIST_SCHEME: {"val": 5000}}
+# Per dataset: the default --scheme and --resolution (Fashion-MNIST: 28x28 zero-padded to 32).
+DATASET_DEFAULTS = {"imagefolder": {"scheme": "imagenet100", "resolution": 128},
+                    common.FASHION_MNIST_SCHEME: {"scheme": common.FASHION_MNIST_SCHEME, "resolution": 32}}
 
 
 def method_name(args):
@@ -186,13 +190,21 @@ def expected_sizes(args):
 
 
 def check_split(split, args, path):
-    """An existing split file must belong to this scheme, to the classes of --data-dir (a split of
-    another tree would fail at its first missing image, or silently mix test images into training
-    where file names coincide), and to the requested --test-size / --val-size (the JSON would
-    otherwise state sizes that were not used)."""
+    """An existing split file must belong to this scheme, to the data of --data-dir (a split of
+    another ImageFolder tree would fail at its first missing image, or silently mix test images
+    into training where file names coincide; a Fashion-MNIST split must cover the files' images),
+    and to the requested --test-size / --val-size (the JSON would otherwise state sizes that were
+    not used)."""
     if split["scheme"] != args.scheme:
         raise UserError(f"{path} is a '{split['scheme']}' split, not '{args.scheme}'")
-    if split["classes"] != common.scan_image_folder(args.data_dir)[0]:
+    if args.dataset == common.FASHION_MNIST_SCHEME:
+        counts = {name: len(common.load_fashion_mnist(args.data_dir, train=name == "train")[1])
+                  for name in ("train", "test")}
+        sizes = split["sizes"]
+        if (sizes["train"] + sizes["val"], sizes["test"]) != (counts["train"], counts["test"]):
+            raise UserError(f"{path} splits {sizes['train'] + sizes['val']} training and {sizes['test']} test "
+                            f"images, but {args.data_dir} holds {counts['train']} and {counts['test']}")
+    elif split["classes"] != common.scan_image_folder(args.data_dir)[0]:
         raise UserError(f"{path} was made from {split['root']}, whose classes differ from those of "
                         f"--data-dir {args.data_dir}")
     for part, size in expected_sizes(args).items():
@@ -211,6 +223,8 @@ def prepare_split(args, create):
         split = common.load_split(path)
         check_split(split, args, path)
         return split, False
+    if args.dataset == common.FASHION_MNIST_SCHEME:
+        return common.make_fashion_mnist_split(args.data_dir, args.seed, args.val_size, download=args.download), True
     split = common.make_split(args.data_dir, scheme=args.scheme, seed=args.seed, out_path=None,
                               test_size=args.test_size, val_size=args.val_size)
     return split, True
@@ -233,20 +247,19 @@ def check_codebook_fits(args, num_train, world_size):
 
 
 def share_split(new_split, args):
-    """Rank 0 writes a newly computed split (`new_split`, None for an existing file) unless another
-    run wrote the file meanwhile (then theirs is checked and used); every rank then reads the file.
-    Call it on every rank."""
+    """Rank 0 writes a newly computed split (`new_split`; None: the file exists) unless another
+    run wrote the file meanwhile (then theirs is checked and used). Call it on every rank: all
+    ranks wait for the file (and share a refusal)."""
     def write():
         if new_split is not None and common.write_split(new_split, args.split_file) != new_split:
             check_split(common.load_split(args.split_file), args, args.split_file)
-    common.agree_on_main(write)  # all ranks wait for the file (and share a refusal)
-    return common.load_split(args.split_file)
+    common.agree_on_main(write)
 
 
-def make_datasets(split, args):
-    return {part: common.SplitImageDataset(args.data_dir, split, part, args.resolution,
-                                           train_augment=args.train_augment and part == "train")
-            for part in common.SPLIT_PARTS}
+def make_datasets(args):
+    """train / val / test of the run's split file (common.tokenizer_datasets: the one definition
+    the generator scripts use too)."""
+    return common.tokenizer_datasets(vars(args), train_augment=args.train_augment)
 
 
 def shard(dataset, info):
@@ -651,7 +664,8 @@ def train(args, info):
     with common.start_run(args, name=paths.name, outputs=paths.all(), ranges=RANGES, defining=defining,
                           resume_from=paths.last, checks=weight_checks(args) + [check_data],
                           validate=lambda a: validate(a, info.world_size)) as run:
-        data = make_datasets(share_split(found.get("new"), args), args)
+        share_split(found.get("new"), args)
+        data = make_datasets(args)
         common.seed_everything(args.seed)
         model = common.build_tokenizer(args).to(info.device)
         lpips_fn = load_lpips_if_needed(args, info)
@@ -674,17 +688,26 @@ def default_split_file(args):
     return os.path.abspath(args.split_file or os.path.join(args.out, f"split_{args.scheme}.json"))
 
 
-def resolve_sizes(args):
-    """--test-size / --val-size: the scheme's defaults where unset (recorded in the JSON args)."""
-    defaults = SCHEME_SIZES.get(args.scheme)
-    if defaults is None:
-        if args.test_size is not None or args.val_size is not None:
-            raise UserError(f"--scheme {args.scheme} splits 70/20/10 (paper); --test-size / --val-size "
-                            "apply to --scheme imagenet100")
-        return
-    for part, size in defaults.items():
+def resolve_data_defaults(args):
+    """The dataset's --scheme and --resolution and the scheme's --test-size / --val-size where
+    unset (all recorded in the JSON args); sizes a scheme fixes cannot be set."""
+    fashion = args.dataset == common.FASHION_MNIST_SCHEME
+    if fashion and args.scheme is not None:
+        raise UserError("--scheme applies to --dataset imagefolder; Fashion-MNIST uses its official train/test "
+                        "files with a validation set drawn from train")
+    if args.download and not fashion:
+        raise UserError("--download fetches Fashion-MNIST (--dataset fashion-mnist); an ImageFolder is yours")
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    defaults = SCHEME_SIZES.get(args.scheme, {})
+    for part in ("test", "val"):
+        if part not in defaults and getattr(args, f"{part}_size") is not None:
+            fixed = "the official test set" if fashion else "the paper's 70/20/10 split"
+            raise UserError(f"--{part}-size cannot be set for --{'dataset' if fashion else 'scheme'} "
+                            f"{args.scheme}: it uses {fixed}")
         if getattr(args, f"{part}_size") is None:
-            setattr(args, f"{part}_size", size)
+            setattr(args, f"{part}_size", defaults.get(part))
 
 
 def validate(args, world_size):
@@ -742,6 +765,7 @@ def evaluate_checkpoint(args, info):
     ckpt = load_tokenizer_checkpoint(ckpt_path)
     for k in IDENTITY_KEYS:
         setattr(args, k, ckpt["args"][k])
+    args.dataset = ckpt["args"].get("dataset", "imagefolder")  # runs before --dataset read ImageFolders
     args.name = args.name or ckpt["args"].get("name")
     args.split_file = os.path.abspath(args.split_file or ckpt["args"].get("split_file") or default_split_file(args))
     paths = RunPaths(args.out, run_name(args))
@@ -753,7 +777,8 @@ def evaluate_checkpoint(args, info):
         found["split"], _ = prepare_split(args, create=False)
     with common.start_run(args, name=paths.name, outputs=outputs, ranges=RANGES,
                           validate=lambda a: validate(a, info.world_size), checks=weight_checks(args) + [check_data]):
-        split = share_split(None, args)
+        share_split(None, args)
+        split = common.load_split(args.split_file)
         for part in ("test", "val"):
             setattr(args, f"{part}_size", split["sizes"][part])
         model = common.build_tokenizer(args).to(info.device)
@@ -761,7 +786,7 @@ def evaluate_checkpoint(args, info):
         if not model.quantizer.is_enabled:
             raise UserError(f"{ckpt_path} is from the Continuous Phase (quantization off): no tokens to "
                             f"evaluate or dump; use best.pt or a last.pt written after the switch")
-        data = make_datasets(split, args)
+        data = make_datasets(args)
         if args.dump_tokens:
             dump_tokens(model, data[args.dump_tokens], args, info, ckpt_path, outputs[0])
             print0(f"wrote {outputs[0]}")
@@ -775,7 +800,7 @@ def main(args):
     if args.eval_only or args.dump_tokens:
         evaluate_checkpoint(args, info)
     else:
-        resolve_sizes(args)
+        resolve_data_defaults(args)
         train(args, info)
     common.cleanup_distributed()
 
@@ -795,14 +820,23 @@ def int_list(text):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", required=True, help="ImageFolder tree (one sub-folder per class)")
-    g.add_argument("--scheme", choices=["imagenet100", "odir"], default="imagenet100",
-                   help="split scheme: imagenet100 (20k test / 5k val drawn from train) or odir (70/20/10)")
+    g.add_argument("--dataset", choices=["imagefolder", common.FASHION_MNIST_SCHEME], default="imagefolder",
+                   help="imagefolder: --data-dir is an ImageFolder tree split by --scheme; fashion-mnist: "
+                        "--data-dir holds the four idx files (torchvision's layout or a plain folder, e.g. "
+                        f"{common.FASHION_MNIST_APT_DIR})")
+    g.add_argument("--data-dir", required=True, help="the dataset's folder (see --dataset)")
+    g.add_argument("--download", action="store_true", help="fashion-mnist: fetch the files through torchvision")
+    g.add_argument("--scheme", choices=["imagenet100", "odir"],
+                   help="imagefolder split scheme: imagenet100 (default; 20k test / 5k val drawn from train) "
+                        "or odir (70/20/10)")
     g.add_argument("--split-file", help="split JSON shared by all runs (written if absent); "
                                         "default <out>/split_<scheme>.json")
     g.add_argument("--test-size", type=int, help="imagenet100 scheme: test images (default 20,000)")
-    g.add_argument("--val-size", type=int, help="imagenet100 scheme: validation images (default 5,000)")
-    g.add_argument("--resolution", type=int, default=128)
+    g.add_argument("--val-size", type=int,
+                   help="imagenet100 scheme and fashion-mnist: validation images (default 5,000; class-balanced)")
+    g.add_argument("--resolution", type=int,
+                   help="image side: imagefolder resize + centre crop (default 128); fashion-mnist zero-pads "
+                        "28 to it (default 32)")
     g.add_argument("--train-augment", action="store_true", help="random flips in training (off in the paper)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="global batch (all processes together; must divide by their number)")

@@ -522,7 +522,10 @@ def parse(image_folder, out, *extra):
     (["--simvq", "--ema-decay", "0.9"], "cannot be combined with --ema-decay"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--dist-timeout", "0"], "--dist-timeout must be a positive number"),
-    (["--scheme", "odir", "--split-file", "x.json"], "--test-size / --val-size apply to --scheme imagenet100"),
+    (["--scheme", "odir"], "--test-size cannot be set for --scheme odir: it uses the paper's 70/20/10 split"),
+    (["--dataset", "fashion-mnist"], "--test-size cannot be set for --dataset fashion-mnist: it uses the official"),
+    (["--dataset", "fashion-mnist", "--scheme", "odir"], "--scheme applies to --dataset imagefolder"),
+    (["--download"], "--download fetches Fashion-MNIST"),
     # 16 codes at 2:1 need 32 embeddings; 18 training images x 8x8 give 1,152: 600 codes need 1,200
     (["--codebook-size", "600", "--deferred"], r"--codebook-size 600 at --ratio 2 needs 1200 embeddings, but the "
                                                r"18 training images give 1152"),
@@ -713,3 +716,73 @@ def test_simvq_baseline_keeps_its_random_codebook_and_only_the_deferred_arm_star
             assert torch.equal(vq.simvq_map.weight.detach(), torch.eye(args.token_dim))
             gaps = (model.quantizer.codebook.detach()[:, None] - z[None]).norm(dim=-1).min(1).values
             assert gaps.max() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# Fashion-MNIST (issue #9): --dataset fashion-mnist on tiny files in the real idx format
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    """30 training images (3 per class) and 8 test images, a class-dependent bar on zero background."""
+    from test_fashion_mnist import write_split as write_idx
+    rng = np.random.default_rng(1)
+
+    def images(labels):
+        x = np.zeros((len(labels), 28, 28), dtype=np.uint8)
+        for k, c in enumerate(labels):
+            x[k, 2 + 2 * c:8 + 2 * c, 4:24] = 120 + 10 * c + rng.integers(0, 20)
+        return x
+    root = tmp_path_factory.mktemp("fashion")
+    train_labels, test_labels = np.repeat(np.arange(10), 3).astype(np.uint8), (np.arange(8) % 10).astype(np.uint8)
+    write_idx(root, "train", images(train_labels), train_labels)
+    write_idx(root, "t10k", images(test_labels), test_labels)
+    return root
+
+
+def test_fashion_mnist_run_end_to_end(fashion_dir, tmp_path):
+    argv = ["--dataset", "fashion-mnist", "--data-dir", str(fashion_dir), "--out", str(tmp_path)] + \
+        without_sizes(TINY) + ["--val-size", "10", "--deferred", "--continuous-epochs", "1", "--epochs", "2"]
+    tok.main(tok.build_parser().parse_args(argv))
+    name = "vq_deferred_fashion-mnist"
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert record["args"]["scheme"] == "fashion-mnist" and record["args"]["resolution"] == 32
+    assert record["args"]["test_size"] is None and record["args"]["val_size"] == 10
+    assert record["metrics"]["num_images"] == 8  # the official test file
+    split = common.load_split(tmp_path / "split_fashion-mnist.json")
+    assert split["sizes"] == {"train": 20, "val": 10, "test": 8}
+    # the generators' entry point gives the images the run was evaluated on
+    ckpt = torch.load(tmp_path / name / "best.pt", weights_only=False)
+    test = common.tokenizer_datasets(ckpt["args"], parts=("test",))["test"]
+    assert len(test) == 8 and test[0][0].shape == (3, 32, 32)
+    tok.main(tok.build_parser().parse_args(["--data-dir", str(fashion_dir), "--out", str(tmp_path), "--device", "cpu",
+                                            "--num-workers", "0", "--dump-tokens", "test",
+                                            "--checkpoint", str(tmp_path / name / "best.pt")]))
+    dump = torch.load(tmp_path / name / "tokens_test.pt", weights_only=False)
+    assert dump["tokens"].shape == (8, 8, 8) and dump["labels"].tolist() == list(range(8))
+    # the split belongs to the files: other data with the same class names is refused
+    from test_fashion_mnist import write_split as write_idx
+    write_idx(tmp_path / "more", "train", np.zeros((40, 28, 28), np.uint8), np.zeros(40, np.uint8))
+    write_idx(tmp_path / "more", "t10k", np.zeros((8, 28, 28), np.uint8), np.zeros(8, np.uint8))
+    argv[argv.index(str(fashion_dir))] = str(tmp_path / "more")
+    with pytest.raises(common.UserError, match="splits 30 training and 8 test images, but .* holds 40 and 8"):
+        tok.main(tok.build_parser().parse_args(argv + ["--name", "other"]))
+
+
+def test_fashion_mnist_runs_get_their_own_table_not_the_papers():
+    import evaluate
+
+    def run(deferred, seed, mse):
+        args = {"quantizer": "vq", "deferred": deferred, "scheme": "fashion-mnist", "dataset": "fashion-mnist",
+                "simvq": False, "gan_weight": 0.0, "seed": seed, "resolution": 32, "epochs": 20,
+                "continuous_epochs": 10}
+        return {"experiment": "imagenet_tokenizer", "eval_split": "test", "args": args,
+                "metrics": {"mse": mse, "perplexity": 100.0 * (1 + deferred), "rfid": None}}
+    results = [run(False, 0, 0.010), run(False, 1, 0.012), run(True, 0, 0.008)]
+    assert evaluate.render_tokenizer_table(results, "Table 3") is None  # never a paper row
+    text = evaluate.render_tokenizer_other_datasets(results, None)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| fashion-mnist")]
+    assert [r[2:7] for r in rows] == [["epochs=20", "baseline", "–", "2", "0.01100 ± 0.00141"],
+                                      ["epochs=20", "deferred", "10", "1", "0.00800"]]
+    assert "r-FID" not in text  # a metric no run computed gets no column
