@@ -68,9 +68,10 @@ Choices the paper leaves open (documented here and recorded in the JSON args):
 
 Outputs (rank 0): <out>/<name>.json (metrics on the test split, per-epoch history with "phase":
 "continuous" | "discretization"), <out>/<name>.pt (the evaluated checkpoint with `codebook` and
-`code_counts` for `python evaluate.py codebook`), <out>/<name>/{best,last}.pt,
-<out>/<name>/tokens_<split>.pt; --eval-split val|train writes <out>/<name>_<split>.{json,pt}
-instead. --eval-only and --dump-tokens use the split file recorded in the checkpoint unless
+`code_counts` for `python evaluate.py codebook`), <out>/<name>_recon.png (the first 32 test images,
+each row of originals above its reconstructions), <out>/<name>/{best,last}.pt,
+<out>/<name>/tokens_<split>.pt; --eval-split val|train writes <out>/<name>_<split>.json, .pt and
+_recon.png instead. --eval-only and --dump-tokens use the split file recorded in the checkpoint unless
 --split-file is given.
 
 Start-up (common.start_run): every number is checked before any training (a codebook larger than
@@ -139,6 +140,10 @@ def run_name(args):
     return args.name or method_name(args) + f"_{args.scheme}" + ("_gan" if args.gan_weight > 0 else "")
 
 
+# What an evaluation writes: <stem>.json (metrics), <stem>.pt (codebook, counts), <stem>_recon.png.
+RESULT_FILES = (".json", ".pt", "_recon.png")
+
+
 def result_stem(name, split):
     """<name> for the test split (what the tables read), <name>_<split> otherwise."""
     return name if split == "test" else f"{name}_{split}"
@@ -169,7 +174,7 @@ class RunPaths:
         return os.path.join(self.folder, f"tokens_{split}.pt")
 
     def all(self):
-        return ([self.last, self.best] + [self.result(s, e) for s in common.SPLIT_PARTS for e in (".json", ".pt")]
+        return ([self.last, self.best] + [self.result(s, e) for s in common.SPLIT_PARTS for e in RESULT_FILES]
                 + [self.tokens(s) for s in common.SPLIT_PARTS])
 
 
@@ -420,8 +425,24 @@ def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history
                                           "(r-FID: reconstructions vs originals)")
         common.save_checkpoint(paths.result(args.eval_split, ".pt"), model=model.state_dict(), args=vars(args),
                                codebook=codebook, code_counts=res["counts"].float(), metrics=metrics)
+        common.write_png(paths.result(args.eval_split, "_recon.png"), reconstruction_sheet(model, dataset, info))
     print0({k: v for k, v in metrics.items()})
     return metrics
+
+
+@torch.no_grad()
+def reconstruction_sheet(model, dataset, info, columns=16, rows=2):
+    """The first rows x columns images of a split, each row of originals above its reconstructions,
+    as one uint8 (3, 2 * rows * H, columns * W) image: what "visibly good" means, at a glance."""
+    net = model.module if hasattr(model, "module") else model
+    net.eval()
+    x = torch.stack([dataset[i][0] for i in range(min(len(dataset), rows * columns))])
+    recon = net(x.to(info.device))[0].clamp(0, 1).cpu()
+    pad = rows * columns - x.shape[0]
+    pairs = [torch.cat([t, torch.ones(pad, *t.shape[1:])]).reshape(rows, columns, *t.shape[1:]) for t in (x, recon)]
+    sheet = torch.stack(pairs, 1).reshape(2 * rows, columns, *x.shape[1:])  # original row, its reconstruction
+    c, h, w = x.shape[1:]
+    return common.to_uint8(sheet.permute(2, 0, 3, 1, 4).reshape(c, 2 * rows * h, columns * w))
 
 
 @torch.no_grad()
@@ -770,7 +791,7 @@ def evaluate_checkpoint(args, info):
     args.split_file = os.path.abspath(args.split_file or ckpt["args"].get("split_file") or default_split_file(args))
     paths = RunPaths(args.out, run_name(args))
     outputs = ([paths.tokens(args.dump_tokens)] if args.dump_tokens else
-               [paths.result(args.eval_split, ".json"), paths.result(args.eval_split, ".pt")])
+               [paths.result(args.eval_split, ext) for ext in RESULT_FILES])
     found = {}
 
     def check_data():

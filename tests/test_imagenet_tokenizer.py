@@ -231,6 +231,7 @@ def test_runs_write_results_with_all_metrics(trained):
         assert torch.allclose(ckpt["codebook"], model.quantizer.codebook.detach())
         assert m["euclidean"] == pytest.approx(common.mean_pairwise_euclidean(ckpt["codebook"]))
         assert os.path.exists(out / name / "best.pt") and os.path.exists(out / name / "last.pt")
+        assert Image.open(out / f"{name}_recon.png").size == (16 * 32, 4 * 32)  # 2 x (originals, reconstructions)
 
 
 def test_eval_only_reproduces_the_final_evaluation(image_folder, trained):
@@ -584,8 +585,8 @@ def finished(image_folder, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("keep", ["f.json", "f.pt", "f_val.json", "f_val.pt", "f/best.pt", "f/last.pt",
-                                  "f/tokens_test.pt"])
+@pytest.mark.parametrize("keep", ["f.json", "f.pt", "f_recon.png", "f_val.json", "f_val.pt", "f/best.pt",
+                                  "f/last.pt", "f/tokens_test.pt"])
 def test_no_file_of_a_run_is_overwritten_without_resume(image_folder, finished, tmp_path, keep):
     out = tmp_path / "out"
     os.makedirs(out / "f")
@@ -786,3 +787,17 @@ def test_fashion_mnist_runs_get_their_own_table_not_the_papers():
     assert [r[2:7] for r in rows] == [["epochs=20", "baseline", "–", "2", "0.01100 ± 0.00141"],
                                       ["epochs=20", "deferred", "10", "1", "0.00800"]]
     assert "r-FID" not in text  # a metric no run computed gets no column
+
+
+def test_reconstruction_sheet_puts_each_row_of_originals_above_its_reconstructions():
+    class Negative(torch.nn.Module):
+        def forward(self, x):
+            return 1 - x, None, x.new_zeros(())
+    images = [(torch.full((3, 4, 4), k / 40), 0) for k in range(20)]
+    sheet = tok.reconstruction_sheet(Negative(), images, common.DistInfo(0, 1, 0, torch.device("cpu")), columns=8)
+    assert sheet.shape == (3, 4 * 4, 8 * 4) and sheet.dtype == torch.uint8
+    block = lambda r, c: sheet[:, 4 * r:4 * r + 4, 4 * c:4 * c + 4]  # noqa: E731
+    for k in range(16):
+        row, col = divmod(k, 8)
+        assert (block(2 * row, col) == round(255 * k / 40)).all()           # original
+        assert (block(2 * row + 1, col) == round(255 * (1 - k / 40))).all()  # its reconstruction below
