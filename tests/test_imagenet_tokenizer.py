@@ -801,3 +801,22 @@ def test_reconstruction_sheet_puts_each_row_of_originals_above_its_reconstructio
         row, col = divmod(k, 8)
         assert (block(2 * row, col) == round(255 * k / 40)).all()           # original
         assert (block(2 * row + 1, col) == round(255 * (1 - k / 40))).all()  # its reconstruction below
+
+
+def test_fid_images_limits_the_r_fid_sets_to_the_first_images(image_folder, trained, tmp_path, monkeypatch):
+    out, runs = trained
+    ckpt = torch.load(out / runs[("vq", False)][0] / "best.pt", weights_only=False)
+    model = common.build_tokenizer(ckpt["args"])
+    model.load_state_dict(ckpt["model"])
+    seen = {}
+
+    def count_pngs(folder, args, device):
+        seen.update({sub: sorted(os.listdir(os.path.join(folder, sub))) for sub in ("recon", "real")})
+        return 1.0
+    monkeypatch.setattr(tok, "score_fid", count_pngs)
+    data = common.tokenizer_datasets(ckpt["args"])
+    info = common.DistInfo(0, 1, 0, torch.device("cpu"))
+    for limit, expected in ((4, 4), (0, 6)):
+        args = parse(image_folder, tmp_path, "--fid-images", str(limit))
+        tok.evaluate(model, data["test"], args, info, None, fid_dir=str(tmp_path / f"fid{limit}"))
+        assert seen["recon"] == seen["real"] == [f"{i:07d}.png" for i in range(expected)]
