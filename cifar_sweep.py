@@ -1,10 +1,10 @@
-"""CIFAR-10 VQ-VAE codebook-size sweep: paper Figure 5, Tables 8-11 and Figure 6 (sections 6.2, 6.5,
-6.6, appendix A.1 and A.3).
+"""CIFAR-10 VQ-VAE codebook-size sweep: paper Figure 5, Tables 8-11 and Figures 6-8 (sections 6.2,
+6.5, 6.6, appendix A.1 and A.3).
 
 One training loop serves every method; a method only decides the codebook (gradient or EMA), its
 initialisation, and *when* the Continuous -> Discretization switch (common.deferred_switch) happens:
 
-  method          codebook  init / switch                                          default epochs
+  method          codebook  init / switch                                      Continuous + Discretization
   baseline        gradient  switch at step 0 (untrained encoder), 10:1 sample       0 + 300
   baseline_ema    EMA 0.99  switch at step 0                                        0 + 300
   deferred        gradient  switch after the Continuous Phase                      50 + 250  (sec. 6.1)
@@ -13,20 +13,41 @@ initialisation, and *when* the Continuous -> Discretization switch (common.defer
   posthoc_kmeans  -         autoencoder only, then k-means of encoder outputs     300 + 0    (Table 8)
   affine          gradient  switch at 0, affine reparameterisation, affine_lr=5     0 + 300  (Table 11)
   sync            gradient  switch at 0, synchronized update, sync_nu=0.1           0 + 300  (Table 11)
-  affine_sync     gradient  switch at 0, vqtorch defaults affine_lr=2, sync_nu=2    0 + 300  (Table 11)
+  affine_sync     gradient  switch at 0, vqtorch defaults affine_lr=2, sync_nu=2    0 + 300  (Table 11, Fig. 7)
   lru_kmeans      gradient  k-means of the first batch + dead-code (LRU) replacement 0 + 300 (Table 11)
+  alternated      gradient  switch at 0, alternated optimisation (Huh et al. 2023)  0 + 300  (Figure 8)
+
+--epochs is the TOTAL of both phases and --continuous-epochs the Continuous Phase: deferred_ema is
+--epochs 300 --continuous-epochs 150. Given --epochs alone, a method keeps its paper split (deferred_ema
+--epochs 20 -> 10 + 10). Logs say "Continuous Phase" / "Discretization Phase"; history records carry
+"phase": "continuous" | "discretization".
 
 Choices the paper leaves open (documented here and in the report):
   * Pixels: images are scaled to [0, 1] and shifted to [-0.5, 0.5] for the network; the reported MSE
     is the plain per-pixel mean squared error, identical on [0, 1] and [-0.5, 0.5] (a shift), not
     divided by the data variance. Paper values of ~9e-3 are on this scale.
   * Batch size 128 (per step, across all GPUs: each of N ranks takes 128 / N).
-  * Validation (Figure 6) = the CIFAR-10 test set, evaluated after every epoch; no training image is
-    held out (the paper does not say; the classic VQ-VAE CIFAR-10 code does the same). The plotted
+  * Validation (Figure 6) = the CIFAR-10 test set, evaluated after every epoch (--val-every 1); no
+    training image is held out (the paper does not say; the classic VQ-VAE CIFAR-10 code does the same). The plotted
     "validation loss" is the training objective on it: MSE + VQ loss (codebook + beta * commitment;
     beta * commitment with an EMA codebook; 0 in the Continuous Phase).
   * Table 10's Gaussian inits and Table 8/9's baseline use an EMA codebook: their paper numbers
-    coincide with "Baseline + EMA" / "Deferred + EMA" of Table 11 (8,192 and 16,384 codes).
+    coincide with "Baseline + EMA" / "Deferred + EMA" of Table 11 (8,192 and 16,384 codes), with
+    one exception: Table 8's baseline Vendi, 1.66, is Table 11's plain Baseline at 8,192 codes
+    (Baseline + EMA there: 1.70), while its MSE (9.6) and perplexity (2018.63) are Baseline + EMA's.
+    We run Table 8's baseline with the EMA codebook (what two of its three numbers say).
+  * Alternated optimisation (Huh et al. 2023, Figure 8) as vqtorch implements it ("in-place
+    alternated optimization", `VectorQuant(inplace_optimizer=...)`): in every training forward,
+    after the nearest-code search, one SGD step (lr 50, momentum 0.9: vqtorch's README setting)
+    on mean ||c_k - sg(z)||^2 moves the assigned codes towards the batch's encoder outputs, and
+    the forward continues with the moved codes and the same assignments. vqtorch allows it only
+    with its beta = 1, i.e. no commitment term, so this method's --beta defaults to 0 (our beta
+    weighs the commitment term). The paper found it collapses (perplexity towards 1) "across
+    different learning rates and codebook sizes": --grid fig8 runs that claim.
+  * A run whose loss stops being finite (the paper's Affine + Sync at 1,024 codes "training
+    failure", Figure 7) still writes its JSON, with "failed" and the history up to that epoch, so
+    the failure can be plotted; the last good checkpoint stays, and the run exits with one line
+    (a --grid goes on with its next run).
   * The Huh et al. (2023) / SoundStream methods use a gradient codebook, as vqtorch (which the
     paper used) has no EMA codebook; LRU replacement after 100 unused steps (vqtorch's timeout).
     "K-means of the first batch": one global batch holds 128 x 64 = 8,192 vectors; for larger
@@ -34,20 +55,36 @@ Choices the paper leaves open (documented here and in the report):
   * Codes of every baseline start from the same 10:1 sample of (untrained) encoder outputs as the
     deferred runs, so the only difference is *when* the switch happens (common.deferred_switch).
 
+Start-up (common.start_run, before any data is touched by training): every number is checked
+(finite, in range: RANGES), then the rules between arguments (`validate`), --out must be writable,
+CIFAR-10 must be readable and one epoch must give the embeddings the switch collects (`--ratio` x
+codebook size; refused, not silently reduced); the run takes the lock <out>/<name>.lock (a second
+process on the same run, e.g. with another --lr, gets a one-line refusal; --grid takes one lock per
+run), removes temporary files of killed writes, and refuses to overwrite the run's .pt / .json
+without --resume; --resume refuses a checkpoint made with other RUN_DEFINING settings.
+--dist-timeout bounds how long torchrun ranks wait for a dead or frozen peer.
+
 Commands:
     # a few seconds on CPU, real code path (tiny subset, narrow network)
-    python cifar_sweep.py --preset smoke --method deferred_ema --num-codes 64 --data-dir data/cifar10
+    python cifar_sweep.py --preset smoke --method deferred_ema --codebook-size 64 --data-dir data/cifar10
 
     # one paper run on one GPU (CIFAR-10 must already be under --data-dir, or add --download)
-    python cifar_sweep.py --method deferred_ema --num-codes 8192 --data-dir data/cifar10 --out runs/cifar
+    python cifar_sweep.py --method deferred_ema --codebook-size 8192 --data-dir data/cifar10 --out runs/cifar
     # ... continue it after a crash (an existing run is never overwritten without --resume, and a
     # checkpoint made with other settings is refused)
-    python cifar_sweep.py --method deferred_ema --num-codes 8192 --data-dir data/cifar10 --out runs/cifar --resume
+    python cifar_sweep.py --method deferred_ema --codebook-size 8192 --data-dir data/cifar10 --out runs/cifar --resume
 
     # the same on 4 GPUs (global batch stays 128)
-    torchrun --standalone --nproc_per_node=4 cifar_sweep.py --method deferred_ema --num-codes 8192
+    torchrun --standalone --nproc_per_node=4 cifar_sweep.py --method deferred_ema --codebook-size 8192
 
-    # a whole table (skips runs whose JSON exists; rerun the same line to resume after a crash)
+    # Fashion-MNIST, real images on a CPU (offline: apt-get install dataset-fashion-mnist)
+    python cifar_sweep.py --dataset fashion-mnist --data-dir /usr/share/datasets/fashion-mnist \
+        --method deferred_ema --codebook-size 1024 --epochs 10 --train-subset 10000 --channels 32 --res-channels 16
+    # ... Figure 5 and the Table 11 methods on it: --grid cpu-fig5 / cpu-table11 with the same flags
+    # (their recipe comes from the command line; README: the timed two-process family)
+
+    # a whole table or figure (skips runs whose JSON exists; rerun the same line to resume after a
+    # crash). Grids: fig5 table8 table9 table10 table11 fig6 fig7 fig8 (paper recipe), cpu-fig5 cpu-table11
     python cifar_sweep.py --grid table11 --data-dir data/cifar10 --out runs/cifar
     # ... or spread it over 8 GPUs, one independent process each (small model: better than DDP)
     for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python cifar_sweep.py --grid table11 --grid-shard $i/8 & done
@@ -55,7 +92,7 @@ Commands:
 """
 import argparse
 import copy
-import hashlib
+import math
 import os
 import time
 
@@ -64,11 +101,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from common import (UsageCounter, UserError, VectorQuantizer, all_reduce_sum, autocast_for, check_finite,
-                    check_out_dir, check_resume_settings, cleanup_distributed, codebook_metrics,
-                    deferred_switch, load_checkpoint, perplexity_from_counts, print0, progress_bar,
-                    refuse_overwrite, run_cli, save_checkpoint, seed_everything, set_rng_state,
-                    setup_distributed, wrap_ddp, write_json, write_result)
+from common import (FASHION_MNIST_SIZE, UsageCounter, UserError, VectorQuantizer, add_run_arguments,
+                    all_reduce_sum, autocast_for, cleanup_distributed, codebook_metrics, deferred_switch,
+                    load_fashion_mnist, nearest_code, perplexity_from_counts, print0, progress_bar, run_cli,
+                    save_checkpoint, seed_everything, set_rng_state, setup_distributed, start_run, wrap_ddp,
+                    write_result)
 
 # ================================================================================================
 # Methods, presets and the grids of every CIFAR-10 table
@@ -76,19 +113,26 @@ from common import (UsageCounter, UserError, VectorQuantizer, all_reduce_sum, au
 
 # ema: EMA codebook (decay --ema-decay) instead of a gradient one. switch: how deferred_switch builds
 # the codebook ('sample' = 10:1 random sample of encoder outputs, 'kmeans'), None = no switch
-# (quantization on from the start). ae / vq: paper epochs of the two phases (sec. 6.1, A.1).
+# (quantization on from the start). continuous / epochs: paper epochs of the Continuous Phase and
+# in total (sec. 6.1, A.1). Other keys are the method's defaults of the flags of the same name.
 METHODS = {
-    "baseline":       dict(ema=False, switch="sample", ae=0, vq=300),
-    "baseline_ema":   dict(ema=True, switch="sample", ae=0, vq=300),
-    "deferred":       dict(ema=False, switch="sample", ae=50, vq=250),
-    "deferred_ema":   dict(ema=True, switch="sample", ae=150, vq=150),
-    "gaussian":       dict(ema=True, switch=None, ae=0, vq=300),
-    "posthoc_kmeans": dict(ema=False, switch="kmeans", ae=300, vq=0),
-    "affine":         dict(ema=False, switch="sample", ae=0, vq=300, affine_lr=5.0),
-    "sync":           dict(ema=False, switch="sample", ae=0, vq=300, sync_nu=0.1),
-    "affine_sync":    dict(ema=False, switch="sample", ae=0, vq=300, affine_lr=2.0, sync_nu=2.0),
-    "lru_kmeans":     dict(ema=False, switch="kmeans", ae=0, vq=300, dead_code_steps=100, first_batch=True),
+    "baseline":       dict(ema=False, switch="sample", continuous=0, epochs=300),
+    "baseline_ema":   dict(ema=True, switch="sample", continuous=0, epochs=300),
+    "deferred":       dict(ema=False, switch="sample", continuous=50, epochs=300),
+    "deferred_ema":   dict(ema=True, switch="sample", continuous=150, epochs=300),
+    "gaussian":       dict(ema=True, switch=None, continuous=0, epochs=300),
+    "posthoc_kmeans": dict(ema=False, switch="kmeans", continuous=300, epochs=300),
+    "affine":         dict(ema=False, switch="sample", continuous=0, epochs=300, affine_lr=5.0),
+    "sync":           dict(ema=False, switch="sample", continuous=0, epochs=300, sync_nu=0.1),
+    "affine_sync":    dict(ema=False, switch="sample", continuous=0, epochs=300, affine_lr=2.0, sync_nu=2.0),
+    "lru_kmeans":     dict(ema=False, switch="kmeans", continuous=0, epochs=300, dead_code_steps=100,
+                           first_batch=True),
+    "alternated":     dict(ema=False, switch="sample", continuous=0, epochs=300, alternated=True, beta=0.0),
 }
+BETA = 0.25  # commitment weight of every method but alternated (appendix A.1)
+LR = 3e-4    # Adam (amsgrad) learning rate (appendix A.1); runs with another one carry it in their name
+# Alternated optimisation's inner SGD step on the codebook (vqtorch README's in-place optimizer).
+ALTERNATED_LR, ALTERNATED_MOMENTUM = 50.0, 0.9
 
 # Everything not given on the command line: the paper recipe, or a seconds-long CPU rehearsal that
 # runs the identical code path on a few hundred images with a narrower network.
@@ -101,15 +145,23 @@ FIG5_SIZES = [2**k for k in range(4, 17)]          # 16 ... 65,536 codes (Figure
 TABLE11_SIZES = [1024, 4096, 8192, 16384, 32768]   # "1K ... 32K" (Table 11)
 TABLE11_METHODS = ["baseline", "baseline_ema", "affine_sync", "affine", "sync", "lru_kmeans",
                    "deferred", "deferred_ema"]
-TABLE9_AE_EPOCHS = [0, 10, 20, 40, 60, 80, 100]
+TABLE9_CONTINUOUS_EPOCHS = [0, 10, 20, 40, 60, 80, 100]
 TABLE10_STDS = [1.0, 2.0, 3.0, 10.0]
+# Figure 8: "across different learning rates and codebook sizes" (which ones, the paper does not say)
+FIG8_SIZES, FIG8_LRS = [1024, 16384], [1e-4, 3e-4, 1e-3]
+# CPU-sized grids (Figure 5 and Table 11 on real images, e.g. --dataset fashion-mnist): only method
+# and codebook size are set, so --epochs, --train-subset, --channels, --seed ... come from the
+# command line. Figure 5's sizes in steps of 4; the Table 11 methods (and alternated) at one size.
+CPU_FIG5_SIZES = [16, 64, 256, 1024, 4096, 16384]
+CPU_TABLE11_SIZE = 1024
 
 
-def run_config(method, num_codes, ae_epochs=None, vq_epochs=None, **extra):
+def run_config(method, codebook_size, continuous_epochs=None, epochs=None, **extra):
     """One run of a grid: the args that identify it (the rest comes from the command line)."""
     m = METHODS[method]
-    return dict(method=method, num_codes=num_codes, ae_epochs=m["ae"] if ae_epochs is None else ae_epochs,
-                vq_epochs=m["vq"] if vq_epochs is None else vq_epochs, **extra)
+    return dict(method=method, codebook_size=codebook_size,
+                continuous_epochs=m["continuous"] if continuous_epochs is None else continuous_epochs,
+                epochs=m["epochs"] if epochs is None else epochs, **extra)
 
 
 def grid_configs(name):
@@ -118,8 +170,9 @@ def grid_configs(name):
         return [run_config(m, k) for m in ("baseline_ema", "deferred_ema") for k in FIG5_SIZES]
     if name == "table8":
         return [run_config(m, 8192) for m in ("baseline_ema", "posthoc_kmeans", "deferred_ema")]
-    if name == "table9":  # Discretization Phase fixed to 150 epochs; AE epochs 0 = baseline
-        return [run_config("deferred_ema", 8192, ae_epochs=e, vq_epochs=150) for e in TABLE9_AE_EPOCHS]
+    if name == "table9":  # Discretization Phase fixed to 150 epochs; 0 Continuous epochs = baseline
+        return [run_config("deferred_ema", 8192, continuous_epochs=e, epochs=e + 150)
+                for e in TABLE9_CONTINUOUS_EPOCHS]
     if name == "table10":  # 16,384 codes: the paper's "ours" row equals Deferred + EMA at 16K
         return ([run_config("gaussian", 16384, init_std=s) for s in TABLE10_STDS]
                 + [run_config("deferred_ema", 16384)])
@@ -127,22 +180,57 @@ def grid_configs(name):
         return [run_config(m, k) for m in TABLE11_METHODS for k in TABLE11_SIZES]
     if name == "fig6":  # the Table 11 methods at 16,384 codes (appendix A.3)
         return [run_config(m, 16384) for m in TABLE11_METHODS]
+    if name == "fig7":  # the failure case of Table 11: Affine + Sync (vqtorch defaults) at 1,024 codes
+        return [run_config("affine_sync", 1024)]
+    if name == "fig8":  # alternated optimisation collapsing
+        return [run_config("alternated", k, lr=lr) for k in FIG8_SIZES for lr in FIG8_LRS]
+    if name == "cpu-fig5":  # alternate the method's order per size: --grid-shard I/2 splits the cost evenly
+        pairs = [("baseline_ema", "deferred_ema")[::1 - 2 * (i % 2)] for i in range(len(CPU_FIG5_SIZES))]
+        return [dict(method=m, codebook_size=k) for k, pair in zip(CPU_FIG5_SIZES, pairs) for m in pair]
+    if name == "cpu-table11":
+        return [dict(method=m, codebook_size=CPU_TABLE11_SIZE)
+                for m in TABLE11_METHODS + ["alternated"] if m not in ("baseline_ema", "deferred_ema")]
     raise UserError(f"unknown grid '{name}' (use {', '.join(GRIDS)})")
 
 
-GRIDS = ("fig5", "table8", "table9", "table10", "table11", "fig6")
+GRIDS = ("fig5", "table8", "table9", "table10", "table11", "fig6", "fig7", "fig8", "cpu-fig5", "cpu-table11")
 
 # Options that change what a run computes. A checkpoint made under other values cannot be resumed,
 # and evaluate.py averages only runs that agree on all of them except the seed.
-RUN_DEFINING = ("method", "num_codes", "ae_epochs", "vq_epochs", "init_std", "affine_lr", "sync_nu",
-                "dead_code_steps", "ratio", "dim", "channels", "res_channels", "res_blocks", "beta",
+RUN_DEFINING = ("dataset", "method", "codebook_size", "continuous_epochs", "epochs", "init_std", "affine_lr", "sync_nu",
+                "dead_code_steps", "ratio", "token_dim", "channels", "res_channels", "res_blocks", "beta",
                 "ema_decay", "lr", "batch_size", "train_subset", "test_subset", "preset", "seed")
 
 
-def defining_args(args):
-    """The RUN_DEFINING values of resolved args (a namespace or a dict); sigma only for gaussian."""
+# Every number the parser accepts, checked before any work (common.check_ranges; floats must also
+# be finite: `--ratio inf`, `--beta nan`, `--affine-lr nan` are refused). Rules between arguments
+# and the data are in `validate` and `check_switch_embeddings`.
+RANGES = {"codebook_size": ">= 1", "continuous_epochs": ">= 0", "epochs": ">= 1", "init_std": "> 0",
+          "affine_lr": ">= 0", "sync_nu": ">= 0", "dead_code_steps": ">= 0", "ratio": ">= 1", "token_dim": ">= 1",
+          "channels": ">= 2", "res_channels": ">= 1", "res_blocks": ">= 0", "beta": ">= 0", "ema_decay": "(0, 1)",
+          "lr": "> 0", "batch_size": ">= 1", "train_subset": ">= 1", "test_subset": ">= 1", "num_workers": ">= 0",
+          "seed": ">= 0", "dist_timeout": "> 0", "val_every": ">= 1"}
+# The network sees 32 x 32 images and makes 8 x 8 tokens of them (two stride-2 convolutions).
+NET_SIZE = 32
+TOKENS_PER_IMAGE = (NET_SIZE // 4) ** 2
+# Datasets: image channels, side in pixels, default --data-dir. A 28 x 28 Fashion-MNIST image is
+# zero-padded by 2 pixels on each side to 32 x 32: exact (its background is 0, so the padding is
+# more background), the network stays the paper's, and every reported MSE is taken over the 28 x 28
+# original pixels only (the padding is not data). One channel: first and last convolutions 1-wide.
+DATASETS = {"cifar10": dict(channels=3, size=32, data_dir="data/cifar10"),
+            "fashion-mnist": dict(channels=1, size=FASHION_MNIST_SIZE, data_dir="data/fashion-mnist")}
+
+
+def defining_keys(args):
+    """The RUN_DEFINING options of a run (a namespace or a dict); sigma only for gaussian."""
     a = args if isinstance(args, dict) else vars(args)
-    return {k: a.get(k) for k in RUN_DEFINING if k != "init_std" or a.get("method") == "gaussian"}
+    return [k for k in RUN_DEFINING if k != "init_std" or a.get("method") == "gaussian"]
+
+
+def defining_args(args):
+    """The RUN_DEFINING values of resolved args (a namespace or a dict)."""
+    a = args if isinstance(args, dict) else vars(args)
+    return {k: a.get(k) for k in defining_keys(a)}
 
 
 def resolve_args(args):
@@ -150,44 +238,72 @@ def resolve_args(args):
     if args.method not in METHODS:
         raise UserError(f"unknown method '{args.method}' (use {', '.join(METHODS)})")
     m = METHODS[args.method]
-    preset = dict(PRESETS[args.preset])
-    ae, vq = m["ae"], m["vq"]
-    if "epochs" in preset:  # shorten both phases in the method's proportion, each kept >= 1 if used
-        total = preset.pop("epochs")
-        ae = int(min(total - (vq > 0), max(ae > 0, round(total * ae / (ae + vq)))))
-        vq = total - ae
-    for key, value in preset.items():
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.ae_epochs = ae if args.ae_epochs is None else args.ae_epochs
-    args.vq_epochs = vq if args.vq_epochs is None else args.vq_epochs
-    for key in ("affine_lr", "sync_nu", "dead_code_steps"):
+    if args.data_dir is None:
+        args.data_dir = DATASETS[args.dataset]["data_dir"]
+    if args.epochs is None:
+        args.epochs = m["epochs"]
+    if args.continuous_epochs is None:
+        args.continuous_epochs = default_continuous_epochs(m, args.epochs)
+    for key, default in (("affine_lr", 0.0), ("sync_nu", 0.0), ("dead_code_steps", 0), ("beta", BETA)):
         if getattr(args, key) is None:
-            setattr(args, key, m.get(key, 0))
-    if args.ae_epochs < 0 or args.vq_epochs < 0 or args.ae_epochs + args.vq_epochs == 0:
-        raise UserError("--ae-epochs and --vq-epochs must be >= 0 and not both 0")
-    if args.method == "posthoc_kmeans" and args.vq_epochs != 0:
-        raise UserError("posthoc_kmeans never trains with quantization (Table 8): use --vq-epochs 0")
-    if m["switch"] is None and args.ae_epochs != 0:
-        raise UserError(f"{args.method} quantizes from the start (Table 10): use --ae-epochs 0")
-    if not 16 <= args.num_codes <= 65536 and args.preset == "paper":
-        raise UserError(f"--num-codes {args.num_codes} is outside the paper's range 16 ... 65,536")
-    # Checked here, not where they are used: the switch can come after a long Continuous Phase.
-    if not args.ratio >= 1:
-        raise UserError(f"--ratio must be >= 1 (embeddings per code at the switch), got {args.ratio}")
-    if (min(args.batch_size, args.res_channels) < 1 or args.channels < 2 or args.res_blocks < 0
-            or args.workers < 0):
-        raise UserError("--batch-size and --res-channels must be >= 1, --channels >= 2, "
-                        "--res-blocks and --workers >= 0")
-    if any(v is not None and v < 1 for v in (args.train_subset, args.test_subset)):
-        raise UserError("--train-subset and --test-subset must be >= 1 images")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+            setattr(args, key, m.get(key, default))
     return args
 
 
+def default_continuous_epochs(m, epochs):
+    """The method's paper split of `epochs`: its share of Continuous Phase epochs, rounded, keeping
+    at least one epoch of each phase the method has (when there are two epochs or more)."""
+    if m["continuous"] in (0, m["epochs"]):  # one phase only: all quantized, or all continuous
+        return 0 if m["continuous"] == 0 else epochs
+    return int(min(epochs - 1, max(1, round(epochs * m["continuous"] / m["epochs"]))))
+
+
+def validate(args, world_size=1):
+    """Rules between arguments (single numbers are in RANGES), checked before any work."""
+    m = METHODS[args.method]
+    if args.continuous_epochs > args.epochs:
+        raise UserError(f"--continuous-epochs {args.continuous_epochs} exceeds the run's --epochs {args.epochs} "
+                        "(--epochs counts both phases)")
+    if args.method == "posthoc_kmeans" and args.continuous_epochs != args.epochs:
+        raise UserError("posthoc_kmeans never trains with quantization (Table 8): --continuous-epochs must "
+                        "equal --epochs")
+    if m["switch"] is None and args.continuous_epochs != 0:
+        raise UserError(f"{args.method} quantizes from the start (Table 10): use --continuous-epochs 0")
+    if m.get("alternated") and (args.affine_lr > 0 or args.sync_nu > 0):
+        raise UserError("alternated optimisation steps the raw codes: it takes no --affine-lr or --sync-nu")
+    if not 16 <= args.codebook_size <= 65536 and args.preset == "paper":
+        raise UserError(f"--codebook-size {args.codebook_size} is outside the paper's range 16 ... 65,536")
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
+
+
+def switch_ratio(args, num_train):
+    """Embeddings per code that the switch collects: --ratio, or for SoundStream's k-means of the
+    first batch (lru_kmeans) one global batch (the whole set if smaller), at least one per code."""
+    if METHODS[args.method].get("first_batch"):
+        return max(1.0, min(args.batch_size, num_train) * TOKENS_PER_IMAGE / args.codebook_size)
+    return args.ratio
+
+
+def check_switch_embeddings(args, num_train):
+    """The switch collects its embeddings within one epoch: refuse, before training, a ratio or a
+    codebook that one epoch of the training images cannot give (rather than collecting fewer)."""
+    if METHODS[args.method]["switch"] is None:
+        return
+    available = num_train * TOKENS_PER_IMAGE
+    needed = math.ceil(switch_ratio(args, num_train) * args.codebook_size)
+    if needed > available:
+        raise UserError(f"the switch needs {needed} encoder outputs (--ratio {args.ratio:g} x --codebook-size "
+                        f"{args.codebook_size}), but one epoch of {num_train} training images gives {available} "
+                        f"({TOKENS_PER_IMAGE} per image); lower --ratio or --codebook-size, or use more images")
+
+
 def run_name(args):
-    """Method, codebook size, phase lengths and seed (+ the method's own hyperparameters)."""
+    """Method, codebook size, epochs (total, Continuous Phase), seed, the method's own
+    hyperparameters and a learning rate other than the paper's."""
     tags = [args.method]
     if args.method == "gaussian":
         tags.append(f"std{args.init_std:g}")
@@ -197,9 +313,13 @@ def run_name(args):
         tags.append(f"nu{args.sync_nu:g}")
     if args.dead_code_steps > 0:
         tags.append(f"dead{args.dead_code_steps}")
-    tags += [f"K{args.num_codes}", f"ae{args.ae_epochs}", f"vq{args.vq_epochs}", f"s{args.seed}"]
+    if args.lr != LR:
+        tags.append(f"lr{args.lr:g}")
+    tags += [f"K{args.codebook_size}", f"ep{args.epochs}", f"cont{args.continuous_epochs}", f"s{args.seed}"]
     if args.preset != "paper":
         tags.append(args.preset)
+    if args.dataset != "cifar10":
+        tags.append(args.dataset)
     return "_".join(tags)
 
 
@@ -227,38 +347,83 @@ class VQVAE(nn.Module):
     """32x32 image -> two stride-2 4x4 convs -> 8x8 x `channels` -> 3x3 conv -> residual stack ->
     1x1 conv to the token dim -> quantizer -> mirrored decoder. 64 tokens per image."""
 
-    def __init__(self, quantizer, channels=128, res_channels=64, res_blocks=2, dim=32):
+    def __init__(self, quantizer, channels=128, res_channels=64, res_blocks=2, token_dim=32, image_channels=3):
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(image_channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(channels // 2, channels, 4, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1),
             ResidualStack(channels, res_channels, res_blocks),
-            nn.Conv2d(channels, dim, 1))
+            nn.Conv2d(channels, token_dim, 1))
         self.quantizer = quantizer
         self.decoder = nn.Sequential(
-            nn.Conv2d(dim, channels, 3, padding=1),
+            nn.Conv2d(token_dim, channels, 3, padding=1),
             ResidualStack(channels, res_channels, res_blocks),
             nn.ConvTranspose2d(channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(channels // 2, 3, 4, stride=2, padding=1))
+            nn.ConvTranspose2d(channels // 2, image_channels, 4, stride=2, padding=1))
 
     def forward(self, x):
         z_q, indices, vq_loss = self.quantizer(self.encoder(x))
         return self.decoder(z_q), indices, vq_loss
 
 
+class AlternatedQuantizer(VectorQuantizer):
+    """Alternated optimisation of Huh et al. (2023) as vqtorch implements it (see the docstring of
+    this script): in a training forward, after the nearest-code search, one SGD step with momentum
+    on L = mean ||c_k(i) - sg(z_i)||^2 moves the assigned codes towards the encoder outputs; the
+    forward then looks the same indices up in the moved codebook. The gradient is closed-form,
+    dL/dc_k = 2 (n_k c_k - s_k) / (N dim) with n_k, s_k the count and sum of the vectors assigned to
+    code k; n_k, s_k and N are summed over ranks, so every rank takes the same step. The momentum
+    buffer is part of the state dict (checkpoints resume exactly)."""
+
+    def __init__(self, *args, inner_lr=ALTERNATED_LR, inner_momentum=ALTERNATED_MOMENTUM, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inner_lr, self.inner_momentum = inner_lr, inner_momentum
+        self.register_buffer("inner_velocity", torch.zeros_like(self.embed))
+        self.register_buffer("inner_steps", torch.zeros((), dtype=torch.long))
+
+    def quantize_flat(self, z):
+        if not self.training:
+            return super().quantize_flat(z)
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            indices = nearest_code(z, self.codebook)
+            self.inner_step(z.detach(), indices)
+            q = F.embedding(indices, self.codebook.float())  # the moved codes, the same assignments
+            loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())  # eq. 2
+            self.update_after_assignment(z.detach(), indices)
+            return self.straight_through(z, q), indices, loss
+
+    @torch.no_grad()
+    def inner_step(self, z, indices):
+        rows = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        stats = all_reduce_sum(rows.new_zeros(self.num_codes, self.dim + 1).index_add_(0, indices, rows))
+        sums, counts = stats[:, :-1], stats[:, -1:]
+        total = counts.sum()
+        grad = 2.0 * (counts * self.embed - sums) / (total * self.dim)
+        # torch.optim.SGD's momentum: the first step takes the gradient itself as the velocity
+        if int(self.inner_steps) == 0:
+            self.inner_velocity.copy_(grad)
+        else:
+            self.inner_velocity.mul_(self.inner_momentum).add_(grad)
+        self.embed.sub_(self.inner_lr * self.inner_velocity)
+        self.inner_steps.add_(1)
+
+
 def build_model(args):
     m = METHODS[args.method]
-    quantizer = VectorQuantizer(
-        args.num_codes, args.dim, beta=args.beta, ema_decay=args.ema_decay if m["ema"] else None,
+    quantizer = (AlternatedQuantizer if m.get("alternated") else VectorQuantizer)(
+        args.codebook_size, args.token_dim, beta=args.beta, ema_decay=args.ema_decay if m["ema"] else None,
         init="gaussian" if args.method == "gaussian" else "uniform", init_std=args.init_std,
         enabled=m["switch"] is None, dead_code_steps=args.dead_code_steps,
         affine_lr=args.affine_lr, sync_nu=args.sync_nu)
-    return VQVAE(quantizer, args.channels, args.res_channels, args.res_blocks, args.dim)
+    return VQVAE(quantizer, args.channels, args.res_channels, args.res_blocks, args.token_dim,
+                 DATASETS[args.dataset]["channels"])
 
 
 # ================================================================================================
-# Data: torchvision's CIFAR-10 held in memory as uint8, converted on the device
+# Data: CIFAR-10 (torchvision) or Fashion-MNIST (common.load_fashion_mnist) held in memory as
+# uint8 (N, C, 32, 32), converted on the device
 # ================================================================================================
 
 
@@ -282,26 +447,42 @@ def to_input(batch, device):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def build_loaders(args, info):
+def load_fashion(root, train, download, subset):
+    """(N, 1, 32, 32) uint8 tensor of one Fashion-MNIST split: the 28 x 28 images zero-padded by 2
+    pixels on every side (see DATASETS)."""
+    images = load_fashion_mnist(root, train=train, download=download)[0]
+    images = images[:subset] if subset else images
+    pad = (NET_SIZE - FASHION_MNIST_SIZE) // 2
+    return F.pad(images[:, None], (pad, pad, pad, pad))
+
+
+def load_data(args):
+    """{'train', 'test'}: both splits as uint8 tensors (a UserError when the data are missing)."""
+    load = load_cifar if args.dataset == "cifar10" else load_fashion
+    return {"train": load(args.data_dir, True, args.download, args.train_subset),
+            "test": load(args.data_dir, False, args.download, args.test_subset)}
+
+
+def image_pixels(x, args):
+    """The pixels of the images themselves: the network's 32 x 32 minus any padding (DATASETS)."""
+    pad = (NET_SIZE - DATASETS[args.dataset]["size"]) // 2
+    return x[..., pad:NET_SIZE - pad, pad:NET_SIZE - pad] if pad else x
+
+
+def build_loaders(args, info, data):
     """Training loader (DistributedSampler, reshuffled per epoch from (seed, epoch)) and the test
     loader, sharded without padding so every test image is counted exactly once over all ranks."""
-    if args.download and info.world_size > 1 and not info.is_main:
-        torch.distributed.barrier()  # rank 0 downloads first
-    train = load_cifar(args.data_dir, True, args.download, args.train_subset)
-    test = load_cifar(args.data_dir, False, args.download, args.test_subset)
-    if args.download and info.world_size > 1 and info.is_main:
-        torch.distributed.barrier()
-    if args.batch_size % info.world_size:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {info.world_size} processes")
+    train, test = data["train"], data["test"]
     per_rank = args.batch_size // info.world_size
     pin = info.device.type == "cuda"
     sampler = DistributedSampler(TensorDataset(train), num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, seed=args.seed)
     train_loader = DataLoader(TensorDataset(train), batch_size=per_rank, sampler=sampler,
-                              num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0)
+                              num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
     test_shard = Subset(TensorDataset(test), range(info.rank, len(test), info.world_size))
     test_loader = DataLoader(test_shard, batch_size=max(per_rank, 256), shuffle=False,
-                             num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0)
+                             num_workers=args.num_workers, pin_memory=pin,
+                             persistent_workers=args.num_workers > 0)
     return train_loader, sampler, test_loader
 
 
@@ -314,24 +495,21 @@ def build_loaders(args, info):
 def evaluate(model, loader, args, device):
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # squared error, vq loss x images, images
-    usage = UsageCounter(args.num_codes, device)
+    usage = UsageCounter(args.codebook_size, device)
     for batch in loader:
         x = to_input(batch, device)
         with autocast_for(device):
             recon, indices, vq_loss = model(x)
-        sums[0] += F.mse_loss(recon.float(), x, reduction="sum").double()
+        sums[0] += F.mse_loss(image_pixels(recon.float(), args), image_pixels(x, args), reduction="sum").double()
         sums[1] += vq_loss.double() * x.shape[0]
         sums[2] += x.shape[0]
         if indices is not None:
             usage.update(indices)
     all_reduce_sum(sums)
     usage.all_reduce()
-    mse = float(sums[0] / (sums[2] * 3 * 32 * 32))
+    info = DATASETS[args.dataset]
+    mse = float(sums[0] / (sums[2] * info["channels"] * info["size"] ** 2))
     return {"mse": mse, "loss": mse + float(sums[1] / sums[2]), "counts": usage.counts.cpu()}
-
-
-def sha256_of(tensor):
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 # ================================================================================================
@@ -342,9 +520,7 @@ def sha256_of(tensor):
 def switch(model, loader, args, epoch):
     """Continuous -> Discretization (common.deferred_switch) from this epoch's batches."""
     m = METHODS[args.method]
-    ratio = args.ratio
-    if m.get("first_batch"):  # SoundStream: k-means of the first batch (>= one vector per code)
-        ratio = max(1.0, args.batch_size * 64 / args.num_codes)
+    ratio = switch_ratio(args, len(loader.dataset))
     loader.sampler.set_epoch(epoch)
     model.eval()
     device = next(model.parameters()).device
@@ -355,30 +531,33 @@ def switch(model, loader, args, epoch):
     with autocast_for(device):
         n = deferred_switch(model.quantizer, encode, loader, ratio, method=m["switch"], seed=args.seed,
                             progress=True)
-    print0(f"epoch {epoch}: quantization on, codebook of {args.num_codes} from {n} embeddings per rank "
-           f"({m['switch']})")
+    print0(f"epoch {epoch}: Discretization Phase on, codebook of {args.codebook_size} from {n} embeddings "
+           f"per rank ({m['switch']})")
 
 
 def train_run(args, info):
-    """Train (or resume) one configuration and write <out>/<name>.json and <name>.pt."""
+    """Start-up protocol (common.start_run), then train (or resume) one configuration."""
     name = run_name(args)
-    json_path = os.path.join(args.out, name + ".json")
-    ckpt_path = os.path.join(args.out, name + ".pt")
+    paths = {"json": os.path.join(args.out, name + ".json"), "ckpt": os.path.join(args.out, name + ".pt")}
+    data = {}
+
+    def check_data():  # rank 0, before the lock: data readable, and enough of it for the switch
+        data.update(load_data(args))
+        check_switch_embeddings(args, len(data["train"]))
+
+    with start_run(args, name=name, outputs=[paths["ckpt"], paths["json"]], ranges=RANGES,
+                   defining=defining_keys(args), resume_from=paths["ckpt"], checks=[check_data],
+                   validate=lambda a: validate(a, info.world_size)) as run:
+        if not data:  # the other ranks (rank 0 has downloaded, if asked, by now)
+            data.update(load_data(args))
+        return train(args, info, name, paths, data, run.checkpoint)
+
+
+def train(args, info, name, paths, data, ckpt):
+    """Train one configuration from scratch or from `ckpt`; writes <name>.pt and <name>.json."""
     device = info.device
-    check_out_dir(args.out)
-    if args.resume and not os.path.exists(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
-    if not args.resume:
-        refuse_overwrite([ckpt_path, json_path])
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None  # on the CPU (see set_rng_state)
-    if ckpt is not None:
-        check_resume_settings(ckpt.get("args", {}), args, defining_args(args), ckpt_path)
     seed_everything(args.seed)
-    train_loader, sampler, test_loader = build_loaders(args, info)
-    available = len(train_loader.dataset) * 64  # one epoch of encoder outputs, 8 x 8 per image
-    if args.num_codes > available:
-        raise UserError(f"--num-codes {args.num_codes} exceeds the {available} encoder outputs of one epoch "
-                        "that initialise the codebook; use fewer codes or more training images")
+    train_loader, sampler, test_loader = build_loaders(args, info, data)
     model = build_model(args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -391,68 +570,96 @@ def train_run(args, info):
         set_rng_state(ckpt["rng"])
         print0(f"resuming {name} at epoch {start_epoch}")
     # The gradient codebook / affine parameters sit unused during the Continuous Phase.
-    ddp = wrap_ddp(model, info, find_unused_parameters=args.ae_epochs > 0)
-    total = args.ae_epochs + args.vq_epochs
-    # Debug only (the two-process test): every rank records what it saw and the codebook it holds.
-    debug = {"rank": info.rank, "first_batch_sha256": [], "codebook_sha256": []} if args.debug_rank_hashes else None
+    ddp = wrap_ddp(model, info, find_unused_parameters=args.continuous_epochs > 0)
 
     def save(epochs_done, code_counts):
         """Epoch-boundary checkpoint (rank 0): resumable state + the codebook and its test usage."""
         if info.is_main:
-            save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            save_checkpoint(paths["ckpt"], model=model.state_dict(), optimizer=optimizer.state_dict(),
                             epoch=epochs_done, history=history, args=vars(args),
                             codebook=model.quantizer.codebook.detach().float().cpu(), code_counts=code_counts)
 
-    t0 = time.time()
-    for epoch in range(start_epoch, total):
-        if epoch == args.ae_epochs and not model.quantizer.is_enabled:
+    def result(metrics, **extra):
+        if info.is_main:
+            write_result(paths["json"], args.dataset, args.method, args, metrics, history, run_name=name,
+                         wall_seconds=time.time() - t0, world_size=info.world_size, eval_split="test",
+                         eval_images=len(data["test"]), data_range=1.0, **extra)
+
+    t0, val = time.time(), None
+    for epoch in range(start_epoch, args.epochs):
+        if epoch == args.continuous_epochs and not model.quantizer.is_enabled:
             switch(model, train_loader, args, epoch)
+        phase = "discretization" if model.quantizer.is_enabled else "continuous"
         sampler.set_epoch(epoch)
-        model.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x n, mse x n, n, quantized steps
-        for step, batch in enumerate(progress_bar(train_loader, desc=f"{name} epoch {epoch}", leave=False)):
-            if debug is not None and step == 0:
-                debug["first_batch_sha256"].append(sha256_of(batch[0]))
-            x = to_input(batch, device)
-            with autocast_for(device):
-                recon, indices, vq_loss = ddp(x)
-            mse = F.mse_loss(recon.float(), x)
-            loss = mse + vq_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # Accumulated on the device: no host sync per step.
-            n = x.shape[0]
-            sums += torch.stack([loss.detach() * n, mse.detach() * n, loss.new_tensor(n),
-                                 loss.new_tensor(float(indices is not None))]).double()
-        all_reduce_sum(sums)
-        # Checked once per epoch, before anything is written, so a diverged epoch never overwrites
-        # the last good checkpoint.
-        check_finite(sums[0] + sums[1], f"epoch {epoch}")
-        val = evaluate(model, test_loader, args, device)
-        history.append({"epoch": epoch, "phase": "continuous" if epoch < args.ae_epochs else "discretization",
-                        "train_loss": float(sums[0] / sums[2]), "train_mse": float(sums[1] / sums[2]),
-                        "val_loss": val["loss"], "val_mse": val["mse"],
-                        "val_perplexity": perplexity_from_counts(val["counts"]),
-                        "quantized_steps": int(sums[3] / info.world_size)})
-        print0(f"epoch {epoch}: train loss {history[-1]['train_loss']:.5f}, val mse {val['mse']:.5f}")
-        if debug is not None:
-            debug["codebook_sha256"].append(sha256_of(model.quantizer.codebook))
-            write_json(os.path.join(args.out, f"{name}.rank{info.rank}.debug.json"), debug)
-        save(epoch + 1, val["counts"])
+        t_epoch = time.time()
+        stats = train_epoch(ddp, optimizer, train_loader, args, info,
+                            desc=f"{name} epoch {epoch} ({phase.title()} Phase)")
+        train_seconds = time.time() - t_epoch
+        if not stats["finite"]:  # Figure 7's failure: record it, keep the last good checkpoint, stop
+            history.append({"epoch": epoch, "phase": phase, "train_loss": None, "diverged": True})
+            failure = f"loss became {stats['train_loss']} at epoch {epoch}; lower the learning rate or check the data"
+            result({}, failed=failure)
+            raise Diverged(f"{name}: {failure} (the history up to it is in {paths['json']})")
+        record = {"epoch": epoch, "phase": phase, "train_loss": stats["train_loss"], "train_mse": stats["train_mse"],
+                  "train_perplexity": stats["train_perplexity"], "quantized_steps": stats["quantized_steps"],
+                  "train_seconds": train_seconds}
+        val = None
+        if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+            t_val = time.time()
+            val = evaluate(model, test_loader, args, device)
+            record.update(val_loss=val["loss"], val_mse=val["mse"], val_seconds=time.time() - t_val,
+                          val_perplexity=perplexity_from_counts(val["counts"]))
+        history.append(record)
+        print0(f"epoch {epoch} ({phase.title()} Phase): train loss {stats['train_loss']:.5f}"
+               + (f", val mse {val['mse']:.5f}" if val else ""))
+        save(epoch + 1, val and val["counts"])
+    final = val  # the last epoch's test evaluation is the result (at 16,384 codes it costs an epoch)
     if not model.quantizer.is_enabled:  # posthoc_kmeans: discretize after training, no fine-tuning
-        switch(model, train_loader, args, total)
-    final = evaluate(model, test_loader, args, device)
+        switch(model, train_loader, args, args.epochs)
+        final = None
+    if final is None:  # posthoc_kmeans, or a run resumed after its last epoch
+        final = evaluate(model, test_loader, args, device)
+        save(args.epochs, final["counts"])
     metrics = codebook_metrics(model.quantizer.codebook, final["counts"])
     metrics["mse"] = final["mse"]
     metrics["val_loss"] = final["loss"]
-    save(total, final["counts"])
-    if info.is_main:
-        write_result(json_path, "cifar10", args.method, args, metrics, history, run_name=name,
-                     wall_seconds=time.time() - t0, world_size=info.world_size)
+    result(metrics)
     print0(f"{name}: test mse {metrics['mse']:.5f}, perplexity {metrics['perplexity']:.1f}, "
            f"vendi {metrics['vendi']:.3f}, euclidean {metrics['euclidean']:.3f}")
     return metrics
+
+
+class Diverged(UserError):
+    """The training loss stopped being finite (a result of its own: the run's JSON records it)."""
+
+
+def train_epoch(ddp, optimizer, loader, args, info, desc):
+    """One epoch over this rank's shard. Sums stay on the device (no host sync per step) and are
+    all-reduced once: mean loss and MSE, the usage perplexity of every training assignment of the
+    epoch (Figure 8: collapse shows as perplexity -> 1), and the number of quantized steps."""
+    device = info.device
+    ddp.train()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x n, mse x n, n, quantized steps
+    usage = UsageCounter(args.codebook_size, device)
+    for batch in progress_bar(loader, desc=desc, leave=False):
+        x = to_input(batch, device)
+        with autocast_for(device):
+            recon, indices, vq_loss = ddp(x)
+        mse = F.mse_loss(image_pixels(recon.float(), args), image_pixels(x, args))
+        loss = mse + vq_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = x.shape[0]
+        sums += torch.stack([loss.detach() * n, mse.detach() * n, loss.new_tensor(n),
+                             loss.new_tensor(float(indices is not None))]).double()
+        if indices is not None:
+            usage.update(indices)
+    all_reduce_sum(sums)
+    usage.all_reduce()
+    return {"finite": bool(torch.isfinite(sums[:2]).all()), "train_loss": float(sums[0] / sums[2]),
+            "train_mse": float(sums[1] / sums[2]), "quantized_steps": int(sums[3]) // info.world_size,
+            "train_perplexity": perplexity_from_counts(usage.counts.cpu()) if usage.counts.sum() > 0 else None}
 
 
 def parse_shard(text):
@@ -467,7 +674,7 @@ def parse_shard(text):
 
 
 def main(args):
-    info = setup_distributed(args.device)
+    info = setup_distributed(args.device, args.dist_timeout)
     try:
         if args.grid is None:
             return train_run(resolve_args(args), info)
@@ -482,7 +689,10 @@ def main(args):
                 print0(f"skip {run_name(run_args)} (result exists)")
                 continue
             run_args.resume = os.path.exists(path + ".pt")  # a grid continues where it stopped
-            train_run(run_args, info)
+            try:
+                train_run(run_args, info)
+            except Diverged as err:  # recorded in its JSON (e.g. Figure 7's failure case); go on
+                print0(f"failed: {err}")
     finally:
         cleanup_distributed()
 
@@ -494,33 +704,36 @@ def build_parser():
     p.add_argument("--grid-shard", default="0/1",
                    help="I/N: run only configurations I, I+N, ... of the grid (one process per GPU)")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    p.add_argument("--num-codes", type=int, default=512, help="codebook size (paper: 16 ... 65,536)")
-    p.add_argument("--ae-epochs", type=int, help="Continuous Phase epochs (default: per method)")
-    p.add_argument("--vq-epochs", type=int, help="Discretization Phase epochs (default: per method)")
+    p.add_argument("--codebook-size", type=int, default=512, help="number of codes K (paper: 16 ... 65,536)")
+    p.add_argument("--epochs", type=int, help="TOTAL epochs, both phases (default: per method, 300)")
+    p.add_argument("--continuous-epochs", type=int,
+                   help="Continuous Phase epochs before the switch (default: the method's share of --epochs)")
     p.add_argument("--init-std", type=float, default=1.0, help="sigma of the gaussian method (Table 10)")
     p.add_argument("--affine-lr", type=float, help="affine reparameterisation rate (default: per method)")
     p.add_argument("--sync-nu", type=float, help="synchronized update nu (default: per method)")
     p.add_argument("--dead-code-steps", type=int, help="LRU replacement after this many unused steps")
     p.add_argument("--ratio", type=float, default=10.0, help="embeddings per code at the switch (A.1: 10)")
-    p.add_argument("--dim", type=int, default=32, help="token dimension")
+    p.add_argument("--token-dim", type=int, default=32, help="dimension of a code / encoder output vector")
     p.add_argument("--channels", type=int, help="encoder/decoder channels (paper 128)")
     p.add_argument("--res-channels", type=int, help="residual hidden channels (paper 64)")
     p.add_argument("--res-blocks", type=int, default=2)
-    p.add_argument("--beta", type=float, default=0.25)
+    p.add_argument("--beta", type=float, help=f"commitment weight (default {BETA}; alternated: 0, as vqtorch)")
     p.add_argument("--ema-decay", type=float, default=0.99)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=LR, help="Adam (amsgrad) learning rate")
     p.add_argument("--batch-size", type=int, help="global batch size (paper preset 128)")
     p.add_argument("--train-subset", type=int, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, help="use only the first N test images")
-    p.add_argument("--data-dir", default="data/cifar10", help="folder holding cifar-10-batches-py")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 (needs internet)")
-    p.add_argument("--out", default="runs/cifar")
+    p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
+    p.add_argument("--data-dir", help="cifar10: the folder holding cifar-10-batches-py (default data/cifar10); "
+                   "fashion-mnist: torchvision's layout or a folder with the four idx .gz files, e.g. "
+                   "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist; default "
+                   "data/fashion-mnist)")
+    p.add_argument("--download", action="store_true", help="download the dataset through torchvision (internet)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.pt (--grid: always)")
-    p.add_argument("--debug-rank-hashes", action="store_true",
-                   help="debug: every rank writes its codebook hash after each epoch (checks DDP sync)")
+    p.add_argument("--val-every", type=int, default=1,
+                   help="evaluate the test split every N epochs (Figure 6's curves; always after the last)")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    add_run_arguments(p, out_default="runs/cifar")  # --out, --resume (--grid: automatic), --device, --dist-timeout
     return p
 
 

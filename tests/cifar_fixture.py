@@ -1,4 +1,4 @@
-"""A tiny CIFAR-10 folder in torchvision's real on-disk format, for tests only.
+"""Tiny CIFAR-10 and Fashion-MNIST folders in their real on-disk formats, for tests only.
 
 torchvision.datasets.CIFAR10 checks the md5 sums of the real files. Tests cannot ship the real data,
 so `allow_fixture_checksums` replaces torchvision.datasets.cifar.check_integrity (the one function
@@ -50,3 +50,21 @@ def allow_fixture_checksums():
     """Make torchvision accept fixture files whose md5 differs from the real CIFAR-10 (test-only)."""
     import torchvision.datasets.cifar as cifar
     cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
+
+
+def write_fashion_fixture(root, train_images=192, test_images=64, seed=0):
+    """The four Fashion-MNIST idx .gz files (written by tests/test_fashion_mnist.py's independent idx
+    writer) in a flat folder, like the Debian package's. Images are 28 x 28 grey blobs on a zero
+    background, as Fashion-MNIST's items are; returns (root, {split: (images, labels)})."""
+    from test_fashion_mnist import write_split
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28] / 27.0
+    arrays = {}
+    for prefix, n in (("train", train_images), ("t10k", test_images)):
+        centre = rng.uniform(0.3, 0.7, (n, 2, 1, 1))
+        level = rng.uniform(0.4, 1.0, (n, 1, 1))
+        blob = np.exp(-((xx - centre[:, 0]) ** 2 + (yy - centre[:, 1]) ** 2) / 0.03)
+        images = np.where(blob > 0.05, level * blob, 0.0)  # exactly 0 around the item
+        arrays[prefix] = ((images * 255).astype(np.uint8), rng.integers(0, 10, n).astype(np.uint8))
+        write_split(root, prefix, *arrays[prefix])
+    return root, arrays

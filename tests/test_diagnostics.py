@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common import (UsageCounter, UserError, codebook_metrics, mean_pairwise_cosine_distance,
-                    mean_pairwise_euclidean, perplexity_from_counts, vendi_score)
+                    mean_pairwise_euclidean, perplexity_from_counts, vendi_score, vendi_score_centred)
 
 
 def direct_euclidean(codes):
@@ -23,9 +23,12 @@ def direct_cosine(codes):
     return float((1 - cos)[np.triu_indices(s, 1)].mean())
 
 
-def direct_vendi(codes):
+def direct_vendi(codes, centred=False):
     t = codes.double().numpy()
     k = t @ t.T  # the full S x S inner-product kernel, eq. 6
+    if centred:  # double centring of the kernel, H K H with H = I - 11^T / S (never centres t itself)
+        h = np.eye(len(t)) - 1.0 / len(t)
+        k = h @ k @ h
     lam = np.linalg.eigvalsh(k / np.trace(k))
     lam = lam[lam > 1e-15]
     return float(np.exp(-(lam * np.log(lam)).sum()))
@@ -100,6 +103,23 @@ def test_vendi_invariants():
     assert vendi_score(torch.zeros(5, 3)) == 1.0
 
 
+@pytest.mark.parametrize("shape", [(10, 4), (60, 8), (40, 40), (30, 64)])
+def test_centred_vendi_against_the_doubly_centred_kernel(shape):
+    codes = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.5 + 2.0
+    assert vendi_score_centred(codes) == pytest.approx(direct_vendi(codes, centred=True), rel=1e-8)
+
+
+def test_centred_vendi_ignores_a_common_offset_the_raw_one_does_not():
+    g = torch.Generator().manual_seed(8)
+    codes = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    offset = 10.0 * torch.randn(1, 16, generator=g, dtype=torch.float64)
+    assert vendi_score_centred(codes + offset) == pytest.approx(vendi_score_centred(codes), rel=1e-10)
+    assert vendi_score(codes + offset) < 0.2 * vendi_score(codes)  # the offset direction dominates K
+    # like the raw score, the centred one counts directions, not their scale
+    assert vendi_score_centred(0.1 * codes + offset) == pytest.approx(vendi_score_centred(codes), rel=1e-10)
+    assert vendi_score_centred(torch.full((7, 3), 0.3)) == 1.0 and vendi_score_centred(torch.randn(1, 5)) == 1.0
+
+
 def test_perplexity_invariants():
     assert perplexity_from_counts(torch.full((64,), 3.0)) == pytest.approx(64.0)
     assert perplexity_from_counts(torch.tensor([0, 0, 9, 0])) == pytest.approx(1.0)
@@ -126,11 +146,12 @@ def test_usage_counter_accumulates_batches():
 def test_codebook_metrics_dict_and_bad_input():
     codes = torch.randn(40, 5, generator=torch.Generator().manual_seed(6))
     m = codebook_metrics(codes)
-    assert set(m) == {"num_codes", "dim", "euclidean", "cosine", "vendi"}
+    assert set(m) == {"num_codes", "dim", "euclidean", "cosine", "vendi", "vendi_centred"}
     assert (m["num_codes"], m["dim"]) == (40, 5)
     assert m["euclidean"] == pytest.approx(direct_euclidean(codes), rel=1e-6)
     assert m["cosine"] == pytest.approx(direct_cosine(codes), rel=1e-6)
     assert m["vendi"] == pytest.approx(direct_vendi(codes), rel=1e-6)
+    assert m["vendi_centred"] == pytest.approx(direct_vendi(codes, centred=True), rel=1e-6)
     counts = np.array([0, 5, 5] + [0] * 37)
     m = codebook_metrics(codes.numpy(), counts)
     assert m["perplexity"] == pytest.approx(2.0) and m["used_codes"] == 2

@@ -14,7 +14,7 @@ from scipy.spatial.distance import pdist
 from common import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITE = {"num_codes", "dim", "euclidean", "cosine", "vendi"}
+SUITE = {"num_codes", "dim", "euclidean", "cosine", "vendi", "vendi_centred"}
 
 
 def evaluate(*args):
@@ -22,13 +22,17 @@ def evaluate(*args):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-def expected_suite(codes):
-    t = np.asarray(codes, dtype=np.float64)
-    k = t @ t.T
+def kernel_vendi(k):
     lam = np.linalg.eigvalsh(k / np.trace(k))
     lam = lam[lam > 1e-15]
+    return float(np.exp(-(lam * np.log(lam)).sum()))
+
+
+def expected_suite(codes):
+    t = np.asarray(codes, dtype=np.float64)
+    c = t - t.mean(0)
     return {"num_codes": t.shape[0], "dim": t.shape[1], "euclidean": pdist(t).mean(),
-            "cosine": pdist(t, "cosine").mean(), "vendi": float(np.exp(-(lam * np.log(lam)).sum()))}
+            "cosine": pdist(t, "cosine").mean(), "vendi": kernel_vendi(t @ t.T), "vendi_centred": kernel_vendi(c @ c.T)}
 
 
 def assert_suite_json(proc, codes, extra=()):
@@ -81,7 +85,9 @@ def test_missing_file_and_wrong_key_are_one_line_errors(tmp_path, codes):
     path = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"quantize.embedding.weight": codes}}, path)
     assert_one_line_error(evaluate(path, "--key", "state_dict.quantizer.weight"), "state_dict.quantizer.weight")
-    assert_one_line_error(evaluate(path), "--key")  # no 'codebook' key: asks for one
+    unknown = tmp_path / "unknown.ckpt"
+    torch.save({"state_dict": {"vq.codes": codes}}, unknown)
+    assert_one_line_error(evaluate(unknown), "--key")  # no known codebook key: asks for one
     bad = tmp_path / "vector.npy"
     np.save(bad, np.arange(5.0))
     assert_one_line_error(evaluate(bad), "(num_codes, dim)")

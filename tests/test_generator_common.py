@@ -31,6 +31,11 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     assert torch.equal(dump.labels, torch.tensor([val[i][1] for i in range(len(val))]))
     test = common.tokenizer_test_split(cfg)  # the g-FID reference: the tokenizer's own test split
     assert len(test) == 6 and test.items == common.load_split(run.split_file)["test"]
+    # its Inception statistics are cached under a name that changes with the folder and the size
+    name = common.tokenizer_test_cache_name(cfg)
+    assert name.startswith("dq-test-") and name == common.tokenizer_test_cache_name(dict(cfg))
+    assert name != common.tokenizer_test_cache_name(dict(cfg, resolution=64))
+    assert name != common.tokenizer_test_cache_name(cfg, data_dir="/elsewhere")
     ident = common.tokenizer_identity(cfg, run.checkpoint)
     assert ident["deferred"] is False and ident["gan"] is False and ident["quantizer"] == quantizer
     assert ident["codebook_size"] == 16 and ident["checkpoint"] == os.path.abspath(run.checkpoint)
@@ -175,8 +180,9 @@ def test_sample_files_and_class_rows_grid(tmp_path):
 def test_sample_metrics_record_their_provenance(monkeypatch):
     seen = {}
 
-    def fake_fidelity(generated, reference, fid=True, prc=False, device=None):
+    def fake_fidelity(generated, reference, fid=True, prc=False, device=None, **cache):
         seen["shapes"] = (tuple(generated.shape), len(reference))
+        seen["cache"] = cache
         return dict({"fid": 12.5} if fid else {}, **({"precision": 0.5, "recall": 0.25} if prc else {}))
 
     def fake_lpips(images, model, max_pairs=None, generator=None):
@@ -185,16 +191,21 @@ def test_sample_metrics_record_their_provenance(monkeypatch):
 
     monkeypatch.setattr(common, "fidelity_metrics", fake_fidelity)
     monkeypatch.setattr(common, "lpips_diversity", fake_lpips)
-    images = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(0))
-    reference = [(torch.rand(3, 6, 6), 0) for _ in range(7)]
+    images = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = [(torch.rand(3, 32, 32), 0) for _ in range(7)]
     metrics, prov = common.sample_metrics(images, reference, prc=True, lpips_model=object(), lpips_pairs=4)
     assert metrics == {"num_samples": 5, "pixel_diversity": pytest.approx(common.pixel_diversity(images)),
                        "gfid": 12.5, "precision": 0.5, "recall": 0.25, "lpips_diversity": 0.5}
-    assert seen["shapes"] == ((5, 3, 6, 6), 7) and seen["lpips"] == (3, 4)  # grayscale -> RGB
+    assert seen["shapes"] == ((5, 3, 32, 32), 7) and seen["lpips"] == (3, 4)  # grayscale -> RGB
     assert prov == {"eval_split": "test", "data_range": 1.0, "pixel_scale": 1.0,
                     "fid_reference": "test split, 7 images", "lpips_pairs": 4}
+    assert seen["cache"] == {}
+    common.sample_metrics(images, reference, reference_cache="dq-test-abc")
+    assert seen["cache"] == {"cache": True, "input2_cache_name": "dq-test-abc"}  # torch-fidelity's own cache
     metrics, prov = common.sample_metrics(images, reference, fid=False)
     assert set(metrics) == {"num_samples", "pixel_diversity"} and prov["fid_reference"] is None
+    with pytest.raises(UserError, match="at least 31x31"):  # AlexNet has no feature map left below that
+        common.sample_metrics(images[..., :30, :], reference, fid=False, lpips_model=object())
 
 
 def test_generate_images_decodes_each_batch(tokenizer_runs):

