@@ -239,8 +239,8 @@ def test_eval_only_reproduces_the_final_evaluation(image_folder, trained):
     name, record = runs[("msvq", False)]
     with pytest.raises(common.UserError, match=rf"{name}\.(json|pt) exists"):  # never replaced silently
         run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
-    os.remove(out / f"{name}.json")
-    os.remove(out / f"{name}.pt")
+    for ext in tok.RESULT_FILES:
+        os.remove(out / f"{name}{ext}")
     run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
     with open(out / f"{name}.json") as f:
         again = json.load(f)
