@@ -103,12 +103,12 @@ EXPERIMENT = "imagenet_tokenizer"
 QUANTIZER_KEYS = ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay", "simvq", "scales",
                   "num_phi", "phi_ratio")
 # What a checkpoint fixes: --eval-only / --dump-tokens take these from it.
-IDENTITY_KEYS = common.TOKENIZER_ARCH_KEYS + QUANTIZER_KEYS + ("deferred", "gan_weight", "scheme")
+IDENTITY_KEYS = common.TOKENIZER_ARCH_KEYS + QUANTIZER_KEYS + ("deferred", "gan_weight", "scheme", "seed")
 # Settings that define a run: --resume refuses a checkpoint made under other values (and with
 # --lr-schedule cosine also --epochs, which sets the schedule's length).
 DEFINING = IDENTITY_KEYS + ("dataset", "split_file", "continuous_epochs", "ratio", "init_method", "lr", "min_lr",
                             "lr_schedule", "plateau_patience", "plateau_factor", "batch_size", "lpips_weight",
-                            "gan_start", "disc_layers", "seed", "select_by", "fid_every", "fid_images",
+                            "gan_start", "disc_layers", "select_by", "fid_every", "fid_images",
                             "max_steps_per_epoch", "train_augment")
 RANGES = {
     "test_size": ">= 1", "val_size": ">= 1", "resolution": ">= 1", "batch_size": ">= 1",
@@ -137,7 +137,9 @@ def method_name(args):
 
 
 def run_name(args):
-    return args.name or method_name(args) + f"_{args.scheme}" + ("_gan" if args.gan_weight > 0 else "")
+    """--name, else <method>_<scheme>[_gan][_s<seed> for seeds other than 0]."""
+    suffix = ("_gan" if args.gan_weight > 0 else "") + (f"_s{args.seed}" if args.seed else "")
+    return args.name or f"{method_name(args)}_{args.scheme}{suffix}"
 
 
 # What an evaluation writes: <stem>.json (metrics), <stem>.pt (codebook, counts), <stem>_recon.png.
@@ -916,7 +918,7 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("evaluation and outputs")
-    g.add_argument("--name", help="run name (default <method>_<scheme>[_gan])")
+    g.add_argument("--name", help="run name (default <method>_<scheme>[_gan][_s<seed> unless the seed is 0])")
     g.add_argument("--select-by", choices=["fid", "val_loss"], default="fid",
                    help="best.pt criterion: validation r-FID (paper) or validation loss (no Inception weights)")
     g.add_argument("--fid-every", type=int, default=1, help="validation r-FID every N Discretization epochs")

@@ -820,3 +820,11 @@ def test_fid_images_limits_the_r_fid_sets_to_the_first_images(image_folder, trai
         args = parse(image_folder, tmp_path, "--fid-images", str(limit))
         tok.evaluate(model, data["test"], args, info, None, fid_dir=str(tmp_path / f"fid{limit}"))
         assert seen["recon"] == seen["real"] == [f"{i:07d}.png" for i in range(expected)]
+
+
+def test_a_seed_other_than_0_names_its_run_and_its_evaluations(image_folder, tmp_path):
+    run_script(image_folder, tmp_path / "o", "--epochs", "1", "--seed", "1")
+    assert (tmp_path / "o" / "vq_baseline_imagenet100_s1.json").exists()
+    run_script(image_folder, tmp_path / "o", "--eval-only", "--eval-split", "val",
+               "--checkpoint", str(tmp_path / "o" / "vq_baseline_imagenet100_s1" / "best.pt"))
+    assert (tmp_path / "o" / "vq_baseline_imagenet100_s1_val.json").exists()
