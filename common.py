@@ -690,8 +690,16 @@ class VectorQuantizer(nn.Module):
                          (1 + a*s) * c + a*b with learnable per-dimension s, b and a = affine_lr.
       sync_nu            > 0: synchronized update of Huh et al. (2023): the task-loss gradient also
                          reaches the codebook, scaled by nu.
-      simvq              True: SimVQ (Zhu et al. 2025): a frozen random codebook C seen through a
-                         learned linear map, codes = C W^T.
+      simvq              True: SimVQ (Zhu et al. 2025) as its official code builds it (youngsheen/
+                         SimVQ, taming/modules/vqvae/quantize.py): a frozen codebook C drawn
+                         N(0, 1/dim) seen through a learned linear layer with bias, codes = C W^T + b,
+                         W and b with nn.Linear's default init (`init` applies to plain codebooks).
+                         A data-driven init (`init_from_embeddings`: the deferred arm's switch) sets C
+                         to the chosen embeddings and resets the layer to the identity (W = I, b = 0),
+                         so the effective codes are exactly those embeddings, as without SimVQ, and
+                         the layer learns from there. (Solving C = (codes - b) W^-T through the random
+                         layer would give the same codes but a frozen C whose scale depends on W's
+                         conditioning.) Dead-code replacement writes through the current layer.
       l2_norm            True: LlamaGen's quantizer (Sun et al. 2024, tokenizer/tokenizer_image/
                          vq_model.py): encoder outputs and codes are projected onto the unit sphere
                          for the search, both loss terms and the straight-through output, so the
@@ -728,7 +736,7 @@ class VectorQuantizer(nn.Module):
         self.ema_decay, self.eps = ema_decay, eps
         self.dead_code_steps, self.affine_lr, self.sync_nu = dead_code_steps, affine_lr, sync_nu
 
-        weight = self._unit(self._initial_codes(init, init_std))  # LlamaGen: U(-1/K, 1/K), then normalised
+        weight = self._simvq_codes() if simvq else self._unit(self._initial_codes(init, init_std))  # LlamaGen: U(-1/K, 1/K), then normalised
         if ema_decay is None:
             self.embed = nn.Parameter(weight, requires_grad=not simvq)
         else:
@@ -738,9 +746,7 @@ class VectorQuantizer(nn.Module):
         if affine_lr > 0:
             self.affine_scale = nn.Parameter(torch.zeros(dim))
             self.affine_bias = nn.Parameter(torch.zeros(dim))
-        self.simvq_map = nn.Linear(dim, dim, bias=False) if simvq else None
-        if simvq:
-            nn.init.eye_(self.simvq_map.weight)
+        self.simvq_map = nn.Linear(dim, dim) if simvq else None  # torch's default init, as SimVQ's code
         self.register_buffer("enabled", torch.tensor(bool(enabled)))
         self.register_buffer("steps_unused", torch.zeros(num_codes, dtype=torch.long))
 
@@ -752,6 +758,10 @@ class VectorQuantizer(nn.Module):
                 raise UserError(f"init_std must be > 0, got {init_std}")
             return torch.randn(self.num_codes, self.dim) * init_std
         raise UserError(f"unknown codebook init '{init}' (use uniform, gaussian, or init_from_embeddings)")
+
+    def _simvq_codes(self):
+        """SimVQ's frozen codebook: N(0, 1/dim) entries (its nn.init.normal_(std=dim ** -0.5))."""
+        return torch.randn(self.num_codes, self.dim) * self.dim ** -0.5
 
     def _unit(self, x):
         """Rows (or channels of a (B, dim, H, W) map) projected onto the unit sphere in l2_norm mode;
@@ -874,8 +884,9 @@ class VectorQuantizer(nn.Module):
         if self.affine_lr > 0:
             scale = 1.0 + self.affine_lr * self.affine_scale
             return (codes - self.affine_lr * self.affine_bias) / scale
-        if self.simvq_map is not None:
-            return torch.linalg.solve(self.simvq_map.weight.float(), codes.t()).t()
+        if self.simvq_map is not None:  # codes = C W^T + b  ->  C^T = W^-1 (codes - b)^T
+            shifted = codes - self.simvq_map.bias.float()
+            return torch.linalg.solve(self.simvq_map.weight.float(), shifted.t()).t()
         return codes
 
     def _write_from_rank0(self, mask, choose):
@@ -907,7 +918,8 @@ class VectorQuantizer(nn.Module):
         `embeddings` are this rank's (N_r, dim) vectors or (B, dim, H, W) maps; they are gathered
         from all ranks, and rank 0 draws `num_codes` of them without replacement ('sample') or runs
         k-means on them ('kmeans'); the result is broadcast, so every rank starts from the same
-        codebook. EMA state is reset to match (see `set_codes`).
+        codebook. EMA state is reset to match (see `set_codes`); a SimVQ layer is reset to the
+        identity, so its frozen codebook holds the embeddings themselves (see the class docstring).
         """
         if method not in ("sample", "kmeans"):
             raise UserError(f"unknown init method '{method}' (use sample or kmeans)")
@@ -922,6 +934,9 @@ class VectorQuantizer(nn.Module):
             if method == "sample":
                 return pool[torch.randperm(pool.shape[0], generator=gen)[: self.num_codes].to(pool.device)]
             return kmeans(pool, self.num_codes, iters=kmeans_iters, generator=gen)
+        if self.simvq_map is not None:
+            nn.init.eye_(self.simvq_map.weight)
+            nn.init.zeros_(self.simvq_map.bias)
         self._write_from_rank0(torch.ones(self.num_codes, dtype=torch.bool, device=self.embed.device), choose)
 
 
@@ -1937,15 +1952,18 @@ def _class_uniform_sample(by_class, size, rng):
     return sorted(picked)
 
 
-def make_split(root, scheme, seed, out_path, test_size=20000, val_size=5000, test_fraction=0.2,
+def make_split(root, scheme, seed, out_path=None, test_size=20000, val_size=5000, test_fraction=0.2,
                val_fraction=0.1):
-    """Write a reproducible train/val/test split of an ImageFolder tree to `out_path` (JSON).
+    """A reproducible train/val/test split of an ImageFolder tree, written to `out_path` (JSON)
+    unless that is None (then `write_split` writes it later, e.g. once the run's lock is held).
 
     scheme 'imagenet100' (paper section 6.1; `root` is the ImageNet-100 *training* folder):
     `test_size` images (20,000) sampled uniformly over all classes, then a `val_size` (5,000)
     validation set the same way; the rest is train.
     scheme 'odir': a random 70/20/10 train/test/val split of all images (`test_fraction`,
-    `val_fraction`). Same tree + same seed -> same file. Returns the split dict.
+    `val_fraction`). Same tree + same seed -> same file. The file records the part sizes
+    ("sizes"), so a later run can refuse a split made with other --test-size / --val-size.
+    Returns the split dict.
     """
     classes, items = scan_image_folder(root)
     rng = random.Random(seed)
@@ -1971,14 +1989,19 @@ def make_split(root, scheme, seed, out_path, test_size=20000, val_size=5000, tes
     else:
         raise UserError(f"unknown split scheme '{scheme}' (use imagenet100 or odir)")
     split = {"scheme": scheme, "seed": seed, "root": os.path.abspath(root), "classes": classes,
+             "sizes": {"train": len(train), "val": len(val), "test": len(test)},
              "train": [list(it) for it in train], "val": [list(it) for it in val],
              "test": [list(it) for it in test]}
-    write_json(out_path, split)
+    if out_path is not None:
+        write_json(out_path, split)
     return split
 
 
 def load_split(path):
-    """Read a split file written by make_split and check its structure (UserError if not)."""
+    """Read a split file written by make_split and check its structure (UserError if not).
+    A file without "sizes" (written before they were recorded) gets them from its parts."""
+    if os.path.isdir(path):
+        raise UserError(f"split file {path} is a folder; name a JSON file (it is written if absent)")
     split = read_json(path)
     keys = ("scheme", "seed", "root", "classes") + SPLIT_PARTS
     if not isinstance(split, dict) or any(k not in split for k in keys):
@@ -1990,12 +2013,70 @@ def load_split(path):
                 isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int)
                 and 0 <= e[1] < num_classes for e in entries):
             raise UserError(f"{path}: '{part}' must be a list of [relative path, class index] pairs")
+    sizes = {part: len(split[part]) for part in SPLIT_PARTS}
+    if split.setdefault("sizes", sizes) != sizes:
+        raise UserError(f"{path}: its recorded sizes {split['sizes']} differ from its parts {sizes}")
     return split
+
+
+def write_split(split, path):
+    """Write `split` to `path` unless a split file is already there, and return the one on disk.
+    The file appears complete or not at all, and only the first of several runs started at once
+    (each with its own name, sharing one split file) writes it: a later writer would otherwise
+    replace the split that an earlier run has already started training on."""
+    if os.path.exists(path):
+        return load_split(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(split, indent=1) + "\n")
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with contextlib.suppress(FileExistsError):  # another run wrote it first: use theirs
+            os.link(tmp, path)
+        os.unlink(tmp)
+    except OSError as err:
+        raise UserError(f"cannot write split file {path}: {err.strerror or err}") from None
+    return load_split(path)
+
+
+class ImageReadError(UserError):
+    """An image that cannot be read. Raised inside a DataLoader worker, torch re-raises it in the
+    main process as ImageReadError('Caught ImageReadError in DataLoader worker ...' + the worker's
+    traceback); this class keeps only the original message, so the user sees one line either way."""
+
+    def __init__(self, message):
+        own = f"{ImageReadError.__name__}: "
+        if "Traceback" in message and own in message:
+            message = message.rstrip().rsplit(own, 1)[1].splitlines()[0]
+        super().__init__(message)
+
+
+def read_rgb(path):
+    """An image file as an 8-bit RGB PIL image. 16-bit greyscale (PIL mode I;16, e.g. 16-bit PNG)
+    is scaled by 255/65535 (PIL's own convert would clip it to 255: nearly all white); PIL already
+    reduces 16-bit RGB(A) to 8 bits. 32-bit integer or float images (mode I or F, e.g. TIFF) have no
+    known range and are refused."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I;16"):
+                wide = np.asarray(img, dtype=np.uint16).astype(np.float64)
+                return Image.fromarray(np.round(wide / 257.0).astype(np.uint8)).convert("RGB")
+            if img.mode in ("I", "F"):
+                raise ImageReadError(f"cannot read image {path}: 32-bit {'integer' if img.mode == 'I' else 'float'} "
+                                     "pixels have no known range; convert it to an 8- or 16-bit image")
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from None
 
 
 class SplitImageDataset(torch.utils.data.Dataset):
     """One part ('train' / 'val' / 'test') of a split: items (image, label) with the image a float
-    (3, resolution, resolution) tensor in [0, 1]: RGB, shorter side resized to `resolution`
+    (3, resolution, resolution) tensor in [0, 1]: RGB (`read_rgb`), shorter side resized to `resolution`
     (bicubic, PIL), centre-cropped; with `train_augment`, a random horizontal flip (torch RNG, so
     DataLoader worker seeding applies). `root` overrides the split's root (data moved elsewhere).
     """
@@ -2018,12 +2099,7 @@ class SplitImageDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         relpath, label = self.items[index]
-        path = os.path.join(self.root, relpath)
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read image {path}: {err}") from None
+        img = read_rgb(os.path.join(self.root, relpath))
         r = self.resolution
         w, h = img.size
         scale = r / min(w, h)
@@ -2125,6 +2201,95 @@ def load_fashion_mnist(data_dir, train=True, download=False):
     if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
         raise UserError(f"{label_path}: label {labels.max()} outside the {len(FASHION_MNIST_CLASSES)} classes")
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+# ---- Tokenizer datasets: one entry point for every script that needs a tokenizer's own split ----
+# A tokenizer run (imagenet_tokenizer.py) records its data in its args: "dataset" ("imagefolder",
+# the default of runs that predate the option, or "fashion-mnist"), "data_dir", "split_file",
+# "resolution". `tokenizer_datasets` turns those into the exact train / val / test images the run
+# used, so a generator computes g-FID against the tokenizer's own test split.
+
+FASHION_MNIST_SCHEME = "fashion-mnist"
+
+
+def make_fashion_mnist_split(data_dir, seed, val_size=5000, out_path=None, download=False):
+    """The Fashion-MNIST split of a tokenizer run: the official 60,000 training images minus a
+    seeded, class-balanced validation set of `val_size` (drawn like the imagenet100 scheme's), and
+    the official 10,000 test images. Items name an image as '<file>/<index>' ('train/123' is image
+    123 of the training file), with its label. Written to `out_path` unless None; returns the
+    split dict (scheme 'fashion-mnist', classes FASHION_MNIST_CLASSES, sizes)."""
+    _, train_labels = load_fashion_mnist(data_dir, train=True, download=download)
+    _, test_labels = load_fashion_mnist(data_dir, train=False, download=download)
+    if not 0 < val_size < len(train_labels):
+        raise UserError(f"--val-size {val_size} must leave training images among the {len(train_labels)}")
+    by_class = [[] for _ in FASHION_MNIST_CLASSES]
+    for i, label in enumerate(train_labels.tolist()):
+        by_class[label].append((i, label))
+    val = _class_uniform_sample(by_class, val_size, random.Random(seed))
+    parts = {"train": [("train", it) for it in sorted(it for rest in by_class for it in rest)],
+             "val": [("train", it) for it in val], "test": [("test", it) for it in enumerate(test_labels.tolist())]}
+    split = {"scheme": FASHION_MNIST_SCHEME, "seed": seed, "root": os.path.abspath(data_dir),
+             "classes": list(FASHION_MNIST_CLASSES), "sizes": {k: len(v) for k, v in parts.items()},
+             **{k: [[f"{name}/{i}", label] for name, (i, label) in v] for k, v in parts.items()}}
+    if out_path is not None:
+        write_json(out_path, split)
+    return split
+
+
+class FashionMNISTSplit(torch.utils.data.Dataset):
+    """One part of a Fashion-MNIST split: items (image, label), the image a float (3, resolution,
+    resolution) tensor in [0, 1]: the 28x28 greyscale image replicated to 3 channels (LPIPS and
+    Inception take RGB; the tokenizer stays the paper's 3-channel one) and zero-padded to
+    `resolution` (>= 28; 32 gives 2 pixels a side, and 32 halves cleanly to an 8x8 latent grid).
+    Fashion-MNIST's background is exactly 0, so the padding adds background and changes no pixel
+    of a garment (resizing would blur every image). `files` maps 'train' / 'test' to the
+    (images, labels) of `load_fashion_mnist`; an item whose label differs from the file's is
+    refused (a split file of other data)."""
+
+    def __init__(self, files, split, part, resolution, train_augment=False):
+        if resolution < FASHION_MNIST_SIZE:
+            raise UserError(f"Fashion-MNIST images are {FASHION_MNIST_SIZE}x{FASHION_MNIST_SIZE}: --resolution "
+                            f"{resolution} would crop them; use 32 (zero padding)")
+        where = [(name, int(index)) for name, index in (item.split("/") for item, _ in split[part])]
+        self.images = torch.stack([files[name][0][i] for name, i in where]) if where else torch.zeros(0, 28, 28)
+        self.labels = torch.tensor([label for _, label in split[part]], dtype=torch.long)
+        found = torch.tensor([int(files[name][1][i]) for name, i in where], dtype=torch.long)
+        if not torch.equal(found, self.labels):
+            raise UserError(f"the '{part}' part of the split names images whose labels differ from the "
+                            "Fashion-MNIST files': the split file belongs to other data")
+        total = resolution - FASHION_MNIST_SIZE
+        self.pad = (total // 2, total - total // 2, total // 2, total - total // 2)  # left, right, top, bottom
+        self.train_augment = train_augment
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        x = F.pad(self.images[index].float() / 255.0, self.pad).expand(3, -1, -1)
+        if self.train_augment and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])
+
+
+def tokenizer_datasets(cfg, data_dir=None, parts=SPLIT_PARTS, train_augment=False, download=False):
+    """{part: dataset} of a tokenizer run from its args dict (a checkpoint's "args" or
+    vars(args)): the images of its split file, prepared as the run saw them (ImageFolder: RGB,
+    resized and centre-cropped to its resolution; Fashion-MNIST: 3 channels, zero-padded). Images
+    are float (3, H, W) in [0, 1] with integer labels. `data_dir` overrides the folder recorded in
+    the run (data moved to another machine); `train_augment` flips training images at random.
+    The generator scripts take `tokenizer_datasets(cfg, parts=("test",))["test"]` as the g-FID
+    reference: the tokenizer's own test split, never one drawn afresh."""
+    split_file = cfg.get("split_file")
+    if not split_file or not os.path.exists(split_file):
+        raise UserError(f"the tokenizer's split file {split_file} is missing: its images are defined by it")
+    split = load_split(split_file)
+    data_dir = data_dir or cfg.get("data_dir") or split["root"]
+    augment = {part: train_augment and part == "train" for part in parts}
+    if cfg.get("dataset", "imagefolder") == FASHION_MNIST_SCHEME:
+        needed = {item.split("/")[0] for part in parts for item, _ in split[part]}
+        files = {name: load_fashion_mnist(data_dir, train=name == "train", download=download) for name in needed}
+        return {part: FashionMNISTSplit(files, split, part, cfg["resolution"], augment[part]) for part in parts}
+    return {part: SplitImageDataset(data_dir, split, part, cfg["resolution"], augment[part]) for part in parts}
 
 
 # ================================================================================================

@@ -206,6 +206,9 @@ def load_results(root):
     for path in paths:
         record = read_json(path)
         if isinstance(record, dict) and "experiment" in record and "metrics" in record:
+            if not isinstance(record.get("args"), dict) or not isinstance(record["metrics"], dict):
+                raise UserError(f"{path} is a result JSON without its 'args' / 'metrics' dicts (every script "
+                                "writes both): fix or move it out of the folder")
             record["path"] = path
             results.append(current_arg_names(record))
     return results
@@ -284,15 +287,45 @@ def load_codebook(path, key=None):
     else:
         raise UserError(f"no codebook at key '{key}' in {path}" if key else
                         f"no codebook found in {path}; name its dotted key path with --key")
+    codes = as_float_codes(codes, f"'{k}' in {path}")
     counts = ckpt.get("code_counts") if isinstance(ckpt, dict) else None
-    return as_float_codes(codes, f"'{k}' in {path}"), counts
+    return codes, None if counts is None else checked_counts(counts, codes.shape[0], path)
+
+
+def as_numbers(value, where):
+    """A real-valued tensor from a tensor / array / list, or a one-line UserError naming `where`
+    (a dict picked by --key, an array of strings, ...)."""
+    if isinstance(value, np.ndarray) and not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+        raise UserError(f"the array at {where} holds {value.dtype} values, not numbers")
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"the value at {where} is a {type(value).__name__}, not a tensor of numbers") from None
+    if tensor.is_complex():
+        raise UserError(f"the tensor at {where} is complex, not real")
+    return tensor
 
 
 def as_float_codes(codes, where):
-    codes = torch.as_tensor(codes)
+    codes = as_numbers(codes, where)
     if codes.dim() != 2:
         raise UserError(f"the tensor at {where} has shape {tuple(codes.shape)}; a codebook is (num_codes, dim)")
-    return codes if codes.is_floating_point() and codes.dtype != torch.float16 else codes.float()
+    codes = codes if codes.is_floating_point() and codes.dtype != torch.float16 else codes.float()
+    if not torch.isfinite(codes).all():
+        raise UserError(f"the codebook at {where} holds NaN or infinite values")
+    return codes
+
+
+def checked_counts(counts, num_codes, path):
+    """Usage counts must be one finite, non-negative count per code: anything else would give a
+    perplexity without meaning."""
+    counts = as_numbers(counts, f"'code_counts' in {path}").double()
+    if counts.shape != (num_codes,):
+        raise UserError(f"'code_counts' in {path} has shape {tuple(counts.shape)}, not one count for each "
+                        f"of the {num_codes} codes")
+    if not torch.isfinite(counts).all() or (counts < 0).any():
+        raise UserError(f"'code_counts' in {path} holds negative, NaN or infinite counts")
+    return counts
 
 
 def unit_codes(codes):
@@ -813,37 +846,109 @@ TOKENIZER_LABELS = {"rfid": "r-FID", "mse": "MSE", "lpips": "LPIPS", "euclidean"
                     "cosine": "Cos.", "vendi": "Vendi", "perplexity": "Perp."}
 
 
-def tokenizer_run(results, sel):
-    """The imagenet_tokenizer run matching a row selector, evaluated on the test split (the last
-    one in path order when several match)."""
-    matches = [r for r in select(results, "imagenet_tokenizer", quantizer=sel["quantizer"],
-                                 deferred=sel["deferred"], scheme=sel["scheme"], simvq=sel["simvq"])
-               if (r["args"].get("gan_weight", 0) > 0) == sel["gan"] and r.get("eval_split", "test") == "test"]
-    return matches[-1] if matches else None
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def tokenizer_settings_key(args, defaults):
+    """The run-defining settings of a tokenizer run (imagenet_tokenizer.DEFINING, plus --epochs and
+    --patience, which end a run) except the seed and the split file: runs that share them are seeds
+    of one configuration. A key missing from an older JSON takes the parser's default."""
+    from imagenet_tokenizer import DEFINING
+    skip = {"seed", "split_file"} | (set() if args.get("deferred") else {"continuous_epochs"})
+    return tuple((k, _hashable(args.get(k, defaults.get(k)))) for k in DEFINING + ("epochs", "patience")
+                 if k not in skip)
+
+
+def tokenizer_defaults():
+    from imagenet_tokenizer import build_parser
+    return vars(build_parser().parse_args(["--data-dir", "."]))
+
+
+def settings_label(key, defaults, shown_elsewhere):
+    """'paper' for the script's defaults, else the settings that differ from them, e.g. 'epochs=40'."""
+    diff = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in key
+            if k not in shown_elsewhere and v != _hashable(defaults.get(k))]
+    return ", ".join(diff) or "paper"
+
+
+def tokenizer_groups(results, sel):
+    """imagenet_tokenizer runs on the test split that match a row selector, grouped by their
+    run-defining settings: [(settings label, runs)], one group per configuration, its seeds
+    together (the paper's settings first, then by label)."""
+    runs = [r for r in select(results, "imagenet_tokenizer", quantizer=sel["quantizer"], deferred=sel["deferred"],
+                              scheme=sel["scheme"], simvq=sel["simvq"])
+            if (r["args"].get("gan_weight", 0) > 0) == sel["gan"] and r.get("eval_split", "test") == "test"]
+    defaults, groups = tokenizer_defaults(), {}
+    for r in runs:
+        groups.setdefault(tokenizer_settings_key(r["args"], defaults), []).append(r)
+    shown = set(sel) | {"gan_weight"}
+    labelled = [(settings_label(key, defaults, shown), group) for key, group in groups.items()]
+    return sorted(labelled, key=lambda item: (item[0] != "paper", item[0]))
+
+
+def mean_metric(runs, key):
+    values = [r["metrics"].get(key) for r in runs if r["metrics"].get(key) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def render_tokenizer_table(results, table):
     spec = PAPER["imagenet_tokenizer"][table]
-    runs = [tokenizer_run(results, sel) for _, sel, _ in spec["rows"]]
-    if not any(runs):
+    rows_groups = [(label, tokenizer_groups(results, sel), paper) for label, sel, paper in spec["rows"]]
+    if not any(groups for _, groups, _ in rows_groups):
         return None
-    header = ["Row"]
+    header = ["Row", "settings", "seeds"]
     for col in spec["cols"]:
         scale = spec["scale"].get(col)
         name = TOKENIZER_LABELS[col] + (f" (x{scale:.0e})" if scale else "")
         header += [f"{name} paper", f"{name} ours"]
     rows = []
-    for (label, _, paper), run in zip(spec["rows"], runs):
-        row = [label]
-        for col in spec["cols"]:
-            ours = run["metrics"].get(col) if run else None
-            if ours is not None and col in spec["scale"]:
-                ours = ours / spec["scale"][col]  # same scaling as the paper's column
-            row += [fmt(paper[col]), fmt(ours)]
-        rows.append(row)
-    note = ("\n\nMSE / LPIPS shown divided by the factors in the headers (paper's convention; for "
-            "Tables 2, 3, 5 the factor is inferred, see PAPER). '–': run absent or metric not computed.")
+    for label, groups, paper in rows_groups:
+        for settings, runs in groups or [("–", [])]:
+            row = [label, settings, len(runs)]
+            for col in spec["cols"]:
+                ours = mean_metric(runs, col)
+                if ours is not None and col in spec["scale"]:
+                    ours = ours / spec["scale"][col]  # same scaling as the paper's column
+                row += [fmt(paper[col]), fmt(ours)]
+            rows.append(row)
+    note = ("\n\nOurs: mean over the seeds of one configuration; runs that differ in a run-defining setting "
+            "(named under 'settings'; 'paper' = the script's defaults) get their own row. MSE / LPIPS shown "
+            "divided by the factors in the headers (paper's convention; for Tables 2, 3, 5 the factor is "
+            "inferred, see PAPER). '–': run absent or metric not computed.")
     return markdown_table(header, rows) + note
+
+
+# Datasets the paper did not use (Fashion-MNIST on a CPU): our runs only, mean ± std over seeds.
+OTHER_TOKENIZER_COLUMNS = (("mse", "MSE", 5), ("psnr", "PSNR", 2), ("ssim", "SSIM", 3), ("lpips", "LPIPS", 4),
+                           ("rfid", "r-FID", 2), ("euclidean", "Euc.", 3), ("cosine", "Cos.", 3),
+                           ("vendi", "Vendi", 2), ("vendi_centred", "Vendi (centred)", 2),
+                           ("perplexity", "Perp.", 1), ("used_codes", "used codes", 0))
+
+
+@renderer("Tokenizers on other datasets (Fashion-MNIST; the paper has no values)")
+def render_tokenizer_other_datasets(results, out_dir):
+    """One row per (dataset, quantizer, SimVQ, GAN, settings, arm), seeds averaged: baseline and
+    Deferred Quantization side by side for datasets outside the paper's tables."""
+    runs = [r for r in select(results, "imagenet_tokenizer") if r["args"].get("scheme") not in ("imagenet100", "odir")
+            and r.get("eval_split", "test") == "test"]
+    if not runs:
+        return None
+    defaults, groups = tokenizer_defaults(), {}
+    for r in runs:
+        a = r["args"]
+        shown = {"quantizer", "deferred", "scheme", "simvq", "gan_weight", "dataset", "resolution", "continuous_epochs"}
+        key = (a.get("scheme"), a["quantizer"], bool(a.get("simvq")), a.get("gan_weight", 0) > 0,
+               settings_label(tokenizer_settings_key(a, defaults), defaults, shown),
+               "deferred" if a["deferred"] else "baseline", a.get("continuous_epochs", 0) if a["deferred"] else 0)
+        groups.setdefault(key, []).append(r)
+    columns = [c for c in OTHER_TOKENIZER_COLUMNS if any(r["metrics"].get(c[0]) is not None for r in runs)]
+    header = ["dataset", "quantizer", "settings", "arm", "continuous epochs", "seeds"] + [c[1] for c in columns]
+    rows = [[dataset, quantizer + (" + SimVQ" if simvq else "") + (" + GAN" if gan else ""), settings, arm,
+             continuous if arm == "deferred" else "–", len(groups[key])]
+            + [mean_std([r["metrics"].get(k) for r in groups[key]], d) for k, _, d in columns]
+            for key in sorted(groups) for dataset, quantizer, simvq, gan, settings, arm, continuous in [key]]
+    return markdown_table(header, rows) + "\n\nMean ± std over seeds, on each dataset's test split."
 
 
 def _register_tokenizer_table(table):

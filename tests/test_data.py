@@ -144,3 +144,146 @@ def test_split_image_dataset_errors(image_folder, tmp_path):
     os.remove(image_folder / split["test"][0][0])
     with pytest.raises(UserError, match="cannot read image"):
         common.SplitImageDataset(None, split, "test", 8)[0]
+
+
+def test_split_records_its_sizes_and_a_tampered_file_is_refused(image_folder, tmp_path):
+    split = common.make_split(image_folder, "imagenet100", 0, tmp_path / "s.json", test_size=7, val_size=5)
+    assert split["sizes"] == {"train": 9, "val": 5, "test": 7}
+    assert common.load_split(tmp_path / "s.json")["sizes"] == split["sizes"]
+    (tmp_path / "t.json").write_text(json.dumps(dict(split, test=split["test"][:6])))
+    with pytest.raises(UserError, match=r"recorded sizes .* differ from its parts"):
+        common.load_split(tmp_path / "t.json")
+    old = {k: v for k, v in split.items() if k != "sizes"}  # written before sizes were recorded
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert common.load_split(tmp_path / "old.json")["sizes"] == split["sizes"]
+    with pytest.raises(UserError, match="is a folder"):
+        common.load_split(tmp_path)
+
+
+def test_write_split_keeps_the_first_writers_file(image_folder, tmp_path, monkeypatch):
+    first = common.make_split(image_folder, "imagenet100", 0, None, test_size=7, val_size=5)
+    second = common.make_split(image_folder, "imagenet100", 1, None, test_size=7, val_size=5)
+    path = tmp_path / "splits" / "s.json"
+    assert not path.parent.exists()  # out_path None: computed, not written
+    assert common.write_split(first, path) == first
+    assert common.write_split(second, path) == first  # a later run gets the existing split
+    # two runs that both saw no file: the second one's link fails and it reads the first one's
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if str(p) == str(path) else real_exists(p))
+    assert common.write_split(second, path) == first
+    monkeypatch.undo()
+    assert [p.name for p in path.parent.iterdir()] == ["s.json"]  # no temporary file left
+
+
+def test_16_bit_greyscale_png_is_scaled_not_saturated(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"  # what PIL makes of a 16-bit PNG
+    rgb = np.asarray(common.read_rgb(tmp_path / "g16.png"))
+    expected = np.round(ramp / 257.0).astype(np.uint8)  # 65535 -> 255, linear
+    assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    assert (rgb == 255).mean() < 0.01  # PIL's own convert('RGB') saturates ~99% of these pixels
+    split = {"root": str(tmp_path), "train": [["g16.png", 0]]}
+    x = common.SplitImageDataset(None, split, "train", 64)[0][0]
+    assert torch.allclose(x[0], torch.from_numpy(expected).float() / 255, atol=1e-6)
+
+
+def test_images_without_a_known_range_are_refused(tmp_path):
+    Image.fromarray(np.full((8, 8), 70000, dtype=np.int32), mode="I").save(tmp_path / "i32.tif")
+    with pytest.raises(common.ImageReadError, match=r"i32\.tif: 32-bit integer pixels have no known range"):
+        common.read_rgb(tmp_path / "i32.tif")
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    with pytest.raises(common.ImageReadError, match=r"cannot read image .*junk\.png: cannot identify"):
+        common.read_rgb(tmp_path / "junk.png")
+
+
+def test_image_read_error_from_a_worker_keeps_one_line():
+    """torch re-raises a worker's error as exc_type('Caught ... ' + the worker traceback)."""
+    try:
+        raise common.ImageReadError("cannot read image /d/x.png: truncated")
+    except common.ImageReadError:
+        import traceback
+        wrapped = ("Caught ImageReadError in DataLoader worker process 1.\nOriginal " + traceback.format_exc())
+    assert str(common.ImageReadError(message=wrapped)) == "cannot read image /d/x.png: truncated"
+    assert str(common.ImageReadError("plain message")) == "plain message"
+
+
+# ---- Fashion-MNIST as a tokenizer dataset ---------------------------------------------------------
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    """Tiny Fashion-MNIST files in the real idx format: 50 training images (5 per class) and 12
+    test images, a bright square on the zero background."""
+    from test_fashion_mnist import write_split as write_idx
+    rng = np.random.default_rng(0)
+
+    def images(n):
+        x = np.zeros((n, 28, 28), dtype=np.uint8)
+        for k in range(n):
+            r, c = rng.integers(2, 20, 2)
+            x[k, r:r + 6, c:c + 6] = rng.integers(1, 256)
+        return x
+    root = tmp_path / "fashion"
+    write_idx(root, "train", images(50), np.repeat(np.arange(10), 5).astype(np.uint8))
+    write_idx(root, "t10k", images(12), (np.arange(12) % 10).astype(np.uint8))
+    return root
+
+
+def test_fashion_mnist_split_keeps_the_official_test_set_and_draws_a_balanced_val(fashion_dir, tmp_path):
+    split = common.make_fashion_mnist_split(fashion_dir, seed=0, val_size=20, out_path=tmp_path / "s.json")
+    assert split["sizes"] == {"train": 30, "val": 20, "test": 12} and split["scheme"] == "fashion-mnist"
+    assert split["classes"] == list(common.FASHION_MNIST_CLASSES)
+    assert split["test"] == [[f"test/{i}", i % 10] for i in range(12)]  # the official test file, in order
+    train_ids = [p for p, _ in split["train"]] + [p for p, _ in split["val"]]
+    assert sorted(train_ids) == sorted(f"train/{i}" for i in range(50))  # disjoint, covering the train file
+    assert Counter(label for _, label in split["val"]) == {c: 2 for c in range(10)}  # class-balanced
+    assert all(int(p.split("/")[1]) // 5 == label for p, label in split["val"])  # labels from the file
+    assert common.load_split(tmp_path / "s.json") == split
+    again = common.make_fashion_mnist_split(fashion_dir, seed=0, val_size=20)
+    other = common.make_fashion_mnist_split(fashion_dir, seed=1, val_size=20)
+    assert again == split and other["val"] != split["val"]
+    with pytest.raises(UserError, match="--val-size 50 must leave training images"):
+        common.make_fashion_mnist_split(fashion_dir, seed=0, val_size=50)
+
+
+def test_tokenizer_datasets_pad_fashion_mnist_to_32_and_replicate_the_channel(fashion_dir, tmp_path):
+    common.make_fashion_mnist_split(fashion_dir, seed=0, val_size=10, out_path=tmp_path / "s.json")
+    cfg = {"dataset": "fashion-mnist", "data_dir": str(fashion_dir), "split_file": str(tmp_path / "s.json"),
+           "resolution": 32}
+    data = common.tokenizer_datasets(cfg)
+    raw_x, raw_y = common.load_fashion_mnist(fashion_dir, train=False)
+    assert {k: len(v) for k, v in data.items()} == {"train": 40, "val": 10, "test": 12}
+    for i in range(12):
+        x, y = data["test"][i]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == int(raw_y[i])
+        assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+        assert torch.equal(x[0, 2:30, 2:30], raw_x[i].float() / 255)  # every pixel kept, exactly
+        assert x[:, :2].abs().sum() == 0 and x[:, 30:].abs().sum() == 0 and x[:, :, :2].abs().sum() == 0
+    only_test = common.tokenizer_datasets(cfg, parts=("test",))
+    assert list(only_test) == ["test"] and torch.equal(only_test["test"][3][0], data["test"][3][0])
+    with pytest.raises(UserError, match="--resolution 24 would crop them"):
+        common.tokenizer_datasets(dict(cfg, resolution=24))
+    # a split file of other data: labels disagree with the files
+    from test_fashion_mnist import write_split as write_idx
+    write_idx(tmp_path / "other", "train", np.zeros((50, 28, 28), np.uint8), np.zeros(50, np.uint8))
+    write_idx(tmp_path / "other", "t10k", np.zeros((12, 28, 28), np.uint8), np.zeros(12, np.uint8))
+    with pytest.raises(UserError, match="labels differ from the Fashion-MNIST files"):
+        common.tokenizer_datasets(cfg, data_dir=str(tmp_path / "other"))
+    with pytest.raises(UserError, match="split file .* is missing"):
+        common.tokenizer_datasets(dict(cfg, split_file=str(tmp_path / "none.json")))
+
+
+def test_tokenizer_datasets_of_an_image_folder_run(image_folder, tmp_path):
+    split = common.make_split(image_folder, "odir", 0, tmp_path / "s.json")
+    cfg = {"data_dir": str(image_folder), "split_file": str(tmp_path / "s.json"), "resolution": 12}  # no "dataset"
+    data = common.tokenizer_datasets(cfg)
+    assert {k: len(v) for k, v in data.items()} == split["sizes"]
+    assert torch.equal(data["test"][0][0], common.SplitImageDataset(None, split, "test", 12)[0][0])
+
+
+@pytest.mark.skipif(not os.path.isdir(common.FASHION_MNIST_APT_DIR), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_split():
+    split = common.make_fashion_mnist_split(common.FASHION_MNIST_APT_DIR, seed=0, val_size=5000)
+    assert split["sizes"] == {"train": 55000, "val": 5000, "test": 10000}
+    assert Counter(label for _, label in split["val"]) == {c: 500 for c in range(10)}

@@ -91,3 +91,54 @@ def test_missing_file_and_wrong_key_are_one_line_errors(tmp_path, codes):
     bad = tmp_path / "vector.npy"
     np.save(bad, np.arange(5.0))
     assert_one_line_error(evaluate(bad), "(num_codes, dim)")
+
+
+def run_in_process(capsys, *argv):
+    """evaluate.py's CLI in this process (faster than a subprocess): (exit status, stdout, stderr)."""
+    import evaluate as ev
+    from common import run_cli
+    try:
+        run_cli(ev.main, ev.build_parser(), [str(a) for a in argv])
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def assert_refused(capsys, fragment, *argv):
+    status, out, err = run_in_process(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert status == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert fragment in lines[0], lines[0]
+
+
+def test_values_that_are_not_a_codebook_are_one_line_errors(tmp_path, capsys, codes):
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, codebook=codes, args={"lr": 1e-3})
+    assert_refused(capsys, "the value at 'args' in", "codebook", path, "--key", "args")  # a dict
+    strings = tmp_path / "names.npy"
+    np.save(strings, np.array([["a", "b"], ["c", "d"]]))
+    assert_refused(capsys, "holds <U1 values, not numbers", "codebook", strings)
+    bad = codes.clone()
+    bad[3, 1] = float("nan")
+    np.save(tmp_path / "nan.npy", bad.numpy())
+    assert_refused(capsys, "NaN or infinite", "codebook", tmp_path / "nan.npy")
+
+
+@pytest.mark.parametrize("counts, fragment", [
+    (torch.ones(63), "has shape (63,), not one count for each of the 64 codes"),
+    (torch.ones(64, 1), "has shape (64, 1)"),
+    (torch.cat([torch.ones(63), torch.tensor([-1.0])]), "negative, NaN or infinite"),
+    (torch.cat([torch.ones(63), torch.tensor([float("nan")])]), "negative, NaN or infinite"),
+    ("many", "not a tensor of numbers"),
+])
+def test_bad_code_counts_are_refused_not_turned_into_a_perplexity(tmp_path, capsys, codes, counts, fragment):
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, codebook=codes, code_counts=counts)
+    assert_refused(capsys, fragment, "codebook", path)
+
+
+def test_tables_refuse_a_result_json_without_args(tmp_path, capsys):
+    (tmp_path / "r.json").write_text(json.dumps({"experiment": "imagenet_tokenizer", "metrics": {"mse": 0.1}}))
+    assert_refused(capsys, "r.json is a result JSON without its 'args'", "tables", tmp_path, "--out", tmp_path / "rep")

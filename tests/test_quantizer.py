@@ -56,10 +56,13 @@ def test_search_stays_float32_under_bf16_autocast():
     # vectors (checked when this test was written), float32 for none.
     g = torch.Generator().manual_seed(2)
     codes, z = torch.randn(256, 4, generator=g), torch.randn(2000, 4, generator=g)
+    vq = VectorQuantizer(256, 4, simvq=True)  # the SimVQ codebook is a Linear: autocast would round it
+    with torch.no_grad():
+        vq.simvq_map.weight.copy_(torch.eye(4))
+        vq.simvq_map.bias.zero_()
+        vq.embed.copy_(codes)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         idx = nearest_code(z, codes)
-        vq = VectorQuantizer(256, 4, simvq=True)  # the SimVQ codebook is a Linear: autocast would round it
-        vq.embed.data.copy_(codes)
         z_q, vq_idx, _ = vq(z)
     assert torch.equal(idx, brute_nearest(z, codes))
     assert torch.equal(vq_idx, brute_nearest(z, codes))
@@ -321,18 +324,43 @@ def test_affine_effective_codebook_and_data_init():
     assert vq.affine_scale.grad.abs().sum() > 0 and vq.affine_bias.grad.abs().sum() > 0
 
 
-def test_simvq_effective_codebook_and_data_init():
+def test_simvq_starts_as_published():
+    """SimVQ's own init (youngsheen/SimVQ): frozen C ~ N(0, 1/dim), a linear layer with bias in
+    torch's default init U(-1/sqrt(dim), 1/sqrt(dim)); codes = C W^T + b."""
+    torch.manual_seed(0)
+    dim = 16
+    vq = VectorQuantizer(4096, dim, simvq=True)
+    assert not vq.embed.requires_grad and vq.simvq_map.weight.requires_grad and vq.simvq_map.bias.requires_grad
+    assert vq.embed.mean().abs() < 0.01 and vq.embed.std().item() == pytest.approx(dim ** -0.5, rel=0.02)
+    bound = dim ** -0.5
+    for p in (vq.simvq_map.weight, vq.simvq_map.bias):
+        assert p.abs().max() <= bound and p.abs().max() > 0.8 * bound  # uniform over the whole interval
+    expected = vq.embed.double() @ vq.simvq_map.weight.double().t() + vq.simvq_map.bias.double()
+    assert torch.allclose(vq.codebook.double(), expected, atol=1e-6)
+
+
+def test_simvq_data_init_resets_the_layer_and_replacement_writes_through_it():
     vq = fixed_vq(16, 4, simvq=True)
-    with torch.no_grad():
-        vq.simvq_map.weight.copy_(torch.eye(4) + 0.3 * torch.randn(4, 4))
-    assert torch.allclose(vq.codebook, vq.embed @ vq.simvq_map.weight.t())
     emb = torch.randn(100, 4) * 5
     vq.init_from_embeddings(emb, method="sample")
-    nearest = torch.cdist(vq.codebook.detach().double(), emb.double()).min(1).values
-    assert nearest.max() < 1e-4
+    # the deferred arm: the frozen codebook holds the embeddings, the layer is the identity
+    assert torch.equal(vq.simvq_map.weight.detach(), torch.eye(4)) and not vq.simvq_map.bias.detach().any()
+    assert torch.cdist(vq.embed.double(), emb.double()).min(1).values.max() < 1e-6
+    assert torch.allclose(vq.codebook, vq.embed)
     z = torch.randn(30, 4, requires_grad=True)
     vq(z)[2].backward()
-    assert not vq.embed.requires_grad and vq.simvq_map.weight.grad.abs().sum() > 0
+    assert vq.embed.grad is None and vq.simvq_map.weight.grad.abs().sum() > 0
+    # after training moved the layer, a replaced code still lands on the data (solved through W, b)
+    with torch.no_grad():
+        vq.simvq_map.weight.copy_(torch.eye(4) + 0.3 * torch.randn(4, 4))
+        vq.simvq_map.bias.copy_(torch.randn(4))
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[[2, 5]] = True
+    before = vq.codebook.detach().clone()
+    vq.replace_codes(mask, emb)
+    after = vq.codebook.detach()
+    assert torch.cdist(after[mask].double(), emb.double()).min(1).values.max() < 1e-4
+    assert torch.allclose(after[~mask], before[~mask])
 
 
 # ---- failure modes ------------------------------------------------------------------------------
