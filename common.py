@@ -2339,23 +2339,23 @@ def tokenizer_identity(cfg, path):
 
 
 def tokenizer_test_split(cfg, data_dir=None):
-    """The test images of a tokenizer's own split: the reference set of g-FID (paper section 6.1:
-    generated samples against the test set). `data_dir` overrides the folder recorded in the
-    checkpoint (data moved to another machine)."""
-    split_file = cfg.get("split_file")
-    if not split_file or not os.path.exists(split_file):
-        raise UserError(f"the tokenizer's split file {split_file} is missing; the g-FID reference is its test split")
-    return SplitImageDataset(data_dir or cfg["data_dir"], load_split(split_file), "test", cfg["resolution"])
+    """The test images of a tokenizer's own split, prepared as the tokenizer saw them
+    (`tokenizer_datasets`: an ImageFolder split or Fashion-MNIST's official test set): the
+    reference set of g-FID (paper section 6.1: generated samples against the test set).
+    `data_dir` overrides the folder recorded in the checkpoint (data moved to another machine)."""
+    return tokenizer_datasets(cfg, data_dir, parts=("test",))["test"]
 
 
 def tokenizer_test_cache_name(cfg, data_dir=None):
     """The name under which torch-fidelity caches the Inception statistics of a tokenizer's test
-    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder, the resolution and the list
-    of test images, so another split, folder or size never reuses them. On a CPU the reference
-    features of 10,000 images take half an hour; every generator run of a tokenizer shares them.
-    (A changed image under an unchanged file name would not be noticed: delete the cache then.)"""
-    key = json.dumps([os.path.abspath(data_dir or cfg["data_dir"]), cfg["resolution"],
-                      load_split(cfg["split_file"])["test"]])
+    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder (as tokenizer_datasets finds
+    it), the resolution and the list of test images, so another split, folder or size never reuses
+    them. On a CPU the reference features of 10,000 images take half an hour or more; every
+    generator run on a tokenizer of that split shares them. (A changed image under an unchanged
+    file name would not be noticed: delete the cache then.)"""
+    split = load_split(cfg["split_file"])
+    key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"],
+                      split["test"]])
     return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -275,3 +275,56 @@ def test_both_generators_share_the_command_line_guidance_rule_and_json_provenanc
     # a batch larger than the 18 training images fails at start, for both scripts alike
     with pytest.raises(UserError, match="--batch-size 24 exceeds the 18 training images"):
         run("big", "--batch-size", "24")
+
+
+# ---- Fashion-MNIST tokenizers: g-FID against their own (official) test split ---------------------
+
+def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tmp_path, monkeypatch):
+    """A tokenizer trained by imagenet_tokenizer.py --dataset fashion-mnist on tiny files in the real
+    idx format, its dumps, then both generators: the dumps carry the class count, and g-FID compares
+    the samples with exactly the tokenizer's test images (28x28 greyscale, replicated to 3 channels
+    and zero-padded to 32), whose Inception statistics are cached under one name per split."""
+    import json
+
+    import generator_maskgit
+    import generator_var
+    import imagenet_tokenizer as tok
+    from test_fashion_mnist import write_split as write_idx
+    from test_imagenet_tokenizer import TINY, without_sizes
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fashion"
+    for prefix, n in (("train", 40), ("t10k", 7)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        write_idx(data, prefix, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), labels)
+    test_images = torch.from_numpy(common.read_idx(str(data / "t10k-images-idx3-ubyte.gz"), "images").copy())
+    runs, seen = tmp_path / "runs", []
+
+    def fake_fidelity(generated, reference=None, fid=True, prc=False, device=None, **kwargs):
+        seen.append((reference, kwargs.get("input2_cache_name")))
+        return {"fid": 1.0}
+    monkeypatch.setattr(common, "fidelity_metrics", fake_fidelity)
+    monkeypatch.setattr(common, "inception_weights_path", lambda *a: "inception.pth")
+    for quantizer, script in (("vq", generator_maskgit), ("msvq", generator_var)):
+        base = ["--dataset", "fashion-mnist", "--data-dir", str(data), "--out", str(runs), "--quantizer", quantizer,
+                "--name", quantizer] + without_sizes(TINY) + ["--val-size", "10"]
+        tok.main(tok.build_parser().parse_args(base + ["--epochs", "1"]))
+        for split in ("train", "val"):
+            tok.main(tok.build_parser().parse_args(base + ["--dump-tokens", split,
+                                                           "--checkpoint", str(runs / quantizer / "best.pt")]))
+        assert torch.load(runs / quantizer / "tokens_val.pt", weights_only=False)["num_classes"] == 10
+        script.main(script.build_parser().parse_args(
+            ["--tokenizer", str(runs / quantizer / "best.pt"), "--out", str(tmp_path / "gen"), "--depth", "1",
+             "--width", "16", "--heads", "2", "--batch-size", "10", "--epochs", "1", "--sample", "10",
+             "--skip-lpips", "--device", "cpu"] + (["--steps", "2", "--mlp-dim", "32"] if quantizer == "vq" else [])))
+        reference, cache = seen[-1]
+        assert len(reference) == 7 and [reference[i][1] for i in range(7)] == list(range(7))
+        x = torch.stack([reference[i][0] for i in range(7)])
+        assert x.shape == (7, 3, 32, 32) and torch.equal(x[:, :, 2:30, 2:30], (test_images.float() / 255)[:, None].expand(-1, 3, -1, -1))
+        assert x[:, :, :2].abs().sum() == 0 and cache == common.tokenizer_test_cache_name(
+            torch.load(runs / quantizer / "best.pt", weights_only=False)["args"])
+        with open(tmp_path / "gen" / f"{common.GENERATORS[quantizer]}_{quantizer}.json") as f:
+            record = json.load(f)
+        assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"] == "test split, 7 images"
+        assert record["tokenizer"]["dataset"] == "fashion-mnist" and record["sampling"]["labels"] == "class-balanced"
+    assert seen[0][1] == seen[1][1]  # both tokenizers use the same split: one reference cache
