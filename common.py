@@ -1,14 +1,28 @@
 """Shared building blocks of the Deferred Quantization reproduction.
 
-Read in this order:
-  1. Run utilities     errors, distributed set-up, seeding, atomic files, checkpoints, result JSON.
+Read in this order (who uses each section in brackets):
+  1. Run utilities     errors and `run_cli`, distributed set-up, seeding, atomic files, the start-up
+                       protocol (`start_run`: argument ranges, run lock, no overwrite, resume rules),
+                       checkpoints, result JSON.                                       [every script]
   2. Quantizer         chunked nearest-code search, k-means, `VectorQuantizer` (gradient or EMA
                        codebook, init strategies, on/off switch for Deferred Quantization, dead-code
-                       replacement, affine / SimVQ reparameterisation, synchronized update) and
-                       `deferred_switch`, the one helper that performs the Continuous -> Discretization
-                       phase change in every script.
+                       replacement, affine / SimVQ reparameterisation, synchronized update,
+                       l2-normalised codes) and `deferred_switch`, the one helper that performs the
+                       Continuous -> Discretization phase change in every script; VAR's
+                       `MultiScaleQuantizer` with its teacher-forcing input.
+                       [every training script; generator_var.py]
   3. Diagnostics       the coverage suite of paper appendix A.2 (mean pairwise Euclidean and cosine
-                       distance, Vendi score) and usage perplexity counted over a whole split.
+                       distance, Vendi score, and a centred Vendi beside it) and usage perplexity
+                       counted over a whole split.               [every script, evaluate.py codebook]
+  4. Image metrics     MSE, PSNR, SSIM, LPIPS, FID / precision-recall through torch-fidelity, pixel
+                       and LPIPS diversity over all pairs.
+                       [imagenet_tokenizer.py, the generators, llamagen_deferred.py]
+  5. Models            VQGAN-style encoder / decoder, PatchGAN discriminator, `build_tokenizer`.
+                       [imagenet_tokenizer.py, the generators, llamagen_deferred.py]
+  6. Data              image folders, reproducible split files, Fashion-MNIST, `tokenizer_datasets`.
+                       [cifar_sweep.py, imagenet_tokenizer.py, the generators]
+  7. Generators        what generator_maskgit.py, generator_var.py and llamagen_deferred.py share:
+                       frozen tokenizers, token dumps, schedules, sampling reports.
 
 Nothing here is specific to one experiment; each script decides *when* the switch happens.
 """
@@ -162,16 +176,20 @@ def seed_everything(seed):
 def wrap_ddp(model, info, find_unused_parameters=False):
     """DistributedDataParallel for multi-process runs (identity in one process).
 
-    broadcast_buffers=False matters: quantizer buffers (EMA statistics, the on/off switch, LRU
+    No buffer broadcast in forward (`forward_sync_buffers=False`, what torch < 2.13 called
+    `broadcast_buffers=False`) matters: quantizer buffers (EMA statistics, the on/off switch, LRU
     counters) are kept identical by all-reduce and broadcast inside the quantizer; DDP's default
     buffer broadcast would silently overwrite every rank's EMA statistics with rank 0's each step.
+    DDP still copies rank 0's buffers once at construction, which changes nothing here: every rank
+    builds the same model from the same seed or checkpoint.
     find_unused_parameters=True is needed while a gradient codebook sits unused (Continuous Phase).
     """
     if not is_distributed():
         return model
     ids = [info.local_rank] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=find_unused_parameters)
+    return ddp
 
 
 def progress_bar(iterable=None, **kwargs):

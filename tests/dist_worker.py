@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (UsageCounter, VectorQuantizer, cleanup_distributed, deferred_switch,  # noqa: E402
-                    seed_everything, setup_distributed)
+                    seed_everything, setup_distributed, wrap_ddp)
 
 NUM_CODES, DIM, STEPS, BATCH = 16, 4, 6, 64
 
@@ -53,7 +53,15 @@ def main(out):
         usage.update(vq(shard(batch, info))[1])
     usage.all_reduce()
 
-    torch.save({"world_size": info.world_size, "init_codebook": init_codebook, "codebook": vq.codebook.clone(),
+    # wrap_ddp must not broadcast buffers in forward (it would overwrite every rank's EMA state
+    # with rank 0's): a buffer changed on each rank after wrapping keeps its rank's value.
+    probe = torch.nn.Linear(2, 1)
+    probe.register_buffer("mark", torch.zeros(1))
+    ddp = wrap_ddp(probe, info)
+    probe.mark.fill_(float(info.rank))
+    ddp(torch.ones(3, 2)).sum().backward()
+
+    torch.save({"world_size": info.world_size, "buffer_after_forward": probe.mark.item(), "init_codebook": init_codebook, "codebook": vq.codebook.clone(),
                 "cluster_size": vq.cluster_size.clone(), "embed_avg": vq.embed_avg.clone(),
                 "steps_unused": vq.steps_unused.clone(), "counts": usage.counts.clone(), "replaced": replaced},
                os.path.join(out, f"rank{info.rank}.pt"))

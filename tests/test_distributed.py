@@ -52,3 +52,8 @@ def test_usage_all_reduce_equals_single_process_counts(states):
     rank0, _, single = states
     assert torch.equal(rank0["counts"], single["counts"])
     assert rank0["counts"].sum() == 6 * 64  # every vector of every global batch counted once
+
+
+def test_ddp_keeps_each_ranks_buffers_in_forward(states):
+    rank0, rank1, _ = states
+    assert rank0["buffer_after_forward"] == 0.0 and rank1["buffer_after_forward"] == 1.0
