@@ -22,7 +22,8 @@ Read in this order (who uses each section in brackets):
   6. Data              image folders, reproducible split files, Fashion-MNIST, `tokenizer_datasets`.
                        [cifar_sweep.py, imagenet_tokenizer.py, the generators]
   7. Generators        what generator_maskgit.py, generator_var.py and llamagen_deferred.py share:
-                       frozen tokenizers, token dumps, schedules, sampling reports.
+                       frozen tokenizers, token dumps, schedules, sampling reports; the two
+                       generator scripts' one command line and life cycle (`run_generator`).
 
 Nothing here is specific to one experiment; each script decides *when* the switch happens.
 """
