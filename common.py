@@ -22,12 +22,14 @@ Read in this order (who uses each section in brackets):
   6. Data              image folders, reproducible split files, Fashion-MNIST, `tokenizer_datasets`.
                        [cifar_sweep.py, imagenet_tokenizer.py, the generators]
   7. Generators        what generator_maskgit.py, generator_var.py and llamagen_deferred.py share:
-                       frozen tokenizers, token dumps, schedules, sampling reports.
+                       frozen tokenizers, token dumps, schedules, sampling reports; the two
+                       generator scripts' one command line and life cycle (`run_generator`).
 
 Nothing here is specific to one experiment; each script decides *when* the switch happens.
 """
 import atexit
 import contextlib
+import copy
 import datetime
 import errno
 import glob
@@ -2356,23 +2358,23 @@ def tokenizer_identity(cfg, path):
 
 
 def tokenizer_test_split(cfg, data_dir=None):
-    """The test images of a tokenizer's own split: the reference set of g-FID (paper section 6.1:
-    generated samples against the test set). `data_dir` overrides the folder recorded in the
-    checkpoint (data moved to another machine)."""
-    split_file = cfg.get("split_file")
-    if not split_file or not os.path.exists(split_file):
-        raise UserError(f"the tokenizer's split file {split_file} is missing; the g-FID reference is its test split")
-    return SplitImageDataset(data_dir or cfg["data_dir"], load_split(split_file), "test", cfg["resolution"])
+    """The test images of a tokenizer's own split, prepared as the tokenizer saw them
+    (`tokenizer_datasets`: an ImageFolder split or Fashion-MNIST's official test set): the
+    reference set of g-FID (paper section 6.1: generated samples against the test set).
+    `data_dir` overrides the folder recorded in the checkpoint (data moved to another machine)."""
+    return tokenizer_datasets(cfg, data_dir, parts=("test",))["test"]
 
 
 def tokenizer_test_cache_name(cfg, data_dir=None):
     """The name under which torch-fidelity caches the Inception statistics of a tokenizer's test
-    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder, the resolution and the list
-    of test images, so another split, folder or size never reuses them. On a CPU the reference
-    features of 10,000 images take half an hour; every generator run of a tokenizer shares them.
-    (A changed image under an unchanged file name would not be noticed: delete the cache then.)"""
-    key = json.dumps([os.path.abspath(data_dir or cfg["data_dir"]), cfg["resolution"],
-                      load_split(cfg["split_file"])["test"]])
+    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder (as tokenizer_datasets finds
+    it), the resolution and the list of test images, so another split, folder or size never reuses
+    them. On a CPU the reference features of 10,000 images take half an hour or more; every
+    generator run on a tokenizer of that split shares them. (A changed image under an unchanged
+    file name would not be noticed: delete the cache then.)"""
+    split = load_split(cfg["split_file"])
+    key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"],
+                      split["test"]])
     return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -2679,6 +2681,7 @@ def open_rgb(path):
 # with --checkpoint) and report in one JSON; what differs is the model and its sampler.
 
 GENERATORS = {"vq": "maskgit", "msvq": "var"}  # the generator of each tokenizer kind: generator_<name>.py
+QUANTIZER_KINDS = {"vq": "single-scale", "msvq": "multi-scale"}
 
 
 def add_generator_arguments(parser, quantizer, out_default):
@@ -2718,8 +2721,10 @@ def load_generator_inputs(args, quantizer):
     enough for LPIPS diversity when it is asked for. Every problem is a one-line UserError."""
     tokenizer, cfg = load_tokenizer(args.tokenizer)  # refuses Continuous-Phase and foreign files
     if cfg["quantizer"] != quantizer:
-        raise UserError(f"{args.tokenizer} is a {cfg['quantizer']} tokenizer; generator_{GENERATORS[quantizer]}.py "
-                        f"models {quantizer} tokens (use generator_{GENERATORS[cfg['quantizer']]}.py)")
+        found = cfg["quantizer"]  # build_tokenizer knows vq and msvq only
+        raise UserError(f"{args.tokenizer} is a {found} tokenizer ({QUANTIZER_KINDS[found]}); generator_"
+                        f"{GENERATORS[quantizer]}.py models {quantizer} tokens ({QUANTIZER_KINDS[quantizer]}): use "
+                        f"generator_{GENERATORS[found]}.py")
     dumps = [load_token_dump(os.path.join(generator_tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
     check_dumps_match(dumps, cfg, args.tokenizer)
     for d in dumps:
@@ -2729,6 +2734,8 @@ def load_generator_inputs(args, quantizer):
     if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
         raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
                         f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
+    if args.batch_size > len(dumps[0]) and not args.sample_only:
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(dumps[0])} training images")
     return tokenizer, cfg, dumps[0], dumps[1]
 
 
@@ -2761,6 +2768,8 @@ def validate_generator_args(args):
         raise UserError("--sample-only writes a new run; it has nothing to --resume")
     if args.sample == 1 and not (args.skip_lpips and args.skip_fid):
         raise UserError("diversity and FID need at least 2 samples; use --sample >= 2")
+    if not args.sample_only:  # --sample-only: checked on the checkpoint's settings (adopt_generator_settings)
+        check_guidance(args)
 
 
 def adopt_generator_settings(args, saved, defining, script):
@@ -2775,6 +2784,7 @@ def adopt_generator_settings(args, saved, defining, script):
     for k in defining:
         if k not in ("tokenizer", "tokens_dir"):
             setattr(args, k, cfg[k])
+    check_guidance(args)
     return saved.get("state", {}).get("history", [])
 
 
@@ -2821,3 +2831,127 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
                            sampling=sampling, checkpoint=checkpoint, notes=notes, **extra)
     print0({k: v for k, v in metrics.items()})
     return metrics
+
+
+# ---- One training bookkeeping and one life cycle for every generator script ---------------------
+#
+# Both generators train alike around their own model and loss: linear warm-up, then the paper's
+# ReduceLROnPlateau + early stopping (appendix A.1; it gives no values for the generators) on a
+# validation loss computed with label dropout OFF (a loss that drops labels at random is a noisy
+# plateau signal); at every epoch end rank 0 writes best.pt (a new lowest validation loss) before
+# last.pt; --resume restores weights, optimizer, schedule and the epoch / step / history state.
+
+GENERATOR_RANGES = {"label_dropout": "[0, 1)", "min_lr": ">= 0", "plateau_factor": "(0, 1)",
+                    "plateau_patience": ">= 0", "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1",
+                    "per_class": ">= 1", "lpips_pairs": ">= 1"}
+
+
+def add_generator_training_arguments(group):
+    """The training arguments every generator script shares, with one meaning and one default:
+    label dropout (the null class that guidance needs), the plateau schedule and early stopping,
+    the seed (their ranges: GENERATOR_RANGES). Each script adds its own recipe (--lr, --epochs,
+    --batch-size, --weight-decay, --clip, ...)."""
+    group.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (for --cfg-scale)")
+    group.add_argument("--min-lr", type=float, default=1e-6,
+                       help="ReduceLROnPlateau floor (the tokenizer's, paper A.1; none given for generators)")
+    group.add_argument("--plateau-factor", type=float, default=0.5)
+    group.add_argument("--plateau-patience", type=int, default=5, help="epochs without improvement before lr drops")
+    group.add_argument("--patience", type=int, default=10,
+                       help="early stopping: epochs at --min-lr without improvement")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def check_guidance(args):
+    """Classifier-free guidance mixes in the logits of the null class, which only label dropout
+    trains: with --label-dropout 0 its embedding stays at its random initialisation."""
+    if args.sample and args.cfg_scale > 0 and args.label_dropout == 0:
+        raise UserError("--cfg-scale > 0 needs a model trained with --label-dropout > 0 (the null class); "
+                        "use --cfg-scale 0")
+
+
+def generator_run_name(args, quantizer):
+    """--name, else <generator>_<tokenizer run folder>, e.g. maskgit_vq_deferred_imagenet100."""
+    if args.name:
+        return args.name
+    return f"{GENERATORS[quantizer]}_" + os.path.basename(os.path.dirname(os.path.abspath(args.tokenizer)))
+
+
+def resume_generator_training(run, model, optimizer, args, last_path):
+    """(schedule, state) at the start of training: the PlateauSchedule of --lr, --plateau-factor,
+    --plateau-patience, --min-lr, --patience and state {epoch, step, history}; after --resume
+    they, the weights and the optimizer come from the checkpoint start_run loaded."""
+    schedule = PlateauSchedule(args.lr, args.plateau_factor, args.plateau_patience, args.min_lr, args.patience)
+    state = {"epoch": 0, "step": 0, "history": []}
+    if run.checkpoint is not None:
+        model.load_state_dict(run.checkpoint["model"])
+        optimizer.load_state_dict(run.checkpoint["optimizer"])
+        schedule.load_state_dict(run.checkpoint["schedule"])
+        state = run.checkpoint["state"]
+        print0(f"resumed from {last_path} after epoch {state['epoch']}")
+    return schedule, state
+
+
+def end_generator_epoch(record, model, optimizer, schedule, state, args, info, paths, **saved):
+    """The end of a training epoch, after its validation: the schedule steps on
+    record["val_loss"], the record joins the history and is printed (its scalars), rank 0 writes
+    best.pt if the validation loss is the lowest so far, then last.pt, and every rank waits for
+    the files. `saved`: more checkpoint entries."""
+    improved = schedule.step(record["val_loss"])
+    state["history"].append(record)
+    state["epoch"] += 1
+    print0(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                    if not isinstance(v, (list, dict))))
+    if info.is_main:
+        save_checkpoints(paths["last"], paths["best"] if improved else None, model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), state=state,
+                         args=vars(args), val_loss=record["val_loss"], epoch=state["epoch"], **saved)
+    if is_distributed():
+        dist.barrier()
+
+
+def finish_generator_training(schedule, state):
+    """The history of a finished training (and why it ended early, if it did)."""
+    if schedule.stopped:
+        print0(f"early stop after epoch {state['epoch'] - 1}: no validation improvement at the minimum lr")
+    return state["history"]
+
+
+def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, train, sample_and_report):
+    """The life of a generator run, the same in every generator script (its `main`):
+      1. the start-up protocol (start_run): argument ranges and `validate(args)`; then, before
+         anything is written, `load_inputs(args)` (tokenizer and dumps, one-line errors), the
+         metric weights, and with --sample-only the settings of --checkpoint; lock; no overwrite;
+         --resume compares the `defining` settings;
+      2. `train(args, info, inputs, run, paths) -> history` to early stopping or --epochs, or with
+         --sample-only the checkpoint's settings adopted into args and its history;
+      3. on rank 0, with the process group gone: `sample_and_report(args, info, inputs,
+         checkpoint, history, paths)` samples the best checkpoint and writes the result JSON.
+    `inputs` is whatever the script's load_inputs returns. The tokenizer and tokens-dir paths
+    become absolute: checkpoints compare them on --resume, results record them."""
+    info = setup_distributed(args.device, args.dist_timeout)
+    args.tokenizer = os.path.abspath(args.tokenizer)
+    args.tokens_dir = args.tokens_dir and os.path.abspath(args.tokens_dir)
+    name = generator_run_name(args, quantizer)
+    paths = generator_output_paths(args.out, name)
+    outputs = [paths[k] for k in ("json", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
+
+    def adopt(target):
+        return adopt_generator_settings(target, load_checkpoint(args.checkpoint), defining,
+                                        f"generator_{GENERATORS[quantizer]}.py")
+
+    checks = [lambda: load_inputs(args), lambda: check_sample_weights(args)]
+    if args.sample_only:
+        checks.append(lambda: adopt(copy.copy(args)))  # a copy: args change once the run has started
+    with start_run(args, name=name, outputs=outputs, ranges=ranges, defining=defining, resume_from=paths["last"],
+                   checks=checks, validate=validate) as run:
+        inputs = load_inputs(args)
+        if args.sample_only:
+            checkpoint, history = args.checkpoint, adopt(args)
+        else:
+            history = train(args, info, inputs, run, paths)
+            checkpoint = paths["best"]
+            if not os.path.exists(checkpoint):
+                raise UserError("training ended before its first epoch; raise --epochs")
+        cleanup_distributed()  # sampling and metrics run on rank 0 alone
+        if info.is_main:
+            return sample_and_report(args, info, inputs, checkpoint, history, paths)

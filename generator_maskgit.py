@@ -85,7 +85,11 @@ What the official code fixes and what we chose (google-research/maskgit, valeoai
     revealed are never re-masked or resampled. After the last step nothing is masked (the official
     code returns that step's sample before its final re-masking). T larger than N is refused.
   * Classifier-free guidance (not official): logits = c + w (c - u), u with the null class, w =
-    --cfg-scale constant over the steps.
+    --cfg-scale constant over the steps. w = 0 is the conditional model, as in generator_var.py
+    (VAR's convention); LlamaGen's scale s (u + s (c - u), llamagen_deferred.py) is 1 + w. The
+    result JSON states the formula (sampling.guidance). Guidance needs the null class, which only
+    label dropout trains: --cfg-scale > 0 with --label-dropout 0 is refused (also --sample-only
+    from such a checkpoint).
   * Samples (paper: not stated): --sample 5,000 class-balanced (50 per class on ImageNet-100, as
     VAR evaluates), drawn from ONE random stream per run (--sample-seed), so no two batches repeat
     each other. g-FID against the tokenizer's test split (torch-fidelity, as its r-FID); pixel
@@ -96,7 +100,6 @@ What the official code fixes and what we chose (google-research/maskgit, valeoai
 import argparse
 import functools
 import math
-import os
 import time
 
 import torch
@@ -108,12 +111,10 @@ from common import UserError, print0
 
 EXPERIMENT = "generator_maskgit"
 LAYERNORM_EPS = 1e-12  # BERT's, as the official transformer
-RANGES = {"depth": ">= 1", "width": ">= 1", "heads": ">= 1", "mlp_dim": ">= 1", "dropout": "[0, 1)",
-          "label_smoothing": "[0, 1)", "label_dropout": "[0, 1)", "lr": "> 0", "min_lr": ">= 0",
-          "weight_decay": ">= 0", "clip": "> 0", "batch_size": ">= 1", "epochs": ">= 0", "warmup_steps": ">= 0",
-          "plateau_factor": "(0, 1)", "plateau_patience": ">= 0", "patience": ">= 1", "steps": ">= 1",
-          "cfg_scale": ">= 0", "choice_temperature": ">= 0", "temperature": "> 0", "sample": ">= 0",
-          "sample_batch_size": ">= 1", "lpips_pairs": ">= 1", "per_class": ">= 1"}
+RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 1", "heads": ">= 1", "mlp_dim": ">= 1",
+          "dropout": "[0, 1)", "label_smoothing": "[0, 1)", "lr": "> 0", "weight_decay": ">= 0", "clip": "> 0",
+          "batch_size": ">= 1", "epochs": ">= 0", "warmup_steps": ">= 0", "steps": ">= 1", "cfg_scale": ">= 0",
+          "choice_temperature": ">= 0", "temperature": "> 0"}
 # Settings that define a training run: --resume refuses a checkpoint made under other values.
 ARCH = ("depth", "width", "heads", "mlp_dim", "dropout")
 DEFINING = ARCH + ("tokenizer", "tokens_dir", "label_smoothing", "loss_on_all_tokens", "label_dropout", "lr",
@@ -240,6 +241,11 @@ def masked_after_steps(num_tokens, steps):
     return counts + [0]
 
 
+# Classifier-free guidance, as the result JSON states it (VAR's convention, w = 0 is the
+# conditional model; LlamaGen's scale s = 1 + w, see llamagen_deferred.py).
+GUIDANCE = "c + w (c - u) = (1 + w) c - w u at every step, w = cfg_scale; u: null-class logits"
+
+
 def guided_logits(model, idx_BN, label_B, cfg_scale):
     """Conditional logits c, or c + w (c - u) with u the null-class logits (one doubled batch)."""
     if cfg_scale == 0:
@@ -286,38 +292,17 @@ def sample_tokens(model, label_B, steps, generator, cfg_scale=0.0, choice_temper
 
 
 # ------------------------------------------------------------------------------------------------
-# Inputs: tokenizer, token dumps, reference images
+# Inputs: tokenizer args and token dumps
 # ------------------------------------------------------------------------------------------------
 
 
-def tokens_dir(args):
-    return args.tokens_dir or os.path.dirname(os.path.abspath(args.tokenizer))
-
-
 def load_inputs(args):
-    """Tokenizer args, training and validation dumps; every problem a one-line UserError."""
-    _, cfg = common.load_tokenizer(args.tokenizer)  # also refuses Continuous-Phase and foreign files
-    if cfg["quantizer"] != "vq":
-        raise UserError(f"{args.tokenizer} is a multi-scale ({cfg['quantizer']}) tokenizer: MaskGIT needs a "
-                        "single-scale one (--quantizer vq); use generator_var.py for msvq")
-    dumps = [common.load_token_dump(os.path.join(tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
-    common.check_dumps_match(dumps, cfg, args.tokenizer)
-    for d in dumps:
-        made_from = d.record.get("checkpoint")
-        if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
-            raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
-    masked_after_steps(dumps[0].seq_len, args.steps)  # --steps > N fails now, not after training
-    if args.sample and not args.skip_lpips and cfg["resolution"] < common.LPIPS_MIN_SIZE:
-        raise UserError(f"LPIPS diversity needs images of at least {common.LPIPS_MIN_SIZE} pixels; the tokenizer "
-                        f"makes {cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
-    return cfg, dumps[0], dumps[1]
-
-
-def check_weights(args):
-    if args.sample and not args.skip_fid:
-        common.inception_weights_path()
-    if args.sample and not args.skip_lpips:
-        common.load_lpips("alex")
+    """(tokenizer args, training dump, validation dump), checked by common.load_generator_inputs
+    (a vq tokenizer, dumps made from it; one-line errors) and against --steps. MaskGIT trains on
+    the dumps alone: the tokenizer is loaded again, on the device, only to decode samples."""
+    _, cfg, train_dump, val_dump = common.load_generator_inputs(args, "vq")
+    masked_after_steps(train_dump.seq_len, args.steps)  # --steps > N fails now, not after training
+    return cfg, train_dump, val_dump
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,8 +346,6 @@ def train_epoch(model, ddp_model, opt, sched, dump, args, info, state):
     epoch = state["epoch"]
     torch.manual_seed(common.epoch_seed(args.seed, epoch, 1 + info.rank))  # masks, label drops, dropout
     batches = common.epoch_batches(len(dump), args.batch_size, args.seed, epoch, info.rank, info.world_size)
-    if not batches:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(dump)} training images")
     model.train()
     sums = torch.zeros(2, dtype=torch.float64, device=info.device)
     start = time.time()
@@ -387,42 +370,25 @@ def train_epoch(model, ddp_model, opt, sched, dump, args, info, state):
     return (sums[0] / sums[1]).item(), len(batches) * args.batch_size / seconds, seconds
 
 
-def train(args, info, dumps, run, paths):
-    """Train to early stopping or --epochs; rank 0 writes best.pt before last.pt every epoch."""
-    train_dump, val_dump = dumps
+def train(args, info, inputs, run, paths):
+    """Train to early stopping or --epochs; rank 0 writes best.pt before last.pt every epoch
+    (common.end_generator_epoch); --resume continues from last.pt."""
+    _, train_dump, val_dump = inputs
     common.seed_everything(args.seed)  # identical initial weights on every rank
     model = build_generator(args, train_dump).to(info.device)
     opt = build_optimizer(model, args)
-    sched = common.PlateauSchedule(args.lr, args.plateau_factor, args.plateau_patience, args.min_lr, args.patience)
-    state = {"epoch": 0, "step": 0, "history": []}
-    if run.checkpoint is not None:
-        model.load_state_dict(run.checkpoint["model"])
-        opt.load_state_dict(run.checkpoint["optimizer"])
-        sched.load_state_dict(run.checkpoint["schedule"])
-        state = run.checkpoint["state"]
-        print0(f"resumed from {paths['last']} after epoch {state['epoch']}")
+    sched, state = common.resume_generator_training(run, model, opt, args, paths["last"])
     ddp_model = common.wrap_ddp(model, info)
     print0(f"MaskGIT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {len(train_dump)} "
            f"training images of {train_dump.seq_len} tokens, {train_dump.codebook_size} codes, "
            f"{train_dump.num_classes} classes")
     while not sched.stopped and state["epoch"] < args.epochs:
         train_loss, speed, seconds = train_epoch(model, ddp_model, opt, sched, train_dump, args, info, state)
-        val_loss = validation_loss(model, val_dump, args, info)
-        record = {"epoch": state["epoch"], "lr": sched.lr, "train_loss": train_loss, "val_loss": val_loss,
-                  "images_per_second": speed, "seconds": seconds}
-        improved = sched.step(val_loss)
-        state["history"].append(record)
-        state["epoch"] += 1
-        print0(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if info.is_main:
-            common.save_checkpoints(paths["last"], paths["best"] if improved else None, model=model.state_dict(),
-                                    optimizer=opt.state_dict(), schedule=sched.state_dict(), state=state,
-                                    args=vars(args), val_loss=val_loss, epoch=state["epoch"])
-        if common.is_distributed():
-            torch.distributed.barrier()
-    if sched.stopped:
-        print0(f"early stop after epoch {state['epoch'] - 1}: no validation improvement at the minimum lr")
-    return state["history"]
+        record = {"epoch": state["epoch"], "lr": sched.lr, "train_loss": train_loss,
+                  "val_loss": validation_loss(model, val_dump, args, info), "images_per_second": speed,
+                  "seconds": seconds}
+        common.end_generator_epoch(record, model, opt, sched, state, args, info, paths)
+    return common.finish_generator_training(sched, state)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,57 +396,24 @@ def train(args, info, dumps, run, paths):
 # ------------------------------------------------------------------------------------------------
 
 
-def sample_and_report(args, info, tokenizer_cfg, dump, ckpt_path, history, paths):
-    """Class-balanced samples from the checkpoint at ckpt_path, PNGs, metrics, the result JSON."""
+def sample_and_report(args, info, inputs, ckpt_path, history, paths):
+    """Class-balanced samples of the checkpoint at ckpt_path, decoded from ONE generator seeded
+    once with --sample-seed; files, metrics and the result JSON through common.report_samples."""
+    tokenizer_cfg, dump, _ = inputs
     ckpt = common.load_checkpoint(ckpt_path)
     model = build_generator(ckpt["args"], dump).to(info.device)
     model.load_state_dict(ckpt["model"])
     model.eval()
     tokenizer, _ = common.load_tokenizer(args.tokenizer, info.device)
-    metrics = {"val_loss": ckpt.get("val_loss")}
-    sampling, notes, provenance, extra = None, {}, {"eval_split": None, "fid_reference": None,
-                                                    "data_range": 1.0}, {}
-    if args.sample:
-        labels = common.balanced_labels(args.sample, dump.num_classes)
-        generator = torch.Generator(info.device).manual_seed(args.sample_seed)  # ONE stream for all batches
-        sampler = functools.partial(sample_tokens, model, steps=args.steps, generator=generator,
-                                    cfg_scale=args.cfg_scale, choice_temperature=args.choice_temperature,
-                                    temperature=args.temperature)
-        start = time.time()
-        images, tokens = common.generate_images(sampler, tokenizer, dump, labels, args.sample_batch_size,
-                                                info.device)
-        sample_seconds = time.time() - start
-        common.write_samples(paths["samples"], images, labels, paths["grid"], args.per_class)
-        common.atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
-        counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
-        metrics.update(token_perplexity=common.perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
-        reference, cache = None, None
-        if not args.skip_fid:
-            reference = common.tokenizer_test_split(tokenizer_cfg, args.data_dir)
-            cache = common.tokenizer_test_cache_name(tokenizer_cfg, args.data_dir)
-        lpips_model = None if args.skip_lpips else common.load_lpips("alex", info.device)
-        found, provenance = common.sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
-                                                  prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
-                                                  seed=args.sample_seed, device=info.device)
-        metrics.update(found)
-        sampling = {"num_samples": args.sample, "labels": "class-balanced", "seed": args.sample_seed,
-                    "batch_size": args.sample_batch_size, "steps": args.steps, "cfg_scale": args.cfg_scale,
-                    "choice_temperature": args.choice_temperature, "temperature": args.temperature,
-                    "seconds": sample_seconds}
-        folder = os.path.dirname(os.path.abspath(paths["json"]))
-        extra = {"samples": os.path.relpath(paths["samples"], folder), "grid": os.path.relpath(paths["grid"], folder)}
-    else:
-        notes["samples"] = "no samples: --sample 0"
-    if args.sample and args.skip_fid:
-        notes["gfid"] = "not computed: --skip-fid"
-    if args.sample and args.skip_lpips:
-        notes["lpips_diversity"] = "not computed: --skip-lpips"
-    common.write_generator_result(paths["json"], EXPERIMENT, args, metrics, history,
-                                  tokenizer=common.tokenizer_identity(tokenizer_cfg, args.tokenizer),
-                                  provenance=provenance, sampling=sampling, checkpoint=ckpt_path, notes=notes,
-                                  **extra)
-    print0({k: v for k, v in metrics.items()})
-    return metrics
+    generator = torch.Generator(info.device).manual_seed(args.sample_seed)  # ONE stream for all batches
+    sampler = functools.partial(sample_tokens, model, steps=args.steps, generator=generator,
+                                cfg_scale=args.cfg_scale, choice_temperature=args.choice_temperature,
+                                temperature=args.temperature)
+    sampling = {"steps": args.steps, "cfg_scale": args.cfg_scale, "guidance": GUIDANCE,
+                "choice_temperature": args.choice_temperature, "temperature": args.temperature}
+    metrics = {"val_loss": ckpt.get("val_loss"), "best_epoch": ckpt.get("epoch", 0) - 1}
+    return common.report_samples(args, EXPERIMENT, tokenizer, tokenizer_cfg, dump, sampler, sampling, metrics,
+                                 history, ckpt_path, paths, info.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,83 +421,25 @@ def sample_and_report(args, info, tokenizer_cfg, dump, ckpt_path, history, paths
 # ------------------------------------------------------------------------------------------------
 
 
-def run_name(args):
-    if args.name:
-        return args.name
-    return "maskgit_" + os.path.basename(os.path.dirname(os.path.abspath(args.tokenizer)))
-
-
-def output_paths(args, name):
-    run_dir = os.path.join(args.out, name)
-    return {"last": os.path.join(run_dir, "last.pt"), "best": os.path.join(run_dir, "best.pt"),
-            "samples": os.path.join(run_dir, "samples"), "grid": os.path.join(run_dir, "samples_grid.png"),
-            "tokens": os.path.join(run_dir, "samples_tokens.pt"), "json": os.path.join(args.out, f"{name}.json")}
-
-
 def validate(args):
+    common.validate_generator_args(args)
     if args.width % args.heads:
         raise UserError(f"--width {args.width} must be divisible by --heads {args.heads}")
-    if args.min_lr > args.lr:
-        raise UserError(f"--min-lr {args.min_lr} must not exceed --lr {args.lr}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
-    if args.sample_only and not args.checkpoint:
-        raise UserError("--sample-only needs --checkpoint (a generator checkpoint to sample from)")
-    if args.sample_only and args.resume:
-        raise UserError("--sample-only writes a new run; it has nothing to --resume")
-    if args.sample == 1 and not (args.skip_lpips and args.skip_fid):
-        raise UserError("diversity and FID need at least 2 samples; use --sample >= 2")
-
-
-def adopt_checkpoint_settings(args, saved):
-    """--sample-only: the architecture and training settings come from the generator checkpoint
-    (so the JSON describes the model that was sampled), which must belong to --tokenizer."""
-    cfg = saved.get("args") if isinstance(saved, dict) else None
-    if not isinstance(cfg, dict) or "model" not in saved or any(k not in cfg for k in DEFINING):
-        raise UserError(f"{args.checkpoint} is not a generator_maskgit.py checkpoint")
-    if os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
-        raise UserError(f"{args.checkpoint} was trained on the tokens of {cfg['tokenizer']}, not {args.tokenizer}")
-    for k in DEFINING:
-        if k not in ("tokenizer", "tokens_dir"):
-            setattr(args, k, cfg[k])
-    return saved.get("state", {}).get("history", [])
 
 
 def main(args):
-    info = common.setup_distributed(args.device, args.dist_timeout)
-    # absolute paths: checkpoints compare them on --resume, results record them
-    args.tokenizer = os.path.abspath(args.tokenizer)
-    args.tokens_dir = args.tokens_dir and os.path.abspath(args.tokens_dir)
-    name = run_name(args)
-    paths = output_paths(args, name)
-    outputs = [paths[k] for k in ("json", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
-    checks = [lambda: load_inputs(args), lambda: check_weights(args)]
-    if args.sample_only:
-        checks.append(lambda: adopt_checkpoint_settings(argparse.Namespace(**vars(args)),
-                                                        common.load_checkpoint(args.checkpoint)))
-    with common.start_run(args, name=name, outputs=outputs, ranges=RANGES, defining=DEFINING,
-                          resume_from=paths["last"], checks=checks, validate=validate) as run:
-        tokenizer_cfg, train_dump, val_dump = load_inputs(args)
-        if args.sample_only:
-            ckpt_path = args.checkpoint
-            history = adopt_checkpoint_settings(args, common.load_checkpoint(ckpt_path))
-        else:
-            history = train(args, info, (train_dump, val_dump), run, paths)
-            ckpt_path = paths["best"]
-            if not os.path.exists(ckpt_path):
-                raise UserError("training ended before its first epoch; raise --epochs")
-        common.cleanup_distributed()  # sampling and metrics run on rank 0 alone
-        if info.is_main:
-            return sample_and_report(args, info, tokenizer_cfg, train_dump, ckpt_path, history, paths)
+    return common.run_generator(args, "vq", ranges=RANGES, defining=DEFINING, validate=validate,
+                                load_inputs=load_inputs, train=train, sample_and_report=sample_and_report)
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("inputs")
-    g.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (imagenet_tokenizer.py, --quantizer vq)")
-    g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
-    g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
+    g = common.add_generator_arguments(p, "vq", out_default="runs/generator_maskgit")
+    g.add_argument("--steps", type=int, default=12, help="decoding steps T")
+    g.add_argument("--cfg-scale", type=float, default=0.0,
+                   help="classifier-free guidance w: c + w (c - u) at every step (0: conditional only)")
+    g.add_argument("--choice-temperature", type=float, default=4.5, help="Gumbel noise scale of the confidence")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the token draws")
 
     g = p.add_argument_group("model (official class-conditional MaskGIT)")
     g.add_argument("--depth", type=int, default=24)
@@ -573,40 +448,17 @@ def build_parser():
     g.add_argument("--mlp-dim", type=int, default=3072)
     g.add_argument("--dropout", type=float, default=0.1)
 
-    g = p.add_argument_group("training")
+    g = p.add_argument_group("training (official MaskGIT recipe, the paper's plateau schedule)")
     g.add_argument("--batch-size", type=int, default=256, help="global batch (all processes together)")
     g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min-lr", type=float, default=1e-6, help="ReduceLROnPlateau floor")
     g.add_argument("--weight-decay", type=float, default=0.045)
     g.add_argument("--warmup-steps", type=int, default=5000)
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument("--loss-on-all-tokens", action="store_true",
                    help="cross-entropy on every position (official option; default: masked positions only)")
-    g.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (for --cfg-scale)")
     g.add_argument("--epochs", type=int, default=300, help="cap; early stopping usually ends sooner")
-    g.add_argument("--plateau-factor", type=float, default=0.5)
-    g.add_argument("--plateau-patience", type=int, default=5, help="epochs without improvement before lr drops")
-    g.add_argument("--patience", type=int, default=10, help="early stopping: epochs at --min-lr without improvement")
-    g.add_argument("--seed", type=int, default=0)
-
-    g = p.add_argument_group("sampling and metrics")
-    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
-    g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
-    g.add_argument("--sample-batch-size", type=int, default=100)
-    g.add_argument("--steps", type=int, default=12, help="decoding steps T")
-    g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance w (0: conditional only)")
-    g.add_argument("--choice-temperature", type=float, default=4.5, help="Gumbel noise scale of the confidence")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the token draws")
-    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
-    g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
-    g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
-    g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
-    g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
-    g.add_argument("--sample-only", action="store_true", help="no training: sample from --checkpoint")
-    g.add_argument("--checkpoint", help="generator checkpoint for --sample-only")
-    g.add_argument("--name", help="run name (default maskgit_<tokenizer run folder>)")
-    common.add_run_arguments(p, out_default="runs/generator_maskgit")
+    common.add_generator_training_arguments(g)
     return p
 
 

@@ -75,7 +75,9 @@ is the g-FID reference; --data-dir if they moved). Missing files fail before tra
 Choices the paper leaves open (ours; all are flags and recorded in the JSON):
   * Guidance --cfg-scale 1.5, top-k 900, top-p 0.96, no "more_smooth": VAR's README recipe for FID. VAR's
     paper says cfg 2.0 (VAR#86). top-k 900 was tuned for VAR's 4,096 codes; with the paper's 16,384
-    it keeps 5.5% of the vocabulary instead of 22% (--top-k 3600 keeps the same share).
+    it keeps 5.5% of the vocabulary instead of 22% (--top-k 3600 keeps the same share). Guidance
+    is (1 + t) c - t u, t = cfg k / (K - 1) at scale k: t = 0 is the conditional model, as w in
+    generator_maskgit.py; LlamaGen's scale s is 1 + t. The JSON states it (sampling.guidance).
   * Samples: --sample 5000 class-balanced (50 per ImageNet-100 class, VAR's per-class count), one
     random stream per run (--sample-seed); on ODIR as many as its test split (A.1: "the full test
     set"). Pixel distance and LPIPS diversity (AlexNet) over all pairs of
@@ -333,6 +335,11 @@ def guidance_scale(cfg, k, num_scales):
     return cfg * k / max(1, num_scales - 1)
 
 
+# Classifier-free guidance, as the result JSON states it (t = 0 is the conditional model; LlamaGen's
+# scale s = 1 + t, see llamagen_deferred.py).
+GUIDANCE = "(1 + t) c - t u = c + t (c - u) at scale k, t = cfg * k / (K - 1); u: null-class logits"
+
+
 def guided_logits(logits_2BlV, t):
     """(1 + t) * conditional - t * unconditional, the halves of a batch doubled with the null class."""
     cond, uncond = logits_2BlV.chunk(2)
@@ -489,24 +496,18 @@ def validation_loss(model, quantizer, dump, args, info):
             "val_loss_per_scale": (sums[:num] / (n * tokens)).tolist()}
 
 
-def train(args, info, tokenizer, token_dim, dumps, run, paths):
+def train(args, info, inputs, run, paths):
     """Epochs until --epochs or early stopping. Every epoch draws its data order from (seed, epoch)
     and the rank's label dropout and stochastic depth from (seed, epoch, rank), so a resumed run
     repeats the uninterrupted one; the validation loss then drives ReduceLROnPlateau / early
     stopping, and rank 0 writes best.pt (lowest validation loss) before last.pt."""
-    train_dump, val_dump = dumps
+    tokenizer, tokenizer_cfg, train_dump, val_dump = inputs
     common.seed_everything(args.seed)  # identical initial weights on every rank
-    model = build_model(args, train_dump, token_dim).init_weights(adaln_gamma=args.adaln_gamma_init).to(info.device)
+    model = build_model(args, train_dump, tokenizer_cfg["token_dim"]).init_weights(adaln_gamma=args.adaln_gamma_init)
+    model = model.to(info.device)
     quantizer = tokenizer.to(info.device).quantizer
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    schedule = common.PlateauSchedule(args.lr, args.plateau_factor, args.plateau_patience, args.min_lr, args.patience)
-    state = {"epoch": 0, "step": 0, "history": []}
-    if run.checkpoint is not None:
-        model.load_state_dict(run.checkpoint["model"])
-        opt.load_state_dict(run.checkpoint["optimizer"])
-        schedule.load_state_dict(run.checkpoint["schedule"])
-        state = run.checkpoint["state"]
-        common.print0(f"resumed from {paths['last']} after epoch {state['epoch']}")
+    schedule, state = common.resume_generator_training(run, model, opt, args, paths["last"])
     ddp_model = common.wrap_ddp(model, info)
     common.print0(f"VAR: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {len(train_dump)} "
                   f"training images of {train_dump.seq_len} tokens (scales {list(train_dump.scales)}), "
@@ -532,21 +533,9 @@ def train(args, info, tokenizer, token_dim, dumps, run, paths):
                   "train_loss": (sums[1] / sums[0].clamp(min=1)).item(),
                   "grad_norm": (sums[2] / sums[0].clamp(min=1)).item(), **val,
                   "images_per_second": len(batches) * args.batch_size / seconds, "seconds": seconds}
-        improved = schedule.step(val["val_loss"])
-        state["history"].append(record)
-        state["epoch"] = epoch + 1
-        common.print0(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in record.items() if k != "val_loss_per_scale"))
-        if info.is_main:
-            common.save_checkpoints(paths["last"], paths["best"] if improved else None, model=model.state_dict(),
-                                    optimizer=opt.state_dict(), schedule=schedule.state_dict(), state=state,
-                                    args=vars(args), val_loss=val["val_loss"], val_accuracy=val["val_accuracy"],
-                                    epoch=state["epoch"])
-        if common.is_distributed():
-            torch.distributed.barrier()
-    if schedule.stopped:
-        common.print0(f"early stop after epoch {state['epoch'] - 1}: no validation improvement at the minimum lr")
-    return state["history"]
+        common.end_generator_epoch(record, model, opt, schedule, state, args, info, paths,
+                                   val_accuracy=val["val_accuracy"])
+    return common.finish_generator_training(schedule, state)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -554,10 +543,11 @@ def train(args, info, tokenizer, token_dim, dumps, run, paths):
 # ------------------------------------------------------------------------------------------------
 
 
-def sample_and_report(args, info, tokenizer, tokenizer_cfg, dump, ckpt_path, history, paths):
+def sample_and_report(args, info, inputs, ckpt_path, history, paths):
     """Class-balanced samples of the checkpoint at ckpt_path, drawn scale by scale from ONE
     generator seeded once with --sample-seed; files, metrics and the result JSON through
     common.report_samples."""
+    tokenizer, tokenizer_cfg, dump, _ = inputs
     ckpt = common.load_checkpoint(ckpt_path)
     model = build_model(ckpt["args"], dump, tokenizer_cfg["token_dim"]).to(info.device)
     model.load_state_dict(ckpt["model"])
@@ -571,6 +561,7 @@ def sample_and_report(args, info, tokenizer, tokenizer_cfg, dump, ckpt_path, his
                                   generator)
         return flatten_scales(indices)
     sampling = {"cfg": args.cfg_scale, "cfg_schedule": "linear in the scale index, 0 at the first",
+                "guidance": GUIDANCE,
                 "top_k": args.top_k, "top_p": args.top_p, "more_smooth": False}
     metrics = {"val_loss": ckpt.get("val_loss"), "val_accuracy": ckpt.get("val_accuracy"),
                "best_epoch": ckpt.get("epoch", 0) - 1}
@@ -582,12 +573,10 @@ def sample_and_report(args, info, tokenizer, tokenizer_cfg, dump, ckpt_path, his
 # Entry point
 # ------------------------------------------------------------------------------------------------
 
-RANGES = {"depth": ">= 1", "width": ">= 0", "heads": ">= 0", "mlp_ratio": "> 0", "drop_path": "[0, 1)",
-          "label_dropout": "[0, 1)", "adaln_gamma_init": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1",
-          "lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0", "warmup_steps": ">= 0", "clip": ">= 0",
-          "label_smoothing": "[0, 1)", "epochs": ">= 0", "plateau_factor": "(0, 1)", "plateau_patience": ">= 0",
-          "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1", "cfg_scale": ">= 0", "top_k": ">= 0",
-          "top_p": "[0, 1]", "lpips_pairs": ">= 1", "per_class": ">= 1"}
+RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 0", "heads": ">= 0", "mlp_ratio": "> 0",
+          "drop_path": "[0, 1)", "adaln_gamma_init": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0",
+          "weight_decay": ">= 0", "warmup_steps": ">= 0", "clip": ">= 0", "label_smoothing": "[0, 1)",
+          "epochs": ">= 0", "cfg_scale": ">= 0", "top_k": ">= 0", "top_p": "[0, 1]"}
 # Settings that define a training run: --resume refuses a checkpoint made under other values, and
 # --sample-only takes them from the checkpoint. (--grad-accum changes memory, not the maths.)
 ARCH = ("depth", "width", "heads", "mlp_ratio", "drop_path", "label_dropout", "adaln_gamma_init")
@@ -603,13 +592,6 @@ def build_model(cfg, dump, token_dim):
                drop_path_rate=cfg["drop_path"], label_dropout=cfg["label_dropout"])
 
 
-def check_guidance(args):
-    """Guidance mixes in the null class, which only label dropout trains."""
-    if args.sample and args.cfg_scale > 0 and args.label_dropout == 0:
-        raise UserError("--cfg-scale > 0 needs a model trained with --label-dropout > 0 (the null class); "
-                        "use --cfg-scale 0")
-
-
 def validate(args):
     common.validate_generator_args(args)
     width, heads = args.width or 64 * args.depth, args.heads or args.depth
@@ -619,8 +601,6 @@ def validate(args):
     if args.batch_size % (world * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must divide into {world} processes x --grad-accum "
                         f"{args.grad_accum} micro-batches")
-    if not args.sample_only:
-        check_guidance(args)
 
 
 def load_inputs(args):
@@ -629,49 +609,12 @@ def load_inputs(args):
     if tuple(tokenizer.quantizer.scales) != tuple(train_dump.scales):
         raise UserError(f"{args.tokenizer} has scales {list(tokenizer.quantizer.scales)}, its dumps "
                         f"{list(train_dump.scales)}: dump the tokens again")
-    if args.batch_size > len(train_dump) and not args.sample_only:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(train_dump)} training images")
     return tokenizer, cfg, train_dump, val_dump
 
 
-def sample_only_settings(args):
-    """--sample-only: the checkpoint's settings adopted into args, its history returned."""
-    history = common.adopt_generator_settings(args, common.load_checkpoint(args.checkpoint), DEFINING,
-                                              "generator_var.py")
-    check_guidance(args)
-    return history
-
-
-def run_name(args):
-    if args.name:
-        return args.name
-    return "var_" + os.path.basename(os.path.dirname(os.path.abspath(args.tokenizer)))
-
-
 def main(args):
-    info = common.setup_distributed(args.device, args.dist_timeout)
-    # absolute paths: checkpoints compare them on --resume, results record them
-    args.tokenizer = os.path.abspath(args.tokenizer)
-    args.tokens_dir = args.tokens_dir and os.path.abspath(args.tokens_dir)
-    name = run_name(args)
-    paths = common.generator_output_paths(args.out, name)
-    outputs = [paths[k] for k in ("json", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
-    checks = [lambda: load_inputs(args), lambda: common.check_sample_weights(args)]
-    if args.sample_only:
-        checks.append(lambda: sample_only_settings(argparse.Namespace(**vars(args))))
-    with common.start_run(args, name=name, outputs=outputs, ranges=RANGES, defining=DEFINING,
-                          resume_from=paths["last"], checks=checks, validate=validate) as run:
-        tokenizer, tokenizer_cfg, train_dump, val_dump = load_inputs(args)
-        if args.sample_only:
-            ckpt_path, history = args.checkpoint, sample_only_settings(args)
-        else:
-            history = train(args, info, tokenizer, tokenizer_cfg["token_dim"], (train_dump, val_dump), run, paths)
-            ckpt_path = paths["best"]
-            if not os.path.exists(ckpt_path):
-                raise UserError("training ended before its first epoch; raise --epochs")
-        common.cleanup_distributed()  # sampling and metrics run on rank 0 alone
-        if info.is_main:
-            return sample_and_report(args, info, tokenizer, tokenizer_cfg, train_dump, ckpt_path, history, paths)
+    return common.run_generator(args, "msvq", ranges=RANGES, defining=DEFINING, validate=validate,
+                                load_inputs=load_inputs, train=train, sample_and_report=sample_and_report)
 
 
 def build_parser():
@@ -696,17 +639,12 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=768, help="global batch, all processes together (VAR d16: 768)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (VAR's --ac)")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (VAR: 1e-4 x batch / 256)")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="ReduceLROnPlateau floor (paper A.1: 1e-6)")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up (VAR: 1/50 of the epochs)")
     g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clipping (0: none)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (for --cfg-scale)")
     g.add_argument("--epochs", type=int, default=200, help="cap (VAR d16: 200); early stopping usually ends sooner")
-    g.add_argument("--plateau-factor", type=float, default=0.5)
-    g.add_argument("--plateau-patience", type=int, default=5, help="epochs without improvement before lr drops")
-    g.add_argument("--patience", type=int, default=10, help="early stopping: epochs at --min-lr without improvement")
-    g.add_argument("--seed", type=int, default=0)
+    common.add_generator_training_arguments(g)
     return p
 
 

@@ -462,7 +462,8 @@ def reconstruction_sheet(model, dataset, info, columns=16, rows=2):
 @torch.no_grad()
 def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     """Token indices of every image of a split, in split order: vq -> (N, h, w) tensor; msvq ->
-    list of (N, s, s) tensors; int16 when the codebook fits, else int32; plus labels."""
+    list of (N, s, s) tensors; int16 when the codebook fits, else int32; plus labels and the
+    number of classes of the split file (the generators' class embedding)."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
     rows, dtype = [], torch.int16 if net.quantizer.num_codes <= 2**15 else torch.int32
@@ -483,7 +484,8 @@ def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     record = {"tokens": flat if args.quantizer == "msvq" else flat[0], "labels": table[:, 1],
               "checkpoint": os.path.abspath(ckpt_path), "quantizer": args.quantizer,
               "scales": sizes, "codebook_size": net.quantizer.num_codes, "split": args.dump_tokens,
-              "split_file": args.split_file}
+              "split_file": args.split_file,
+              "num_classes": len(common.load_split(args.split_file)["classes"])}  # a split may miss a class
     if info.is_main:
         common.atomic_write(out_path, lambda f: torch.save(record, f))
     return record

@@ -225,3 +225,106 @@ def test_generate_images_decodes_each_batch(tokenizer_runs):
     with torch.no_grad():
         expected = model.decode_indices(dump.maps(dump.tokens_NL)).clamp(0, 1)
     assert images.shape == (6, 3, 32, 32) and torch.allclose(images, expected, atol=1e-6)
+
+
+# ---- one command line, one life cycle for both generator scripts -----------------------------------
+
+TINY_GENERATORS = {"vq": ("generator_maskgit", ["--depth", "1", "--width", "16", "--heads", "2", "--mlp-dim", "32",
+                                                "--steps", "2"]),
+                   "msvq": ("generator_var", ["--depth", "1", "--width", "16", "--heads", "2"])}
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "msvq"])
+def test_both_generators_share_the_command_line_guidance_rule_and_json_provenance(tokenizer_runs, tmp_path, quantizer):
+    import importlib
+    import json
+
+    module_name, arch = TINY_GENERATORS[quantizer]
+    script = importlib.import_module(module_name)
+    shared = ["--sample", "4", "--sample-batch-size", "3", "--per-class", "1", "--skip-fid", "--skip-lpips",
+              "--batch-size", "6", "--warmup-steps", "1", "--device", "cpu"]
+
+    def run(out, *extra):
+        return script.main(script.build_parser().parse_args(
+            ["--tokenizer", tokenizer_runs[quantizer].checkpoint, "--out", str(tmp_path / out)] + arch + shared
+            + list(extra)))
+
+    # the shared arguments have one meaning and one default in both scripts
+    args = vars(script.build_parser().parse_args(["--tokenizer", "x"]))
+    assert {k: args[k] for k in ("label_dropout", "min_lr", "plateau_factor", "plateau_patience", "patience", "seed",
+                                 "sample", "sample_seed", "lpips_pairs", "per_class")} == \
+        {"label_dropout": 0.1, "min_lr": 1e-6, "plateau_factor": 0.5, "plateau_patience": 5, "patience": 10, "seed": 0,
+         "sample": 5000, "sample_seed": 0, "lpips_pairs": None, "per_class": 8}
+    assert set(common.GENERATOR_RANGES) <= set(script.RANGES)
+    # guidance needs the null class that only label dropout trains: refused before anything is written
+    with pytest.raises(UserError, match="--cfg-scale > 0 needs .*--label-dropout > 0"):
+        run("refused", "--label-dropout", "0", "--cfg-scale", "1")
+    assert not os.path.exists(tmp_path / "refused")
+    # a model trained without label dropout samples without guidance; the JSON says how and against what
+    run("out", "--label-dropout", "0", "--cfg-scale", "0", "--epochs", "1", "--name", "plain")
+    with open(tmp_path / "out" / "plain.json") as f:
+        record = json.load(f)
+    assert record["sampling"]["guidance"] == script.GUIDANCE and "c - u" in script.GUIDANCE
+    assert record["eval_split"] == "test" and record["data_range"] == 1.0 and record["fid_reference"] is None
+    assert record["metrics"]["best_epoch"] == 0 and len(record["history"]) == 1
+    # --sample-only adopts the checkpoint's --label-dropout 0: guidance is refused there too
+    best = str(tmp_path / "out" / "plain" / "best.pt")
+    with pytest.raises(UserError, match="--label-dropout > 0"):
+        run("out", "--sample-only", "--checkpoint", best, "--cfg-scale", "1", "--name", "guided")
+    assert not os.path.exists(tmp_path / "out" / "guided.json")
+    # a batch larger than the 18 training images fails at start, for both scripts alike
+    with pytest.raises(UserError, match="--batch-size 24 exceeds the 18 training images"):
+        run("big", "--batch-size", "24")
+
+
+# ---- Fashion-MNIST tokenizers: g-FID against their own (official) test split ---------------------
+
+def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tmp_path, monkeypatch):
+    """A tokenizer trained by imagenet_tokenizer.py --dataset fashion-mnist on tiny files in the real
+    idx format, its dumps, then both generators: the dumps carry the class count, and g-FID compares
+    the samples with exactly the tokenizer's test images (28x28 greyscale, replicated to 3 channels
+    and zero-padded to 32), whose Inception statistics are cached under one name per split."""
+    import json
+
+    import generator_maskgit
+    import generator_var
+    import imagenet_tokenizer as tok
+    from test_fashion_mnist import write_split as write_idx
+    from test_imagenet_tokenizer import TINY, without_sizes
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fashion"
+    for prefix, n in (("train", 40), ("t10k", 7)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        write_idx(data, prefix, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), labels)
+    test_images = torch.from_numpy(common.read_idx(str(data / "t10k-images-idx3-ubyte.gz"), "images").copy())
+    runs, seen = tmp_path / "runs", []
+
+    def fake_fidelity(generated, reference=None, fid=True, prc=False, device=None, **kwargs):
+        seen.append((reference, kwargs.get("input2_cache_name")))
+        return {"fid": 1.0}
+    monkeypatch.setattr(common, "fidelity_metrics", fake_fidelity)
+    monkeypatch.setattr(common, "inception_weights_path", lambda *a: "inception.pth")
+    for quantizer, script in (("vq", generator_maskgit), ("msvq", generator_var)):
+        base = ["--dataset", "fashion-mnist", "--data-dir", str(data), "--out", str(runs), "--quantizer", quantizer,
+                "--name", quantizer] + without_sizes(TINY) + ["--val-size", "10"]
+        tok.main(tok.build_parser().parse_args(base + ["--epochs", "1"]))
+        for split in ("train", "val"):
+            tok.main(tok.build_parser().parse_args(base + ["--dump-tokens", split,
+                                                           "--checkpoint", str(runs / quantizer / "best.pt")]))
+        assert torch.load(runs / quantizer / "tokens_val.pt", weights_only=False)["num_classes"] == 10
+        script.main(script.build_parser().parse_args(
+            ["--tokenizer", str(runs / quantizer / "best.pt"), "--out", str(tmp_path / "gen"), "--depth", "1",
+             "--width", "16", "--heads", "2", "--batch-size", "10", "--epochs", "1", "--sample", "10",
+             "--skip-lpips", "--device", "cpu"] + (["--steps", "2", "--mlp-dim", "32"] if quantizer == "vq" else [])))
+        reference, cache = seen[-1]
+        assert len(reference) == 7 and [reference[i][1] for i in range(7)] == list(range(7))
+        x = torch.stack([reference[i][0] for i in range(7)])
+        assert x.shape == (7, 3, 32, 32) and torch.equal(x[:, :, 2:30, 2:30], (test_images.float() / 255)[:, None].expand(-1, 3, -1, -1))
+        assert x[:, :, :2].abs().sum() == 0 and cache == common.tokenizer_test_cache_name(
+            torch.load(runs / quantizer / "best.pt", weights_only=False)["args"])
+        with open(tmp_path / "gen" / f"{common.GENERATORS[quantizer]}_{quantizer}.json") as f:
+            record = json.load(f)
+        assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"] == "test split, 7 images"
+        assert record["tokenizer"]["dataset"] == "fashion-mnist" and record["sampling"]["labels"] == "class-balanced"
+    assert seen[0][1] == seen[1][1]  # both tokenizers use the same split: one reference cache
