@@ -31,7 +31,6 @@ import atexit
 import contextlib
 import copy
 import datetime
-import errno
 import glob
 import hashlib
 import json
