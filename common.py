@@ -2356,15 +2356,17 @@ def tokenizer_identity(cfg, path):
             "simvq": bool(cfg.get("simvq")), "resolution": cfg["resolution"]}
 
 
-def tokenizer_test_split(cfg, data_dir=None):
+def tokenizer_test_split(cfg, data_dir=None, limit=0):
     """The test images of a tokenizer's own split, prepared as the tokenizer saw them
     (`tokenizer_datasets`: an ImageFolder split or Fashion-MNIST's official test set): the
     reference set of g-FID (paper section 6.1: generated samples against the test set).
-    `data_dir` overrides the folder recorded in the checkpoint (data moved to another machine)."""
-    return tokenizer_datasets(cfg, data_dir, parts=("test",))["test"]
+    `data_dir` overrides the folder recorded in the checkpoint (data moved to another machine);
+    `limit` > 0 keeps the first `limit` images (--fid-images: a CPU budget, stated in the JSON)."""
+    test = tokenizer_datasets(cfg, data_dir, parts=("test",))["test"]
+    return torch.utils.data.Subset(test, range(limit)) if 0 < limit < len(test) else test
 
 
-def tokenizer_test_cache_name(cfg, data_dir=None):
+def tokenizer_test_cache_name(cfg, data_dir=None, limit=0):
     """The name under which torch-fidelity caches the Inception statistics of a tokenizer's test
     split (in $TORCH_HOME/fidelity_cache): a hash of the data folder (as tokenizer_datasets finds
     it), the resolution and the list of test images, so another split, folder or size never reuses
@@ -2372,8 +2374,8 @@ def tokenizer_test_cache_name(cfg, data_dir=None):
     generator run on a tokenizer of that split shares them. (A changed image under an unchanged
     file name would not be noticed: delete the cache then.)"""
     split = load_split(cfg["split_file"])
-    key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"],
-                      split["test"]])
+    test = split["test"][:limit] if limit > 0 else split["test"]
+    key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"], test])
     return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -2697,6 +2699,9 @@ def add_generator_arguments(parser, quantizer, out_default):
     g.add_argument("--sample-batch-size", type=int, default=100)
     g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
     g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
+    g.add_argument("--fid-images", type=int, default=0,
+                   help="g-FID reference: the first N test images (0: the whole test split, the paper's; "
+                        "a CPU budget, stated in the JSON's fid_reference)")
     g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
     g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
     g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
@@ -2810,8 +2815,8 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
         metrics.update(token_perplexity=perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
         reference, cache = None, None
         if not args.skip_fid:
-            reference = tokenizer_test_split(tokenizer_cfg, args.data_dir)
-            cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir)
+            reference = tokenizer_test_split(tokenizer_cfg, args.data_dir, args.fid_images)
+            cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir, args.fid_images)
         lpips_model = None if args.skip_lpips else load_lpips("alex", device)
         found, provenance = sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
                                            prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
@@ -2842,7 +2847,7 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
 
 GENERATOR_RANGES = {"label_dropout": "[0, 1)", "min_lr": ">= 0", "plateau_factor": "(0, 1)",
                     "plateau_patience": ">= 0", "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1",
-                    "per_class": ">= 1", "lpips_pairs": ">= 1"}
+                    "per_class": ">= 1", "lpips_pairs": ">= 1", "fid_images": ">= 0"}
 
 
 def add_generator_training_arguments(group):

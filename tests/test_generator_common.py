@@ -36,6 +36,12 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     assert name.startswith("dq-test-") and name == common.tokenizer_test_cache_name(dict(cfg))
     assert name != common.tokenizer_test_cache_name(dict(cfg, resolution=64))
     assert name != common.tokenizer_test_cache_name(cfg, data_dir="/elsewhere")
+    # --fid-images N: the first N test images, cached under a name of their own
+    first4 = common.tokenizer_test_split(cfg, limit=4)
+    assert len(first4) == 4 and all(torch.equal(first4[i][0], test[i][0]) for i in range(4))
+    assert len(common.tokenizer_test_split(cfg, limit=100)) == 6
+    assert common.tokenizer_test_cache_name(cfg, limit=4) not in (name, common.tokenizer_test_cache_name(cfg, limit=5))
+    assert common.tokenizer_test_cache_name(cfg, limit=0) == name
     ident = common.tokenizer_identity(cfg, run.checkpoint)
     assert ident["deferred"] is False and ident["gan"] is False and ident["quantizer"] == quantizer
     assert ident["codebook_size"] == 16 and ident["checkpoint"] == os.path.abspath(run.checkpoint)
@@ -316,15 +322,16 @@ def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tm
         script.main(script.build_parser().parse_args(
             ["--tokenizer", str(runs / quantizer / "best.pt"), "--out", str(tmp_path / "gen"), "--depth", "1",
              "--width", "16", "--heads", "2", "--batch-size", "10", "--epochs", "1", "--sample", "10",
-             "--skip-lpips", "--device", "cpu"] + (["--steps", "2", "--mlp-dim", "32"] if quantizer == "vq" else [])))
-        reference, cache = seen[-1]
-        assert len(reference) == 7 and [reference[i][1] for i in range(7)] == list(range(7))
-        x = torch.stack([reference[i][0] for i in range(7)])
-        assert x.shape == (7, 3, 32, 32) and torch.equal(x[:, :, 2:30, 2:30], (test_images.float() / 255)[:, None].expand(-1, 3, -1, -1))
+             "--skip-lpips", "--fid-images", "6", "--device", "cpu"]
+            + (["--steps", "2", "--mlp-dim", "32"] if quantizer == "vq" else [])))
+        reference, cache = seen[-1]  # --fid-images 6: the first 6 of the 7 test images
+        assert len(reference) == 6 and [reference[i][1] for i in range(6)] == list(range(6))
+        x = torch.stack([reference[i][0] for i in range(6)])
+        assert x.shape == (6, 3, 32, 32) and torch.equal(x[:, :, 2:30, 2:30], (test_images[:6].float() / 255)[:, None].expand(-1, 3, -1, -1))
         assert x[:, :, :2].abs().sum() == 0 and cache == common.tokenizer_test_cache_name(
-            torch.load(runs / quantizer / "best.pt", weights_only=False)["args"])
+            torch.load(runs / quantizer / "best.pt", weights_only=False)["args"], limit=6)
         with open(tmp_path / "gen" / f"{common.GENERATORS[quantizer]}_{quantizer}.json") as f:
             record = json.load(f)
-        assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"] == "test split, 7 images"
+        assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"] == "test split, 6 images"
         assert record["tokenizer"]["dataset"] == "fashion-mnist" and record["sampling"]["labels"] == "class-balanced"
     assert seen[0][1] == seen[1][1]  # both tokenizers use the same split: one reference cache
