@@ -2663,17 +2663,6 @@ def write_generator_result(path, experiment, args, metrics, history, *, tokenize
                         **provenance, **extra)
 
 
-def open_rgb(path):
-    """An image file as an RGB PIL image, or a one-line UserError naming the file (a truncated or
-    foreign file inside a dataset of a million images should not end a run with a traceback)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
-
-
 # ---- One command line for every generator script: inputs, outputs, checks, the sample report ----
 #
 # generator_maskgit.py and generator_var.py take the same inputs (--tokenizer, --tokens-dir,

@@ -181,7 +181,7 @@ class ImageFolderSplit(Dataset):
 
     def __getitem__(self, i):
         relpath, label = self.items[i]
-        img, r = common.open_rgb(os.path.join(self.root, relpath)), self.resolution
+        img, r = common.read_rgb(os.path.join(self.root, relpath)), self.resolution
         if self.view == "crops":
             return torch.stack([to_tensor(c) for cr in self.crop_ranges for c in ten_crops(img, r, cr)]), label
         if self.view == "eval":
