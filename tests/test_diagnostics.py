@@ -155,6 +155,7 @@ def test_codebook_metrics_dict_and_bad_input():
     counts = np.array([0, 5, 5] + [0] * 37)
     m = codebook_metrics(codes.numpy(), counts)
     assert m["perplexity"] == pytest.approx(2.0) and m["used_codes"] == 2
-    for bad in (torch.randn(10), torch.randn(0, 4), torch.tensor([[1.0, float("nan")]])):
-        with pytest.raises(UserError):
+    for bad, message in ((torch.randn(10), "a codebook is a"), (torch.randn(0, 4), "a codebook is a"),
+                         (torch.tensor([[1.0, float("nan")]]), "NaN or infinite")):
+        with pytest.raises(UserError, match=message):
             codebook_metrics(bad)

@@ -163,7 +163,7 @@ def test_balanced_labels(n, classes):
     counts = torch.bincount(labels, minlength=classes)
     assert labels.shape == (n,) and counts.max() - counts.min() <= 1 and counts.sum() == n
     assert torch.equal(labels, labels.sort().values)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="need at least one sample and one class"):
         common.balanced_labels(0, 3)
 
 

@@ -365,15 +365,17 @@ def test_simvq_data_init_resets_the_layer_and_replacement_writes_through_it():
 
 # ---- failure modes ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs", [
-    dict(ema_decay=1.5), dict(ema_decay=0.0), dict(ema_decay=0.9, affine_lr=1.0), dict(ema_decay=0.9, simvq=True),
-    dict(ema_decay=0.9, sync_nu=0.1), dict(affine_lr=1.0, simvq=True), dict(init="orthogonal"),
-    dict(init="gaussian", init_std=0.0), dict(beta=-1.0), dict(dead_code_steps=-1), dict(num_codes=0),
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ema_decay=1.5), "ema_decay must lie in"), (dict(ema_decay=0.0), "ema_decay must lie in"),
+    (dict(ema_decay=0.9, affine_lr=1.0), "EMA codebook cannot"), (dict(ema_decay=0.9, simvq=True), "EMA codebook cannot"),
+    (dict(ema_decay=0.9, sync_nu=0.1), "EMA codebook cannot"), (dict(affine_lr=1.0, simvq=True), "choose one"),
+    (dict(init="orthogonal"), "unknown codebook init"), (dict(init="gaussian", init_std=0.0), "init_std must be > 0"),
+    (dict(beta=-1.0), "must be >= 0"), (dict(dead_code_steps=-1), "must be >= 0"), (dict(num_codes=0), "at least one code"),
 ])
-def test_invalid_options_raise_user_error(kwargs):
+def test_invalid_options_raise_user_error(kwargs, message):
     args = dict(num_codes=8, dim=4)
     args.update(kwargs)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=message):
         VectorQuantizer(**args)
 
 

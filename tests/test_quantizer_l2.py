@@ -144,12 +144,12 @@ def test_deferred_switch_initialises_exactly_once_from_the_first_batch(monkeypat
 
 @pytest.mark.parametrize("kwargs", [dict(simvq=True), dict(affine_lr=1.0)])
 def test_l2_with_reparameterisations_is_refused(kwargs):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="l2_norm .* is not combined with affine_lr or simvq"):
         VectorQuantizer(8, 4, l2_norm=True, **kwargs)
 
 
 def test_multiscale_quantizer_refuses_l2():
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="l2_norm is a single-scale option"):
         MultiScaleQuantizer(8, 4, scales=(1, 2), l2_norm=True)
 
 
