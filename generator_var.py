@@ -560,7 +560,7 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
             indices, _ = generate(model, tokenizer.quantizer, labels_B, args.cfg_scale, args.top_k, args.top_p,
                                   generator)
         return flatten_scales(indices)
-    sampling = {"cfg": args.cfg_scale, "cfg_schedule": "linear in the scale index, 0 at the first",
+    sampling = {"cfg_scale": args.cfg_scale, "cfg_schedule": "linear in the scale index, 0 at the first",
                 "guidance": GUIDANCE,
                 "top_k": args.top_k, "top_p": args.top_p, "more_smooth": False}
     metrics = {"val_loss": ckpt.get("val_loss"), "val_accuracy": ckpt.get("val_accuracy"),

@@ -344,7 +344,7 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     m = record["metrics"]
     assert m["num_samples"] == 7 and m["pixel_diversity"] > 0 and 1 <= m["token_used_codes"] <= 16
     assert "gfid" not in m and "skip-fid" in record["notes"]["gfid"]
-    assert record["sampling"]["cfg"] == 1.5 and record["sampling"]["labels"] == "class-balanced"
+    assert record["sampling"]["cfg_scale"] == 1.5 and record["sampling"]["labels"] == "class-balanced"
     history = record["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2] and len(history[0]["val_loss_per_scale"]) == 4
     assert history[-1]["val_loss"] < history[0]["val_loss"]
@@ -359,7 +359,7 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     gv.main(cli_args(run, tmp_path, "--sample-only", "--checkpoint", record["checkpoint"], "--name", "again",
                      "--sample", "4", "--cfg-scale", "0", "--depth", "7"))
     again = json.load(open(tmp_path / "again.json"))
-    assert again["args"]["depth"] == 2 and again["sampling"]["cfg"] == 0  # architecture from the checkpoint
+    assert again["args"]["depth"] == 2 and again["sampling"]["cfg_scale"] == 0  # architecture from the checkpoint
     assert again["history"] == history and again["metrics"]["num_samples"] == 4
     # evaluate.py renders the run as the VAR row of Table 4 (ImageNet-100 scheme, no GAN, baseline)
     table = evaluate.render_generator_table(evaluate.load_results(str(tmp_path)), "Table 4")
