@@ -1068,28 +1068,45 @@ def generator_runs(results, generator=None):
     return [r for r in results if r["experiment"] in names and isinstance(r.get("tokenizer"), dict)]
 
 
-def generator_run(results, sel):
-    """The run matching a row selector (the last one in path order when several match)."""
+def generator_arm_runs(results, sel):
+    """Every run of one row's arm (generator, tokenizer arm, dataset, GAN): the table averages them,
+    as the tokenizer tables average seeds, instead of picking one."""
     tok = ("deferred", "dataset", "gan")
-    matches = [r for r in generator_runs(results, sel["generator"])
-               if all(r["tokenizer"].get(k) == sel[k] for k in tok)]
-    return matches[-1] if matches else None
+    return [r for r in generator_runs(results, sel["generator"]) if all(r["tokenizer"].get(k) == sel[k] for k in tok)]
+
+
+def runs_label(runs):
+    """How many runs a row averages, with their training and sample seeds ("3: seed 0 x sample 0, 1, 2")."""
+    if not runs:
+        return "–"
+    seeds = sorted({r["args"].get("seed") for r in runs}, key=str)
+    samples = sorted({r.get("sampling", {}).get("seed") for r in runs}, key=str)
+    show = lambda values: ", ".join(str(v) for v in values)  # noqa: E731
+    return f"{len(runs)}: seed {show(seeds)} x sample {show(samples)}"
+
+
+def distinct(values):
+    """The distinct values of a column that is a setting, not a measurement ("1000", "1000/5000")."""
+    return "/".join(fmt(v) for v in sorted({v for v in values if v is not None})) or "–"
+
+
+def _gen_digits(col):
+    return 3 if col == "lpips_diversity" else 2
 
 
 def render_generator_table(results, table):
     rows = PAPER["generators"][table]
-    runs = [generator_run(results, sel) for _, sel, _ in rows]
-    if not any(runs):
+    arms = [generator_arm_runs(results, sel) for _, sel, _ in rows]
+    if not any(arms):
         return None
-    header = ["Row"] + [f"{GENERATOR_LABELS[c]} {who}" for c in _GEN_COLS for who in ("paper", "ours")] + ["samples"]
+    header = (["Row"] + [f"{GENERATOR_LABELS[c]} {who}" for c in _GEN_COLS for who in ("paper", "ours")]
+              + ["samples", "runs"])
     body = []
-    for (label, _, paper), run in zip(rows, runs):
-        metrics = run["metrics"] if run else {}
+    for (label, _, paper), runs in zip(rows, arms):
         cells = [v for col, p in zip(_GEN_COLS, paper)
-                 for v in (fmt(p, 3 if col == "lpips_diversity" else 2),
-                           fmt(metrics.get(col), 3 if col == "lpips_diversity" else 2))]
-        body.append([label] + cells + [fmt(metrics.get("num_samples"))])
-    return markdown_table(header, body) + _generator_note(runs)
+                 for v in (fmt(p, _gen_digits(col)), mean_std([r["metrics"].get(col) for r in runs], _gen_digits(col)))]
+        body.append([label] + cells + [distinct(r["metrics"].get("num_samples") for r in runs), runs_label(runs)])
+    return markdown_table(header, body) + _generator_note([r for runs in arms for r in runs])
 
 
 def _generator_note(runs):
@@ -1112,33 +1129,41 @@ for _table in GENERATOR_TITLES:
 
 @renderer("Generation on other datasets (no paper counterpart, e.g. Fashion-MNIST)")
 def render_other_generation(results, out_dir):
-    """Every generator run on a dataset the paper did not use, both arms side by side, with the
-    generated tokens' usage (perplexity, codes used) next to the image metrics."""
+    """Every generator arm on a dataset the paper did not use, both arms side by side, runs of one
+    arm averaged (training and sample seeds), with the generated tokens' usage (perplexity, codes
+    used) next to the image metrics."""
     runs = [r for r in generator_runs(results) if r["tokenizer"].get("dataset") not in PAPER_DATASETS]
     if not runs:
         return None
-    cols = (("gfid", 2), ("pixel_diversity", 2), ("lpips_diversity", 3), ("token_perplexity", 1),
-            ("token_used_codes", 1), ("val_loss", 4), ("num_samples", 1))
-    header = ["generator", "dataset", "GAN", "Deferred", "codes"] + [c for c, _ in cols]
-    key = lambda r: (r["experiment"], str(r["tokenizer"].get("dataset")), r["tokenizer"].get("gan"),  # noqa: E731
-                     r["tokenizer"].get("codebook_size"), r["tokenizer"].get("deferred"), r["path"])
-    body = [[r["experiment"].replace("generator_", ""), r["tokenizer"].get("dataset"),
-             "✓" if r["tokenizer"].get("gan") else "✗", "✓" if r["tokenizer"].get("deferred") else "✗",
-             r["tokenizer"].get("codebook_size")] + [fmt(r["metrics"].get(c), d) for c, d in cols]
-            for r in sorted(runs, key=key)]
-    return markdown_table(header, body) + _generator_note(runs)
+    cols = (("gfid", 2), ("pixel_diversity", 2), ("lpips_diversity", 4), ("token_perplexity", 1),
+            ("token_used_codes", 0), ("val_loss", 4))
+    groups = {}
+    for r in runs:
+        t = r["tokenizer"]
+        key = (r["experiment"], str(t.get("dataset")), bool(t.get("gan")), t.get("codebook_size"), bool(t.get("deferred")))
+        groups.setdefault(key, []).append(r)
+    header = ["generator", "dataset", "GAN", "Deferred", "codes", "runs", "samples"] + [c for c, _ in cols]
+    body = [[experiment.replace("generator_", ""), dataset, "✓" if gan else "✗", "✓" if deferred else "✗", codes,
+             runs_label(groups[key]), distinct(r["metrics"].get("num_samples") for r in groups[key])]
+            + [mean_std([r["metrics"].get(c) for r in groups[key]], d) for c, d in cols]
+            for key in sorted(groups, key=str) for experiment, dataset, gan, codes, deferred in [key]]
+    return markdown_table(header, body) + _generator_note(runs) + " Mean ± std over the runs of a row."
 
 
 @renderer("Figure 9 (samples without / with Deferred Quantization)")
 def render_figure9(results, out_dir):
     """Per generator, dataset and GAN setting with both arms: the two runs' class-row sample
-    grids side by side, (a) w/o and (b) w/ Deferred Quantization, as in Figure 9 (VAR there)."""
+    grids side by side, (a) w/o and (b) w/ Deferred Quantization, as in Figure 9 (VAR there).
+    Where an arm has several runs, the one shown is a trained run (not --sample-only) with the
+    lowest seeds, so that both panels come from the same kind of run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
+    shown_first = lambda r: (bool(r["args"].get("sample_only")), str(r["args"].get("seed")),  # noqa: E731
+                             str(r.get("sampling", {}).get("seed")), r["path"])
     pairs = {}
-    for r in generator_runs(results):
+    for r in sorted(generator_runs(results), key=shown_first, reverse=True):  # the first ones overwrite last
         if r.get("grid"):
             t = r["tokenizer"]
             pairs.setdefault((r["experiment"], str(t.get("dataset")), bool(t.get("gan"))), {})[bool(t["deferred"])] = r

@@ -12,7 +12,8 @@ import common
 import evaluate
 
 
-def write_run(folder, name, generator, deferred, dataset="imagenet100", gan=False, metrics=None, grid_value=None):
+def write_run(folder, name, generator, deferred, dataset="imagenet100", gan=False, metrics=None, grid_value=None,
+              seed=0, sample_seed=0, sample_only=False):
     """A generator JSON as the scripts write it (and, with grid_value, its sample grid PNG)."""
     extra = {}
     if grid_value is not None:
@@ -24,8 +25,9 @@ def write_run(folder, name, generator, deferred, dataset="imagenet100", gan=Fals
     provenance = {"eval_split": "test", "fid_reference": "test split, 20000 images", "data_range": 1.0,
                   "pixel_scale": 1.0, "lpips_pairs": 12497500}
     common.write_generator_result(os.path.join(folder, f"{name}.json"), f"generator_{generator}",
-                                  argparse.Namespace(seed=0), metrics or {}, [], tokenizer=tokenizer,
-                                  provenance=provenance, sampling={"num_samples": 5000}, checkpoint="/x/g.pt", **extra)
+                                  argparse.Namespace(seed=seed, sample_only=sample_only), metrics or {}, [],
+                                  tokenizer=tokenizer, provenance=provenance,
+                                  sampling={"num_samples": 5000, "seed": sample_seed}, checkpoint="/x/g.pt", **extra)
 
 
 def row(text, label):
@@ -66,3 +68,31 @@ def test_other_datasets_and_figure9_from_the_sample_grids(tmp_path):
     middle = figure[figure.shape[0] // 2]
     left, right = middle[: figure.shape[1] // 2], middle[figure.shape[1] // 2:]
     assert 5 <= left.min() <= 15 and 195 <= right.min() <= 205  # the w/o grid left, the w/ grid right
+
+
+def test_runs_of_one_arm_are_averaged_and_named_not_picked(tmp_path):
+    # two training seeds of the deferred MaskGIT arm: Table 4 shows their mean and sample std
+    for name, seed, gfid in (("a", 0, 14.0), ("b", 1, 16.0)):
+        write_run(tmp_path, name, "maskgit", True, seed=seed, metrics={"gfid": gfid, "num_samples": 5000})
+    results = evaluate.load_results(str(tmp_path))
+    t4 = row(evaluate.render_generator_table(results, "Table 4"), "MaskGIT ✓")
+    assert t4[1] == f"15.00 ± {np.std([14.0, 16.0], ddof=1):.2f}" and t4[-1].startswith("2: seed 0, 1 x sample 0")
+    # on other data: one row per arm, over sample seeds of one trained run as well
+    for name, sample_seed, lpips in (("c", 0, 0.10), ("d", 1, 0.12), ("e", 2, 0.14)):
+        write_run(tmp_path / "fm", name, "maskgit", False, dataset="fashion-mnist", sample_seed=sample_seed,
+                  sample_only=sample_seed > 0, metrics={"lpips_diversity": lpips, "num_samples": 1000})
+    other = evaluate.render_other_generation(evaluate.load_results(str(tmp_path / "fm")), None)
+    cells = next(line for line in other.splitlines() if line.startswith("| maskgit")).split(" | ")
+    assert cells[5:8] == ["3: seed 0 x sample 0, 1, 2", "1000", "–"] and cells[9] == "0.1200 ± 0.0200"
+
+
+def test_figure9_shows_the_trained_run_of_an_arm_not_a_later_resampling(tmp_path):
+    write_run(tmp_path, "a_base", "maskgit", False, dataset="fashion-mnist", grid_value=10)
+    write_run(tmp_path, "a_def", "maskgit", True, dataset="fashion-mnist", grid_value=200)
+    # a --sample-only run of the baseline arm, last in path order, with another grid
+    write_run(tmp_path, "z_base_resample", "maskgit", False, dataset="fashion-mnist", grid_value=100,
+              sample_seed=1, sample_only=True)
+    evaluate.render_figure9(evaluate.load_results(str(tmp_path)), str(tmp_path))
+    figure = np.asarray(Image.open(tmp_path / "fig9_maskgit_fashion-mnist.png").convert("L"))
+    left = figure[figure.shape[0] // 2, : figure.shape[1] // 2]
+    assert 5 <= left.min() <= 15  # the trained run's grid (10), not the resampling's (100)
