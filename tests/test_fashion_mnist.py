@@ -90,7 +90,7 @@ def test_download_goes_through_torchvision_then_reads_its_layout(tmp_path, monke
     assert "\n" not in str(err.value)
 
 
-def one_line_error(tmp_path, match, train=True):
+def raises_one_line_error(tmp_path, match, train=True):
     with pytest.raises(UserError, match=match) as err:
         common.load_fashion_mnist(tmp_path, train=train)
     assert "\n" not in str(err.value)
@@ -98,11 +98,11 @@ def one_line_error(tmp_path, match, train=True):
 
 
 def test_missing_folder_and_missing_file(tmp_path):
-    one_line_error(tmp_path / "nowhere", r"^data folder not found: .*nowhere$")
-    one_line_error(tmp_path, r"^Fashion-MNIST file train-images-idx3-ubyte\[\.gz\] not found in ")
+    raises_one_line_error(tmp_path / "nowhere", r"^data folder not found: .*nowhere$")
+    raises_one_line_error(tmp_path, r"^Fashion-MNIST file train-images-idx3-ubyte\[\.gz\] not found in ")
     paths = write_split(tmp_path, "train", *make_data(3))
     os.remove(paths["labels"])
-    msg = one_line_error(tmp_path, r"^Fashion-MNIST file train-labels-idx1-ubyte\[\.gz\] not found in ")
+    msg = raises_one_line_error(tmp_path, r"^Fashion-MNIST file train-labels-idx1-ubyte\[\.gz\] not found in ")
     assert "apt-get install dataset-fashion-mnist" in msg and "--download" in msg
 
 
@@ -111,14 +111,14 @@ def test_truncated_gz_names_the_file(tmp_path):
     blob = open(paths["images"], "rb").read()
     with open(paths["images"], "wb") as f:
         f.write(blob[:len(blob) // 2])
-    one_line_error(tmp_path, rf"^cannot read {re.escape(paths['images'])}: Compressed file ended")
+    raises_one_line_error(tmp_path, rf"^cannot read {re.escape(paths['images'])}: Compressed file ended")
 
 
 def test_not_gzip_names_the_file(tmp_path):
     paths = write_split(tmp_path, "train", *make_data(3))
     with open(paths["labels"], "wb") as f:
         f.write(b"<html>404 Not Found</html>")
-    one_line_error(tmp_path, rf"^cannot read {re.escape(paths['labels'])}: Not a gzipped file")
+    raises_one_line_error(tmp_path, rf"^cannot read {re.escape(paths['labels'])}: Not a gzipped file")
 
 
 @pytest.mark.parametrize("kind, magic", [("images", 2049), ("labels", 2051), ("images", 0x0D03)])
@@ -127,27 +127,27 @@ def test_wrong_magic_number(tmp_path, kind, magic):
     array = {"images": images, "labels": labels}[kind]
     paths = write_split(tmp_path, "train", images, labels, raw={kind: idx_bytes(array, magic=magic)})
     expected = common.IDX_MAGIC[kind]
-    one_line_error(tmp_path, rf"^{re.escape(paths[kind])} is not an idx {kind} file \(magic number {magic}, expected {expected}\)$")
+    raises_one_line_error(tmp_path, rf"^{re.escape(paths[kind])} is not an idx {kind} file \(magic number {magic}, expected {expected}\)$")
 
 
 def test_data_shorter_or_longer_than_its_header(tmp_path):
     images, labels = make_data(4)
     paths = write_split(tmp_path, "train", images, labels, raw={"images": idx_bytes(images)[:-28]})
-    one_line_error(tmp_path, rf"^{re.escape(paths['images'])} holds 3108 bytes of data, its header says 3136 .*truncated")
+    raises_one_line_error(tmp_path, rf"^{re.escape(paths['images'])} holds 3108 bytes of data, its header says 3136 .*truncated")
     paths = write_split(tmp_path, "train", images, labels, raw={"labels": idx_bytes(labels) + b"\0"})
-    one_line_error(tmp_path, rf"^{re.escape(paths['labels'])} holds 5 bytes of data, its header says 4 ")
+    raises_one_line_error(tmp_path, rf"^{re.escape(paths['labels'])} holds 5 bytes of data, its header says 4 ")
     paths = write_split(tmp_path, "train", images, labels, raw={"labels": b"\0\0\x08"})
-    one_line_error(tmp_path, rf"^{re.escape(paths['labels'])} is truncated: 3 bytes")
+    raises_one_line_error(tmp_path, rf"^{re.escape(paths['labels'])} is truncated: 3 bytes")
 
 
 def test_inconsistent_files(tmp_path):
     images, labels = make_data(4)
     write_split(tmp_path, "t10k", images, labels[:3])
-    one_line_error(tmp_path, r"holds 3 labels for the 4 images of ", train=False)
+    raises_one_line_error(tmp_path, r"holds 3 labels for the 4 images of ", train=False)
     write_split(tmp_path, "t10k", images[:, :20, :20], labels)
-    one_line_error(tmp_path, r"images of 20x20, Fashion-MNIST's are 28x28", train=False)
+    raises_one_line_error(tmp_path, r"images of 20x20, Fashion-MNIST's are 28x28", train=False)
     write_split(tmp_path, "t10k", images, np.array([0, 1, 10, 2]))
-    one_line_error(tmp_path, r"label 10 outside the 10 classes", train=False)
+    raises_one_line_error(tmp_path, r"label 10 outside the 10 classes", train=False)
 
 
 @pytest.mark.skipif(not os.path.isdir(common.FASHION_MNIST_APT_DIR),
