@@ -2774,8 +2774,10 @@ def adopt_generator_settings(args, saved, defining, script):
         raise UserError(f"{args.checkpoint} is not a {script} checkpoint")
     if os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
         raise UserError(f"{args.checkpoint} was trained on the tokens of {cfg['tokenizer']}, not {args.tokenizer}")
-    for k in defining:
-        if k not in ("tokenizer", "tokens_dir"):
+    # --epochs too: not run-defining (--resume may raise the cap) but the JSON of a sampled model
+    # states the cap it was trained under, so that it groups with its training run in evaluate.py
+    for k in tuple(defining) + ("epochs",):
+        if k not in ("tokenizer", "tokens_dir") and k in cfg:
             setattr(args, k, cfg[k])
     check_guidance(args)
     return saved.get("state", {}).get("history", [])

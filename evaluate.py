@@ -21,6 +21,7 @@ Commands:
     python evaluate.py weights
 """
 import argparse
+import functools
 import glob
 import os
 
@@ -1069,10 +1070,36 @@ def generator_runs(results, generator=None):
 
 
 def generator_arm_runs(results, sel):
-    """Every run of one row's arm (generator, tokenizer arm, dataset, GAN): the table averages them,
-    as the tokenizer tables average seeds, instead of picking one."""
+    """Every run of one row's arm (generator, tokenizer arm, dataset, GAN)."""
     tok = ("deferred", "dataset", "gan")
     return [r for r in generator_runs(results, sel["generator"]) if all(r["tokenizer"].get(k) == sel[k] for k in tok)]
+
+
+# Arguments that do not change what a generator run measures: its seeds (the runs that differ only
+# in them are averaged), where files live, how work is batched, which metrics were skipped.
+GENERATOR_NOT_RECIPE = {"seed", "sample_seed", "sample_only", "checkpoint", "name", "out", "resume", "device",
+                        "dist_timeout", "tokenizer", "tokens_dir", "data_dir", "sample_batch_size", "grad_accum",
+                        "per_class", "skip_fid", "skip_lpips", "prc"}
+
+
+@functools.lru_cache(maxsize=None)
+def generator_defaults(experiment):
+    import importlib
+    return vars(importlib.import_module(experiment).build_parser().parse_args(["--tokenizer", "-"]))
+
+
+def generator_groups(runs):
+    """Runs grouped by recipe (every argument but GENERATOR_NOT_RECIPE, training and sampling
+    alike): [(settings label, runs)], one group per recipe, its seeds together, so that a
+    --cfg-scale 2 resampling is never averaged with the guidance-free run (the scripts' defaults,
+    'paper', first)."""
+    groups = {}
+    for r in runs:
+        key = tuple(sorted((k, _hashable(v)) for k, v in r["args"].items() if k not in GENERATOR_NOT_RECIPE))
+        groups.setdefault((r["experiment"], key), []).append(r)
+    labelled = [(settings_label(key, generator_defaults(experiment), set()), group)
+                for (experiment, key), group in groups.items()]
+    return sorted(labelled, key=lambda item: (item[0] != "paper", item[0]))
 
 
 def runs_label(runs):
@@ -1085,11 +1112,6 @@ def runs_label(runs):
     return f"{len(runs)}: seed {show(seeds)} x sample {show(samples)}"
 
 
-def distinct(values):
-    """The distinct values of a column that is a setting, not a measurement ("1000", "1000/5000")."""
-    return "/".join(fmt(v) for v in sorted({v for v in values if v is not None})) or "–"
-
-
 def _gen_digits(col):
     return 3 if col == "lpips_diversity" else 2
 
@@ -1099,14 +1121,18 @@ def render_generator_table(results, table):
     arms = [generator_arm_runs(results, sel) for _, sel, _ in rows]
     if not any(arms):
         return None
-    header = (["Row"] + [f"{GENERATOR_LABELS[c]} {who}" for c in _GEN_COLS for who in ("paper", "ours")]
-              + ["samples", "runs"])
+    header = (["Row", "settings", "runs"] + [f"{GENERATOR_LABELS[c]} {who}" for c in _GEN_COLS for who in ("paper", "ours")]
+              + ["samples"])
     body = []
     for (label, _, paper), runs in zip(rows, arms):
-        cells = [v for col, p in zip(_GEN_COLS, paper)
-                 for v in (fmt(p, _gen_digits(col)), mean_std([r["metrics"].get(col) for r in runs], _gen_digits(col)))]
-        body.append([label] + cells + [distinct(r["metrics"].get("num_samples") for r in runs), runs_label(runs)])
-    return markdown_table(header, body) + _generator_note([r for runs in arms for r in runs])
+        for settings, group in generator_groups(runs) or [("–", [])]:
+            cells = [v for col, p in zip(_GEN_COLS, paper)
+                     for v in (fmt(p, _gen_digits(col)), mean_std([r["metrics"].get(col) for r in group], _gen_digits(col)))]
+            samples = group[0]["metrics"].get("num_samples") if group else None
+            body.append([label, settings, runs_label(group)] + cells + [fmt(samples)])
+    return markdown_table(header, body) + _generator_note([r for runs in arms for r in runs]) + (
+        " Mean ± std over the runs of one recipe; another recipe (named under 'settings'; 'paper' = the "
+        "script's defaults) gets its own row.")
 
 
 def _generator_note(runs):
@@ -1129,25 +1155,27 @@ for _table in GENERATOR_TITLES:
 
 @renderer("Generation on other datasets (no paper counterpart, e.g. Fashion-MNIST)")
 def render_other_generation(results, out_dir):
-    """Every generator arm on a dataset the paper did not use, both arms side by side, runs of one
-    arm averaged (training and sample seeds), with the generated tokens' usage (perplexity, codes
-    used) next to the image metrics."""
+    """Every generator arm and recipe on a dataset the paper did not use, both arms side by side,
+    the runs of one recipe averaged (training and sample seeds), with the generated tokens' usage
+    (perplexity, codes used) next to the image metrics."""
     runs = [r for r in generator_runs(results) if r["tokenizer"].get("dataset") not in PAPER_DATASETS]
     if not runs:
         return None
     cols = (("gfid", 2), ("pixel_diversity", 2), ("lpips_diversity", 4), ("token_perplexity", 1),
             ("token_used_codes", 0), ("val_loss", 4))
-    groups = {}
+    arms = {}
     for r in runs:
         t = r["tokenizer"]
         key = (r["experiment"], str(t.get("dataset")), bool(t.get("gan")), t.get("codebook_size"), bool(t.get("deferred")))
-        groups.setdefault(key, []).append(r)
-    header = ["generator", "dataset", "GAN", "Deferred", "codes", "runs", "samples"] + [c for c, _ in cols]
+        arms.setdefault(key, []).append(r)
+    header = ["generator", "dataset", "GAN", "Deferred", "codes", "settings", "runs", "samples"] + [c for c, _ in cols]
     body = [[experiment.replace("generator_", ""), dataset, "✓" if gan else "✗", "✓" if deferred else "✗", codes,
-             runs_label(groups[key]), distinct(r["metrics"].get("num_samples") for r in groups[key])]
-            + [mean_std([r["metrics"].get(c) for r in groups[key]], d) for c, d in cols]
-            for key in sorted(groups, key=str) for experiment, dataset, gan, codes, deferred in [key]]
-    return markdown_table(header, body) + _generator_note(runs) + " Mean ± std over the runs of a row."
+             settings, runs_label(group), fmt(group[0]["metrics"].get("num_samples"))]
+            + [mean_std([r["metrics"].get(c) for r in group], d) for c, d in cols]
+            for key in sorted(arms, key=str) for experiment, dataset, gan, codes, deferred in [key]
+            for settings, group in generator_groups(arms[key])]
+    return markdown_table(header, body) + _generator_note(runs) + (
+        " Mean ± std over the runs of one recipe (runs that differ only in their seeds).")
 
 
 @renderer("Figure 9 (samples without / with Deferred Quantization)")

@@ -13,7 +13,7 @@ import evaluate
 
 
 def write_run(folder, name, generator, deferred, dataset="imagenet100", gan=False, metrics=None, grid_value=None,
-              seed=0, sample_seed=0, sample_only=False):
+              seed=0, sample_seed=0, sample_only=False, **recipe):
     """A generator JSON as the scripts write it (and, with grid_value, its sample grid PNG)."""
     extra = {}
     if grid_value is not None:
@@ -25,7 +25,7 @@ def write_run(folder, name, generator, deferred, dataset="imagenet100", gan=Fals
     provenance = {"eval_split": "test", "fid_reference": "test split, 20000 images", "data_range": 1.0,
                   "pixel_scale": 1.0, "lpips_pairs": 12497500}
     common.write_generator_result(os.path.join(folder, f"{name}.json"), f"generator_{generator}",
-                                  argparse.Namespace(seed=seed, sample_only=sample_only), metrics or {}, [],
+                                  argparse.Namespace(seed=seed, sample_only=sample_only, **recipe), metrics or {}, [],
                                   tokenizer=tokenizer, provenance=provenance,
                                   sampling={"num_samples": 5000, "seed": sample_seed}, checkpoint="/x/g.pt", **extra)
 
@@ -41,9 +41,10 @@ def test_paper_tables_put_ours_beside_the_paper_for_both_generators(tmp_path):
     write_run(tmp_path, "o", "var", True, dataset="odir", gan=True, metrics={"gfid": 30.0})
     results = evaluate.load_results(str(tmp_path))
     t4 = evaluate.render_generator_table(results, "Table 4")
-    assert row(t4, "MaskGIT ✓")[:6] == ["14.60", "15.00", "80.77", "70.00", "0.677", "0.600"]
-    assert row(t4, "VAR ✗")[:6] == ["12.88", "11.00", "70.69", "72.50", "0.633", "–"]
-    assert row(t4, "MaskGIT ✗")[:2] == ["14.75", "–"]  # no run: the paper's value stays
+    assert row(t4, "MaskGIT ✓")[:8] == ["paper", "1: seed 0 x sample 0", "14.60", "15.00", "80.77", "70.00", "0.677",
+                                        "0.600"]
+    assert row(t4, "VAR ✗")[2:8] == ["12.88", "11.00", "70.69", "72.50", "0.633", "–"]
+    assert row(t4, "MaskGIT ✗")[:4] == ["–", "–", "14.75", "–"]  # no run: the paper's value stays
     assert "test split, 20000 images" in t4
     assert evaluate.render_generator_table(results, "Table 14").count("30.00") == 1
     assert evaluate.render_generator_table(results, "Table 6") is None  # odir without GAN: no run
@@ -76,14 +77,21 @@ def test_runs_of_one_arm_are_averaged_and_named_not_picked(tmp_path):
         write_run(tmp_path, name, "maskgit", True, seed=seed, metrics={"gfid": gfid, "num_samples": 5000})
     results = evaluate.load_results(str(tmp_path))
     t4 = row(evaluate.render_generator_table(results, "Table 4"), "MaskGIT ✓")
-    assert t4[1] == f"15.00 ± {np.std([14.0, 16.0], ddof=1):.2f}" and t4[-1].startswith("2: seed 0, 1 x sample 0")
+    assert t4[3] == f"15.00 ± {np.std([14.0, 16.0], ddof=1):.2f}" and t4[1] == "2: seed 0, 1 x sample 0"
+    # a resampling with guidance is another recipe: its own row, never in the mean
+    write_run(tmp_path, "c", "maskgit", True, sample_only=True, sample_seed=1, cfg_scale=2.0, metrics={"gfid": 9.0})
+    lines = [line for line in evaluate.render_generator_table(evaluate.load_results(str(tmp_path)), "Table 4")
+             .splitlines() if line.startswith("| MaskGIT ✓ |")]
+    assert [line.split(" | ")[1:4] for line in lines] == [["paper", "2: seed 0, 1 x sample 0", "14.60"],
+                                                           ["cfg_scale=2.0", "1: seed 0 x sample 1", "14.60"]]
+    assert lines[0].split(" | ")[4].startswith("15.00 ±") and lines[1].split(" | ")[4] == "9.00"
     # on other data: one row per arm, over sample seeds of one trained run as well
     for name, sample_seed, lpips in (("c", 0, 0.10), ("d", 1, 0.12), ("e", 2, 0.14)):
         write_run(tmp_path / "fm", name, "maskgit", False, dataset="fashion-mnist", sample_seed=sample_seed,
                   sample_only=sample_seed > 0, metrics={"lpips_diversity": lpips, "num_samples": 1000})
     other = evaluate.render_other_generation(evaluate.load_results(str(tmp_path / "fm")), None)
     cells = next(line for line in other.splitlines() if line.startswith("| maskgit")).split(" | ")
-    assert cells[5:8] == ["3: seed 0 x sample 0, 1, 2", "1000", "–"] and cells[9] == "0.1200 ± 0.0200"
+    assert cells[5:9] == ["paper", "3: seed 0 x sample 0, 1, 2", "1000", "–"] and cells[10] == "0.1200 ± 0.0200"
 
 
 def test_figure9_shows_the_trained_run_of_an_arm_not_a_later_resampling(tmp_path):

@@ -201,13 +201,14 @@ def test_run_writes_samples_checkpoints_and_the_json(tokenizer_runs, tmp_path):
     import evaluate  # the JSON renders in its paper table (the fixture's split scheme is imagenet100)
     table = evaluate.render_generator_table(evaluate.load_results(str(tmp_path)), "Table 4")
     cells = next(line for line in table.splitlines() if line.startswith("| MaskGIT ✗")).split(" | ")
-    assert cells[2] == "–" and cells[4] == f"{metrics['pixel_diversity']:.2f}"  # g-FID skipped, pixel distance
+    assert cells[4] == "–" and cells[6] == f"{metrics['pixel_diversity']:.2f}"  # g-FID skipped, pixel distance
     # sampling again from the checkpoint with other settings is a new run
     again, _ = run_generator(tokenizer_runs, tmp_path, "--sample-only", "--checkpoint", str(tmp_path / name / "best.pt"),
                              "--cfg-scale", "1.5", "--name", "cfg", "--depth", "3")
     with open(tmp_path / "cfg.json") as f:
         cfg_run = json.load(f)
     assert cfg_run["args"]["depth"] == 2 and cfg_run["sampling"]["cfg_scale"] == 1.5  # architecture of the checkpoint
+    assert cfg_run["args"]["epochs"] == record["args"]["epochs"] != 300  # and the cap it trained under
     assert again["val_loss"] == record["metrics"]["val_loss"]
     with pytest.raises(UserError, match="exists"):  # nothing is overwritten without --resume
         run_generator(tokenizer_runs, tmp_path, "--epochs", "2")

@@ -361,10 +361,13 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     again = json.load(open(tmp_path / "again.json"))
     assert again["args"]["depth"] == 2 and again["sampling"]["cfg_scale"] == 0  # architecture from the checkpoint
     assert again["history"] == history and again["metrics"]["num_samples"] == 4
-    # evaluate.py renders the run as the VAR row of Table 4 (ImageNet-100 scheme, no GAN, baseline)
+    # evaluate.py renders both runs in the VAR row of Table 4 (ImageNet-100 scheme, no GAN, baseline),
+    # one line per recipe (guidance and sample count differ)
     table = evaluate.render_generator_table(evaluate.load_results(str(tmp_path)), "Table 4")
-    cells = next(line for line in table.splitlines() if line.startswith("| VAR ✗ |")).split(" | ")[1:]
-    assert cells[:4] == ["12.88", "–", "70.69", f"{m['pixel_diversity']:.2f}"]
+    rows = [line.rstrip(" |").split(" | ")[1:] for line in table.splitlines() if line.startswith("| VAR ✗ |")]
+    assert sorted(row[-1] for row in rows) == ["4", "7"]  # the samples column
+    cells = next(row for row in rows if row[-1] == "7")
+    assert cells[1:6] == ["1: seed 0 x sample 0", "12.88", "–", "70.69", f"{m['pixel_diversity']:.2f}"]
 
 
 def cross_entropy_by_counting(dump, context):
