@@ -65,6 +65,10 @@ def main(out):
                 "cluster_size": vq.cluster_size.clone(), "embed_avg": vq.embed_avg.clone(),
                 "steps_unused": vq.steps_unused.clone(), "counts": usage.counts.clone(), "replaced": replaced},
                os.path.join(out, f"rank{info.rank}.pt"))
+    # the DDP wrapper goes before its process group: a reducer that outlives the group can abort the
+    # process at exit ("terminate called without an active exception"), as the training scripts
+    # avoid by keeping theirs inside their training functions
+    del ddp
     cleanup_distributed()
 
 
