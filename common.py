@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import copy
 import datetime
+import gc
 import glob
 import hashlib
 import json
@@ -120,6 +121,9 @@ def setup_distributed(device=None, timeout_minutes=DIST_TIMEOUT_MINUTES):
 
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
+        # free DDP wrappers that only a reference cycle still holds while their group is alive: a
+        # reducer destroyed after its gloo group can abort the process at exit
+        gc.collect()
         dist.destroy_process_group()
 
 
