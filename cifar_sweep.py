@@ -85,6 +85,7 @@ Commands:
 
     # a whole table or figure (skips runs whose JSON exists; rerun the same line to resume after a
     # crash). Grids: fig5 table8 table9 table10 table11 fig6 fig7 fig8 (paper recipe), cpu-fig5 cpu-table11
+    # cpu-table9
     python cifar_sweep.py --grid table11 --data-dir data/cifar10 --out runs/cifar
     # ... or spread it over 8 GPUs, one independent process each (small model: better than DDP)
     for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python cifar_sweep.py --grid table11 --grid-shard $i/8 & done
@@ -103,7 +104,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 
 from common import (FASHION_MNIST_SIZE, UsageCounter, UserError, VectorQuantizer, add_run_arguments,
                     all_reduce_sum, autocast_for, cleanup_distributed, codebook_metrics, deferred_switch,
-                    load_fashion_mnist, nearest_code, perplexity_from_counts, print0, progress_bar, run_cli,
+                    load_fashion_mnist, mean_pairwise_cosine_distance, mean_pairwise_euclidean, nearest_code,
+                    perplexity_from_counts, print0, progress_bar, run_cli,
                     save_checkpoint, seed_everything, set_rng_state, setup_distributed, start_run, wrap_ddp,
                     write_result)
 
@@ -154,6 +156,10 @@ FIG8_SIZES, FIG8_LRS = [1024, 16384], [1e-4, 3e-4, 1e-3]
 # command line. Figure 5's sizes in steps of 4; the Table 11 methods (and alternated) at one size.
 CPU_FIG5_SIZES = [16, 64, 256, 1024, 4096, 16384]
 CPU_TABLE11_SIZE = 1024
+# Table 9 on the CPU family: Continuous Phase length at 4,096 codes, Discretization Phase fixed to
+# the paper's 150 epochs; the 150-epoch row is cpu-fig5's Deferred run at 4,096 codes (same name,
+# run once), the 0-epoch row a baseline trained for 150 epochs.
+CPU_TABLE9_SIZE, CPU_TABLE9_CONTINUOUS_EPOCHS = 4096, [0, 10, 20, 40, 80, 150]
 
 
 def run_config(method, codebook_size, continuous_epochs=None, epochs=None, **extra):
@@ -190,10 +196,14 @@ def grid_configs(name):
     if name == "cpu-table11":
         return [dict(method=m, codebook_size=CPU_TABLE11_SIZE)
                 for m in TABLE11_METHODS + ["alternated"] if m not in ("baseline_ema", "deferred_ema")]
+    if name == "cpu-table9":  # the phase split is the grid's: --epochs from the command line is ignored
+        return [dict(method="deferred_ema", codebook_size=CPU_TABLE9_SIZE, continuous_epochs=e, epochs=e + 150)
+                for e in CPU_TABLE9_CONTINUOUS_EPOCHS]
     raise UserError(f"unknown grid '{name}' (use {', '.join(GRIDS)})")
 
 
-GRIDS = ("fig5", "table8", "table9", "table10", "table11", "fig6", "fig7", "fig8", "cpu-fig5", "cpu-table11")
+GRIDS = ("fig5", "table8", "table9", "table10", "table11", "fig6", "fig7", "fig8", "cpu-fig5", "cpu-table11",
+         "cpu-table9")
 
 # Options that change what a run computes. A checkpoint made under other values cannot be resumed,
 # and evaluate.py averages only runs that agree on all of them except the seed.
@@ -518,7 +528,9 @@ def evaluate(model, loader, args, device):
 
 
 def switch(model, loader, args, epoch):
-    """Continuous -> Discretization (common.deferred_switch) from this epoch's batches."""
+    """Continuous -> Discretization (common.deferred_switch) from this epoch's batches. Returns the
+    new codebook (a copy): with the 'sample' init it is a random subset of the encoder outputs the
+    switch collected, so its spread is theirs (the paper's Figure 3 mechanism, on real images)."""
     m = METHODS[args.method]
     ratio = switch_ratio(args, len(loader.dataset))
     loader.sampler.set_epoch(epoch)
@@ -533,6 +545,15 @@ def switch(model, loader, args, epoch):
                             progress=True)
     print0(f"epoch {epoch}: Discretization Phase on, codebook of {args.codebook_size} from {n} embeddings "
            f"per rank ({m['switch']})")
+    return model.quantizer.codebook.detach().float().cpu().clone()
+
+
+def spread_record(prefix, codebook):
+    """History entries of a codebook's spread under `prefix`: mean pairwise Euclidean and cosine
+    distance (paper eqs. 4-5) in the units the quantizer sees. Per-epoch curves of these and of
+    usage show whether a coverage failure persists, shrinks or vanishes over training."""
+    return {f"{prefix}euclidean": mean_pairwise_euclidean(codebook),
+            f"{prefix}cosine": mean_pairwise_cosine_distance(codebook)}
 
 
 def train_run(args, info):
@@ -562,11 +583,12 @@ def train(args, info, name, paths, data, ckpt):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, amsgrad=True)
-    start_epoch, history = 0, []
+    start_epoch, history, switch_codebook = 0, [], None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
+        switch_codebook = ckpt.get("switch_codebook")
         set_rng_state(ckpt["rng"])
         print0(f"resuming {name} at epoch {start_epoch}")
     # The gradient codebook / affine parameters sit unused during the Continuous Phase.
@@ -577,7 +599,8 @@ def train(args, info, name, paths, data, ckpt):
         if info.is_main:
             save_checkpoint(paths["ckpt"], model=model.state_dict(), optimizer=optimizer.state_dict(),
                             epoch=epochs_done, history=history, args=vars(args),
-                            codebook=model.quantizer.codebook.detach().float().cpu(), code_counts=code_counts)
+                            codebook=model.quantizer.codebook.detach().float().cpu(), code_counts=code_counts,
+                            switch_codebook=switch_codebook)
 
     def result(metrics, **extra):
         if info.is_main:
@@ -587,8 +610,10 @@ def train(args, info, name, paths, data, ckpt):
 
     t0, val = time.time(), None
     for epoch in range(start_epoch, args.epochs):
+        switched = {}
         if epoch == args.continuous_epochs and not model.quantizer.is_enabled:
-            switch(model, train_loader, args, epoch)
+            switch_codebook = switch(model, train_loader, args, epoch)
+            switched = spread_record("switch_", switch_codebook)
         phase = "discretization" if model.quantizer.is_enabled else "continuous"
         sampler.set_epoch(epoch)
         t_epoch = time.time()
@@ -602,20 +627,23 @@ def train(args, info, name, paths, data, ckpt):
             raise Diverged(f"{name}: {failure} (the history up to it is in {paths['json']})")
         record = {"epoch": epoch, "phase": phase, "train_loss": stats["train_loss"], "train_mse": stats["train_mse"],
                   "train_perplexity": stats["train_perplexity"], "quantized_steps": stats["quantized_steps"],
-                  "train_seconds": train_seconds}
+                  "train_seconds": train_seconds, **switched}
         val = None
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
             t_val = time.time()
             val = evaluate(model, test_loader, args, device)
-            record.update(val_loss=val["loss"], val_mse=val["mse"], val_seconds=time.time() - t_val,
-                          val_perplexity=perplexity_from_counts(val["counts"]))
+            record.update(val_loss=val["loss"], val_mse=val["mse"], val_seconds=time.time() - t_val)
+            if model.quantizer.is_enabled:  # usage and spread exist once codes do
+                record.update(val_perplexity=perplexity_from_counts(val["counts"]),
+                              val_used_codes=int((val["counts"] > 0).sum()),
+                              **spread_record("codebook_", model.quantizer.codebook))
         history.append(record)
         print0(f"epoch {epoch} ({phase.title()} Phase): train loss {stats['train_loss']:.5f}"
                + (f", val mse {val['mse']:.5f}" if val else ""))
         save(epoch + 1, val and val["counts"])
     final = val  # the last epoch's test evaluation is the result (at 16,384 codes it costs an epoch)
     if not model.quantizer.is_enabled:  # posthoc_kmeans: discretize after training, no fine-tuning
-        switch(model, train_loader, args, args.epochs)
+        switch_codebook = switch(model, train_loader, args, args.epochs)
         final = None
     if final is None:  # posthoc_kmeans, or a run resumed after its last epoch
         final = evaluate(model, test_loader, args, device)

@@ -158,6 +158,25 @@ def test_every_method_writes_a_valid_result(data_dir, tmp_path, method):
         assert record["metrics"]["mse"] == history[-1]["val_mse"]
     assert record["metrics"]["used_codes"] == int((counts > 0).sum())
     assert ckpt["codebook"].shape == (32, 32)
+    # per-epoch coverage curves: usage and spread at every evaluation while quantizing, recomputed
+    # independently for the last one; the spread of the codebook the switch wrote, in its epoch
+    last = history[-1]
+    quantizing = [h for h in history if h["phase"] == "discretization"]
+    assert all("val_used_codes" in h and "codebook_euclidean" in h for h in quantizing)
+    assert not any("val_perplexity" in h for h in history if h["phase"] == "continuous")
+    if method != "posthoc_kmeans":
+        assert last["val_used_codes"] == record["metrics"]["used_codes"]
+        assert last["codebook_euclidean"] == pytest.approx(record["metrics"]["euclidean"], rel=1e-5)
+        assert last["codebook_cosine"] == pytest.approx(record["metrics"]["cosine"], rel=1e-5)
+    switched = [h for h in history if "switch_euclidean" in h]
+    if cifar_sweep.METHODS[method]["switch"] is None:  # gaussian: quantizing from the start, no switch
+        assert switched == [] and ckpt["switch_codebook"] is None
+    elif method == "posthoc_kmeans":  # switched after the last epoch: no epoch of its own
+        assert switched == [] and torch.equal(ckpt["switch_codebook"], ckpt["codebook"])
+    else:
+        assert [h["epoch"] for h in switched] == [args["continuous_epochs"]]
+        pairs = torch.cdist(ckpt["switch_codebook"].double(), ckpt["switch_codebook"].double())
+        assert switched[0]["switch_euclidean"] == pytest.approx(float(pairs.sum() / (32 * 31)), rel=1e-5)
     # appendix A.1: Adam with amsgrad, lr 3e-4
     group = ckpt["optimizer"]["param_groups"][0]
     assert group["amsgrad"] is True and group["lr"] == 3e-4 and group["weight_decay"] == 0
@@ -492,7 +511,8 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
             key = tuple(sorted(cifar_sweep.defining_args(args).items()))
             every.setdefault(cifar_sweep.run_name(args), set()).add(key)
     assert all(len(v) == 1 for v in every.values())
-    assert len(every) == 26 + 1 + 7 + 4 + 30 + 6  # fig5 + table8/9/10/11 + fig8 minus shared runs (fig6, fig7)
+    # fig5 + table8/9/10/11 + fig8 minus shared runs (fig6, fig7) + cpu-table9 (its 150-epoch row is fig5's)
+    assert len(every) == 26 + 1 + 7 + 4 + 30 + 6 + 5
     assert "alternated_lr0.001_K1024_ep300_cont0_s0" in every  # a learning rate other than the paper's is named
 
 
