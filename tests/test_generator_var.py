@@ -352,7 +352,7 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     samples = sorted(os.listdir(tmp_path / record["samples"]))
     assert len(samples) == 7 and samples[0] == "00000_class0.png" and samples[-1] == "00006_class2.png"
     assert os.path.exists(tmp_path / record["grid"])
-    tokens = torch.load(tmp_path / "var_msvq" / "samples_tokens.pt", weights_only=False)
+    tokens = torch.load(tmp_path / "var_msvq" / "samples_tokens.pt", weights_only=True)
     assert [tuple(t.shape) for t in tokens["tokens"]] == [(7, s, s) for s in SCALES]
     assert tokens["labels"].tolist() == [0, 0, 0, 1, 1, 2, 2]
     # sampling again from the trained generator, under another name and guidance
@@ -429,8 +429,8 @@ def test_kill_and_resume_reaches_the_uninterrupted_result(tokenizer_runs, tmp_pa
     monkeypatch.setattr(common, "save_checkpoint", real)
     assert not os.path.exists(tmp_path / "killed" / "var_msvq.json")
     gv.main(cli_args(run, tmp_path / "killed", *extra, "--resume"))
-    full = torch.load(tmp_path / "full" / "var_msvq" / "last.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "killed" / "var_msvq" / "last.pt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "var_msvq" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "var_msvq" / "last.pt", weights_only=True)
     assert [h["val_loss"] for h in resumed["state"]["history"]] == [h["val_loss"] for h in full["state"]["history"]]
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
