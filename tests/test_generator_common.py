@@ -16,7 +16,7 @@ from generator_fixture import write_token_dump
 # ---- frozen tokenizer ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantizer", ["vq", "msvq"])
-def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_runs, quantizer):
+def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_runs, quantizer, monkeypatch):
     run = tokenizer_runs[quantizer]
     model, cfg = common.load_tokenizer(run.checkpoint)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -31,7 +31,9 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     assert torch.equal(dump.labels, torch.tensor([val[i][1] for i in range(len(val))]))
     test = common.tokenizer_test_split(cfg)  # the g-FID reference: the tokenizer's own test split
     assert len(test) == 6 and test.items == common.load_split(run.split_file)["test"]
-    # its Inception statistics are cached under a name that changes with the folder and the size
+    # its Inception statistics are cached under a name that changes with the folder, the size and
+    # the Inception weights
+    monkeypatch.setattr(common, "inception_weights_digest", lambda: "a" * 64)
     name = common.tokenizer_test_cache_name(cfg)
     assert name.startswith("dq-test-") and name == common.tokenizer_test_cache_name(dict(cfg))
     assert name != common.tokenizer_test_cache_name(dict(cfg, resolution=64))
@@ -42,6 +44,8 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     assert len(common.tokenizer_test_split(cfg, limit=100)) == 6
     assert common.tokenizer_test_cache_name(cfg, limit=4) not in (name, common.tokenizer_test_cache_name(cfg, limit=5))
     assert common.tokenizer_test_cache_name(cfg, limit=0) == name
+    monkeypatch.setattr(common, "inception_weights_digest", lambda: "b" * 64)
+    assert common.tokenizer_test_cache_name(cfg) != name
     ident = common.tokenizer_identity(cfg, run.checkpoint)
     assert ident["deferred"] is False and ident["gan"] is False and ident["quantizer"] == quantizer
     assert ident["codebook_size"] == 16 and ident["checkpoint"] == os.path.abspath(run.checkpoint)
@@ -311,6 +315,7 @@ def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tm
         return {"fid": 1.0}
     monkeypatch.setattr(common, "fidelity_metrics", fake_fidelity)
     monkeypatch.setattr(common, "inception_weights_path", lambda *a: "inception.pth")
+    monkeypatch.setattr(common, "inception_weights_digest", lambda: "a" * 64)
     for quantizer, script in (("vq", generator_maskgit), ("msvq", generator_var)):
         base = ["--dataset", "fashion-mnist", "--data-dir", str(data), "--out", str(runs), "--quantizer", quantizer,
                 "--name", quantizer] + without_sizes(TINY) + ["--val-size", "10"]
