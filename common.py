@@ -302,21 +302,22 @@ def _in_interval(v, spec):
     return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
 
 
-def check_out_dir(path):
-    """--out must be (or be able to become) a writable folder: fail before any training, not at the
-    first checkpoint an epoch later. The probe file goes into --out or, when --out does not exist
-    yet, into its nearest existing parent, and is removed: a rejected run leaves no trace."""
+def check_out_dir(path, what="--out"):
+    """--out (or a run folder inside it) must be, or be able to become, a writable folder: fail
+    before any training, not at the first checkpoint an epoch later. The probe file goes into the
+    folder or, when it does not exist yet, into its nearest existing parent, and is removed: a
+    rejected run leaves no trace."""
     p = os.path.abspath(path)
     existing = p
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f"--out {path}: {existing} is a file, not a folder")
+        raise UserError(f"{what} {path}: {existing} is a file, not a folder")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise UserError(f"--out {path} is not writable ({existing}: {err.strerror or err})") from None
+        raise UserError(f"{what} {path} is not writable ({existing}: {err.strerror or err})") from None
 
 
 def refuse_overwrite(paths):
@@ -486,6 +487,8 @@ def start_run(args, *, name, outputs, ranges=None, defining=(), resume_from=None
 
     def on_main():
         check_out_dir(args.out)
+        for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in outputs}):
+            check_out_dir(folder, "run folder")  # a read-only <out>/<name>/ fails now, not at the first epoch's end
         for check in checks:  # before the lock creates --out: a run refused here leaves no trace
             check()
         lock.acquire()
@@ -559,11 +562,38 @@ def git_commit():
         return "unknown"
 
 
+# Result JSONs are committed and read on other machines, so every path in one is relative to the
+# JSON's own folder (`result_path` turns it back into a path): the arguments that name files or
+# folders (PATH_ARGS, the argparse names of every script), and the checkpoint / source fields.
+PATH_ARGS = ("out", "data_dir", "split_file", "checkpoint", "tokenizer", "tokens_dir", "tokenizer_checkpoint",
+             "gpt_checkpoint", "tokens", "samples", "fid_reference", "path", "save")
+RESULT_PATH_FIELDS = ("checkpoint", "source")
+
+
+def _relative_to(folder, value):
+    """A path given on this machine (absolute, or relative to the working folder) relative to `folder`."""
+    return os.path.relpath(os.path.abspath(value), folder) if isinstance(value, str) and value else value
+
+
+def result_path(json_path, recorded):
+    """A path recorded in the result JSON at `json_path` (write_result), as a path here."""
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(json_path)), recorded))
+
+
 def write_result(path, experiment, method, args, metrics, history=(), **extra):
     """Write the result JSON that every script produces and `evaluate.py` reads:
-    {"experiment", "method", "args", "git_commit", "metrics", "history", ...}."""
+    {"experiment", "method", "args", "git_commit", "metrics", "history", ...}. Paths in `args`
+    (PATH_ARGS) and in the extra fields checkpoint, source and tokenizer.checkpoint are recorded
+    relative to the JSON's folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    args = vars(args) if hasattr(args, "__dict__") else dict(args)
+    for key in RESULT_PATH_FIELDS:
+        if key in extra:
+            extra[key] = _relative_to(folder, extra[key])
+    if isinstance(extra.get("tokenizer"), dict) and "checkpoint" in extra["tokenizer"]:
+        extra["tokenizer"] = dict(extra["tokenizer"], checkpoint=_relative_to(folder, extra["tokenizer"]["checkpoint"]))
     record = {"experiment": experiment, "method": method,
-              "args": vars(args) if hasattr(args, "__dict__") else dict(args),
+              "args": {k: _relative_to(folder, v) if k in PATH_ARGS else v for k, v in args.items()},
               "git_commit": git_commit(), "metrics": metrics, "history": list(history)}
     record.update(extra)
     write_json(path, record)
@@ -2916,7 +2946,7 @@ def add_generator_arguments(parser, quantizer, out_default):
     g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
     g.add_argument("--sample-batch-size", type=int, default=100)
-    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
+    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png (at most 32)")
     g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
     g.add_argument("--fid-images", type=int, default=0,
                    help="g-FID reference: the first N test images (0: the whole test split, the paper's; "
@@ -3070,7 +3100,7 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
 
 GENERATOR_RANGES = {"label_dropout": "[0, 1)", "min_lr": ">= 0", "plateau_factor": "(0, 1)",
                     "plateau_patience": ">= 0", "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1",
-                    "per_class": ">= 1", "lpips_pairs": ">= 1", "fid_images": ">= 0"}
+                    "per_class": "[1, 32]", "lpips_pairs": ">= 1", "fid_images": ">= 0"}
 
 
 def add_generator_training_arguments(group):
@@ -3171,6 +3201,9 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
         checks.append(lambda: adopt(copy.copy(args)))  # a copy: args change once the run has started
     with start_run(args, name=name, outputs=outputs, ranges=ranges, defining=defining, resume_from=paths["last"],
                    checks=checks, validate=validate) as run:
+        if run.checkpoint is not None and not os.path.exists(paths["best"]):  # every last.pt comes after a best.pt
+            raise UserError(f"--resume: {paths['best']} (the reported model) is missing beside {paths['last']}; "
+                            "restore it, or delete the run's files and train it again")
         inputs = load_inputs(args)
         if args.sample_only:
             checkpoint, history = args.checkpoint, adopt(args)

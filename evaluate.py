@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, NUMPY_GLOBALS, UserError, atomic_write, codebook_metrics,
-                    hub_checkpoint_dir, load_checkpoint, mark_weights_verified, read_json, run_cli, to_uint8)
+                    hub_checkpoint_dir, load_checkpoint, mark_weights_verified, read_json, result_path, run_cli,
+                    to_uint8)
 
 # ================================================================================================
 # The paper's reported values, in one place (section 6 and appendix A). Keys match our metrics.
@@ -346,6 +347,8 @@ def codebook_views(codes, counts, view):
 
 
 def cmd_codebook(args):
+    if args.save and os.path.exists(args.save):
+        raise UserError(f"--save {args.save} exists: delete it or name another file (a result is never overwritten)")
     codes, counts = load_codebook(args.path, args.key)
     views = codebook_views(codes, counts, args.view)
     if args.save:
@@ -1204,7 +1207,7 @@ def render_figure9(results, out_dir):
         for ax, deferred, title in ((axes[0], False, "(a) w/o Deferred Quantization"),
                                     (axes[1], True, "(b) w/ Deferred Quantization")):
             run = arms[deferred]
-            path = os.path.join(os.path.dirname(run["path"]), run["grid"])
+            path = result_path(run["path"], run["grid"])
             if not os.path.exists(path):
                 raise UserError(f"{run['path']} names the sample grid {path}, which does not exist")
             with Image.open(path) as img:

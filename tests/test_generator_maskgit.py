@@ -178,7 +178,10 @@ def test_run_writes_samples_checkpoints_and_the_json(tokenizer_runs, tmp_path):
     with open(tmp_path / f"{name}.json") as f:
         record = json.load(f)
     assert record["experiment"] == "generator_maskgit" and record["method"] == "maskgit_baseline"
-    assert record["tokenizer"]["checkpoint"] == os.path.abspath(tokenizer_runs["vq"].checkpoint)
+    # paths relative to the JSON's folder, so that a clone of the results can follow them
+    assert record["tokenizer"]["checkpoint"] == os.path.relpath(tokenizer_runs["vq"].checkpoint, tmp_path)
+    assert common.result_path(tmp_path / f"{name}.json", record["args"]["tokenizer"]) == tokenizer_runs["vq"].checkpoint
+    assert record["checkpoint"] == os.path.join(name, "best.pt") and record["args"]["out"] == "."
     assert record["tokenizer"]["deferred"] is False and record["tokenizer"]["quantizer"] == "vq"
     assert record["sampling"]["steps"] == 4 and record["sampling"]["num_samples"] == 6
     assert record["eval_split"] == "test" and record["data_range"] == 1.0 and "gfid" in record["notes"]
@@ -290,6 +293,7 @@ def test_bad_inputs_fail_before_training(tokenizer_runs, tmp_path):
         (["--tokenizer", vq.checkpoint, "--width", "33"], "divisible by --heads"),
         (["--tokenizer", vq.checkpoint, "--sample-only"], "needs --checkpoint"),
         (["--tokenizer", vq.checkpoint, "--sample-only", "--checkpoint", vq.checkpoint], "not a generator_maskgit"),
+        (["--tokenizer", vq.checkpoint, "--per-class", "50000"], r"--per-class must be \[1, 32\]"),  # a 2 GB grid
     ]
     for extra, pattern in cases:
         args = gm.build_parser().parse_args(["--out", str(tmp_path / "o")] + TINY + extra)
@@ -305,3 +309,12 @@ def test_bad_inputs_fail_before_training(tokenizer_runs, tmp_path):
                                          "--tokens-dir", os.path.dirname(vq.checkpoint)] + TINY)
     with pytest.raises(UserError, match="Continuous Phase"):
         gm.main(args)
+
+
+def test_resume_without_best_pt_says_what_is_missing(tokenizer_runs, tmp_path):
+    """best.pt (the sampled, reported model) gone beside last.pt: --resume names it at start,
+    instead of training nothing and asking for more --epochs."""
+    run_generator(tokenizer_runs, tmp_path, "--epochs", "1", "--sample", "0")
+    os.remove(tmp_path / "maskgit_vq" / "best.pt")
+    with pytest.raises(UserError, match=r"--resume: .*best\.pt \(the reported model\) is missing beside .*last\.pt"):
+        run_generator(tokenizer_runs, tmp_path, "--epochs", "1", "--sample", "0", "--resume")

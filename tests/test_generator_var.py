@@ -340,7 +340,8 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     gv.main(cli_args(run, tmp_path, "--epochs", "3", "--sample", "7", "--sample-batch-size", "4"))
     record = json.load(open(tmp_path / "var_msvq.json"))
     assert record["experiment"] == "generator_var" and record["method"] == "var_baseline"
-    assert record["tokenizer"]["quantizer"] == "msvq" and record["tokenizer"]["checkpoint"] == run.checkpoint
+    assert record["tokenizer"]["quantizer"] == "msvq" and common.result_path(
+        tmp_path / "var_msvq.json", record["tokenizer"]["checkpoint"]) == run.checkpoint
     m = record["metrics"]
     assert m["num_samples"] == 7 and m["pixel_diversity"] > 0 and 1 <= m["token_used_codes"] <= 16
     assert "gfid" not in m and "skip-fid" in record["notes"]["gfid"]
@@ -356,7 +357,7 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     assert [tuple(t.shape) for t in tokens["tokens"]] == [(7, s, s) for s in SCALES]
     assert tokens["labels"].tolist() == [0, 0, 0, 1, 1, 2, 2]
     # sampling again from the trained generator, under another name and guidance
-    gv.main(cli_args(run, tmp_path, "--sample-only", "--checkpoint", record["checkpoint"], "--name", "again",
+    gv.main(cli_args(run, tmp_path, "--sample-only", "--checkpoint", str(tmp_path / record["checkpoint"]), "--name", "again",
                      "--sample", "4", "--cfg-scale", "0", "--depth", "7"))
     again = json.load(open(tmp_path / "again.json"))
     assert again["args"]["depth"] == 2 and again["sampling"]["cfg_scale"] == 0  # architecture from the checkpoint

@@ -238,10 +238,10 @@ def test_eval_only_reproduces_the_final_evaluation(image_folder, trained):
     out, runs = trained
     name, record = runs[("msvq", False)]
     with pytest.raises(common.UserError, match=rf"{name}\.(json|pt) exists"):  # never replaced silently
-        run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
+        run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", common.result_path(out / f"{name}.json", record["checkpoint"]))
     for ext in tok.RESULT_FILES:
         os.remove(out / f"{name}{ext}")
-    run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
+    run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", common.result_path(out / f"{name}.json", record["checkpoint"]))
     with open(out / f"{name}.json") as f:
         again = json.load(f)
     for key in ("mse", "psnr", "ssim", "perplexity", "used_codes", "euclidean", "vendi"):
@@ -254,14 +254,15 @@ def test_eval_only_uses_the_checkpoints_split_and_keeps_the_test_result(image_fo
     before = (out / f"{name}.json").read_bytes()
     # another --out and no --split-file: the split recorded in the checkpoint, not a fresh one
     args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path)] + TINY +
-                                         ["--eval-only", "--checkpoint", record["checkpoint"], "--eval-split", "val"])
+                                         ["--eval-only", "--checkpoint", common.result_path(out / f"{name}.json", record["checkpoint"]), "--eval-split", "val"])
     tok.main(args)
     assert not any(p.name.startswith("split") for p in tmp_path.iterdir())
     with open(tmp_path / f"{name}_val.json") as f:
         val = json.load(f)
-    assert val["eval_split"] == "val" and val["args"]["split_file"] == str(out.parent / "split.json")
+    assert val["eval_split"] == "val" and common.result_path(tmp_path / f"{name}_val.json", val["args"]["split_file"]) == str(
+        out.parent / "split.json")
     # a validation evaluation into the run's own folder leaves the test result alone
-    run_script(image_folder, out, "--eval-only", "--checkpoint", record["checkpoint"], "--eval-split", "val")
+    run_script(image_folder, out, "--eval-only", "--checkpoint", common.result_path(out / f"{name}.json", record["checkpoint"]), "--eval-split", "val")
     assert (out / f"{name}.json").read_bytes() == before and (out / f"{name}_val.json").exists()
 
 
