@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -248,10 +249,51 @@ def _is_torch_write_failure(err):
 
 
 def temporary_files_of(path):
-    """The temporary files `atomic_write` makes for `path` (left behind only by a kill)."""
+    """The temporary files `atomic_write` makes for `path` and the temporary folders `replace_folder`
+    makes for a folder `path` (left behind only by a kill)."""
     path = os.path.abspath(path)
     return glob.glob(os.path.join(glob.escape(os.path.dirname(path)),
                                   "." + glob.escape(os.path.basename(path)) + ".*.tmp"))
+
+
+def remove_path(path):
+    """Remove a file or a whole folder; absent is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def replace_folder(path, fill_fn):
+    """`atomic_write` for a folder: `fill_fn(tmp)` fills a temporary sibling `.<name>.<random>.tmp`,
+    which then takes the place of `path` (the previous folder is moved aside and removed). So the
+    folder holds exactly what one call wrote, never files of an earlier call beside them, and a kill
+    leaves only temporary siblings, which the next `start_run` of the run removes. A failed write is
+    a one-line UserError; the previous folder stays."""
+    path = os.path.abspath(os.fspath(path))
+    parent, prefix = os.path.dirname(path), "." + os.path.basename(path) + "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    old = None
+    try:
+        fill_fn(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp")
+            os.replace(path, old)  # onto an empty folder: allowed, and atomic
+        os.replace(tmp, path)
+    except BaseException as err:
+        remove_path(tmp)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+        raise
+    finally:
+        if old is not None:
+            remove_path(old)
 
 
 # ---- The start-up protocol: one sequence of checks that every script runs before training ------
@@ -489,8 +531,7 @@ def start_run(args, *, name, outputs, ranges=None, defining=(), resume_from=None
         try:
             for path in list(outputs) + ([resume_from] if resume_from else []) + [lock.path]:
                 for tmp in temporary_files_of(path):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
+                    remove_path(tmp)
             if getattr(args, "resume", False):
                 if resume_from is None or not os.path.exists(resume_from):
                     raise UserError(f"--resume: no checkpoint at {resume_from}")
@@ -2615,9 +2656,12 @@ def write_png(path, image_uint8):
 
 def write_samples(folder, images, labels, grid_path, per_class=8):
     """Every sample as <folder>/<index>_class<label>.png (what torch-fidelity and people read) and
-    the class-by-row sheet at `grid_path`."""
-    for i, (image, label) in enumerate(zip(images, labels.tolist())):
-        write_png(os.path.join(folder, f"{i:05d}_class{label}.png"), to_uint8(image))
+    the class-by-row sheet at `grid_path`. The folder is replaced as a whole (`replace_folder`): it
+    holds exactly these samples, never PNGs of an earlier, larger sampling beside them."""
+    def fill(tmp):
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            write_png(os.path.join(tmp, f"{i:05d}_class{label}.png"), to_uint8(image))
+    replace_folder(folder, fill)
     write_png(grid_path, sample_grid(images, labels, per_class))
 
 
@@ -2787,6 +2831,15 @@ def adopt_generator_settings(args, saved, defining, script):
     return saved.get("state", {}).get("history", [])
 
 
+def discard_stale_samples(paths, keep_samples):
+    """Before a run (--resume) writes its samples anew: the result JSON of the earlier sampling goes
+    first (until the new one is written, no JSON describes the files), and with --sample 0 the
+    earlier samples, grid and tokens too, so the run's folder never shows samples that its JSON
+    does not describe."""
+    for key in ("json",) + (() if keep_samples else ("samples", "grid", "tokens")):
+        remove_path(paths[key])
+
+
 def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics, history,
                    checkpoint, paths, device):
     """The end of every generator run (rank 0): --sample class-balanced samples drawn by
@@ -2797,6 +2850,7 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
     script's sampler settings, `metrics` what the script measured already (validation loss)."""
     metrics, notes, extra = dict(metrics), {}, {}
     provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
+    discard_stale_samples(paths, keep_samples=bool(args.sample))
     if args.sample:
         labels = balanced_labels(args.sample, dump.num_classes)
         start = datetime.datetime.now()
@@ -2932,7 +2986,7 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
     args.tokens_dir = args.tokens_dir and os.path.abspath(args.tokens_dir)
     name = generator_run_name(args, quantizer)
     paths = generator_output_paths(args.out, name)
-    outputs = [paths[k] for k in ("json", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
+    outputs = [paths[k] for k in ("json", "samples", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
 
     def adopt(target):
         return adopt_generator_settings(target, load_checkpoint(args.checkpoint), defining,
