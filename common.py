@@ -641,6 +641,15 @@ def save_checkpoints(last_path, best_path=None, **state):
     save_checkpoint(last_path, **state)
 
 
+def load_weights(model, state, path, what="this model"):
+    """model.load_state_dict(state), with weights that do not fit (another codebook size, class
+    count or architecture) as one line instead of torch's multi-line RuntimeError."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{path}: the weights do not fit {what} ({str(err).splitlines()[0]})") from None
+
+
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.exists(path):
         raise UserError(f"no such checkpoint: {path}")
@@ -2377,11 +2386,7 @@ def load_tokenizer(path, device="cpu"):
     if not isinstance(cfg, dict) or "model" not in ckpt or any(k not in cfg for k in needed):
         raise UserError(f"{path} is not a tokenizer checkpoint of imagenet_tokenizer.py (no 'model' and 'args')")
     model = build_tokenizer(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise UserError(f"{path}: the weights do not fit the architecture in its args "
-                        f"({str(err).splitlines()[0]})") from None
+    load_weights(model, ckpt["model"], path, "the architecture in its args")
     if not model.quantizer.is_enabled:
         raise UserError(f"{path} is from the Continuous Phase (quantization off): it has no tokens; "
                         "use the run's best.pt or a last.pt written after the switch")
@@ -2399,6 +2404,89 @@ def tokenizer_identity(cfg, path):
             "dataset": dataset if dataset not in (None, "imagefolder") else cfg.get("scheme"),
             "gan": (cfg.get("gan_weight") or 0) > 0, "codebook_size": cfg["codebook_size"],
             "simvq": bool(cfg.get("simvq")), "resolution": cfg["resolution"]}
+
+
+def tensor_digest(tensors):
+    """sha256 over named tensors (names, dtypes, shapes and bytes, in name order): the same on
+    every machine and device for the same values."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Recorded in token dumps and generator checkpoints and compared instead of file paths, which
+# change when runs are copied between machines (issue 16 item 6).
+FINGERPRINT_KEYS = ("quantizer", "codebook_size", "grid", "scales", "codebook_sha256", "weights_sha256")
+
+
+def tokenizer_fingerprint(model, cfg):
+    """What identifies a trained tokenizer wherever its file lies: the quantizer kind, the codebook
+    size K, the token maps it writes (latent grid; the scales of msvq), a digest of its effective
+    codebook (what token ids index) and one of all its weights (usage counters left out: they
+    change nothing a token decodes to)."""
+    grid = cfg["resolution"] // 2 ** (len(cfg["ch_mult"]) - 1)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("steps_unused")}
+    return {"quantizer": cfg["quantizer"], "codebook_size": int(cfg["codebook_size"]), "grid": grid,
+            "scales": [int(s) for s in cfg["scales"]] if cfg["quantizer"] == "msvq" else [grid],
+            "codebook_sha256": tensor_digest({"codebook": model.quantizer.codebook}),
+            "weights_sha256": tensor_digest(state)}
+
+
+_FINGERPRINTS = {}
+
+
+def tokenizer_fingerprint_of(path):
+    """`tokenizer_fingerprint` of a tokenizer checkpoint file (computed once per file version)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = tokenizer_fingerprint(*load_tokenizer(path))
+    return _FINGERPRINTS[key]
+
+
+def check_same_tokenizer(recorded, current, what, tokenizer_path):
+    """`what` (a dump, a generator checkpoint) recorded the fingerprint of the tokenizer it belongs
+    to: refuse --tokenizer `tokenizer_path` unless it is that tokenizer (one line, naming the first
+    difference). An older file without a fingerprint is not judged here (the caller falls back on
+    paths)."""
+    if not isinstance(recorded, dict):
+        return
+    for key in FINGERPRINT_KEYS:
+        if key in recorded and recorded[key] != current[key]:
+            if key.endswith("sha256"):
+                shown = f"its {key.split('_')[0]} digest {str(recorded[key])[:12]}... differs: another tokenizer"
+            else:
+                shown = f"{key.replace('_', ' ')} {recorded[key]} vs {current[key]}"
+            raise UserError(f"{what} belongs to another tokenizer than --tokenizer {tokenizer_path} ({shown})")
+
+
+def split_fingerprint(split):
+    """sha256 of which images a split puts in train / val / test (and its classes), independent of
+    where the split file or the data lie."""
+    key = json.dumps({k: split[k] for k in ("scheme", "classes") + SPLIT_PARTS}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_dump_provenance(dumps):
+    """The training and validation dumps (in that order) must hold the train and val parts of ONE
+    split: a dump of the test split used for training or validation would leak the g-FID reference
+    images into the generator. Older dumps without a recorded split are not judged."""
+    for d, part in zip(dumps, ("train", "val")):
+        recorded = d.record.get("split")
+        if recorded is not None and recorded != part:
+            raise UserError(f"{d.path} holds the tokens of the '{recorded}' split, not '{part}': dump the {part} "
+                            f"split (imagenet_tokenizer.py --dump-tokens {part})")
+    for key in ("split_sha256", "split_file"):  # the digest where recorded, else the file
+        values = [d.record.get(key) for d in dumps]
+        if all(v is not None for v in values):
+            if values[0] != values[1]:
+                raise UserError(f"{dumps[0].path} and {dumps[1].path} come from different split files "
+                                f"({dumps[0].record.get('split_file')} vs {dumps[1].record.get('split_file')}): "
+                                "dump both parts of one split")
+            return
 
 
 def tokenizer_test_split(cfg, data_dir=None, limit=0):
@@ -2442,6 +2530,7 @@ class TokenDump:
     codebook_size: int
     num_classes: int
     record: dict
+    tokenizer: dict = None  # the fingerprint of the tokenizer verified to decode it (load_generator_inputs)
 
     def __len__(self):
         return self.tokens_NL.shape[0]
@@ -2768,10 +2857,18 @@ def load_generator_inputs(args, quantizer):
                         f"generator_{GENERATORS[found]}.py")
     dumps = [load_token_dump(os.path.join(generator_tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
     check_dumps_match(dumps, cfg, args.tokenizer)
+    check_dump_provenance(dumps)
+    fingerprint = tokenizer_fingerprint(tokenizer, cfg)
     for d in dumps:
-        made_from = d.record.get("checkpoint")
-        if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
+        if list(d.scales) != fingerprint["scales"]:
+            raise UserError(f"{d.path} holds token maps of sides {list(d.scales)}, but --tokenizer {args.tokenizer} "
+                            f"writes {fingerprint['scales']}: dump the tokens again with this tokenizer")
+        check_same_tokenizer(d.record.get("tokenizer"), fingerprint, d.path, args.tokenizer)
+        made_from = d.record.get("checkpoint")  # dumps written before fingerprints: the path, where it exists
+        if "tokenizer" not in d.record and made_from and os.path.exists(made_from) \
+                and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
             raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
+        d.tokenizer = fingerprint
     if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
         raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
                         f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
@@ -2820,7 +2917,10 @@ def adopt_generator_settings(args, saved, defining, script):
     cfg = saved.get("args") if isinstance(saved, dict) else None
     if not isinstance(cfg, dict) or "model" not in saved or any(k not in cfg for k in defining):
         raise UserError(f"{args.checkpoint} is not a {script} checkpoint")
-    if os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
+    if "tokenizer" in saved:  # its tokenizer's fingerprint: judged wherever the files lie
+        check_same_tokenizer(saved["tokenizer"], tokenizer_fingerprint_of(args.tokenizer), args.checkpoint,
+                             args.tokenizer)
+    elif os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
         raise UserError(f"{args.checkpoint} was trained on the tokens of {cfg['tokenizer']}, not {args.tokenizer}")
     # --epochs too: not run-defining (--resume may raise the cap) but the JSON of a sampled model
     # states the cap it was trained under, so that it groups with its training run in evaluate.py

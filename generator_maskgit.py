@@ -387,7 +387,7 @@ def train(args, info, inputs, run, paths):
         record = {"epoch": state["epoch"], "lr": sched.lr, "train_loss": train_loss,
                   "val_loss": validation_loss(model, val_dump, args, info), "images_per_second": speed,
                   "seconds": seconds}
-        common.end_generator_epoch(record, model, opt, sched, state, args, info, paths)
+        common.end_generator_epoch(record, model, opt, sched, state, args, info, paths, tokenizer=train_dump.tokenizer)
     return common.finish_generator_training(sched, state)
 
 
@@ -402,7 +402,8 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
     tokenizer_cfg, dump, _ = inputs
     ckpt = common.load_checkpoint(ckpt_path)
     model = build_generator(ckpt["args"], dump).to(info.device)
-    model.load_state_dict(ckpt["model"])
+    common.load_weights(model, ckpt["model"], ckpt_path, f"a MaskGIT for the dump's {dump.codebook_size} codes, "
+                        f"{dump.num_classes} classes and {dump.seq_len} tokens")
     model.eval()
     tokenizer, _ = common.load_tokenizer(args.tokenizer, info.device)
     generator = torch.Generator(info.device).manual_seed(args.sample_seed)  # ONE stream for all batches

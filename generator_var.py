@@ -534,7 +534,7 @@ def train(args, info, inputs, run, paths):
                   "grad_norm": (sums[2] / sums[0].clamp(min=1)).item(), **val,
                   "images_per_second": len(batches) * args.batch_size / seconds, "seconds": seconds}
         common.end_generator_epoch(record, model, opt, schedule, state, args, info, paths,
-                                   val_accuracy=val["val_accuracy"])
+                                   val_accuracy=val["val_accuracy"], tokenizer=train_dump.tokenizer)
     return common.finish_generator_training(schedule, state)
 
 
@@ -550,7 +550,8 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
     tokenizer, tokenizer_cfg, dump, _ = inputs
     ckpt = common.load_checkpoint(ckpt_path)
     model = build_model(ckpt["args"], dump, tokenizer_cfg["token_dim"]).to(info.device)
-    model.load_state_dict(ckpt["model"])
+    common.load_weights(model, ckpt["model"], ckpt_path, f"a VAR for the dump's {dump.codebook_size} codes, "
+                        f"{dump.num_classes} classes and scales {list(dump.scales)}")
     model.eval()
     tokenizer.to(info.device)
     generator = torch.Generator(info.device).manual_seed(args.sample_seed)
@@ -605,11 +606,7 @@ def validate(args):
 
 def load_inputs(args):
     """Tokenizer (frozen, CPU), its args, the training and validation dumps (one-line errors)."""
-    tokenizer, cfg, train_dump, val_dump = common.load_generator_inputs(args, "msvq")
-    if tuple(tokenizer.quantizer.scales) != tuple(train_dump.scales):
-        raise UserError(f"{args.tokenizer} has scales {list(tokenizer.quantizer.scales)}, its dumps "
-                        f"{list(train_dump.scales)}: dump the tokens again")
-    return tokenizer, cfg, train_dump, val_dump
+    return common.load_generator_inputs(args, "msvq")  # the dumps' scales are the tokenizer's (checked there)
 
 
 def main(args):

@@ -462,9 +462,12 @@ def reconstruction_sheet(model, dataset, info, columns=16, rows=2):
 @torch.no_grad()
 def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     """Token indices of every image of a split, in split order: vq -> (N, h, w) tensor; msvq ->
-    list of (N, s, s) tensors; int16 when the codebook fits, else int32; plus labels and the
-    number of classes of the split file (the generators' class embedding)."""
+    list of (N, s, s) tensors; int16 when the codebook fits, else int32; plus labels, the number
+    of classes of the split file (the generators' class embedding) and the provenance the
+    generators check: the split's part and digest, the tokenizer's fingerprint."""
     net = model.module if hasattr(model, "module") else model
+    fingerprint = common.tokenizer_fingerprint(net, vars(args))
+    split = common.load_split(args.split_file)
     net.eval()
     rows, dtype = [], torch.int16 if net.quantizer.num_codes <= 2**15 else torch.int32
     subset = shard(dataset, info)
@@ -484,8 +487,9 @@ def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     record = {"tokens": flat if args.quantizer == "msvq" else flat[0], "labels": table[:, 1],
               "checkpoint": os.path.abspath(ckpt_path), "quantizer": args.quantizer,
               "scales": sizes, "codebook_size": net.quantizer.num_codes, "split": args.dump_tokens,
-              "split_file": args.split_file,
-              "num_classes": len(common.load_split(args.split_file)["classes"])}  # a split may miss a class
+              "split_file": args.split_file, "split_sha256": common.split_fingerprint(split),
+              "num_classes": len(split["classes"]),  # a split may miss a class
+              "tokenizer": fingerprint}  # compared by the generators instead of the checkpoint's path
     if info.is_main:
         common.atomic_write(out_path, lambda f: torch.save(record, f))
     return record
@@ -702,6 +706,7 @@ def train(args, info):
                           resume_from=paths.last, checks=weight_checks(args) + [check_data],
                           validate=lambda a: validate(a, info.world_size)) as run:
         share_split(found.get("new"), args)
+        args.split_sha256 = common.split_fingerprint(common.load_split(args.split_file))  # for check_checkpoint_split
         data = make_datasets(args)
         common.seed_everything(args.seed)
         model = common.build_tokenizer(args).to(info.device)
@@ -814,6 +819,7 @@ def evaluate_checkpoint(args, info):
 
     def check_data():
         found["split"], _ = prepare_split(args, create=False)
+        check_checkpoint_split(ckpt_path, ckpt["args"], found["split"], args.split_file)
     with common.start_run(args, name=paths.name, outputs=outputs, ranges=RANGES,
                           validate=lambda a: validate(a, info.world_size), checks=weight_checks(args) + [check_data]):
         share_split(None, args)
@@ -832,6 +838,20 @@ def evaluate_checkpoint(args, info):
         else:
             final_report(model, data[args.eval_split], args, info, load_lpips_if_needed(args, info), paths,
                          ckpt_path, ckpt.get("history", []))
+
+
+def check_checkpoint_split(ckpt_path, saved, split, split_file):
+    """--eval-only / --dump-tokens evaluate or dump a part of the split the checkpoint was trained
+    on: another split's 'train' can hold this checkpoint's test images, which would then leak into a
+    generator's training. The split is known by its digest (recorded since issue 16) or, for older
+    checkpoints, by the recorded file where it still exists; a copied file with the same content
+    is the same split."""
+    recorded, recorded_file = saved.get("split_sha256"), saved.get("split_file")
+    if recorded is None and recorded_file and os.path.exists(recorded_file):
+        recorded = common.split_fingerprint(common.load_split(recorded_file))
+    if recorded is not None and common.split_fingerprint(split) != recorded:
+        raise UserError(f"--split-file {split_file} is not the split {ckpt_path} was trained on ({recorded_file}): "
+                        "evaluations and token dumps use the checkpoint's split; leave --split-file out")
 
 
 def main(args):

@@ -65,3 +65,116 @@ def test_resampled_run_holds_only_its_new_samples(tokenizer_runs, tmp_path):
     run_maskgit(tokenizer_runs, tmp_path, "--epochs", "1", "--name", "r", "--resume", "--sample", "0")
     assert "samples" not in read(tmp_path / "r.json")
     assert sorted(os.listdir(tmp_path / "r")) == ["best.pt", "last.pt"]
+
+
+# ---- items 5 and 6: dumps keep their split and tokenizer; generators compare them, not paths ------
+
+def tokenizer_main(run, out, *extra):
+    import imagenet_tokenizer as tok
+    from test_imagenet_tokenizer import TINY as TOK_TINY
+    return tok.main(tok.build_parser().parse_args(["--data-dir", run.data_dir, "--out", str(out), "--split-file",
+                                                   run.split_file] + TOK_TINY + list(extra)))
+
+
+@pytest.fixture(scope="module")
+def other_tokenizers(tokenizer_runs, tmp_path_factory):
+    """Two more vq tokenizers on the fixture's split: 'same_k' (another seed, 16 codes) and 'k32'
+    (32 codes), each with its train / val dumps: {name: (checkpoint, tokens folder)}."""
+    out = tmp_path_factory.mktemp("other_tokenizers")
+    found = {}
+    for name, extra in (("same_k", ["--seed", "1"]), ("k32", ["--codebook-size", "32"])):
+        tokenizer_main(tokenizer_runs["vq"], out, "--quantizer", "vq", "--epochs", "1", "--name", name, *extra)
+        ckpt = str(out / name / "best.pt")
+        for split in ("train", "val"):
+            tokenizer_main(tokenizer_runs["vq"], out, "--name", name, "--dump-tokens", split, "--checkpoint", ckpt)
+        found[name] = (ckpt, str(out / name))
+    return found
+
+
+def copy_dumps(run, folder, **changes):
+    """The fixture's train / val dumps copied into `folder`, with record fields changed per part
+    ({part: {field: value}}; a value None removes the field)."""
+    os.makedirs(folder, exist_ok=True)
+    for part in ("train", "val"):
+        record = torch.load(run.tokens[part], weights_only=True)
+        for key, value in changes.get(part, {}).items():
+            record.pop(key) if value is None else record.__setitem__(key, value)
+        torch.save(record, os.path.join(folder, f"tokens_{part}.pt"))
+    return str(folder)
+
+
+def test_dumps_take_the_split_of_their_checkpoint(tokenizer_runs, tmp_path):
+    run = tokenizer_runs["vq"]
+    split = common.load_split(run.split_file)
+    swapped = dict(split, train=split["test"] + split["train"][6:], test=split["train"][:6])  # sizes unchanged
+    common.write_json(tmp_path / "other.json", swapped)
+    with pytest.raises(UserError, match="not the split .* was trained on"):
+        tokenizer_main(run, tmp_path / "o", "--dump-tokens", "train", "--checkpoint", run.checkpoint,
+                       "--split-file", str(tmp_path / "other.json"))
+    assert not os.path.exists(tmp_path / "o")
+    # the same split under another path (a run copied to another machine) is the same split
+    common.write_json(tmp_path / "copy.json", split)
+    tokenizer_main(run, tmp_path / "ok", "--name", "vq", "--dump-tokens", "val", "--checkpoint", run.checkpoint,
+                   "--split-file", str(tmp_path / "copy.json"))
+    record = torch.load(tmp_path / "ok" / "vq" / "tokens_val.pt", weights_only=True)
+    assert record["split"] == "val" and record["split_sha256"] == common.split_fingerprint(split)
+    assert torch.equal(record["tokens"], torch.load(run.tokens["val"], weights_only=True)["tokens"])
+
+
+def test_generators_refuse_test_tokens_and_mixed_splits(tokenizer_runs, tmp_path):
+    run = tokenizer_runs["vq"]
+    cases = [({"train": {"split": "test"}}, "holds the tokens of the 'test' split, not 'train'"),
+             ({"val": {"split": "test"}}, "'test' split, not 'val'"),
+             ({"val": {"split_sha256": "0" * 64, "split_file": "/elsewhere/split.json"}}, "different split files")]
+    for i, (changes, pattern) in enumerate(cases):
+        folder = copy_dumps(run, tmp_path / f"dumps{i}", **changes)
+        with pytest.raises(UserError, match=pattern):
+            run_maskgit(tokenizer_runs, tmp_path / "o", "--tokens-dir", folder)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_generators_compare_the_tokenizer_not_its_path(tokenizer_runs, other_tokenizers, tmp_path):
+    run = tokenizer_runs["vq"]
+    same_k, k32 = other_tokenizers["same_k"], other_tokenizers["k32"]
+    # the dumps' recorded checkpoint path no longer exists (copied runs): another tokenizer with
+    # the same codebook size is still refused, the right one at another path accepted
+    moved = copy_dumps(run, tmp_path / "moved", train={"checkpoint": "/gone/best.pt"},
+                       val={"checkpoint": "/gone/best.pt"})
+    with pytest.raises(UserError, match="another tokenizer"):
+        gm.load_inputs(gm.build_parser().parse_args(["--tokenizer", same_k[0], "--tokens-dir", moved] + TINY))
+    os.makedirs(tmp_path / "copy")
+    copied = str(tmp_path / "copy" / "best.pt")
+    with open(run.checkpoint, "rb") as src, open(copied, "wb") as dst:
+        dst.write(src.read())
+    gm.load_inputs(gm.build_parser().parse_args(["--tokenizer", copied, "--tokens-dir", moved] + TINY))
+    fingerprint = common.tokenizer_fingerprint_of(run.checkpoint)
+    assert fingerprint == common.tokenizer_fingerprint_of(copied)
+    assert fingerprint["codebook_size"] == common.tokenizer_fingerprint_of(same_k[0])["codebook_size"] == 16
+    assert fingerprint["codebook_sha256"] != common.tokenizer_fingerprint_of(same_k[0])["codebook_sha256"]
+    # a generator checkpoint whose tokenizer path is gone: --sample-only with another tokenizer of
+    # the same K or of another K is one line before anything is written
+    run_maskgit(tokenizer_runs, tmp_path / "g", "--epochs", "1", "--sample", "0", "--name", "m")
+    best = tmp_path / "g" / "m" / "best.pt"
+    ckpt = torch.load(best, weights_only=False)  # our own file (RNG states: numpy until issue 16 item 1)
+    assert ckpt["tokenizer"] == fingerprint
+    ckpt["args"]["tokenizer"] = "/gone/best.pt"
+    torch.save(ckpt, best)
+    for other, pattern in ((same_k, "another tokenizer"), (k32, "codebook size 16 vs 32")):
+        args = ["--sample-only", "--checkpoint", str(best), "--name", "s", "--tokens-dir", other[1]]
+        with pytest.raises(UserError, match=pattern):
+            gm.main(gm.build_parser().parse_args(["--tokenizer", other[0], "--out", str(tmp_path / "s")] + TINY + args))
+    # a checkpoint older than fingerprints: weights of another K are one line, not a RuntimeError
+    del ckpt["tokenizer"]
+    torch.save(ckpt, best)
+    with pytest.raises(UserError, match="weights do not fit a MaskGIT for the dump's 32 codes"):
+        gm.main(gm.build_parser().parse_args(["--tokenizer", k32[0], "--out", str(tmp_path / "s")] + TINY
+                                             + ["--sample-only", "--checkpoint", str(best), "--tokens-dir", k32[1]]))
+
+
+def test_maskgit_refuses_a_dump_of_another_grid(tokenizer_runs, tmp_path):
+    from generator_fixture import write_token_dump
+    for part in ("train", "val"):
+        write_token_dump(tmp_path / "d" / f"tokens_{part}.pt", torch.randint(0, 16, (18, 4, 4)),
+                         torch.arange(18) % 3, 16, num_classes=3, split=part)
+    with pytest.raises(UserError, match=r"token maps of sides \[4\].* writes \[8\]"):
+        run_maskgit(tokenizer_runs, tmp_path / "o", "--tokens-dir", str(tmp_path / "d"))
