@@ -585,6 +585,10 @@ def read_json(path):
         raise UserError(f"no such file: {path}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not valid JSON (not UTF-8 text)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a JSON file") from None
 
 
 def git_commit():
@@ -657,6 +661,29 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
         raise UserError(f"cannot read checkpoint {path}: {err}") from None
+
+
+def model_status(ckpt, finished=None):
+    """What every result JSON states about the model it measured (issue 16 item 7):
+    model_finished  True once its training ended (early stop or the epoch / step cap); False for a
+                    checkpoint of a run still training or killed; None where the checkpoint predates
+                    the record (unknown). `finished` overrides it (e.g. a public release: True).
+    model_epoch     the epoch (or step) its weights come from
+    model_sha256    a digest of its weights: the model's identity wherever its file lies (tables
+                    count results of one model and one sampling once)."""
+    finished = ckpt.get("finished") if finished is None else finished
+    return {"model_finished": finished if finished is None else bool(finished),
+            "model_epoch": ckpt.get("epoch", ckpt.get("step")),
+            "model_sha256": tensor_digest(ckpt["model"]) if isinstance(ckpt.get("model"), dict) else None}
+
+
+def mark_finished(path):
+    """Record in a checkpoint written during training (best.pt of an earlier epoch) that its
+    training has ended, so that a later --sample-only of it, or of a copy, says so."""
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("finished"):
+        ckpt["finished"] = True
+        atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def check_finite(loss, where):
@@ -2941,16 +2968,21 @@ def discard_stale_samples(paths, keep_samples):
 
 
 def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics, history,
-                   checkpoint, paths, device):
+                   checkpoint, paths, device, status):
     """The end of every generator run (rank 0): --sample class-balanced samples drawn by
     `sample_tokens(labels_B) -> (B, L)` (which draws from ONE generator seeded once per run),
     decoded by the frozen `tokenizer`, written as PNGs, a class-per-row grid and a token file;
     the usage of codes in the sampled tokens; g-FID / precision-recall / pixel distance / LPIPS
     diversity with their provenance (sample_metrics); then the result JSON. `sampling` holds the
-    script's sampler settings, `metrics` what the script measured already (validation loss)."""
-    metrics, notes, extra = dict(metrics), {}, {}
+    script's sampler settings, `metrics` what the script measured already (validation loss),
+    `status` the sampled model's `model_status`."""
+    metrics, notes, extra = dict(metrics), {}, dict(status)
     provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
     discard_stale_samples(paths, keep_samples=bool(args.sample))
+    if status["model_finished"] is not True:
+        notes["model_finished"] = ("its training had not finished (a checkpoint of a run still training or killed)"
+                                   if status["model_finished"] is False else
+                                   "unknown: the checkpoint predates the record of finished training")
     if args.sample:
         labels = balanced_labels(args.sample, dump.num_classes)
         start = datetime.datetime.now()
@@ -2972,7 +3004,7 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
                                            seed=args.sample_seed, device=device)
         metrics.update(found)
         folder = os.path.dirname(os.path.abspath(paths["json"]))
-        extra = {k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")}
+        extra.update({k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")})
         if args.skip_fid:
             notes["gfid"] = "not computed: --skip-fid"
         if args.skip_lpips:
@@ -3052,12 +3084,14 @@ def end_generator_epoch(record, model, optimizer, schedule, state, args, info, p
     improved = schedule.step(record["val_loss"])
     state["history"].append(record)
     state["epoch"] += 1
+    finished = schedule.stopped or state["epoch"] >= args.epochs  # the loop of every generator's train ends here
     print0(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                     if not isinstance(v, (list, dict))))
     if info.is_main:
         save_checkpoints(paths["last"], paths["best"] if improved else None, model=model.state_dict(),
                          optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), state=state,
-                         args=vars(args), val_loss=record["val_loss"], epoch=state["epoch"], **saved)
+                         args=vars(args), val_loss=record["val_loss"], epoch=state["epoch"], finished=finished,
+                         **saved)
     if is_distributed():
         dist.barrier()
 
@@ -3105,6 +3139,8 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
             checkpoint = paths["best"]
             if not os.path.exists(checkpoint):
                 raise UserError("training ended before its first epoch; raise --epochs")
+            if info.is_main:
+                mark_finished(checkpoint)  # written at an earlier epoch, reported now that training ended
         cleanup_distributed()  # sampling and metrics run on rank 0 alone
         if info.is_main:
             return sample_and_report(args, info, inputs, checkpoint, history, paths)

@@ -414,7 +414,7 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
                 "choice_temperature": args.choice_temperature, "temperature": args.temperature}
     metrics = {"val_loss": ckpt.get("val_loss"), "best_epoch": ckpt.get("epoch", 0) - 1}
     return common.report_samples(args, EXPERIMENT, tokenizer, tokenizer_cfg, dump, sampler, sampling, metrics,
-                                 history, ckpt_path, paths, info.device)
+                                 history, ckpt_path, paths, info.device, common.model_status(ckpt))
 
 
 # ------------------------------------------------------------------------------------------------

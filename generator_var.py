@@ -567,7 +567,7 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
     metrics = {"val_loss": ckpt.get("val_loss"), "val_accuracy": ckpt.get("val_accuracy"),
                "best_epoch": ckpt.get("epoch", 0) - 1}
     return common.report_samples(args, EXPERIMENT, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics,
-                                 history, ckpt_path, paths, info.device)
+                                 history, ckpt_path, paths, info.device, common.model_status(ckpt))
 
 
 # ------------------------------------------------------------------------------------------------

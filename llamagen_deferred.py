@@ -807,7 +807,8 @@ def train_tokenizer(args, info):
             if info.is_main:
                 raw, unit = codebook_views(model.quantizer)
                 blob = dict(model=model.state_dict(), optimizer=opt.state_dict(), state=state, step=state["step"],
-                            args=tokenizer_cfg(args), history=state["history"], codebook=unit, codebook_raw=raw)
+                            args=tokenizer_cfg(args), history=state["history"], codebook=unit, codebook_raw=raw,
+                            finished=state["step"] >= total)
                 if disc is not None:
                     blob.update(disc=disc.state_dict(), disc_optimizer=opt_d.state_dict())
                 common.save_checkpoints(path, **blob)
@@ -989,9 +990,14 @@ def evaluate_tokenizer(args, info):
         metrics.update(common.codebook_metrics(raw, counter.counts.cpu()))
         unit_metrics = common.codebook_metrics(unit)
         metrics.update({f"{k}_unit": unit_metrics[k] for k in ("euclidean", "vendi")})
-        ckpt = common.load_checkpoint(ckpt_path) if cfg.get("name") != "llamagen-public" else {}
-        common.write_result(json_path, TOKENIZER_EXPERIMENT, arm_name(args), args, metrics,
-                            ckpt.get("history", []), tokenizer=common.tokenizer_identity(cfg, ckpt_path),
+        ckpt = common.load_checkpoint(ckpt_path)
+        history = ckpt.get("history", []) if cfg.get("name") != "llamagen-public" else []
+        status = checkpoint_status(ckpt)
+        if status["model_finished"] is not True:
+            notes["model_finished"] = (f"its training had not finished (step {status['model_epoch']})"
+                                       if status["model_finished"] is False else "unknown: an older checkpoint")
+        common.write_result(json_path, TOKENIZER_EXPERIMENT, arm_name(args), args, metrics, history, **status,
+                            tokenizer=common.tokenizer_identity(cfg, ckpt_path),
                             eval_split=f"ImageNet-1K val, ADM centre crop {r}",
                             fid_reference=None if args.skip_fid else f"ImageNet-1K val, {n} images",
                             data_range=1.0, reconstructions=os.path.basename(npz_path), notes=notes)
@@ -1112,7 +1118,8 @@ def train_gpt(args, info):
                 if state["step"] % args.ckpt_every == 0 or state["step"] == total:
                     if info.is_main:
                         common.save_checkpoints(last_path, model=model.state_dict(), optimizer=opt.state_dict(),
-                                                state=state, step=state["step"], args=vars(args),
+                                                state=state, step=state["step"], finished=state["step"] >= total,
+                                                args=vars(args),
                                                 history=state["history"], tokens=codes.path,
                                                 tokenizer=codes.record.get("checkpoint"),
                                                 vocab_size=codes.codebook_size, num_classes=codes.num_classes,
@@ -1130,6 +1137,21 @@ def train_gpt(args, info):
 
 def samples_path(args):
     return os.path.join(run_dir(args), "samples.npz")
+
+
+def checkpoint_status(ckpt):
+    """common.model_status of a loaded checkpoint: ours record whether their training finished; a
+    public release (LlamaGen's vq_ds16_c2i.pt, c2i_B_256.pt: no 'args') is a finished model."""
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    return common.model_status(ckpt, finished=True if "args" not in ckpt else None)
+
+
+def combined_status(gpt, tokenizer):
+    """Samples come from two models: finished only when both are (unknown if either is)."""
+    states = (gpt["model_finished"], tokenizer["model_finished"])
+    finished = False if False in states else None if None in states else True
+    return dict(gpt, model_finished=finished, tokenizer_finished=tokenizer["model_finished"],
+                tokenizer_sha256=tokenizer["model_sha256"])
 
 
 def load_gpt(args, device):
@@ -1191,7 +1213,9 @@ def generate_samples(args, info):
             npy_to_npz(tmp_path, out_path, labels=labels.numpy())
             common.write_json(meta_path, {
                 "gpt_checkpoint": os.path.abspath(gpt_ckpt), "tokenizer": common.tokenizer_identity(cfg, tok_path),
-                "sampling": sampling_settings(args)})
+                "sampling": sampling_settings(args),
+                **combined_status(checkpoint_status(common.load_checkpoint(gpt_ckpt)),
+                                  checkpoint_status(common.load_checkpoint(tok_path)))})
             print0(f"wrote {out_path}; next --stage sample-eval")
 
 
@@ -1231,8 +1255,12 @@ def evaluate_samples(args, info):
             notes["isc"] = ("not computed: --skip-isc (the Inception weights must carry the classifier logits; "
                             "NVIDIA's TorchScript port has pool features only)")
         tokenizer = meta.get("tokenizer") or {"deferred": args.deferred, "checkpoint": None}
+        status = {k: meta.get(k) for k in ("model_finished", "model_epoch", "model_sha256", "tokenizer_finished")}
+        if status["model_finished"] is not True:
+            notes["model_finished"] = ("the GPT or the tokenizer had not finished training" if status["model_finished"]
+                                       is False else "unknown: samples without a record of finished training")
         common.write_generator_result(json_path, GENERATOR_EXPERIMENT, args, metrics, [], tokenizer=tokenizer,
-                                      provenance=provenance, sampling=meta.get("sampling", {}),
+                                      provenance=provenance, sampling=meta.get("sampling", {}), **status,
                                       checkpoint=meta.get("gpt_checkpoint") or npz, notes=notes,
                                       samples=os.path.relpath(npz, os.path.dirname(json_path)))
         print0(metrics)

@@ -131,6 +131,32 @@ def test_resume_reproduces_the_uninterrupted_run(pipeline, tmp_path, monkeypatch
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
 
 
+def test_tokenizer_eval_and_samples_of_an_unfinished_run_say_so(pipeline, tmp_path, monkeypatch):
+    assert common.read_json(str(pipeline["arm"] / "tokenizer.json"))["model_finished"] is True
+    finished = common.read_json(str(pipeline["arm"] / "generation.json"))
+    assert finished["model_finished"] is True and finished["tokenizer_finished"] is True
+    base = TINY + ["--data-dir", str(pipeline["data"]), "--out", str(tmp_path), "--deferred"]
+    real_save = common.save_checkpoint
+
+    def killed_after_step_6(path, **state):
+        real_save(path, **state)
+        if state["step"] == 6 and path.endswith("last.pt"):
+            raise KeyboardInterrupt  # a kill in the Discretization Phase, 3 steps before the end
+    monkeypatch.setattr(common, "save_checkpoint", killed_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(base + ["--stage", "tokenizer", "--epochs", str(EPOCHS), "--continuous-steps", str(CONTINUOUS),
+                    "--gan-start", str(GAN_START), "--ckpt-every", "2"])
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    run(base + ["--stage", "tokenizer-eval", "--skip-fid"])
+    record = common.read_json(str(tmp_path / "deferred" / "tokenizer.json"))
+    assert record["model_finished"] is False and record["model_epoch"] == 6 and "step 6" in record["notes"]["model_finished"]
+    run(base + GPT_TINY + ["--stage", "sample", "--num-samples", "2", "--gpt-checkpoint",
+                           str(pipeline["arm"] / "gpt" / "last.pt"), "--tokenizer-checkpoint",
+                           str(tmp_path / "deferred" / "tokenizer" / "last.pt")])
+    meta = common.read_json(str(tmp_path / "deferred" / "samples.json"))
+    assert meta["model_finished"] is False and meta["tokenizer_finished"] is False
+
+
 def test_baseline_starts_with_llamagen_uniform_codes_and_quantizes_from_step_0(pipeline, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(common, "deferred_switch", lambda *a, **k: calls.append(1))

@@ -178,3 +178,54 @@ def test_maskgit_refuses_a_dump_of_another_grid(tokenizer_runs, tmp_path):
                          torch.arange(18) % 3, 16, num_classes=3, split=part)
     with pytest.raises(UserError, match=r"token maps of sides \[4\].* writes \[8\]"):
         run_maskgit(tokenizer_runs, tmp_path / "o", "--tokens-dir", str(tmp_path / "d"))
+
+
+# ---- item 7: results say whether their model finished; tables count finished runs, once -----------
+
+class Killed(BaseException):
+    """Stands for a kill -9 of a training run."""
+
+
+def test_unfinished_models_are_labelled_and_left_out_of_tables(tokenizer_runs, tmp_path, monkeypatch):
+    import shutil
+
+    import evaluate
+    runs = tmp_path / "runs"
+    run_maskgit(tokenizer_runs, runs, "--epochs", "2", "--name", "done")
+    record = read(runs / "done.json")
+    assert record["model_finished"] is True and record["model_epoch"] >= 1 and len(record["model_sha256"]) == 64
+    assert "model_finished" not in record["notes"]
+    # a run killed after its first of three epochs, sampled from its last.pt
+    real_save = common.save_checkpoint
+
+    def killing_save(path, **state):
+        real_save(path, **state)
+        if path.endswith("last.pt"):
+            raise Killed()
+    monkeypatch.setattr(common, "save_checkpoint", killing_save)
+    with pytest.raises(Killed):
+        run_maskgit(tokenizer_runs, tmp_path / "killed", "--epochs", "3", "--sample", "0", "--name", "k")
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    run_maskgit(tokenizer_runs, runs, "--sample-only", "--checkpoint", str(tmp_path / "killed" / "k" / "last.pt"),
+                "--name", "from_unfinished")
+    unfinished = read(runs / "from_unfinished.json")
+    assert unfinished["model_finished"] is False and unfinished["model_epoch"] == 1
+    assert "had not finished" in unfinished["notes"]["model_finished"]
+    # --sample-only of the finished run's best.pt (written at an earlier epoch) says finished
+    run_maskgit(tokenizer_runs, tmp_path / "again", "--sample-only", "--checkpoint", str(runs / "done" / "best.pt"),
+                "--name", "again")
+    again = read(tmp_path / "again" / "again.json")
+    assert again["model_finished"] is True and again["model_sha256"] == record["model_sha256"]
+    # two copies of one JSON are one run; the unfinished model's JSON is no run of the table
+    os.makedirs(runs / "copy")
+    shutil.copy(runs / "done.json", runs / "copy" / "done.json")
+    left_out = []
+    results = evaluate.load_results(str(runs), left_out)
+    assert len(results) == 1 and os.path.basename(results[0]["path"]) == "done.json"
+    reasons = sorted(why.split(" (")[0] for _, why in left_out)
+    assert reasons[0] == "its model had not finished training" and reasons[1].startswith("the same run as")
+    report = evaluate.cmd_tables(evaluate.build_parser().parse_args(["tables", str(runs), "--out", str(tmp_path / "t")]))
+    table4 = report.split("## Table 4")[1].split("##")[0]
+    rows = [line.split(" | ") for line in table4.splitlines() if line.startswith("| MaskGIT ✗")]
+    assert len(rows) == 1 and rows[0][2] == "1: seed 0 x sample 0"
+    assert "## Results left out" in report and "from_unfinished.json: its model had not finished" in report
