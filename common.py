@@ -604,12 +604,28 @@ def git_commit():
 def write_result(path, experiment, method, args, metrics, history=(), **extra):
     """Write the result JSON that every script produces and `evaluate.py` reads:
     {"experiment", "method", "args", "git_commit", "metrics", "history", ...}."""
+    metrics, undefined = finite_or_null(metrics)
     record = {"experiment": experiment, "method": method,
               "args": vars(args) if hasattr(args, "__dict__") else dict(args),
               "git_commit": git_commit(), "metrics": metrics, "history": list(history)}
     record.update(extra)
+    if undefined:
+        record["notes"] = dict(record.get("notes") or {}, **undefined)
     write_json(path, record)
     return record
+
+
+def finite_or_null(metrics):
+    """(metrics with every NaN / infinite number replaced by None, {key: why}): a result never
+    states a number that means nothing (a g-FID from a NaN reference, a diverged loss); the JSON's
+    notes say which value was not finite."""
+    clean, undefined = {}, {}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            clean[key], undefined[key] = None, f"not finite ({value}): no meaningful value"
+        else:
+            clean[key] = value
+    return clean, undefined
 
 
 def rng_state():
@@ -1297,7 +1313,12 @@ def mean_pairwise_euclidean(codes, tile=PAIRWISE_TILE):
         return 0.0
     # subtract a float64 mean in the codes' own precision: a float64 codebook keeps spreads below
     # float32 resolution, and a float32 one (images, too) needs no float64 copy
-    t = (x - x.mean(0, keepdim=True, dtype=torch.float64).to(x.dtype)).float()
+    centred = x - x.mean(0, keepdim=True, dtype=torch.float64).to(x.dtype)
+    # then divide by a power of two (exact) that brings the largest entry to at most 1: squared
+    # norms of codes beyond ~1e19 would overflow float32 into inf - inf = NaN
+    peak = float(centred.abs().max())
+    scale = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
+    t = (centred / scale).float()
     sq = t.pow(2).sum(1, keepdim=True)
     ones = torch.ones_like(sq)
     left = torch.cat([t, sq, ones], 1)
@@ -1313,7 +1334,7 @@ def mean_pairwise_euclidean(codes, tile=PAIRWISE_TILE):
             if c0 == r0:  # the diagonal tile: keep j > i only
                 d.triu_(1)
             total += d.sum()
-    return float(total / (s * (s - 1) / 2))
+    return float(total / (s * (s - 1) / 2)) * scale
 
 
 @torch.no_grad()
@@ -1351,12 +1372,12 @@ def vendi_score(codes):
 
 
 def perplexity_from_counts(counts):
-    """exp(entropy) of the code-usage distribution: the effective number of codes used (0 when
-    nothing was counted)."""
+    """exp(entropy) of the code-usage distribution: the effective number of codes used (None when
+    nothing was counted: no distribution, so no number; 0 would read as a measured collapse)."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
     total = counts.sum()
     if total <= 0:
-        return 0.0
+        return None
     p = counts[counts > 0] / total
     return float(torch.exp(-(p * p.log()).sum()))
 
@@ -1647,7 +1668,10 @@ PIXEL_DISTANCE_SCALE = 1.0
 
 def pixel_diversity(images, scale=PIXEL_DISTANCE_SCALE):
     """Mean pairwise L2 distance between the flattened images (each unordered pair once),
-    exact, in blocks (section 3's mean_pairwise_euclidean on the pixel vectors)."""
+    exact, in blocks (section 3's mean_pairwise_euclidean on the pixel vectors); None for fewer
+    than two images (no pair: not a diversity of 0)."""
+    if images.shape[0] < 2:
+        return None
     return mean_pairwise_euclidean(images.flatten(1).float() * scale)
 
 
@@ -2614,9 +2638,9 @@ def load_token_dump(path):
     scales = tuple(int(m.shape[-1]) for m in maps)
     if quantizer == "msvq" and "scales" in record and list(record["scales"]) != list(scales):
         raise UserError(f"{path}: token maps of sides {list(scales)}, but scales {list(record['scales'])} recorded")
-    tokens = torch.cat([m.reshape(n, -1).long() for m in maps], 1)
     if n == 0:
         raise UserError(f"{path} holds no images")
+    tokens = torch.cat([m.reshape(n, -1).long() for m in maps], 1)
     if tokens.min() < 0 or tokens.max() >= k:
         raise UserError(f"{path}: token ids must lie in [0, {k}), found {int(tokens.min())}..{int(tokens.max())}")
     labels = labels.long()
@@ -2741,6 +2765,25 @@ def generate_images(sample_tokens, tokenizer, dump, labels, batch_size, device, 
         tokens.append(idx_BL.cpu())
         images.append(tokenizer.decode_indices(dump.maps(idx_BL)).float().clamp(0, 1).cpu())
     return torch.cat(images), torch.cat(tokens)
+
+
+def filter_top_k_top_p(logits, top_k=0, top_p=0.0):
+    """Logits with everything outside the top-k set and outside the top-p nucleus set to -inf, as
+    float32: the one meaning of --top-k / --top-p in every generator. top_k <= 0 or >= V keeps all;
+    top_p <= 0 or >= 1 keeps all. The nucleus is the smallest set of most likely codes whose mass
+    reaches top_p (the most likely code is always kept)."""
+    logits = logits.float()
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely codes
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
 
 
 def as_rgb(images):
@@ -3003,6 +3046,8 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
                                            prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
                                            seed=args.sample_seed, device=device)
         metrics.update(found)
+        if metrics.get("pixel_diversity") is None:
+            notes["pixel_diversity"] = "not defined for fewer than 2 samples (no pair)"
         folder = os.path.dirname(os.path.abspath(paths["json"]))
         extra.update({k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")})
         if args.skip_fid:
@@ -3026,9 +3071,16 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
 # plateau signal); at every epoch end rank 0 writes best.pt (a new lowest validation loss) before
 # last.pt; --resume restores weights, optimizer, schedule and the epoch / step / history state.
 
+# The sampler flags of every generator (generator_maskgit.py, generator_var.py, llamagen_deferred.py),
+# one meaning and one range each (issue 16 item 10): --cfg-scale w mixes c + w (c - u) (0: the
+# conditional model; beyond 1000 float32 logits overflow into NaN); --top-p keeps the smallest set of
+# codes whose mass reaches it (0 or 1: off; `filter_top_k_top_p`); --temperature divides the
+# logits (below 1e-3 they overflow); seeds fit every generator torch and numpy take.
+SAMPLER_RANGES = {"cfg_scale": "[0, 1000]", "top_k": ">= 0", "top_p": "[0, 1]", "temperature": "[0.001, 1e6]",
+                  "choice_temperature": "[0, 1000]", "seed": "[0, 4294967295]", "sample_seed": "[0, 4294967295]"}
 GENERATOR_RANGES = {"label_dropout": "[0, 1)", "min_lr": ">= 0", "plateau_factor": "(0, 1)",
                     "plateau_patience": ">= 0", "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1",
-                    "per_class": ">= 1", "lpips_pairs": ">= 1", "fid_images": ">= 0"}
+                    "per_class": ">= 1", "lpips_pairs": ">= 1", "fid_images": ">= 0", **SAMPLER_RANGES}
 
 
 def add_generator_training_arguments(group):

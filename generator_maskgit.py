@@ -113,8 +113,7 @@ EXPERIMENT = "generator_maskgit"
 LAYERNORM_EPS = 1e-12  # BERT's, as the official transformer
 RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 1", "heads": ">= 1", "mlp_dim": ">= 1",
           "dropout": "[0, 1)", "label_smoothing": "[0, 1)", "lr": "> 0", "weight_decay": ">= 0", "clip": "> 0",
-          "batch_size": ">= 1", "epochs": ">= 0", "warmup_steps": ">= 0", "steps": ">= 1", "cfg_scale": ">= 0",
-          "choice_temperature": ">= 0", "temperature": "> 0"}
+          "batch_size": ">= 1", "epochs": ">= 0", "warmup_steps": ">= 0", "steps": ">= 1"}
 # Settings that define a training run: --resume refuses a checkpoint made under other values.
 ARCH = ("depth", "width", "heads", "mlp_dim", "dropout")
 DEFINING = ARCH + ("tokenizer", "tokens_dir", "label_smoothing", "loss_on_all_tokens", "label_dropout", "lr",

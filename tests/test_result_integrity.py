@@ -229,3 +229,126 @@ def test_unfinished_models_are_labelled_and_left_out_of_tables(tokenizer_runs, t
     rows = [line.split(" | ") for line in table4.splitlines() if line.startswith("| MaskGIT ✗")]
     assert len(rows) == 1 and rows[0][2] == "1: seed 0 x sample 0"
     assert "## Results left out" in report and "from_unfinished.json: its model had not finished" in report
+
+
+# ---- item 8: one-line errors instead of tracebacks, null with a reason instead of meaningless numbers --
+
+def test_degenerate_numbers_are_null_with_a_reason(tmp_path):
+    import math
+    # perplexity of nothing counted, pixel diversity of one sample: no number
+    assert common.perplexity_from_counts(torch.zeros(8)) is None
+    assert common.pixel_diversity(torch.rand(1, 3, 8, 8)) is None
+    # the mean pairwise distance of huge codes: float32 squares overflowed into NaN
+    codes = torch.tensor([[0.0, 0.0], [3e19, 4e19], [0.0, 5e19]])
+    expected = (5e19 + 5e19 + math.sqrt(10) * 1e19) / 3
+    assert common.mean_pairwise_euclidean(codes) == pytest.approx(expected, rel=1e-5)
+    assert common.mean_pairwise_euclidean(codes / 1e19) == pytest.approx(expected / 1e19, rel=1e-5)
+    # a NaN metric (g-FID from a NaN reference) is written as null and the notes say why
+    common.write_result(tmp_path / "r.json", "x", "m", {"seed": 0}, {"gfid": math.nan, "mse": 0.5}, notes={"a": "b"})
+    record = read(tmp_path / "r.json")
+    assert record["metrics"] == {"gfid": None, "mse": 0.5}
+    assert record["notes"]["a"] == "b" and "not finite" in record["notes"]["gfid"]
+
+
+def test_one_nan_run_does_not_turn_a_row_into_nan(tmp_path):
+    import evaluate
+    from test_evaluate_generators import row, write_run
+    for name, seed, gfid in (("a", 0, 14.0), ("b", 1, 16.0)):
+        write_run(tmp_path, name, "maskgit", True, seed=seed, metrics={"gfid": gfid})
+    record = read(tmp_path / "a.json")  # a third seed whose JSON says NaN (written before NaN became null)
+    record["args"]["seed"], record["metrics"]["gfid"] = 2, float("nan")
+    with open(tmp_path / "c.json", "w") as f:
+        json.dump(record, f)
+    cell = row(evaluate.render_generator_table(evaluate.load_results(str(tmp_path)), "Table 4"), "MaskGIT ✓")[3]
+    assert cell.startswith("15.00 ± 1.41") and "1 non-finite left out" in cell
+
+
+def test_tables_refuse_broken_files_in_one_line(tmp_path):
+    import evaluate
+    from test_evaluate_generators import write_run
+    write_run(tmp_path / "runs", "a", "maskgit", True, metrics={"gfid": 14.0})
+    parse = evaluate.build_parser().parse_args
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        evaluate.cmd_tables(parse(["tables", str(tmp_path / "runs"), "--out", str(tmp_path / "file" / "t")]))
+    (tmp_path / "runs" / "latin1.json").write_bytes('{"experiment": "é"}'.encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        evaluate.cmd_tables(parse(["tables", str(tmp_path / "runs"), "--out", str(tmp_path / "t")]))
+    os.remove(tmp_path / "runs" / "latin1.json")
+    record = read(tmp_path / "runs" / "a.json")
+    record["metrics"]["gfid"] = "14.0"
+    with open(tmp_path / "runs" / "s.json", "w") as f:
+        json.dump(record, f)
+    with pytest.raises(UserError, match="metric 'gfid' is the string"):
+        evaluate.cmd_tables(parse(["tables", str(tmp_path / "runs"), "--out", str(tmp_path / "t")]))
+
+
+def test_generator_start_up_refuses_degenerate_settings(tokenizer_runs, tmp_path):
+    from generator_fixture import write_token_dump
+    cases = [(["--seed", "-1"], "--seed must be"), (["--sample-seed", str(2 ** 70)], "--sample-seed must be"),
+             (["--temperature", "1e-40"], "--temperature must be"), (["--cfg-scale", "1e300"], "--cfg-scale must be")]
+    for extra, pattern in cases:
+        with pytest.raises(UserError, match=pattern):
+            run_maskgit(tokenizer_runs, tmp_path / "o", *extra)
+    for part in ("train", "val"):  # an empty dump
+        write_token_dump(tmp_path / "d" / f"tokens_{part}.pt", torch.zeros(0, 8, 8, dtype=torch.long),
+                         torch.zeros(0, dtype=torch.long), 16, num_classes=3, split=part)
+    with pytest.raises(UserError, match="holds no images"):
+        run_maskgit(tokenizer_runs, tmp_path / "o", "--tokens-dir", str(tmp_path / "d"))
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_llamagen_start_up_refuses_degenerate_inputs(tmp_path):
+    import numpy as np
+
+    import llamagen_deferred as lg
+    parse = lg.build_parser().parse_args
+    for extra, pattern in ((["--ch-mult", ","], "--ch-mult needs"), (["--crop-ranges", ","], "--crop-ranges needs"),
+                           (["--seed", "-1"], "--seed must be")):
+        with pytest.raises(UserError, match=pattern):
+            lg.main(parse(["--stage", "tokenizer", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")] + extra))
+    np.savez(tmp_path / "none.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=np.zeros(3), sigma=np.eye(3))
+    os.makedirs(tmp_path / "empty")
+    for extra, pattern in ((["--samples", str(tmp_path / "none.npz"), "--skip-fid"], "holds no images"),
+                           (["--samples", str(tmp_path / "ref.npz"), "--fid-reference", str(tmp_path / "ref.npz")],
+                            "mu / sigma must have shapes"),
+                           (["--samples", str(tmp_path / "ref.npz"), "--fid-reference", str(tmp_path / "empty")],
+                            "holds no images")):
+        with pytest.raises(UserError, match=pattern):
+            lg.main(parse(["--stage", "sample-eval", "--out", str(tmp_path / "o"), "--skip-isc", "--device", "cpu"]
+                          + extra))
+    assert not os.path.exists(tmp_path / "o")
+
+
+# ---- item 10: one meaning per flag ----------------------------------------------------------------
+
+def test_cfg_scale_zero_is_the_conditional_model_in_llamagen_too():
+    import llamagen_deferred as lg
+    from test_llamagen_deferred import tiny_gpt
+    model, labels = tiny_gpt(), torch.tensor([1, 2, 3])
+
+    def conditional(generator):  # the unguided model's draws, written out
+        caches, out = model.new_caches(3, "cpu", torch.float32), []
+        logits = model.step(caches, 0, labels_B=labels)
+        for i in range(model.seq_len):
+            if i:
+                logits = model.step(caches, i, idx_B1=out[-1][:, None])
+            out.append(torch.multinomial(logits.float().softmax(-1), 1, generator=generator)[:, 0])
+        return torch.stack(out, 1)
+    ours = lg.sample_tokens(model, labels, cfg_scale=0.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ours, conditional(torch.Generator().manual_seed(5)))
+    assert lg.llamagen_scale(1.0) == 2.0  # the default w = 1 is LlamaGen's s = 2.0
+
+
+def test_top_p_has_one_meaning_in_var_and_llamagen():
+    import generator_var as gv
+    import llamagen_deferred as lg
+    from test_llamagen_deferred import tiny_gpt
+    for parser, ranges, extra in ((gv.build_parser(), gv.RANGES, ["--tokenizer", "x"]),
+                                  (lg.build_parser(), lg.GPT_RANGES, ["--stage", "sample"])):
+        for top_p in ("0", "1", "0.5"):
+            common.check_ranges(parser.parse_args(extra + ["--top-p", top_p]), ranges)  # 0 and 1: off in both
+    model, labels = tiny_gpt(), torch.tensor([1, 2, 3])
+    off = [lg.sample_tokens(model, labels, top_p=p, generator=torch.Generator().manual_seed(1)) for p in (0.0, 1.0)]
+    assert torch.equal(off[0], off[1])
