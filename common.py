@@ -3120,7 +3120,7 @@ def resume_generator_training(run, model, optimizer, args, last_path):
     schedule = PlateauSchedule(args.lr, args.plateau_factor, args.plateau_patience, args.min_lr, args.patience)
     state = {"epoch": 0, "step": 0, "history": []}
     if run.checkpoint is not None:
-        model.load_state_dict(run.checkpoint["model"])
+        load_weights(model, run.checkpoint["model"], last_path, "the model of these dumps and settings")
         optimizer.load_state_dict(run.checkpoint["optimizer"])
         schedule.load_state_dict(run.checkpoint["schedule"])
         state = run.checkpoint["state"]

@@ -317,8 +317,8 @@ def load_codebook(path, key=None):
     if path.endswith(".npy"):
         try:
             return as_float_codes(np.load(path), path), None
-        except ValueError as err:
-            raise UserError(f"cannot read {path} as a numpy array: {err}") from None
+        except (ValueError, EOFError, OSError) as err:  # EOFError: an empty or truncated file
+            raise UserError(f"cannot read {path} as a numpy array: {err or type(err).__name__}") from None
     ckpt = load_checkpoint(path)
     keys = [key] if key else DEFAULT_CODEBOOK_KEYS
     for k in keys:

@@ -263,6 +263,13 @@ def test_one_nan_run_does_not_turn_a_row_into_nan(tmp_path):
     assert cell.startswith("15.00 ± 1.41") and "1 non-finite left out" in cell
 
 
+def test_codebook_of_an_empty_npy_is_one_line(tmp_path):
+    import evaluate
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(UserError, match="cannot read .*empty.npy as a numpy array"):
+        evaluate.load_codebook(str(tmp_path / "empty.npy"))
+
+
 def test_tables_refuse_broken_files_in_one_line(tmp_path):
     import evaluate
     from test_evaluate_generators import write_run
