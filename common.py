@@ -693,6 +693,14 @@ def model_status(ckpt, finished=None):
             "model_sha256": tensor_digest(ckpt["model"]) if isinstance(ckpt.get("model"), dict) else None}
 
 
+def unfinished_note(status):
+    """The JSON note of a `model_status` whose model is not known to have finished training (None
+    for a finished one)."""
+    if status["model_finished"] is False:
+        return f"its training had not finished (a checkpoint of a run still training or killed, at {status['model_epoch']})"
+    return None if status["model_finished"] else "unknown: the checkpoint predates the record of finished training"
+
+
 def mark_finished(path):
     """Record in a checkpoint written during training (best.pt of an earlier epoch) that its
     training has ended, so that a later --sample-only of it, or of a copy, says so."""
@@ -3022,10 +3030,8 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
     metrics, notes, extra = dict(metrics), {}, dict(status)
     provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
     discard_stale_samples(paths, keep_samples=bool(args.sample))
-    if status["model_finished"] is not True:
-        notes["model_finished"] = ("its training had not finished (a checkpoint of a run still training or killed)"
-                                   if status["model_finished"] is False else
-                                   "unknown: the checkpoint predates the record of finished training")
+    if unfinished_note(status):
+        notes["model_finished"] = unfinished_note(status)
     if args.sample:
         labels = balanced_labels(args.sample, dump.num_classes)
         start = datetime.datetime.now()

@@ -415,10 +415,11 @@ def score_fid(folder, args, device):
     return common.broadcast_from_main(value).item()
 
 
-def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history):
+def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history, status):
     """Evaluate on one split and write <out>/<stem>.json and <out>/<stem>.pt (codebook + counts),
     stem = name for the test split (what the tables read), name_<split> otherwise, so that an
-    evaluation on val or train never replaces the test result."""
+    evaluation on val or train never replaces the test result. `status`: the checkpoint's
+    common.model_status (whether its training finished), stated in the JSON."""
     fid_dir = None if args.skip_fid else os.path.join(paths.folder, f"fid_{args.eval_split}")
     res = evaluate(model, dataset, args, info, lpips_fn, fid_dir=fid_dir)
     codebook = model.quantizer.codebook.detach().float().cpu()
@@ -430,9 +431,12 @@ def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history
         notes["rfid"] = "not computed: --skip-fid (the Inception weights were not available)"
     if lpips_fn is None:
         notes["lpips"] = "not computed: --skip-lpips (the LPIPS AlexNet weights were not available)"
+    if common.unfinished_note(status):
+        notes["model_finished"] = common.unfinished_note(status)
     if info.is_main:
         common.write_result(paths.result(args.eval_split, ".json"), EXPERIMENT, method_name(args), args,
-                            metrics, history, eval_split=args.eval_split, checkpoint=os.path.abspath(ckpt_path),
+                            metrics, history, **status, eval_split=args.eval_split,
+                            checkpoint=os.path.abspath(ckpt_path),
                             data_range=1.0, notes=notes,
                             fid_reference=f"{args.eval_split} split originals, the first "
                                           f"{min(args.fid_images or res['num_images'], res['num_images'])} images "
@@ -557,6 +561,7 @@ class Trainer:
         blob = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
                     schedule=self.schedule.state_dict(), state=self.state, epoch=self.state["epoch"],
                     step=self.state["discretization_steps"], args=vars(args), experiment=EXPERIMENT,
+                    finished=bool(self.schedule.stopped or self.state["epoch"] >= args.epochs),
                     history=self.state["history"], codebook=self.model.quantizer.codebook.detach().float().cpu())
         if self.disc is not None:
             blob.update(disc=self.disc.state_dict(), disc_optimizer=self.opt_d.state_dict())
@@ -717,8 +722,14 @@ def train(args, info):
         if not os.path.exists(report):  # every validation score was NaN
             raise UserError(f"no Discretization epoch gave a finite --select-by {args.select_by} score: "
                             f"{report} was never written")
-        model.load_state_dict(common.load_checkpoint(report)["model"])
-        final_report(model, data[args.eval_split], args, info, lpips_fn, paths, report, t.state["history"])
+        if info.is_main:
+            common.mark_finished(report)  # best.pt was written at an earlier epoch of the finished training
+        if common.is_distributed():
+            torch.distributed.barrier()
+        ckpt = common.load_checkpoint(report)
+        model.load_state_dict(ckpt["model"])
+        final_report(model, data[args.eval_split], args, info, lpips_fn, paths, report, t.state["history"],
+                     common.model_status(ckpt))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -837,7 +848,7 @@ def evaluate_checkpoint(args, info):
             print0(f"wrote {outputs[0]}")
         else:
             final_report(model, data[args.eval_split], args, info, load_lpips_if_needed(args, info), paths,
-                         ckpt_path, ckpt.get("history", []))
+                         ckpt_path, ckpt.get("history", []), common.model_status(ckpt))
 
 
 def check_checkpoint_split(ckpt_path, saved, split, split_file):

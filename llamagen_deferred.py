@@ -1007,9 +1007,8 @@ def evaluate_tokenizer(args, info):
         ckpt = common.load_checkpoint(ckpt_path)
         history = ckpt.get("history", []) if cfg.get("name") != "llamagen-public" else []
         status = checkpoint_status(ckpt)
-        if status["model_finished"] is not True:
-            notes["model_finished"] = (f"its training had not finished (step {status['model_epoch']})"
-                                       if status["model_finished"] is False else "unknown: an older checkpoint")
+        if common.unfinished_note(status):
+            notes["model_finished"] = common.unfinished_note(status)
         common.write_result(json_path, TOKENIZER_EXPERIMENT, arm_name(args), args, metrics, history, **status,
                             tokenizer=common.tokenizer_identity(cfg, ckpt_path),
                             eval_split=f"ImageNet-1K val, ADM centre crop {r}",

@@ -231,6 +231,25 @@ def test_unfinished_models_are_labelled_and_left_out_of_tables(tokenizer_runs, t
     assert "## Results left out" in report and "from_unfinished.json: its model had not finished" in report
 
 
+def test_tokenizer_results_say_whether_their_model_finished(tokenizer_runs, tmp_path, monkeypatch):
+    run = tokenizer_runs["vq"]
+    assert read(os.path.join(os.path.dirname(os.path.dirname(run.checkpoint)), "vq.json"))["model_finished"] is True
+    real_save = common.save_checkpoint
+
+    def killing_save(path, **state):
+        real_save(path, **state)
+        if path.endswith("last.pt"):
+            raise Killed()
+    monkeypatch.setattr(common, "save_checkpoint", killing_save)
+    with pytest.raises(Killed):
+        tokenizer_main(run, tmp_path, "--epochs", "3", "--name", "k")
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    tokenizer_main(run, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "k" / "last.pt"), "--name", "k")
+    record = read(tmp_path / "k.json")
+    assert record["model_finished"] is False and record["model_epoch"] == 1
+    assert "had not finished" in record["notes"]["model_finished"]
+
+
 # ---- item 8: one-line errors instead of tracebacks, null with a reason instead of meaningless numbers --
 
 def test_degenerate_numbers_are_null_with_a_reason(tmp_path):
