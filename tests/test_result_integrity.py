@@ -186,6 +186,20 @@ class Killed(BaseException):
     """Stands for a kill -9 of a training run."""
 
 
+def killed_after_first_epoch(monkeypatch, script, *args):
+    """`script(*args)`, killed right after it wrote its first last.pt."""
+    real_save = common.save_checkpoint
+
+    def killing_save(path, **state):
+        real_save(path, **state)
+        if path.endswith("last.pt"):
+            raise Killed()
+    monkeypatch.setattr(common, "save_checkpoint", killing_save)
+    with pytest.raises(Killed):
+        script(*args)
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+
+
 def test_unfinished_models_are_labelled_and_left_out_of_tables(tokenizer_runs, tmp_path, monkeypatch):
     import shutil
 
@@ -196,16 +210,8 @@ def test_unfinished_models_are_labelled_and_left_out_of_tables(tokenizer_runs, t
     assert record["model_finished"] is True and record["model_epoch"] >= 1 and len(record["model_sha256"]) == 64
     assert "model_finished" not in record["notes"]
     # a run killed after its first of three epochs, sampled from its last.pt
-    real_save = common.save_checkpoint
-
-    def killing_save(path, **state):
-        real_save(path, **state)
-        if path.endswith("last.pt"):
-            raise Killed()
-    monkeypatch.setattr(common, "save_checkpoint", killing_save)
-    with pytest.raises(Killed):
-        run_maskgit(tokenizer_runs, tmp_path / "killed", "--epochs", "3", "--sample", "0", "--name", "k")
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    killed_after_first_epoch(monkeypatch, run_maskgit, tokenizer_runs, tmp_path / "killed", "--epochs", "3",
+                             "--sample", "0", "--name", "k")
     run_maskgit(tokenizer_runs, runs, "--sample-only", "--checkpoint", str(tmp_path / "killed" / "k" / "last.pt"),
                 "--name", "from_unfinished")
     unfinished = read(runs / "from_unfinished.json")
@@ -234,16 +240,7 @@ def test_unfinished_models_are_labelled_and_left_out_of_tables(tokenizer_runs, t
 def test_tokenizer_results_say_whether_their_model_finished(tokenizer_runs, tmp_path, monkeypatch):
     run = tokenizer_runs["vq"]
     assert read(os.path.join(os.path.dirname(os.path.dirname(run.checkpoint)), "vq.json"))["model_finished"] is True
-    real_save = common.save_checkpoint
-
-    def killing_save(path, **state):
-        real_save(path, **state)
-        if path.endswith("last.pt"):
-            raise Killed()
-    monkeypatch.setattr(common, "save_checkpoint", killing_save)
-    with pytest.raises(Killed):
-        tokenizer_main(run, tmp_path, "--epochs", "3", "--name", "k")
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    killed_after_first_epoch(monkeypatch, tokenizer_main, run, tmp_path, "--epochs", "3", "--name", "k")
     tokenizer_main(run, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "k" / "last.pt"), "--name", "k")
     record = read(tmp_path / "k.json")
     assert record["model_finished"] is False and record["model_epoch"] == 1
