@@ -41,6 +41,7 @@ import pickle
 import pickletools
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -251,10 +252,51 @@ def _is_torch_write_failure(err):
 
 
 def temporary_files_of(path):
-    """The temporary files `atomic_write` makes for `path` (left behind only by a kill)."""
+    """The temporary files `atomic_write` makes for `path` and the temporary folders `replace_folder`
+    makes for a folder `path` (left behind only by a kill)."""
     path = os.path.abspath(path)
     return glob.glob(os.path.join(glob.escape(os.path.dirname(path)),
                                   "." + glob.escape(os.path.basename(path)) + ".*.tmp"))
+
+
+def remove_path(path):
+    """Remove a file or a whole folder; absent is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def replace_folder(path, fill_fn):
+    """`atomic_write` for a folder: `fill_fn(tmp)` fills a temporary sibling `.<name>.<random>.tmp`,
+    which then takes the place of `path` (the previous folder is moved aside and removed). So the
+    folder holds exactly what one call wrote, never files of an earlier call beside them, and a kill
+    leaves only temporary siblings, which the next `start_run` of the run removes. A failed write is
+    a one-line UserError; the previous folder stays."""
+    path = os.path.abspath(os.fspath(path))
+    parent, prefix = os.path.dirname(path), "." + os.path.basename(path) + "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    old = None
+    try:
+        fill_fn(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp")
+            os.replace(path, old)  # onto an empty folder: allowed, and atomic
+        os.replace(tmp, path)
+    except BaseException as err:
+        remove_path(tmp)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+        raise
+    finally:
+        if old is not None:
+            remove_path(old)
 
 
 # ---- The start-up protocol: one sequence of checks that every script runs before training ------
@@ -495,8 +537,7 @@ def start_run(args, *, name, outputs, ranges=None, defining=(), resume_from=None
         try:
             for path in list(outputs) + ([resume_from] if resume_from else []) + [lock.path]:
                 for tmp in temporary_files_of(path):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
+                    remove_path(tmp)
             if getattr(args, "resume", False):
                 if resume_from is None or not os.path.exists(resume_from):
                     raise UserError(f"--resume: no checkpoint at {resume_from}")
@@ -550,6 +591,10 @@ def read_json(path):
         raise UserError(f"no such file: {path}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not valid JSON (not UTF-8 text)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a JSON file") from None
 
 
 def git_commit():
@@ -592,12 +637,28 @@ def write_result(path, experiment, method, args, metrics, history=(), **extra):
             extra[key] = _relative_to(folder, extra[key])
     if isinstance(extra.get("tokenizer"), dict) and "checkpoint" in extra["tokenizer"]:
         extra["tokenizer"] = dict(extra["tokenizer"], checkpoint=_relative_to(folder, extra["tokenizer"]["checkpoint"]))
+    metrics, undefined = finite_or_null(metrics)
     record = {"experiment": experiment, "method": method,
               "args": {k: _relative_to(folder, v) if k in PATH_ARGS else v for k, v in args.items()},
               "git_commit": git_commit(), "metrics": metrics, "history": list(history)}
     record.update(extra)
+    if undefined:
+        record["notes"] = dict(record.get("notes") or {}, **undefined)
     write_json(path, record)
     return record
+
+
+def finite_or_null(metrics):
+    """(metrics with every NaN / infinite number replaced by None, {key: why}): a result never
+    states a number that means nothing (a g-FID from a NaN reference, a diverged loss); the JSON's
+    notes say which value was not finite."""
+    clean, undefined = {}, {}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            clean[key], undefined[key] = None, f"not finite ({value}): no meaningful value"
+        else:
+            clean[key] = value
+    return clean, undefined
 
 
 def rng_state():
@@ -754,6 +815,46 @@ def load_checkpoint(path, map_location="cpu", what="checkpoint"):
 
 def _first_line(err):
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def load_weights(model, state, path, what="this model"):
+    """model.load_state_dict(state), with weights that do not fit (another codebook size, class
+    count or architecture) as one line instead of torch's multi-line RuntimeError."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{path}: the weights do not fit {what} ({str(err).splitlines()[0]})") from None
+
+
+def model_status(ckpt, finished=None):
+    """What every result JSON states about the model it measured (issue 16 item 7):
+    model_finished  True once its training ended (early stop or the epoch / step cap); False for a
+                    checkpoint of a run still training or killed; None where the checkpoint predates
+                    the record (unknown). `finished` overrides it (e.g. a public release: True).
+    model_epoch     the epoch (or step) its weights come from
+    model_sha256    a digest of its weights: the model's identity wherever its file lies (tables
+                    count results of one model and one sampling once)."""
+    finished = ckpt.get("finished") if finished is None else finished
+    return {"model_finished": finished if finished is None else bool(finished),
+            "model_epoch": ckpt.get("epoch", ckpt.get("step")),
+            "model_sha256": tensor_digest(ckpt["model"]) if isinstance(ckpt.get("model"), dict) else None}
+
+
+def unfinished_note(status):
+    """The JSON note of a `model_status` whose model is not known to have finished training (None
+    for a finished one)."""
+    if status["model_finished"] is False:
+        return f"its training had not finished (a checkpoint of a run still training or killed, at {status['model_epoch']})"
+    return None if status["model_finished"] else "unknown: the checkpoint predates the record of finished training"
+
+
+def mark_finished(path):
+    """Record in a checkpoint written during training (best.pt of an earlier epoch) that its
+    training has ended, so that a later --sample-only of it, or of a copy, says so."""
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("finished"):
+        ckpt["finished"] = True
+        atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def check_finite(loss, where):
@@ -1367,7 +1468,12 @@ def mean_pairwise_euclidean(codes, tile=PAIRWISE_TILE):
         return 0.0
     # subtract a float64 mean in the codes' own precision: a float64 codebook keeps spreads below
     # float32 resolution, and a float32 one (images, too) needs no float64 copy
-    t = (x - x.mean(0, keepdim=True, dtype=torch.float64).to(x.dtype)).float()
+    centred = x - x.mean(0, keepdim=True, dtype=torch.float64).to(x.dtype)
+    # then divide by a power of two (exact) that brings the largest entry to at most 1: squared
+    # norms of codes beyond ~1e19 would overflow float32 into inf - inf = NaN
+    peak = float(centred.abs().max())
+    scale = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
+    t = (centred / scale).float()
     sq = t.pow(2).sum(1, keepdim=True)
     ones = torch.ones_like(sq)
     left = torch.cat([t, sq, ones], 1)
@@ -1383,7 +1489,7 @@ def mean_pairwise_euclidean(codes, tile=PAIRWISE_TILE):
             if c0 == r0:  # the diagonal tile: keep j > i only
                 d.triu_(1)
             total += d.sum()
-    return float(total / (s * (s - 1) / 2))
+    return float(total / (s * (s - 1) / 2)) * scale
 
 
 @torch.no_grad()
@@ -1421,12 +1527,12 @@ def vendi_score(codes):
 
 
 def perplexity_from_counts(counts):
-    """exp(entropy) of the code-usage distribution: the effective number of codes used (0 when
-    nothing was counted)."""
+    """exp(entropy) of the code-usage distribution: the effective number of codes used (None when
+    nothing was counted: no distribution, so no number; 0 would read as a measured collapse)."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
     total = counts.sum()
     if total <= 0:
-        return 0.0
+        return None
     p = counts[counts > 0] / total
     return float(torch.exp(-(p * p.log()).sum()))
 
@@ -1787,7 +1893,10 @@ PIXEL_DISTANCE_SCALE = 1.0
 
 def pixel_diversity(images, scale=PIXEL_DISTANCE_SCALE):
     """Mean pairwise L2 distance between the flattened images (each unordered pair once),
-    exact, in blocks (section 3's mean_pairwise_euclidean on the pixel vectors)."""
+    exact, in blocks (section 3's mean_pairwise_euclidean on the pixel vectors); None for fewer
+    than two images (no pair: not a diversity of 0)."""
+    if images.shape[0] < 2:
+        return None
     return mean_pairwise_euclidean(images.flatten(1).float() * scale)
 
 
@@ -2553,11 +2662,7 @@ def load_tokenizer(path, device="cpu"):
     if not isinstance(cfg, dict) or "model" not in ckpt or any(k not in cfg for k in needed):
         raise UserError(f"{path} is not a tokenizer checkpoint of imagenet_tokenizer.py (no 'model' and 'args')")
     model = build_tokenizer(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise UserError(f"{path}: the weights do not fit the architecture in its args "
-                        f"({str(err).splitlines()[0]})") from None
+    load_weights(model, ckpt["model"], path, "the architecture in its args")
     if not model.quantizer.is_enabled:
         raise UserError(f"{path} is from the Continuous Phase (quantization off): it has no tokens; "
                         "use the run's best.pt or a last.pt written after the switch")
@@ -2575,6 +2680,89 @@ def tokenizer_identity(cfg, path):
             "dataset": dataset if dataset not in (None, "imagefolder") else cfg.get("scheme"),
             "gan": (cfg.get("gan_weight") or 0) > 0, "codebook_size": cfg["codebook_size"],
             "simvq": bool(cfg.get("simvq")), "resolution": cfg["resolution"]}
+
+
+def tensor_digest(tensors):
+    """sha256 over named tensors (names, dtypes, shapes and bytes, in name order): the same on
+    every machine and device for the same values."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Recorded in token dumps and generator checkpoints and compared instead of file paths, which
+# change when runs are copied between machines (issue 16 item 6).
+FINGERPRINT_KEYS = ("quantizer", "codebook_size", "grid", "scales", "codebook_sha256", "weights_sha256")
+
+
+def tokenizer_fingerprint(model, cfg):
+    """What identifies a trained tokenizer wherever its file lies: the quantizer kind, the codebook
+    size K, the token maps it writes (latent grid; the scales of msvq), a digest of its effective
+    codebook (what token ids index) and one of all its weights (usage counters left out: they
+    change nothing a token decodes to)."""
+    grid = cfg["resolution"] // 2 ** (len(cfg["ch_mult"]) - 1)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("steps_unused")}
+    return {"quantizer": cfg["quantizer"], "codebook_size": int(cfg["codebook_size"]), "grid": grid,
+            "scales": [int(s) for s in cfg["scales"]] if cfg["quantizer"] == "msvq" else [grid],
+            "codebook_sha256": tensor_digest({"codebook": model.quantizer.codebook}),
+            "weights_sha256": tensor_digest(state)}
+
+
+_FINGERPRINTS = {}
+
+
+def tokenizer_fingerprint_of(path):
+    """`tokenizer_fingerprint` of a tokenizer checkpoint file (computed once per file version)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = tokenizer_fingerprint(*load_tokenizer(path))
+    return _FINGERPRINTS[key]
+
+
+def check_same_tokenizer(recorded, current, what, tokenizer_path):
+    """`what` (a dump, a generator checkpoint) recorded the fingerprint of the tokenizer it belongs
+    to: refuse --tokenizer `tokenizer_path` unless it is that tokenizer (one line, naming the first
+    difference). An older file without a fingerprint is not judged here (the caller falls back on
+    paths)."""
+    if not isinstance(recorded, dict):
+        return
+    for key in FINGERPRINT_KEYS:
+        if key in recorded and recorded[key] != current[key]:
+            if key.endswith("sha256"):
+                shown = f"its {key.split('_')[0]} digest {str(recorded[key])[:12]}... differs: another tokenizer"
+            else:
+                shown = f"{key.replace('_', ' ')} {recorded[key]} vs {current[key]}"
+            raise UserError(f"{what} belongs to another tokenizer than --tokenizer {tokenizer_path} ({shown})")
+
+
+def split_fingerprint(split):
+    """sha256 of which images a split puts in train / val / test (and its classes), independent of
+    where the split file or the data lie."""
+    key = json.dumps({k: split[k] for k in ("scheme", "classes") + SPLIT_PARTS}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_dump_provenance(dumps):
+    """The training and validation dumps (in that order) must hold the train and val parts of ONE
+    split: a dump of the test split used for training or validation would leak the g-FID reference
+    images into the generator. Older dumps without a recorded split are not judged."""
+    for d, part in zip(dumps, ("train", "val")):
+        recorded = d.record.get("split")
+        if recorded is not None and recorded != part:
+            raise UserError(f"{d.path} holds the tokens of the '{recorded}' split, not '{part}': dump the {part} "
+                            f"split (imagenet_tokenizer.py --dump-tokens {part})")
+    for key in ("split_sha256", "split_file"):  # the digest where recorded, else the file
+        values = [d.record.get(key) for d in dumps]
+        if all(v is not None for v in values):
+            if values[0] != values[1]:
+                raise UserError(f"{dumps[0].path} and {dumps[1].path} come from different split files "
+                                f"({dumps[0].record.get('split_file')} vs {dumps[1].record.get('split_file')}): "
+                                "dump both parts of one split")
+            return
 
 
 def tokenizer_test_split(cfg, data_dir=None, limit=0):
@@ -2657,6 +2845,7 @@ class TokenDump:
     codebook_size: int
     num_classes: int
     record: dict
+    tokenizer: dict = None  # the fingerprint of the tokenizer verified to decode it (load_generator_inputs)
 
     def __len__(self):
         return self.tokens_NL.shape[0]
@@ -2713,9 +2902,9 @@ def load_token_dump(path):
     scales = tuple(int(m.shape[-1]) for m in maps)
     if quantizer == "msvq" and "scales" in record and list(record["scales"]) != list(scales):
         raise UserError(f"{path}: token maps of sides {list(scales)}, but scales {list(record['scales'])} recorded")
-    tokens = torch.cat([m.reshape(n, -1).long() for m in maps], 1)
     if n == 0:
         raise UserError(f"{path} holds no images")
+    tokens = torch.cat([m.reshape(n, -1).long() for m in maps], 1)
     if tokens.min() < 0 or tokens.max() >= k:
         raise UserError(f"{path}: token ids must lie in [0, {k}), found {int(tokens.min())}..{int(tokens.max())}")
     labels = labels.long()
@@ -2842,6 +3031,25 @@ def generate_images(sample_tokens, tokenizer, dump, labels, batch_size, device, 
     return torch.cat(images), torch.cat(tokens)
 
 
+def filter_top_k_top_p(logits, top_k=0, top_p=0.0):
+    """Logits with everything outside the top-k set and outside the top-p nucleus set to -inf, as
+    float32: the one meaning of --top-k / --top-p in every generator. top_k <= 0 or >= V keeps all;
+    top_p <= 0 or >= 1 keeps all. The nucleus is the smallest set of most likely codes whose mass
+    reaches top_p (the most likely code is always kept)."""
+    logits = logits.float()
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely codes
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
 def as_rgb(images):
     """Grayscale (N, 1, H, W) -> (N, 3, H, W) by repeating the channel: Inception and LPIPS take
     RGB. Other images pass unchanged. (Reference datasets give RGB: SplitImageDataset converts.)"""
@@ -2871,9 +3079,12 @@ def write_png(path, image_uint8):
 
 def write_samples(folder, images, labels, grid_path, per_class=8):
     """Every sample as <folder>/<index>_class<label>.png (what torch-fidelity and people read) and
-    the class-by-row sheet at `grid_path`."""
-    for i, (image, label) in enumerate(zip(images, labels.tolist())):
-        write_png(os.path.join(folder, f"{i:05d}_class{label}.png"), to_uint8(image))
+    the class-by-row sheet at `grid_path`. The folder is replaced as a whole (`replace_folder`): it
+    holds exactly these samples, never PNGs of an earlier, larger sampling beside them."""
+    def fill(tmp):
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            write_png(os.path.join(tmp, f"{i:05d}_class{label}.png"), to_uint8(image))
+    replace_folder(folder, fill)
     write_png(grid_path, sample_grid(images, labels, per_class))
 
 
@@ -2980,10 +3191,18 @@ def load_generator_inputs(args, quantizer):
                         f"generator_{GENERATORS[found]}.py")
     dumps = [load_token_dump(os.path.join(generator_tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
     check_dumps_match(dumps, cfg, args.tokenizer)
+    check_dump_provenance(dumps)
+    fingerprint = tokenizer_fingerprint(tokenizer, cfg)
     for d in dumps:
-        made_from = d.record.get("checkpoint")
-        if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
+        if list(d.scales) != fingerprint["scales"]:
+            raise UserError(f"{d.path} holds token maps of sides {list(d.scales)}, but --tokenizer {args.tokenizer} "
+                            f"writes {fingerprint['scales']}: dump the tokens again with this tokenizer")
+        check_same_tokenizer(d.record.get("tokenizer"), fingerprint, d.path, args.tokenizer)
+        made_from = d.record.get("checkpoint")  # dumps written before fingerprints: the path, where it exists
+        if "tokenizer" not in d.record and made_from and os.path.exists(made_from) \
+                and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
             raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
+        d.tokenizer = fingerprint
     if args.sample and not args.skip_fid:
         check_fid_cache(tokenizer_test_cache_name(cfg, args.data_dir, args.fid_images))
     if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
@@ -3034,7 +3253,10 @@ def adopt_generator_settings(args, saved, defining, script):
     cfg = saved.get("args") if isinstance(saved, dict) else None
     if not isinstance(cfg, dict) or "model" not in saved or any(k not in cfg for k in defining):
         raise UserError(f"{args.checkpoint} is not a {script} checkpoint")
-    if os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
+    if "tokenizer" in saved:  # its tokenizer's fingerprint: judged wherever the files lie
+        check_same_tokenizer(saved["tokenizer"], tokenizer_fingerprint_of(args.tokenizer), args.checkpoint,
+                             args.tokenizer)
+    elif os.path.exists(cfg["tokenizer"]) and os.path.realpath(cfg["tokenizer"]) != os.path.realpath(args.tokenizer):
         raise UserError(f"{args.checkpoint} was trained on the tokens of {cfg['tokenizer']}, not {args.tokenizer}")
     # --epochs too: not run-defining (--resume may raise the cap) but the JSON of a sampled model
     # states the cap it was trained under, so that it groups with its training run in evaluate.py
@@ -3045,16 +3267,29 @@ def adopt_generator_settings(args, saved, defining, script):
     return saved.get("state", {}).get("history", [])
 
 
+def discard_stale_samples(paths, keep_samples):
+    """Before a run (--resume) writes its samples anew: the result JSON of the earlier sampling goes
+    first (until the new one is written, no JSON describes the files), and with --sample 0 the
+    earlier samples, grid and tokens too, so the run's folder never shows samples that its JSON
+    does not describe."""
+    for key in ("json",) + (() if keep_samples else ("samples", "grid", "tokens")):
+        remove_path(paths[key])
+
+
 def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics, history,
-                   checkpoint, paths, device):
+                   checkpoint, paths, device, status):
     """The end of every generator run (rank 0): --sample class-balanced samples drawn by
     `sample_tokens(labels_B) -> (B, L)` (which draws from ONE generator seeded once per run),
     decoded by the frozen `tokenizer`, written as PNGs, a class-per-row grid and a token file;
     the usage of codes in the sampled tokens; g-FID / precision-recall / pixel distance / LPIPS
     diversity with their provenance (sample_metrics); then the result JSON. `sampling` holds the
-    script's sampler settings, `metrics` what the script measured already (validation loss)."""
-    metrics, notes, extra = dict(metrics), {}, {}
+    script's sampler settings, `metrics` what the script measured already (validation loss),
+    `status` the sampled model's `model_status`."""
+    metrics, notes, extra = dict(metrics), {}, dict(status)
     provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
+    discard_stale_samples(paths, keep_samples=bool(args.sample))
+    if unfinished_note(status):
+        notes["model_finished"] = unfinished_note(status)
     if args.sample:
         labels = balanced_labels(args.sample, dump.num_classes)
         start = datetime.datetime.now()
@@ -3075,8 +3310,10 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
                                            prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
                                            seed=args.sample_seed, device=device)
         metrics.update(found)
+        if metrics.get("pixel_diversity") is None:
+            notes["pixel_diversity"] = "not defined for fewer than 2 samples (no pair)"
         folder = os.path.dirname(os.path.abspath(paths["json"]))
-        extra = {k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")}
+        extra.update({k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")})
         if args.skip_fid:
             notes["gfid"] = "not computed: --skip-fid"
         if args.skip_lpips:
@@ -3098,9 +3335,16 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
 # plateau signal); at every epoch end rank 0 writes best.pt (a new lowest validation loss) before
 # last.pt; --resume restores weights, optimizer, schedule and the epoch / step / history state.
 
+# The sampler flags of every generator (generator_maskgit.py, generator_var.py, llamagen_deferred.py),
+# one meaning and one range each (issue 16 item 10): --cfg-scale w mixes c + w (c - u) (0: the
+# conditional model; beyond 1000 float32 logits overflow into NaN); --top-p keeps the smallest set of
+# codes whose mass reaches it (0 or 1: off; `filter_top_k_top_p`); --temperature divides the
+# logits (below 1e-3 they overflow); seeds fit every generator torch and numpy take.
+SAMPLER_RANGES = {"cfg_scale": "[0, 1000]", "top_k": ">= 0", "top_p": "[0, 1]", "temperature": "[0.001, 1e6]",
+                  "choice_temperature": "[0, 1000]", "seed": "[0, 4294967295]", "sample_seed": "[0, 4294967295]"}
 GENERATOR_RANGES = {"label_dropout": "[0, 1)", "min_lr": ">= 0", "plateau_factor": "(0, 1)",
                     "plateau_patience": ">= 0", "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1",
-                    "per_class": "[1, 32]", "lpips_pairs": ">= 1", "fid_images": ">= 0"}
+                    "per_class": "[1, 32]", "lpips_pairs": ">= 1", "fid_images": ">= 0", **SAMPLER_RANGES}
 
 
 def add_generator_training_arguments(group):
@@ -3140,7 +3384,7 @@ def resume_generator_training(run, model, optimizer, args, last_path):
     schedule = PlateauSchedule(args.lr, args.plateau_factor, args.plateau_patience, args.min_lr, args.patience)
     state = {"epoch": 0, "step": 0, "history": []}
     if run.checkpoint is not None:
-        model.load_state_dict(run.checkpoint["model"])
+        load_weights(model, run.checkpoint["model"], last_path, "the model of these dumps and settings")
         optimizer.load_state_dict(run.checkpoint["optimizer"])
         schedule.load_state_dict(run.checkpoint["schedule"])
         state = run.checkpoint["state"]
@@ -3156,12 +3400,14 @@ def end_generator_epoch(record, model, optimizer, schedule, state, args, info, p
     improved = schedule.step(record["val_loss"])
     state["history"].append(record)
     state["epoch"] += 1
+    finished = schedule.stopped or state["epoch"] >= args.epochs  # the loop of every generator's train ends here
     print0(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                     if not isinstance(v, (list, dict))))
     if info.is_main:
         save_checkpoints(paths["last"], paths["best"] if improved else None, model=model.state_dict(),
                          optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), state=state,
-                         args=vars(args), val_loss=record["val_loss"], epoch=state["epoch"], **saved)
+                         args=vars(args), val_loss=record["val_loss"], epoch=state["epoch"], finished=finished,
+                         **saved)
     if is_distributed():
         dist.barrier()
 
@@ -3190,7 +3436,7 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
     args.tokens_dir = args.tokens_dir and os.path.abspath(args.tokens_dir)
     name = generator_run_name(args, quantizer)
     paths = generator_output_paths(args.out, name)
-    outputs = [paths[k] for k in ("json", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
+    outputs = [paths[k] for k in ("json", "samples", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
 
     def adopt(target):
         return adopt_generator_settings(target, load_checkpoint(args.checkpoint), defining,
@@ -3212,6 +3458,8 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
             checkpoint = paths["best"]
             if not os.path.exists(checkpoint):
                 raise UserError("training ended before its first epoch; raise --epochs")
+            if info.is_main:
+                mark_finished(checkpoint)  # written at an earlier epoch, reported now that training ended
         cleanup_distributed()  # sampling and metrics run on rank 0 alone
         if info.is_main:
             return sample_and_report(args, info, inputs, checkpoint, history, paths)

@@ -24,14 +24,16 @@ import argparse
 import functools
 import glob
 import io
+import json
+import math
 import os
 
 import numpy as np
 import torch
 
-from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, NUMPY_GLOBALS, UserError, atomic_write, codebook_metrics,
-                    hub_checkpoint_dir, load_checkpoint, mark_weights_verified, read_json, result_path, run_cli,
-                    to_uint8)
+from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, NUMPY_GLOBALS, UserError, atomic_write, check_out_dir,
+                    codebook_metrics, hub_checkpoint_dir, load_checkpoint, mark_weights_verified, read_json,
+                    result_path, run_cli, to_uint8)
 
 # ================================================================================================
 # The paper's reported values, in one place (section 6 and appendix A). Keys match our metrics.
@@ -201,20 +203,60 @@ def current_arg_names(record):
     return record
 
 
-def load_results(root):
-    """Every result JSON under `root` (recursively), as a list of dicts with a 'path' added and
-    old argument names mapped to today's (OLD_ARG_NAMES)."""
+def load_results(root, left_out=None):
+    """Every result JSON under `root` (recursively) that tables may use, as a list of dicts with a
+    'path' added and old argument names mapped to today's (OLD_ARG_NAMES). Left out, with
+    (path, reason) appended to `left_out` when given: results of a model whose training had not
+    finished (model_finished false: a --sample-only of a running or killed run's checkpoint is no
+    result of that run), and a second JSON of one run (`run_identity`), so that a copy is not
+    counted as another seed."""
     paths = sorted(glob.glob(os.path.join(root, "**", "*.json"), recursive=True))
-    results = []
+    results, seen, dropped = [], {}, []
     for path in paths:
         record = read_json(path)
         if isinstance(record, dict) and "experiment" in record and "metrics" in record:
             if not isinstance(record.get("args"), dict) or not isinstance(record["metrics"], dict):
                 raise UserError(f"{path} is a result JSON without its 'args' / 'metrics' dicts (every script "
                                 "writes both): fix or move it out of the folder")
-            record["path"] = path
-            results.append(current_arg_names(record))
+            check_metric_values(record["metrics"], path)
+            identity = run_identity(record)
+            if record.get("model_finished") is False:
+                dropped.append((path, "its model had not finished training (epoch / step "
+                                      f"{record.get('model_epoch')})"))
+            elif identity in seen:
+                dropped.append((path, f"the same run as {seen[identity]} (counted once)"))
+            else:
+                seen[identity] = path
+                record["path"] = path
+                results.append(current_arg_names(record))
+    if left_out is not None:
+        left_out.extend(dropped)
     return results
+
+
+def check_metric_values(metrics, path):
+    """Metrics are numbers (or null, or lists / dicts of details); a string where a number belongs
+    is a broken file, refused in one line rather than a traceback inside a table."""
+    for key, value in metrics.items():
+        if isinstance(value, str):
+            raise UserError(f"{path}: metric '{key}' is the string {value[:40]!r}, not a number (or null)")
+
+
+# Where a result's files lie or how its work was batched does not change what it measured.
+IDENTITY_IGNORED_ARGS = {"out", "name", "resume", "device", "dist_timeout", "checkpoint", "tokenizer", "tokens_dir",
+                         "data_dir", "sample_only", "num_workers"}
+
+
+def run_identity(record):
+    """What makes two result JSONs one run: the digest of the measured model's weights
+    (model_sha256) with every setting of the measurement (sampling, arguments other than where
+    files lie); a JSON without a digest (older results) is one run with an identical JSON."""
+    strip = {"path", "git_commit"}
+    if record.get("model_sha256"):
+        sampling = {k: v for k, v in (record.get("sampling") or {}).items() if k != "seconds"}
+        args = {k: v for k, v in record["args"].items() if k not in IDENTITY_IGNORED_ARGS}
+        return json.dumps([record["experiment"], record["model_sha256"], sampling, args], sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in record.items() if k not in strip}, sort_keys=True, default=str)
 
 
 def select(results, experiment, **arg_filters):
@@ -277,8 +319,8 @@ def load_codebook(path, key=None):
     if path.endswith(".npy"):
         try:
             return as_float_codes(np.load(path), path), None
-        except ValueError as err:
-            raise UserError(f"cannot read {path} as a numpy array: {err}") from None
+        except (ValueError, EOFError, OSError) as err:  # EOFError: an empty or truncated file
+            raise UserError(f"cannot read {path} as a numpy array: {err or type(err).__name__}") from None
     ckpt = load_checkpoint(path)
     keys = [key] if key else DEFAULT_CODEBOOK_KEYS
     for k in keys:
@@ -397,14 +439,26 @@ SYNTH_COLUMNS = (("mse", "MSE", 3), ("modes_covered", "modes covered", 1), ("own
                  ("vendi", "vendi", 2))
 
 
+def finite_values(values):
+    """(the finite numbers among `values`, how many were NaN / infinite); None and non-numbers are
+    absent values, not counted."""
+    numbers = [float(v) for v in values if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)]
+    finite = [v for v in numbers if math.isfinite(v)]
+    return finite, len(numbers) - len(finite)
+
+
 def mean_std(values, digits):
-    """'mean' for one seed, 'mean ± std' (sample std) over several."""
-    values = np.asarray([v for v in values if v is not None], dtype=float)
-    if values.size == 0:
-        return "–"
+    """'mean' for one seed, 'mean ± std' (sample std) over several; a run whose value is NaN or
+    infinite is left out of both and counted in the cell, so that one diverged run neither turns
+    the row into 'nan ± nan' nor disappears unnoticed."""
+    finite, bad = finite_values(values)
+    note = f" ({bad} non-finite left out)" if bad else ""
+    if not finite:
+        return ("–" + note) if bad else "–"
+    values = np.asarray(finite)
     if values.size == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+        return f"{values[0]:.{digits}f}{note}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}{note}"
 
 
 def _synthetic_settings(args, method):
@@ -1005,8 +1059,9 @@ def tokenizer_groups(results, sel):
 
 
 def mean_metric(runs, key):
-    values = [r["metrics"].get(key) for r in runs if r["metrics"].get(key) is not None]
-    return float(np.mean(values)) if values else None
+    """The mean over runs of a metric's finite values (None if there are none)."""
+    finite, _ = finite_values([r["metrics"].get(key) for r in runs])
+    return float(np.mean(finite)) if finite else None
 
 
 def render_tokenizer_table(results, table):
@@ -1338,9 +1393,12 @@ def render_figure9(results, out_dir):
     return "\n".join(lines) if lines else None
 
 def cmd_tables(args):
-    results = load_results(args.runs)
+    check_out_dir(args.out)
+    left_out = []
+    results = load_results(args.runs, left_out)
     if not results:
-        raise UserError(f"no result JSON files under {args.runs}")
+        raise UserError(f"no result JSON files under {args.runs}" + (f" ({len(left_out)} left out: "
+                                                                      f"{left_out[0][1]})" if left_out else ""))
     os.makedirs(args.out, exist_ok=True)
     sections = []
     for name, fn in RENDERERS.items():
@@ -1349,9 +1407,10 @@ def cmd_tables(args):
         text = fn(results, args.out)
         if text:
             sections.append(f"## {name}\n\n{text}\n")
+    if left_out:
+        sections.append("## Results left out\n\n" + "\n".join(f"- {path}: {why}" for path, why in left_out) + "\n")
     report = "\n".join(sections) if sections else "No table has its runs yet.\n"
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(report)
+    atomic_write(os.path.join(args.out, "report.md"), lambda f: f.write(report), "w")
     print(report)
     return report
 

@@ -113,8 +113,7 @@ EXPERIMENT = "generator_maskgit"
 LAYERNORM_EPS = 1e-12  # BERT's, as the official transformer
 RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 1", "heads": ">= 1", "mlp_dim": ">= 1",
           "dropout": "[0, 1)", "label_smoothing": "[0, 1)", "lr": "> 0", "weight_decay": ">= 0", "clip": "> 0",
-          "batch_size": ">= 1", "epochs": ">= 0", "warmup_steps": ">= 0", "steps": ">= 1", "cfg_scale": ">= 0",
-          "choice_temperature": ">= 0", "temperature": "> 0"}
+          "batch_size": ">= 1", "epochs": ">= 0", "warmup_steps": ">= 0", "steps": ">= 1"}
 # Settings that define a training run: --resume refuses a checkpoint made under other values.
 ARCH = ("depth", "width", "heads", "mlp_dim", "dropout")
 DEFINING = ARCH + ("tokenizer", "tokens_dir", "label_smoothing", "loss_on_all_tokens", "label_dropout", "lr",
@@ -387,7 +386,7 @@ def train(args, info, inputs, run, paths):
         record = {"epoch": state["epoch"], "lr": sched.lr, "train_loss": train_loss,
                   "val_loss": validation_loss(model, val_dump, args, info), "images_per_second": speed,
                   "seconds": seconds}
-        common.end_generator_epoch(record, model, opt, sched, state, args, info, paths)
+        common.end_generator_epoch(record, model, opt, sched, state, args, info, paths, tokenizer=train_dump.tokenizer)
     return common.finish_generator_training(sched, state)
 
 
@@ -402,7 +401,8 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
     tokenizer_cfg, dump, _ = inputs
     ckpt = common.load_checkpoint(ckpt_path)
     model = build_generator(ckpt["args"], dump).to(info.device)
-    model.load_state_dict(ckpt["model"])
+    common.load_weights(model, ckpt["model"], ckpt_path, f"a MaskGIT for the dump's {dump.codebook_size} codes, "
+                        f"{dump.num_classes} classes and {dump.seq_len} tokens")
     model.eval()
     tokenizer, _ = common.load_tokenizer(args.tokenizer, info.device)
     generator = torch.Generator(info.device).manual_seed(args.sample_seed)  # ONE stream for all batches
@@ -413,7 +413,7 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
                 "choice_temperature": args.choice_temperature, "temperature": args.temperature}
     metrics = {"val_loss": ckpt.get("val_loss"), "best_epoch": ckpt.get("epoch", 0) - 1}
     return common.report_samples(args, EXPERIMENT, tokenizer, tokenizer_cfg, dump, sampler, sampling, metrics,
-                                 history, ckpt_path, paths, info.device)
+                                 history, ckpt_path, paths, info.device, common.model_status(ckpt))
 
 
 # ------------------------------------------------------------------------------------------------

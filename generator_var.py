@@ -346,27 +346,9 @@ def guided_logits(logits_2BlV, t):
     return (1 + t) * cond - t * uncond
 
 
-def filter_top_k_top_p(logits, top_k=0, top_p=0.0):
-    """Logits with everything outside the top-k set and outside the top-p nucleus set to -inf.
-    top_k <= 0 or >= V keeps all; top_p <= 0 or >= 1 keeps all. The nucleus is the smallest set of
-    most likely codes whose mass reaches top_p (the most likely code is always kept)."""
-    logits = logits.float()
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < top_p < 1:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely codes
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 def sample_logits(logits_BlV, top_k, top_p, generator):
     """One code per position from softmax of the filtered logits, drawn from `generator`."""
-    probs = filter_top_k_top_p(logits_BlV, top_k, top_p).softmax(-1)
+    probs = common.filter_top_k_top_p(logits_BlV, top_k, top_p).softmax(-1)
     flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
     return flat.reshape(probs.shape[:-1])
 
@@ -534,7 +516,7 @@ def train(args, info, inputs, run, paths):
                   "grad_norm": (sums[2] / sums[0].clamp(min=1)).item(), **val,
                   "images_per_second": len(batches) * args.batch_size / seconds, "seconds": seconds}
         common.end_generator_epoch(record, model, opt, schedule, state, args, info, paths,
-                                   val_accuracy=val["val_accuracy"])
+                                   val_accuracy=val["val_accuracy"], tokenizer=train_dump.tokenizer)
     return common.finish_generator_training(schedule, state)
 
 
@@ -550,7 +532,8 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
     tokenizer, tokenizer_cfg, dump, _ = inputs
     ckpt = common.load_checkpoint(ckpt_path)
     model = build_model(ckpt["args"], dump, tokenizer_cfg["token_dim"]).to(info.device)
-    model.load_state_dict(ckpt["model"])
+    common.load_weights(model, ckpt["model"], ckpt_path, f"a VAR for the dump's {dump.codebook_size} codes, "
+                        f"{dump.num_classes} classes and scales {list(dump.scales)}")
     model.eval()
     tokenizer.to(info.device)
     generator = torch.Generator(info.device).manual_seed(args.sample_seed)
@@ -566,7 +549,7 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
     metrics = {"val_loss": ckpt.get("val_loss"), "val_accuracy": ckpt.get("val_accuracy"),
                "best_epoch": ckpt.get("epoch", 0) - 1}
     return common.report_samples(args, EXPERIMENT, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics,
-                                 history, ckpt_path, paths, info.device)
+                                 history, ckpt_path, paths, info.device, common.model_status(ckpt))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -576,7 +559,7 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
 RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 0", "heads": ">= 0", "mlp_ratio": "> 0",
           "drop_path": "[0, 1)", "adaln_gamma_init": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0",
           "weight_decay": ">= 0", "warmup_steps": ">= 0", "clip": ">= 0", "label_smoothing": "[0, 1)",
-          "epochs": ">= 0", "cfg_scale": ">= 0", "top_k": ">= 0", "top_p": "[0, 1]"}
+          "epochs": ">= 0"}
 # Settings that define a training run: --resume refuses a checkpoint made under other values, and
 # --sample-only takes them from the checkpoint. (--grad-accum changes memory, not the maths.)
 ARCH = ("depth", "width", "heads", "mlp_ratio", "drop_path", "label_dropout", "adaln_gamma_init")
@@ -605,11 +588,7 @@ def validate(args):
 
 def load_inputs(args):
     """Tokenizer (frozen, CPU), its args, the training and validation dumps (one-line errors)."""
-    tokenizer, cfg, train_dump, val_dump = common.load_generator_inputs(args, "msvq")
-    if tuple(tokenizer.quantizer.scales) != tuple(train_dump.scales):
-        raise UserError(f"{args.tokenizer} has scales {list(tokenizer.quantizer.scales)}, its dumps "
-                        f"{list(train_dump.scales)}: dump the tokens again")
-    return tokenizer, cfg, train_dump, val_dump
+    return common.load_generator_inputs(args, "msvq")  # the dumps' scales are the tokenizer's (checked there)
 
 
 def main(args):
@@ -623,7 +602,7 @@ def build_parser():
     g.add_argument("--cfg-scale", type=float, default=1.5,
                    help="guidance at the last scale, t = cfg x k / (K - 1) at scale k (VAR's FID recipe: 1.5)")
     g.add_argument("--top-k", type=int, default=900, help="0: off (VAR: 900, tuned for 4,096 codes)")
-    g.add_argument("--top-p", type=float, default=0.96, help="0: off (VAR: 0.96)")
+    g.add_argument("--top-p", type=float, default=0.96, help="0 or 1: off (VAR: 0.96)")
 
     g = p.add_argument_group("model (VAR's build_vae_var at --depth)")
     g.add_argument("--depth", type=int, default=16, help="transformer blocks (paper: 16, the smallest VAR)")

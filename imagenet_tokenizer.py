@@ -415,10 +415,11 @@ def score_fid(folder, args, device):
     return common.broadcast_from_main(value).item()
 
 
-def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history):
+def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history, status):
     """Evaluate on one split and write <out>/<stem>.json and <out>/<stem>.pt (codebook + counts),
     stem = name for the test split (what the tables read), name_<split> otherwise, so that an
-    evaluation on val or train never replaces the test result."""
+    evaluation on val or train never replaces the test result. `status`: the checkpoint's
+    common.model_status (whether its training finished), stated in the JSON."""
     fid_dir = None if args.skip_fid else os.path.join(paths.folder, f"fid_{args.eval_split}")
     res = evaluate(model, dataset, args, info, lpips_fn, fid_dir=fid_dir)
     codebook = model.quantizer.codebook.detach().float().cpu()
@@ -430,9 +431,12 @@ def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history
         notes["rfid"] = "not computed: --skip-fid (the Inception weights were not available)"
     if lpips_fn is None:
         notes["lpips"] = "not computed: --skip-lpips (the LPIPS AlexNet weights were not available)"
+    if common.unfinished_note(status):
+        notes["model_finished"] = common.unfinished_note(status)
     if info.is_main:
         common.write_result(paths.result(args.eval_split, ".json"), EXPERIMENT, method_name(args), args,
-                            metrics, history, eval_split=args.eval_split, checkpoint=os.path.abspath(ckpt_path),
+                            metrics, history, **status, eval_split=args.eval_split,
+                            checkpoint=os.path.abspath(ckpt_path),
                             data_range=1.0, notes=notes,
                             fid_reference=f"{args.eval_split} split originals, the first "
                                           f"{min(args.fid_images or res['num_images'], res['num_images'])} images "
@@ -462,9 +466,12 @@ def reconstruction_sheet(model, dataset, info, columns=16, rows=2):
 @torch.no_grad()
 def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     """Token indices of every image of a split, in split order: vq -> (N, h, w) tensor; msvq ->
-    list of (N, s, s) tensors; int16 when the codebook fits, else int32; plus labels and the
-    number of classes of the split file (the generators' class embedding)."""
+    list of (N, s, s) tensors; int16 when the codebook fits, else int32; plus labels, the number
+    of classes of the split file (the generators' class embedding) and the provenance the
+    generators check: the split's part and digest, the tokenizer's fingerprint."""
     net = model.module if hasattr(model, "module") else model
+    fingerprint = common.tokenizer_fingerprint(net, vars(args))
+    split = common.load_split(args.split_file)
     net.eval()
     rows, dtype = [], torch.int16 if net.quantizer.num_codes <= 2**15 else torch.int32
     subset = shard(dataset, info)
@@ -484,8 +491,9 @@ def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     record = {"tokens": flat if args.quantizer == "msvq" else flat[0], "labels": table[:, 1],
               "checkpoint": os.path.abspath(ckpt_path), "quantizer": args.quantizer,
               "scales": sizes, "codebook_size": net.quantizer.num_codes, "split": args.dump_tokens,
-              "split_file": args.split_file,
-              "num_classes": len(common.load_split(args.split_file)["classes"])}  # a split may miss a class
+              "split_file": args.split_file, "split_sha256": common.split_fingerprint(split),
+              "num_classes": len(split["classes"]),  # a split may miss a class
+              "tokenizer": fingerprint}  # compared by the generators instead of the checkpoint's path
     if info.is_main:
         common.atomic_write(out_path, lambda f: torch.save(record, f))
     return record
@@ -553,6 +561,7 @@ class Trainer:
         blob = dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
                     schedule=self.schedule.state_dict(), state=self.state, epoch=self.state["epoch"],
                     step=self.state["discretization_steps"], args=vars(args), experiment=EXPERIMENT,
+                    finished=bool(self.schedule.stopped or self.state["epoch"] >= args.epochs),
                     history=self.state["history"], codebook=self.model.quantizer.codebook.detach().float().cpu())
         if self.disc is not None:
             blob.update(disc=self.disc.state_dict(), disc_optimizer=self.opt_d.state_dict())
@@ -702,6 +711,7 @@ def train(args, info):
                           resume_from=paths.last, checks=weight_checks(args) + [check_data],
                           validate=lambda a: validate(a, info.world_size)) as run:
         share_split(found.get("new"), args)
+        args.split_sha256 = common.split_fingerprint(common.load_split(args.split_file))  # for check_checkpoint_split
         data = make_datasets(args)
         common.seed_everything(args.seed)
         model = common.build_tokenizer(args).to(info.device)
@@ -712,8 +722,14 @@ def train(args, info):
         if not os.path.exists(report):  # every validation score was NaN
             raise UserError(f"no Discretization epoch gave a finite --select-by {args.select_by} score: "
                             f"{report} was never written")
-        model.load_state_dict(common.load_checkpoint(report)["model"])
-        final_report(model, data[args.eval_split], args, info, lpips_fn, paths, report, t.state["history"])
+        if info.is_main:
+            common.mark_finished(report)  # best.pt was written at an earlier epoch of the finished training
+        if common.is_distributed():
+            torch.distributed.barrier()
+        ckpt = common.load_checkpoint(report)
+        model.load_state_dict(ckpt["model"])
+        final_report(model, data[args.eval_split], args, info, lpips_fn, paths, report, t.state["history"],
+                     common.model_status(ckpt))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -814,6 +830,7 @@ def evaluate_checkpoint(args, info):
 
     def check_data():
         found["split"], _ = prepare_split(args, create=False)
+        check_checkpoint_split(ckpt_path, ckpt["args"], found["split"], args.split_file)
     with common.start_run(args, name=paths.name, outputs=outputs, ranges=RANGES,
                           validate=lambda a: validate(a, info.world_size), checks=weight_checks(args) + [check_data]):
         share_split(None, args)
@@ -831,7 +848,21 @@ def evaluate_checkpoint(args, info):
             print0(f"wrote {outputs[0]}")
         else:
             final_report(model, data[args.eval_split], args, info, load_lpips_if_needed(args, info), paths,
-                         ckpt_path, ckpt.get("history", []))
+                         ckpt_path, ckpt.get("history", []), common.model_status(ckpt))
+
+
+def check_checkpoint_split(ckpt_path, saved, split, split_file):
+    """--eval-only / --dump-tokens evaluate or dump a part of the split the checkpoint was trained
+    on: another split's 'train' can hold this checkpoint's test images, which would then leak into a
+    generator's training. The split is known by its digest (recorded since issue 16) or, for older
+    checkpoints, by the recorded file where it still exists; a copied file with the same content
+    is the same split."""
+    recorded, recorded_file = saved.get("split_sha256"), saved.get("split_file")
+    if recorded is None and recorded_file and os.path.exists(recorded_file):
+        recorded = common.split_fingerprint(common.load_split(recorded_file))
+    if recorded is not None and common.split_fingerprint(split) != recorded:
+        raise UserError(f"--split-file {split_file} is not the split {ckpt_path} was trained on ({recorded_file}): "
+                        "evaluations and token dumps use the checkpoint's split; leave --split-file out")
 
 
 def main(args):

@@ -78,9 +78,11 @@ row (id = num_classes) and class dropout 0.1 for CFG, token / residual / FFN dro
 layer zero-initialised; AdamW lr 1e-4 constant, betas (0.9, 0.95), weight decay 0.05 on matrices and
 embeddings, global batch 256, 300 epochs, clip 1.0, bf16. Codes: each training image centre-cropped
 to 1.1 x 256 (and 1.05 x 256) and ten-cropped (4 corners + centre, and their mirror images) -> 20
-views per image; training picks one view at random per image and epoch. Sampling: CFG 2.0 with
-logits = u + s (c - u) (LlamaGen, only when s != 1), temperature 1, no top-k / top-p, uniform
-random labels. g-FID with --fid-reference VIRTUAL_imagenet256_labeled.npz uses its precomputed
+views per image; training picks one view at random per image and epoch. Sampling: LlamaGen's CFG
+2.0, logits = u + s (c - u) with s = 2, temperature 1, no top-k / top-p, uniform random labels.
+--cfg-scale means what it means in generator_maskgit.py and generator_var.py: the guidance w of
+c + w (c - u), so LlamaGen's s = 1 + w (the default w = 1 is its s = 2.0; w = 0 is the conditional
+model; the JSON records both); --top-p is common.filter_top_k_top_p's (0 or 1: off), as in VAR. g-FID with --fid-reference VIRTUAL_imagenet256_labeled.npz uses its precomputed
 statistics (mu, sigma), as the ADM evaluator does; precision / recall use its images. The paper
 cites LlamaGen-B's 5.46 / 193.61 / 0.83 / 0.45; the public c2i_B_256.pt gives other numbers through
 the ADM evaluator (6.13 / 193.61 / 0.75 / 0.45, LlamaGen issue #48), so rerun the baseline here.
@@ -446,6 +448,8 @@ def npz_images(path):
         raise UserError(f"{path} is not an .npz with an 'arr_0' image array ({err})") from None
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise UserError(f"{path}: arr_0 must be uint8 (N, H, W, 3) images, got {arr.dtype} {arr.shape}")
+    if arr.shape[0] == 0:
+        raise UserError(f"{path} holds no images")
     return arr
 
 
@@ -467,13 +471,32 @@ def fid_reference(path):
     precomputed Inception statistics `mu`, `sigma` (VIRTUAL_imagenet256_labeled.npz).
     Returns (images for torch-fidelity, statistics or None, description for the JSON)."""
     if os.path.isdir(path):
+        if not any(name.lower().endswith(IMAGE_SUFFIXES) for name in os.listdir(path)):
+            raise UserError(f"--fid-reference {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return path, None, f"folder {os.path.abspath(path)}"
     images = npz_images(path)
     with np.load(path) as z:
         stats = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)} \
             if "mu" in z.files and "sigma" in z.files else None
+    if stats is not None:
+        check_statistics(stats, path)
     what = "precomputed statistics (mu, sigma) for FID and its" if stats else "its"
     return NHWCImages(images), stats, f"{os.path.basename(path)}: {what} {images.shape[0]} images"
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+INCEPTION_POOL_DIM = 2048
+
+
+def check_statistics(stats, path):
+    """ADM reference statistics are the mean (2048,) and covariance (2048, 2048) of Inception pool
+    features, finite: anything else gives a traceback or a NaN g-FID after all the sampling."""
+    d = INCEPTION_POOL_DIM
+    if stats["mu"].shape != (d,) or stats["sigma"].shape != (d, d):
+        raise UserError(f"{path}: mu / sigma must have shapes ({d},) / ({d}, {d}) (Inception pool features), "
+                        f"got {stats['mu'].shape} / {stats['sigma'].shape}")
+    if not (np.isfinite(stats["mu"]).all() and np.isfinite(stats["sigma"]).all()):
+        raise UserError(f"{path}: mu / sigma contain NaN or infinite values")
 
 
 def inception_pool_features(dataset, batch_size, cuda):
@@ -660,26 +683,18 @@ def guided_logits(cond_BV, uncond_BV, scale):
     return uncond_BV + scale * (cond_BV - uncond_BV)
 
 
-def filter_logits(logits_BV, top_k=0, top_p=1.0):
-    """Keep the top_k largest logits (0: all), then the most probable tokens up to and including
-    the one whose cumulative probability first exceeds top_p (1: all), as LlamaGen's
-    top_k_top_p_filtering; the others become -inf."""
-    if top_k > 0:
-        kth = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1]))[0][..., -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits_BV, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # mass before this token exceeds top_p (as LlamaGen)
-        logits_BV = logits_BV.masked_fill(drop.scatter(-1, order, drop), -math.inf)
-    return logits_BV
+def llamagen_scale(cfg_scale):
+    """LlamaGen's s of u + s (c - u) for the guidance w of every generator's --cfg-scale, c + w (c - u)."""
+    return 1.0 + cfg_scale
 
 
 @torch.no_grad()
-def sample_tokens(model, labels_B, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """(B, L) tokens, one at a time with the kv cache. With cfg_scale != 1 the batch is doubled
-    with the null class and logits are guided; every draw comes from `generator`."""
-    guided = cfg_scale != 1.0
+def sample_tokens(model, labels_B, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """(B, L) tokens, one at a time with the kv cache. With guidance w = cfg_scale > 0 the batch is
+    doubled with the null class and logits are guided with LlamaGen's s = 1 + w (only for s > 1, as
+    LlamaGen); top-k / top-p as every generator (common.filter_top_k_top_p); every draw comes from
+    `generator`."""
+    guided = cfg_scale > 0
     cond = torch.cat([labels_B, torch.full_like(labels_B, model.num_classes)]) if guided else labels_B
     device = labels_B.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
@@ -692,8 +707,8 @@ def sample_tokens(model, labels_B, cfg_scale=2.0, temperature=1.0, top_k=0, top_
             prev = tokens[-1][:, None]
             logits = model.step(caches, i, idx_B1=torch.cat([prev, prev]) if guided else prev)
         if guided:
-            logits = guided_logits(logits[:b], logits[b:], cfg_scale)
-        probs = filter_logits(logits / max(temperature, 1e-5), top_k, top_p).softmax(-1)
+            logits = guided_logits(logits[:b], logits[b:], llamagen_scale(cfg_scale))
+        probs = common.filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
         tokens.append(torch.multinomial(probs, 1, generator=generator)[:, 0])
     return torch.stack(tokens, 1)
 
@@ -861,7 +876,8 @@ def train_tokenizer(args, info):
             if info.is_main:
                 raw, unit = codebook_views(model.quantizer)
                 blob = dict(model=model.state_dict(), optimizer=opt.state_dict(), state=state, step=state["step"],
-                            args=tokenizer_cfg(args), history=state["history"], codebook=unit, codebook_raw=raw)
+                            args=tokenizer_cfg(args), history=state["history"], codebook=unit, codebook_raw=raw,
+                            finished=state["step"] >= total)
                 if disc is not None:
                     blob.update(disc=disc.state_dict(), disc_optimizer=opt_d.state_dict())
                 common.save_checkpoints(path, **blob)
@@ -1009,8 +1025,7 @@ def evaluate_tokenizer(args, info):
     with common.start_run(args, name=f"{arm_name(args)}_tokenizer-eval", outputs=[json_path, pt_path, npz_path],
                           ranges=TOKENIZER_RANGES, checks=checks), removed_on_failure(npy_path):
         model, cfg = load_any_tokenizer(ckpt_path, args.resolution, info.device)
-        if cfg["resolution"] != args.resolution:
-            raise UserError(f"{ckpt_path} was trained at {cfg['resolution']}px, --resolution is {args.resolution}")
+        check_tokenizer_resolution(cfg, args.resolution, ckpt_path)
         data = imagenet_split(args, "val", "eval")
         if args.max_eval_images:
             data.items = data.items[:args.max_eval_images]
@@ -1060,9 +1075,13 @@ def evaluate_tokenizer(args, info):
         metrics.update(common.codebook_metrics(raw, counter.counts.cpu()))
         unit_metrics = common.codebook_metrics(unit)
         metrics.update({f"{k}_unit": unit_metrics[k] for k in ("euclidean", "vendi")})
-        ckpt = common.load_checkpoint(ckpt_path) if cfg.get("name") != "llamagen-public" else {}
-        common.write_result(json_path, TOKENIZER_EXPERIMENT, arm_name(args), args, metrics,
-                            ckpt.get("history", []), tokenizer=common.tokenizer_identity(cfg, ckpt_path),
+        ckpt = common.load_checkpoint(ckpt_path)
+        history = ckpt.get("history", []) if cfg.get("name") != "llamagen-public" else []
+        status = checkpoint_status(ckpt)
+        if common.unfinished_note(status):
+            notes["model_finished"] = common.unfinished_note(status)
+        common.write_result(json_path, TOKENIZER_EXPERIMENT, arm_name(args), args, metrics, history, **status,
+                            tokenizer=common.tokenizer_identity(cfg, ckpt_path),
                             eval_split=f"ImageNet-1K val, ADM centre crop {r}",
                             fid_reference=None if args.skip_fid else f"ImageNet-1K val, {n} images",
                             data_range=1.0, reconstructions=os.path.basename(npz_path), notes=notes)
@@ -1085,8 +1104,10 @@ def extract_tokens(args, info):
     pt_path, npy_path = tokens_paths(args)
     tmp_path = rows_path(npy_path)
     with common.start_run(args, name=f"{arm_name(args)}_tokens", outputs=[pt_path, npy_path], ranges=TOKENIZER_RANGES,
-                          checks=[lambda: check_data(args, ("train",))]), removed_on_failure(tmp_path):
+                          checks=[lambda: check_data(args, ("train",))], validate=validate_crops), \
+                removed_on_failure(tmp_path):
         model, cfg = load_any_tokenizer(ckpt_path, args.resolution, info.device)
+        check_tokenizer_resolution(cfg, args.resolution, ckpt_path)
         data = imagenet_split(args, "train", "crops", args.crop_ranges)
         if args.max_train_images:
             data.items = data.items[:args.max_train_images]
@@ -1183,7 +1204,8 @@ def train_gpt(args, info):
                 if state["step"] % args.ckpt_every == 0 or state["step"] == total:
                     if info.is_main:
                         common.save_checkpoints(last_path, model=model.state_dict(), optimizer=opt.state_dict(),
-                                                state=state, step=state["step"], args=vars(args),
+                                                state=state, step=state["step"], finished=state["step"] >= total,
+                                                args=vars(args),
                                                 history=state["history"], tokens=codes.path,
                                                 tokenizer=codes.record.get("checkpoint"),
                                                 vocab_size=codes.codebook_size, num_classes=codes.num_classes,
@@ -1201,6 +1223,21 @@ def train_gpt(args, info):
 
 def samples_path(args):
     return os.path.join(run_dir(args), "samples.npz")
+
+
+def checkpoint_status(ckpt):
+    """common.model_status of a loaded checkpoint: ours record whether their training finished; a
+    public release (LlamaGen's vq_ds16_c2i.pt, c2i_B_256.pt: no 'args') is a finished model."""
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    return common.model_status(ckpt, finished=True if "args" not in ckpt else None)
+
+
+def combined_status(gpt, tokenizer):
+    """Samples come from two models: finished only when both are (unknown if either is)."""
+    states = (gpt["model_finished"], tokenizer["model_finished"])
+    finished = False if False in states else None if None in states else True
+    return dict(gpt, model_finished=finished, tokenizer_finished=tokenizer["model_finished"],
+                tokenizer_sha256=tokenizer["model_sha256"])
 
 
 def load_gpt(args, device):
@@ -1241,6 +1278,7 @@ def generate_samples(args, info):
         model, gpt_ckpt, trained_with = load_gpt(args, info.device)
         tok_path = args.tokenizer_checkpoint or trained_with or tokenizer_checkpoint(args)
         tokenizer, cfg = load_any_tokenizer(tok_path, args.resolution, info.device)
+        check_tokenizer_resolution(cfg, args.resolution, tok_path)
         if cfg["codebook_size"] != model.vocab_size:
             raise UserError(f"{tok_path} has {cfg['codebook_size']} codes, the GPT {model.vocab_size}")
         grid = int(math.isqrt(model.seq_len))
@@ -1266,12 +1304,16 @@ def generate_samples(args, info):
             npy_to_npz(tmp_path, out_path, labels=labels.numpy())
             common.write_json(meta_path, {
                 "gpt_checkpoint": os.path.abspath(gpt_ckpt), "tokenizer": common.tokenizer_identity(cfg, tok_path),
-                "sampling": sampling_settings(args)})
+                "sampling": sampling_settings(args),
+                **combined_status(checkpoint_status(common.load_checkpoint(gpt_ckpt)),
+                                  checkpoint_status(common.load_checkpoint(tok_path)))})
             print0(f"wrote {out_path}; next --stage sample-eval")
 
 
 def sampling_settings(args):
     return {"num_samples": args.num_samples, "labels": args.labels, "seed": args.seed, "cfg_scale": args.cfg_scale,
+            "llamagen_cfg_scale": llamagen_scale(args.cfg_scale), "guidance": "c + w (c - u) = u + s (c - u), "
+            "w = cfg_scale, s = llamagen_cfg_scale = 1 + w (w = 0: the conditional model)",
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "batch_size": args.eval_batch_size}
 
@@ -1279,7 +1321,8 @@ def sampling_settings(args):
 def evaluate_samples(args, info):
     npz = args.samples or samples_path(args)
     json_path = os.path.join(run_dir(args), "generation.json")
-    checks = [] if args.skip_fid else [common.inception_weights_path]
+    checks = [lambda: npz_images(npz)] + ([] if args.skip_fid else
+                                          [common.inception_weights_path, lambda: fid_reference(args.fid_reference)])
     with common.start_run(args, name=f"{arm_name(args)}_sample-eval", outputs=[json_path], ranges=GPT_RANGES,
                           checks=checks, validate=validate_sample_eval):
         if not info.is_main:
@@ -1306,8 +1349,12 @@ def evaluate_samples(args, info):
             notes["isc"] = ("not computed: --skip-isc (the Inception weights must carry the classifier logits; "
                             "NVIDIA's TorchScript port has pool features only)")
         tokenizer = meta.get("tokenizer") or {"deferred": args.deferred, "checkpoint": None}
+        status = {k: meta.get(k) for k in ("model_finished", "model_epoch", "model_sha256", "tokenizer_finished")}
+        if status["model_finished"] is not True:
+            notes["model_finished"] = ("the GPT or the tokenizer had not finished training" if status["model_finished"]
+                                       is False else "unknown: samples without a record of finished training")
         common.write_generator_result(json_path, GENERATOR_EXPERIMENT, args, metrics, [], tokenizer=tokenizer,
-                                      provenance=provenance, sampling=meta.get("sampling", {}),
+                                      provenance=provenance, sampling=meta.get("sampling", {}), **status,
                                       checkpoint=meta.get("gpt_checkpoint") or npz, notes=notes,
                                       samples=os.path.relpath(npz, os.path.dirname(json_path)))
         print0(metrics)
@@ -1317,7 +1364,7 @@ def evaluate_samples(args, info):
 # Entry point and arguments
 # ================================================================================================
 
-TOKENIZER_RANGES = {"codebook_size": ">= 1", "token_dim": ">= 1", "beta": ">= 0", "ratio": ">= 1", "lr": "> 0",
+TOKENIZER_RANGES = {"seed": common.SAMPLER_RANGES["seed"], "codebook_size": ">= 1", "token_dim": ">= 1", "beta": ">= 0", "ratio": ">= 1", "lr": "> 0",
                     "epochs": ">= 1", "batch_size": ">= 1", "continuous_steps": ">= 0", "lpips_weight": ">= 0",
                     "gan_weight": ">= 0", "gan_start": ">= 0", "grad_clip": "> 0", "adam_beta1": "[0, 1)",
                     "adam_beta2": "[0, 1)", "resolution": ">= 8", "ch": ">= 1", "z_channels": ">= 1",
@@ -1331,7 +1378,7 @@ TOKENIZER_DEFINING = ("codebook_size", "token_dim", "beta", "ch", "ch_mult", "nu
 GPT_RANGES = {"gpt_layers": ">= 1", "gpt_dim": ">= 1", "gpt_heads": ">= 1", "gpt_dropout": "[0, 1)",
               "class_dropout": "[0, 1)", "gpt_epochs": ">= 1", "gpt_batch_size": ">= 1", "gpt_lr": "> 0",
               "gpt_weight_decay": ">= 0", "grad_clip": "> 0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
-              "num_samples": ">= 1", "cfg_scale": ">= 0", "temperature": "> 0", "top_k": ">= 0", "top_p": "(0, 1]",
+              "num_samples": ">= 1", **common.SAMPLER_RANGES,
               "eval_batch_size": ">= 1", "fid_batch_size": ">= 1", "log_every": ">= 1", "ckpt_every": ">= 1",
               "resolution": ">= 8"}
 GPT_DEFINING = ("gpt_layers", "gpt_dim", "gpt_heads", "gpt_dropout", "class_dropout", "gpt_epochs", "gpt_batch_size",
@@ -1339,10 +1386,29 @@ GPT_DEFINING = ("gpt_layers", "gpt_dim", "gpt_heads", "gpt_dropout", "class_drop
 
 
 def validate_tokenizer(args):
+    if not args.ch_mult:
+        raise UserError("--ch-mult needs at least one multiplier, e.g. 1,1,2,2,4")
+    validate_crops(args)
     if args.resolution % 2 ** (len(args.ch_mult) - 1):
         raise UserError(f"--resolution {args.resolution} must divide by 2^{len(args.ch_mult) - 1} (--ch-mult levels)")
     if args.deferred and args.continuous_steps == 0 and args.init_method == "sample":
         print0("note: --continuous-steps 0 initialises the codebook from the untrained encoder (not LlamaGen's recipe)")
+
+
+def validate_crops(args):
+    if not args.crop_ranges:
+        raise UserError("--crop-ranges needs at least one value, e.g. 1.1,1.05")
+
+
+def check_tokenizer_resolution(cfg, resolution, path):
+    """The stages after training work at the tokenizer's own resolution, which its downsamplings
+    must divide (a public checkpoint takes --resolution)."""
+    steps = 2 ** (len(cfg["ch_mult"]) - 1)
+    if cfg["resolution"] != resolution:
+        raise UserError(f"{path} was trained at {cfg['resolution']}px, --resolution is {resolution}")
+    if resolution % steps:
+        raise UserError(f"--resolution {resolution} must be a multiple of {steps} ({path} downsamples "
+                        f"{len(cfg['ch_mult']) - 1} times)")
 
 
 def validate_sample_eval(args):
@@ -1432,10 +1498,12 @@ def build_parser():
     g.add_argument("--num-samples", type=int, default=50000)
     g.add_argument("--labels", choices=["random", "balanced"], default="random",
                    help="random: uniform classes (LlamaGen); balanced: every class its share")
-    g.add_argument("--cfg-scale", type=float, default=2.0)
+    g.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="guidance w of c + w (c - u), as in the other generators (0: conditional only); LlamaGen's "
+                        "s = 1 + w (default: its 2.0)")
     g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--top-p", type=float, default=1.0, help="0 or 1: off (as generator_var.py)")
     common.add_run_arguments(p, out_default="runs/llamagen")
     return p
 

@@ -126,7 +126,7 @@ def test_perplexity_invariants():
     counts = np.array([1.0, 2.0, 3.0, 0.0])
     p = counts[counts > 0] / counts.sum()
     assert perplexity_from_counts(counts) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
-    assert perplexity_from_counts(torch.zeros(8)) == 0.0
+    assert perplexity_from_counts(torch.zeros(8)) is None  # nothing counted: no distribution (issue 16)
 
 
 def test_usage_counter_accumulates_batches():

@@ -216,11 +216,11 @@ def test_guidance_grows_with_the_scale_and_cfg_zero_is_conditional():
 def test_top_k_top_p_filtering_and_sampling():
     logits = torch.log(torch.tensor([[[0.5, 0.05, 0.3, 0.15]]]))
     keep = lambda out: torch.isfinite(out).reshape(-1).tolist()  # noqa: E731
-    assert keep(gv.filter_top_k_top_p(logits, top_k=2)) == [True, False, True, False]
-    assert keep(gv.filter_top_k_top_p(logits, top_p=0.8)) == [True, False, True, False]  # 0.5 + 0.3 reaches 0.8
-    assert keep(gv.filter_top_k_top_p(logits, top_p=0.81)) == [True, False, True, True]
-    assert keep(gv.filter_top_k_top_p(logits, top_p=0.1)) == [True, False, False, False]
-    assert keep(gv.filter_top_k_top_p(logits, top_k=0, top_p=0.0)) == [True] * 4
+    assert keep(common.filter_top_k_top_p(logits, top_k=2)) == [True, False, True, False]
+    assert keep(common.filter_top_k_top_p(logits, top_p=0.8)) == [True, False, True, False]  # 0.5 + 0.3 reaches 0.8
+    assert keep(common.filter_top_k_top_p(logits, top_p=0.81)) == [True, False, True, True]
+    assert keep(common.filter_top_k_top_p(logits, top_p=0.1)) == [True, False, False, False]
+    assert keep(common.filter_top_k_top_p(logits, top_k=0, top_p=0.0)) == [True] * 4
     g = torch.Generator().manual_seed(0)
     draws = gv.sample_logits(logits.expand(1, 4000, 4), 0, 0.0, g)
     freq = torch.bincount(draws.reshape(-1), minlength=4).float() / 4000

@@ -77,7 +77,7 @@ def pipeline(tmp_path_factory):
     run(base + ["--stage", "tokenizer-eval", "--skip-fid"])
     run(base + ["--stage", "tokens", "--crop-ranges", "1.1,1.05"])
     run(base + GPT_TINY + ["--stage", "gpt"])
-    run(base + GPT_TINY + ["--stage", "sample", "--num-samples", "6", "--cfg-scale", "2.0"])
+    run(base + GPT_TINY + ["--stage", "sample", "--num-samples", "6", "--cfg-scale", "1.0"])
     run(base + GPT_TINY + ["--stage", "sample-eval", "--skip-fid", "--skip-isc"])
     return {"root": root, "data": data, "out": out, "arm": out / "deferred", "switches": switches, "base": base}
 
@@ -129,6 +129,33 @@ def test_resume_reproduces_the_uninterrupted_run(pipeline, tmp_path, monkeypatch
     assert resumed["step"] == full["step"] == 3 * EPOCHS
     for key, value in full["model"].items():
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+
+
+def test_tokenizer_eval_and_samples_of_an_unfinished_run_say_so(pipeline, tmp_path, monkeypatch):
+    assert common.read_json(str(pipeline["arm"] / "tokenizer.json"))["model_finished"] is True
+    finished = common.read_json(str(pipeline["arm"] / "generation.json"))
+    assert finished["model_finished"] is True and finished["tokenizer_finished"] is True
+    base = TINY + ["--data-dir", str(pipeline["data"]), "--out", str(tmp_path), "--deferred"]
+    real_save = common.save_checkpoint
+
+    def killed_after_step_6(path, **state):
+        real_save(path, **state)
+        if state["step"] == 6 and path.endswith("last.pt"):
+            raise KeyboardInterrupt  # a kill in the Discretization Phase, 3 steps before the end
+    monkeypatch.setattr(common, "save_checkpoint", killed_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(base + ["--stage", "tokenizer", "--epochs", str(EPOCHS), "--continuous-steps", str(CONTINUOUS),
+                    "--gan-start", str(GAN_START), "--ckpt-every", "2"])
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    run(base + ["--stage", "tokenizer-eval", "--skip-fid"])
+    record = common.read_json(str(tmp_path / "deferred" / "tokenizer.json"))
+    assert record["model_finished"] is False and record["model_epoch"] == 6
+    assert "had not finished" in record["notes"]["model_finished"]
+    run(base + GPT_TINY + ["--stage", "sample", "--num-samples", "2", "--gpt-checkpoint",
+                           str(pipeline["arm"] / "gpt" / "last.pt"), "--tokenizer-checkpoint",
+                           str(tmp_path / "deferred" / "tokenizer" / "last.pt")])
+    meta = common.read_json(str(tmp_path / "deferred" / "samples.json"))
+    assert meta["model_finished"] is False and meta["tokenizer_finished"] is False
 
 
 def test_baseline_starts_with_llamagen_uniform_codes_and_quantizes_from_step_0(pipeline, tmp_path, monkeypatch):
@@ -204,7 +231,8 @@ def test_samples_npz_and_generation_json(pipeline):
         assert z["labels"].shape == (6,) and z["labels"].max() < 3
     rec = common.read_json(str(pipeline["arm"] / "generation.json"))
     assert rec["experiment"] == "generator_llamagen" and rec["method"] == "llamagen_deferred"
-    assert rec["sampling"]["cfg_scale"] == 2.0 and rec["metrics"]["num_samples"] == 6
+    assert rec["sampling"]["cfg_scale"] == 1.0 and rec["sampling"]["llamagen_cfg_scale"] == 2.0  # w and s = 1 + w
+    assert rec["metrics"]["num_samples"] == 6
     assert "gfid" in rec["notes"] and "isc" in rec["notes"] and rec["tokenizer"]["deferred"] is True
 
 
@@ -342,7 +370,7 @@ def test_kv_cached_decoding_equals_the_full_forward():
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
 
 
-def test_cfg_scale_1_equals_the_conditional_logits_through_the_doubled_batch():
+def test_llamagen_scale_1_equals_the_conditional_logits_through_the_doubled_batch():
     model = tiny_gpt()
     labels = torch.tensor([1, 2, 3])
     both = torch.cat([labels, torch.full_like(labels, model.num_classes)])
@@ -350,9 +378,9 @@ def test_cfg_scale_1_equals_the_conditional_logits_through_the_doubled_batch():
     logits = model.step(caches, 0, labels_B=both)
     cond = model.step(model.new_caches(3, "cpu", torch.float32), 0, labels_B=labels)
     assert torch.allclose(lg.guided_logits(logits[:3], logits[3:], 1.0), cond, atol=1e-6)
-    # and a guided sample at scale 1 is the conditional sample (one shared generator state)
-    a = lg.sample_tokens(model, labels, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
-    b = lg.sample_tokens(model, labels, cfg_scale=1.0 + 1e-9, generator=torch.Generator().manual_seed(3))
+    # and --cfg-scale w = 0 (s = 1) is the conditional sample, like a guided one at w ~ 0
+    a = lg.sample_tokens(model, labels, cfg_scale=0.0, generator=torch.Generator().manual_seed(3))
+    b = lg.sample_tokens(model, labels, cfg_scale=1e-9, generator=torch.Generator().manual_seed(3))
     assert a.shape == (3, 16) and torch.equal(a, b)
 
 
@@ -366,11 +394,11 @@ def test_label_dropout_uses_the_null_class_row():
 
 
 def test_filter_logits_top_k_and_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(lg.filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
-    assert torch.isinf(lg.filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
-    assert torch.isinf(lg.filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
-    assert not torch.isinf(lg.filter_logits(logits)).any()
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))  # LlamaGen samples through the shared filter
+    assert torch.isinf(common.filter_top_k_top_p(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(common.filter_top_k_top_p(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(common.filter_top_k_top_p(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
+    assert not torch.isinf(common.filter_top_k_top_p(logits, top_p=1.0)).any()
 
 
 def test_rope_table_class_slot_is_zero_and_rows_rotate_by_row_then_column():
@@ -435,7 +463,7 @@ def test_fid_against_statistics_matches_scipy(monkeypatch):
 def test_fid_reference_npz_with_statistics(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     path = tmp_path / "ref.npz"
-    np.savez(path, arr_0=images, mu=np.zeros(3, np.float32), sigma=np.eye(3, dtype=np.float32))
+    np.savez(path, arr_0=images, mu=np.zeros(2048, np.float32), sigma=np.eye(2048, dtype=np.float32))
     ds, stats, what = lg.fid_reference(str(path))
     assert len(ds) == 5 and torch.equal(ds[2], torch.from_numpy(images[2]).permute(2, 0, 1))
     assert stats["sigma"].dtype == np.float64 and "statistics" in what
