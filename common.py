@@ -2273,6 +2273,7 @@ class FashionMNISTSplit(torch.utils.data.Dataset):
             raise UserError(f"Fashion-MNIST images are {FASHION_MNIST_SIZE}x{FASHION_MNIST_SIZE}: --resolution "
                             f"{resolution} would crop them; use 32 (zero padding)")
         where = [(name, int(index)) for name, index in (item.split("/") for item, _ in split[part])]
+        self.items = split[part]
         self.images = torch.stack([files[name][0][i] for name, i in where]) if where else torch.zeros(0, 28, 28)
         self.labels = torch.tensor([label for _, label in split[part]], dtype=torch.long)
         found = torch.tensor([int(files[name][1][i]) for name, i in where], dtype=torch.long)
@@ -2360,25 +2361,75 @@ def tokenizer_identity(cfg, path):
             "simvq": bool(cfg.get("simvq")), "resolution": cfg["resolution"]}
 
 
+# A budgeted reference (--fid-images N below the split's size) is a seeded, class-stratified subset:
+# ImageFolder parts are sorted by path, i.e. grouped by class, so "the first N" would score
+# class-balanced samples against a few classes only. The seed is fixed, so every run on one split
+# with one budget (tokenizer r-FID, generator g-FID) scores against the same images and shares
+# one Inception feature cache.
+FID_SUBSET_SEED = 0
+
+
+def fid_subset(items, limit, seed=FID_SUBSET_SEED):
+    """The images a --fid-images budget keeps of one split part (its [relpath, label] items): None
+    (every image) when `limit` is 0 or not below their number, else the sorted indices of a
+    class-stratified subset: each class the same share as far as its size allows, the remainder
+    one image each to classes drawn by `seed` (`_balanced_counts`), and inside a class a seeded
+    random choice."""
+    if not 0 < limit < len(items):
+        return None
+    by_class = {}
+    for i, (_, label) in enumerate(items):
+        by_class.setdefault(label, []).append(i)
+    return _class_uniform_sample([by_class[c] for c in sorted(by_class)], limit, random.Random(seed))
+
+
+def fid_subset_record(items, indices, seed=FID_SUBSET_SEED):
+    """What a result JSON states about a budgeted reference (`fid_subset`): the seed, its size out
+    of the part's, images per class, the chosen indices into the part and a hash of their paths.
+    None when the whole part is used."""
+    if indices is None:
+        return None
+    chosen = [items[i] for i in indices]
+    per_class = {}
+    for _, label in chosen:
+        per_class[str(label)] = per_class.get(str(label), 0) + 1
+    digest = hashlib.sha256(json.dumps([path for path, _ in chosen]).encode()).hexdigest()[:16]
+    return {"rule": "class-stratified", "seed": seed, "images": len(chosen), "of": len(items),
+            "per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0]))), "indices": list(indices),
+            "paths_sha256": digest}
+
+
+def tokenizer_test_subset(cfg, limit=0):
+    """(indices or None, JSON record or None) of the g-FID reference of a tokenizer's test split
+    under a --fid-images budget (`fid_subset`)."""
+    test = load_split(cfg["split_file"])["test"]
+    indices = fid_subset(test, limit)
+    return indices, fid_subset_record(test, indices)
+
+
 def tokenizer_test_split(cfg, data_dir=None, limit=0):
     """The test images of a tokenizer's own split, prepared as the tokenizer saw them
     (`tokenizer_datasets`: an ImageFolder split or Fashion-MNIST's official test set): the
     reference set of g-FID (paper section 6.1: generated samples against the test set).
     `data_dir` overrides the folder recorded in the checkpoint (data moved to another machine);
-    `limit` > 0 keeps the first `limit` images (--fid-images: a CPU budget, stated in the JSON)."""
+    `limit` > 0 keeps a class-stratified subset of `limit` images (--fid-images: a CPU budget,
+    stated in the JSON; `fid_subset`)."""
     test = tokenizer_datasets(cfg, data_dir, parts=("test",))["test"]
-    return torch.utils.data.Subset(test, range(limit)) if 0 < limit < len(test) else test
+    indices, _ = tokenizer_test_subset(cfg, limit)
+    return test if indices is None else torch.utils.data.Subset(test, indices)
 
 
 def tokenizer_test_cache_name(cfg, data_dir=None, limit=0):
     """The name under which torch-fidelity caches the Inception statistics of a tokenizer's test
-    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder (as tokenizer_datasets finds
-    it), the resolution and the list of test images, so another split, folder or size never reuses
-    them. On a CPU the reference features of 10,000 images take half an hour or more; every
-    generator run on a tokenizer of that split shares them. (A changed image under an unchanged
-    file name would not be noticed: delete the cache then.)"""
+    split (in $TORCH_HOME/fidelity_cache): a hash of everything that decides those statistics,
+    the data folder (as tokenizer_datasets finds it), the resolution and the list of reference
+    images (the --fid-images subset, `fid_subset`), so another split, folder or subset never
+    reuses them. The one place that builds the key. On a CPU the reference features of 10,000
+    images take half an hour or more; every generator run on a tokenizer of that split shares
+    them. (A changed image under an unchanged file name would not be noticed: delete the cache.)"""
     split = load_split(cfg["split_file"])
-    test = split["test"][:limit] if limit > 0 else split["test"]
+    indices = fid_subset(split["test"], limit)
+    test = split["test"] if indices is None else [split["test"][i] for i in indices]
     key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"], test])
     return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -2693,8 +2744,8 @@ def add_generator_arguments(parser, quantizer, out_default):
     g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
     g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
     g.add_argument("--fid-images", type=int, default=0,
-                   help="g-FID reference: the first N test images (0: the whole test split, the paper's; "
-                        "a CPU budget, stated in the JSON's fid_reference)")
+                   help="g-FID reference: a class-stratified subset of N test images (0: the whole test split, "
+                        "the paper's; a CPU budget, stated in the JSON's fid_reference and fid_reference_subset)")
     g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
     g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
     g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
@@ -2808,14 +2859,18 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
         atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
         counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
         metrics.update(token_perplexity=perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
-        reference, cache = None, None
+        reference, cache, subset = None, None, None
         if not args.skip_fid:
             reference = tokenizer_test_split(tokenizer_cfg, args.data_dir, args.fid_images)
             cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir, args.fid_images)
+            subset = tokenizer_test_subset(tokenizer_cfg, args.fid_images)[1]
         lpips_model = None if args.skip_lpips else load_lpips("alex", device)
         found, provenance = sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
                                            prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
                                            seed=args.sample_seed, device=device)
+        if subset is not None:
+            provenance["fid_reference"] += f" (class-stratified subset of {subset['of']}, seed {subset['seed']})"
+        provenance["fid_reference_subset"] = subset
         metrics.update(found)
         folder = os.path.dirname(os.path.abspath(paths["json"]))
         extra = {k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")}

@@ -355,6 +355,8 @@ def evaluate(model, dataset, args, info, lpips_fn, fid_dir=None, metrics_wanted=
         shutil.rmtree(fid_dir, ignore_errors=True)
     if fid_dir and common.is_distributed():
         torch.distributed.barrier()
+    keep = common.fid_subset(dataset.items, args.fid_images)  # None: every image
+    keep = None if keep is None else set(keep)
     for b, (x, _) in enumerate(common.progress_bar(loader(subset, args, info), desc="evaluate", leave=False)):
         x = x.to(device, non_blocking=True)
         recon, indices, vq_loss = net(x)  # float32: bf16 rounding would show in MSE ~1e-4
@@ -376,8 +378,7 @@ def evaluate(model, dataset, args, info, lpips_fn, fid_dir=None, metrics_wanted=
         if indices is not None:
             count_usage(counter, indices)
         if fid_dir:
-            write_pngs(fid_dir, recon, x, start=info.rank + b * args.batch_size, stride=info.world_size,
-                       limit=args.fid_images or len(dataset))
+            write_pngs(fid_dir, recon, x, start=info.rank + b * args.batch_size, stride=info.world_size, keep=keep)
     common.all_reduce_sum(sums)
     counter.all_reduce()
     n = max(sums[0].item(), 1.0)
@@ -391,13 +392,13 @@ def evaluate(model, dataset, args, info, lpips_fn, fid_dir=None, metrics_wanted=
     return out
 
 
-def write_pngs(folder, recon, x, start, stride, limit):
+def write_pngs(folder, recon, x, start, stride, keep=None):
     """Reconstruction i and its original under the same global file name in two folders, for the
-    images of global index below `limit` (--fid-images)."""
+    images whose global index is in `keep` (the --fid-images subset, common.fid_subset; None: all)."""
     for sub, images in (("recon", recon), ("real", x)):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
         for j, img in enumerate(common.to_uint8(images).cpu()):
-            if start + j * stride < limit:
+            if keep is None or start + j * stride in keep:
                 Image.fromarray(img.permute(1, 2, 0).numpy()).save(
                     os.path.join(folder, sub, f"{start + j * stride:07d}.png"))
 
@@ -430,13 +431,15 @@ def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history
         notes["rfid"] = "not computed: --skip-fid (the Inception weights were not available)"
     if lpips_fn is None:
         notes["lpips"] = "not computed: --skip-lpips (the LPIPS AlexNet weights were not available)"
+    subset = common.fid_subset(dataset.items, args.fid_images)
+    fid_reference = (f"{args.eval_split} split originals, {len(dataset) if subset is None else len(subset)} images"
+                     + ("" if subset is None else f", a class-stratified subset (seed {common.FID_SUBSET_SEED})")
+                     + " (r-FID: their reconstructions vs them)")
     if info.is_main:
         common.write_result(paths.result(args.eval_split, ".json"), EXPERIMENT, method_name(args), args,
                             metrics, history, eval_split=args.eval_split, checkpoint=os.path.abspath(ckpt_path),
-                            data_range=1.0, notes=notes,
-                            fid_reference=f"{args.eval_split} split originals, the first "
-                                          f"{min(args.fid_images or res['num_images'], res['num_images'])} images "
-                                          "(r-FID: their reconstructions vs them)")
+                            data_range=1.0, notes=notes, fid_reference=fid_reference,
+                            fid_reference_subset=common.fid_subset_record(dataset.items, subset))
         common.save_checkpoint(paths.result(args.eval_split, ".pt"), model=model.state_dict(), args=vars(args),
                                codebook=codebook, code_counts=res["counts"].float(), metrics=metrics)
         common.write_png(paths.result(args.eval_split, "_recon.png"), reconstruction_sheet(model, dataset, info))
@@ -938,8 +941,9 @@ def build_parser():
     g.add_argument("--skip-lpips", action="store_true", help="no LPIPS metric (the JSON says why)")
     g.add_argument("--fid-batch-size", type=int, default=128)
     g.add_argument("--fid-images", type=int, default=0,
-                   help="r-FID on the first N images of a split (0: all); on a CPU Inception-v3 takes ~10 "
-                        "images/s, so 2 x 10,000 images cost half an hour")
+                   help="r-FID on a class-stratified subset of N images of a split (0: all; common.fid_subset, "
+                        "stated in the JSON); on a CPU Inception-v3 takes ~10 images/s, so 2 x 10,000 images cost "
+                        "half an hour")
     g.add_argument("--report-checkpoint", choices=["best", "last"],
                    help="checkpoint evaluated at the end (default: best for imagenet100, last for odir, as in A.1)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --eval-split")

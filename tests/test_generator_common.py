@@ -36,9 +36,12 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     assert name.startswith("dq-test-") and name == common.tokenizer_test_cache_name(dict(cfg))
     assert name != common.tokenizer_test_cache_name(dict(cfg, resolution=64))
     assert name != common.tokenizer_test_cache_name(cfg, data_dir="/elsewhere")
-    # --fid-images N: the first N test images, cached under a name of their own
-    first4 = common.tokenizer_test_split(cfg, limit=4)
-    assert len(first4) == 4 and all(torch.equal(first4[i][0], test[i][0]) for i in range(4))
+    # --fid-images N: a class-stratified subset of N test images, cached under a name of their own
+    four = common.tokenizer_test_split(cfg, limit=4)
+    chosen, record = common.tokenizer_test_subset(cfg, limit=4)
+    assert len(four) == 4 and all(torch.equal(four[i][0], test[j][0]) for i, j in enumerate(chosen))
+    assert sorted({test.items[j][1] for j in chosen}) == [0, 1, 2]  # every class (the first 4 hold two)
+    assert record["indices"] == chosen and sum(record["per_class"].values()) == 4 and record["of"] == 6
     assert len(common.tokenizer_test_split(cfg, limit=100)) == 6
     assert common.tokenizer_test_cache_name(cfg, limit=4) not in (name, common.tokenizer_test_cache_name(cfg, limit=5))
     assert common.tokenizer_test_cache_name(cfg, limit=0) == name
@@ -155,6 +158,24 @@ def test_plateau_schedule_follows_torch_and_stops_early():
     assert again.state_dict() == ours.state_dict()
     assert [common.warmup_factor(s, 4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
     assert common.warmup_factor(0, 0) == 1.0
+
+
+def test_fid_subset_is_class_stratified_seeded_and_keys_the_cache():
+    """A budget of 20 images over classes of 50, 3, 20 and 7 items listed class by class (as an
+    ImageFolder part): every class its equal share (5) unless it holds fewer (3), the 2 left over to
+    two other classes; the first 20 items (the old rule) would all be class 0."""
+    sizes = (50, 3, 20, 7)
+    items = [[f"c{c}/{i:03d}.png", c] for c, n in enumerate(sizes) for i in range(n)]
+    chosen = common.fid_subset(items, 20)
+    counts = [sum(items[i][1] == c for i in chosen) for c in range(4)]
+    assert len(chosen) == len(set(chosen)) == 20 and chosen == sorted(chosen)
+    assert counts[1] == 3 and sorted(counts[i] for i in (0, 2, 3)) == [5, 6, 6]
+    assert chosen == common.fid_subset(items, 20)  # deterministic
+    assert any(common.fid_subset(items, 20, seed=s) != chosen for s in range(1, 6))  # the seed draws the images
+    assert common.fid_subset(items, 0) is None and common.fid_subset(items, 80) is None
+    record = common.fid_subset_record(items, chosen)
+    assert record["per_class"] == {str(c): n for c, n in enumerate(counts)} and record["images"] == 20
+    assert record["indices"] == chosen and record["of"] == 80
 
 
 @pytest.mark.parametrize("n, classes", [(10, 10), (23, 10), (7, 3), (5, 8)])
@@ -324,14 +345,16 @@ def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tm
              "--width", "16", "--heads", "2", "--batch-size", "10", "--epochs", "1", "--sample", "10",
              "--skip-lpips", "--fid-images", "6", "--device", "cpu"]
             + (["--steps", "2", "--mlp-dim", "32"] if quantizer == "vq" else [])))
-        reference, cache = seen[-1]  # --fid-images 6: the first 6 of the 7 test images
-        assert len(reference) == 6 and [reference[i][1] for i in range(6)] == list(range(6))
+        reference, cache = seen[-1]  # --fid-images 6 of the 7 test images (labels 0..6): a stratified subset
+        chosen = reference.indices
+        assert len(reference) == 6 and sorted(reference[i][1] for i in range(6)) == sorted(set(chosen))
         x = torch.stack([reference[i][0] for i in range(6)])
-        assert x.shape == (6, 3, 32, 32) and torch.equal(x[:, :, 2:30, 2:30], (test_images[:6].float() / 255)[:, None].expand(-1, 3, -1, -1))
+        assert x.shape == (6, 3, 32, 32) and torch.equal(x[:, :, 2:30, 2:30], (test_images[chosen].float() / 255)[:, None].expand(-1, 3, -1, -1))
         assert x[:, :, :2].abs().sum() == 0 and cache == common.tokenizer_test_cache_name(
             torch.load(runs / quantizer / "best.pt", weights_only=False)["args"], limit=6)
         with open(tmp_path / "gen" / f"{common.GENERATORS[quantizer]}_{quantizer}.json") as f:
             record = json.load(f)
-        assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"] == "test split, 6 images"
+        assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"].startswith("test split, 6 images")
+        assert record["fid_reference_subset"]["indices"] == chosen and record["fid_reference_subset"]["of"] == 7
         assert record["tokenizer"]["dataset"] == "fashion-mnist" and record["sampling"]["labels"] == "class-balanced"
     assert seen[0][1] == seen[1][1]  # both tokenizers use the same split: one reference cache
