@@ -2613,6 +2613,28 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
+# Samples per run when --sample is not given, except on ODIR (sample_labels): 50 per ImageNet-100
+# class, VAR's per-class count.
+DEFAULT_SAMPLES = 5000
+
+
+def sample_labels(tokenizer_cfg, n, num_classes):
+    """(labels, how they were chosen) of a generator's samples. On ODIR (the tokenizer's split
+    scheme 'odir') they follow the test split, the g-FID reference (appendix A.1: "For the ODIR
+    dataset, we use the full original test set"): with `n` None one sample per test image with its
+    label, i.e. the test split's size and class mix; with `n` given, n labels read at even steps
+    from the sorted test labels (labels[i T // n]), the same mix. Elsewhere `n` (None:
+    DEFAULT_SAMPLES) class-balanced labels (`balanced_labels`). Sorted either way, so a sample
+    grid has one block per class."""
+    if tokenizer_cfg.get("scheme") == "odir":
+        test = torch.tensor(sorted(label for _, label in load_split(tokenizer_cfg["split_file"])["test"]))
+        n = len(test) if n is None else n
+        if n < 1:
+            raise UserError(f"need at least one sample, got {n}")
+        return test[torch.arange(n) * len(test) // n], "the test split's class mix (ODIR, appendix A.1)"
+    return balanced_labels(DEFAULT_SAMPLES if n is None else n, num_classes), "class-balanced"
+
+
 def balanced_labels(n, num_classes):
     """n class labels spread evenly over the classes (counts differ by at most one), sorted, so
     that a sample grid has one block per class. The paper does not say how many samples per
@@ -2738,7 +2760,9 @@ def add_generator_arguments(parser, quantizer, out_default):
     g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
     g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
     g = parser.add_argument_group("sampling and metrics")
-    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
+    g.add_argument("--sample", type=int, default=None,
+                   help=f"samples after training (0: none; default: {DEFAULT_SAMPLES:,} class-balanced, on ODIR one "
+                        "per test image with its label; common.sample_labels)")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
     g.add_argument("--sample-batch-size", type=int, default=100)
     g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
@@ -2779,7 +2803,7 @@ def load_generator_inputs(args, quantizer):
         made_from = d.record.get("checkpoint")
         if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
             raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
-    if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
+    if args.sample != 0 and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
         raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
                         f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
     if args.batch_size > len(dumps[0]) and not args.sample_only:
@@ -2797,9 +2821,9 @@ def generator_output_paths(out, name):
 
 def check_sample_weights(args):
     """The metric weights that --sample needs (a start_run check: fails before training)."""
-    if args.sample and not args.skip_fid:
+    if args.sample != 0 and not args.skip_fid:
         inception_weights_path()
-    if args.sample and not args.skip_lpips:
+    if args.sample != 0 and not args.skip_lpips:
         load_lpips("alex")
 
 
@@ -2840,7 +2864,8 @@ def adopt_generator_settings(args, saved, defining, script):
 
 def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics, history,
                    checkpoint, paths, device):
-    """The end of every generator run (rank 0): --sample class-balanced samples drawn by
+    """The end of every generator run (rank 0): samples (`sample_labels`: class-balanced, on ODIR
+    the test split's labels) drawn by
     `sample_tokens(labels_B) -> (B, L)` (which draws from ONE generator seeded once per run),
     decoded by the frozen `tokenizer`, written as PNGs, a class-per-row grid and a token file;
     the usage of codes in the sampled tokens; g-FID / precision-recall / pixel distance / LPIPS
@@ -2848,11 +2873,11 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
     script's sampler settings, `metrics` what the script measured already (validation loss)."""
     metrics, notes, extra = dict(metrics), {}, {}
     provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
-    if args.sample:
-        labels = balanced_labels(args.sample, dump.num_classes)
+    if args.sample != 0:
+        labels, mix = sample_labels(tokenizer_cfg, args.sample, dump.num_classes)
         start = datetime.datetime.now()
         images, tokens = generate_images(sample_tokens, tokenizer, dump, labels, args.sample_batch_size, device)
-        sampling = dict(sampling, num_samples=args.sample, labels="class-balanced", seed=args.sample_seed,
+        sampling = dict(sampling, num_samples=len(labels), labels=mix, seed=args.sample_seed,
                         batch_size=args.sample_batch_size,
                         seconds=(datetime.datetime.now() - start).total_seconds())
         write_samples(paths["samples"], images, labels, paths["grid"], args.per_class)
@@ -2918,7 +2943,7 @@ def add_generator_training_arguments(group):
 def check_guidance(args):
     """Classifier-free guidance mixes in the logits of the null class, which only label dropout
     trains: with --label-dropout 0 its embedding stays at its random initialisation."""
-    if args.sample and args.cfg_scale > 0 and args.label_dropout == 0:
+    if args.sample != 0 and args.cfg_scale > 0 and args.label_dropout == 0:
         raise UserError("--cfg-scale > 0 needs a model trained with --label-dropout > 0 (the null class); "
                         "use --cfg-scale 0")
 

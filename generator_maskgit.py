@@ -90,10 +90,15 @@ What the official code fixes and what we chose (google-research/maskgit, valeoai
     result JSON states the formula (sampling.guidance). Guidance needs the null class, which only
     label dropout trains: --cfg-scale > 0 with --label-dropout 0 is refused (also --sample-only
     from such a checkpoint).
-  * Samples (paper: not stated): --sample 5,000 class-balanced (50 per class on ImageNet-100, as
-    VAR evaluates), drawn from ONE random stream per run (--sample-seed), so no two batches repeat
-    each other. g-FID against the tokenizer's test split (torch-fidelity, as its r-FID); pixel
-    distance and LPIPS diversity over all pairs (common.sample_metrics).
+  * Samples (paper: not stated for ImageNet-100): 5,000 class-balanced (50 per class on
+    ImageNet-100, as VAR evaluates); on ODIR one per test image with its label, the test split's
+    size and class mix (A.1: "For the ODIR dataset, we use the full original test set";
+    common.sample_labels; --sample N overrides the count). Drawn from ONE random stream per run
+    (--sample-seed), so no two batches repeat each other. g-FID against the tokenizer's test split
+    (torch-fidelity, as its r-FID; --fid-images N: a class-stratified subset); pixel distance and
+    LPIPS diversity over all pairs (common.sample_metrics). Tokenizer checkpoint: best.pt on
+    ImageNet-100, the final last.pt on ODIR (A.1: "the final checkpoint was used for the ODIR
+    dataset"); dump the tokens of that one.
   * The official config also sets `min_masking_rate = 0.5` without released training code that
     uses it; we do not use it.
 """

@@ -78,11 +78,13 @@ Choices the paper leaves open (ours; all are flags and recorded in the JSON):
     it keeps 5.5% of the vocabulary instead of 22% (--top-k 3600 keeps the same share). Guidance
     is (1 + t) c - t u, t = cfg k / (K - 1) at scale k: t = 0 is the conditional model, as w in
     generator_maskgit.py; LlamaGen's scale s is 1 + t. The JSON states it (sampling.guidance).
-  * Samples: --sample 5000 class-balanced (50 per ImageNet-100 class, VAR's per-class count), one
-    random stream per run (--sample-seed); on ODIR as many as its test split (A.1: "the full test
-    set"). Pixel distance and LPIPS diversity (AlexNet) over all pairs of
-    the samples; g-FID against the tokenizer's whole test split (20,000 images on ImageNet-100).
-    The checkpoint sampled is the one with the best validation loss.
+  * Samples: 5,000 class-balanced (50 per ImageNet-100 class, VAR's per-class count); on ODIR one
+    per test image with its label, the test split's size and class mix (A.1: "For the ODIR
+    dataset, we use the full original test set"; common.sample_labels; --sample N overrides the
+    count); one random stream per run (--sample-seed). Pixel distance and LPIPS diversity
+    (AlexNet) over all pairs of the samples; g-FID against the tokenizer's whole test split
+    (20,000 images on ImageNet-100; --fid-images N: a class-stratified subset). The checkpoint
+    sampled is the one with the best validation loss.
   * Schedule: warm-up 500 steps (VAR: 1/50 of 200 epochs = 4 epochs, ~530 steps of 768 on
     ImageNet-100), peak lr 3e-4 (VAR: 1e-4 x batch / 256), then ReduceLROnPlateau x0.5 after 5
     validations without improvement, floor 1e-6 (the tokenizer's, A.1), early stop after 10 more

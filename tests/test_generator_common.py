@@ -178,6 +178,27 @@ def test_fid_subset_is_class_stratified_seeded_and_keys_the_cache():
     assert record["indices"] == chosen and record["of"] == 80
 
 
+def test_odir_samples_follow_the_test_split_elsewhere_classes_are_balanced(tmp_path):
+    """Appendix A.1, "For the ODIR dataset, we use the full original test set": on an odir split the
+    default is one sample per test image with its label (its size and class mix); --sample N keeps
+    that mix; another scheme gets DEFAULT_SAMPLES class-balanced labels."""
+    root = tmp_path / "odir"
+    for c, n in enumerate((14, 4, 2)):  # imbalanced classes, as ODIR's
+        os.makedirs(root / f"c{c}")
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(root / f"c{c}" / f"{i}.png")
+    split = common.make_split(str(root), "odir", 0, out_path=str(tmp_path / "split.json"))
+    cfg = {"scheme": "odir", "split_file": str(tmp_path / "split.json")}
+    test = sorted(label for _, label in split["test"])
+    labels, how = common.sample_labels(cfg, None, 3)
+    assert labels.tolist() == test and len(test) == 4 and "test split" in how
+    doubled, _ = common.sample_labels(cfg, 8, 3)
+    assert doubled.tolist() == sorted(test * 2)  # the same class mix at another count
+    balanced, how = common.sample_labels({"scheme": "imagenet100"}, None, 7)
+    assert len(balanced) == common.DEFAULT_SAMPLES and how == "class-balanced"
+    assert torch.equal(balanced, common.balanced_labels(common.DEFAULT_SAMPLES, 7))
+
+
 @pytest.mark.parametrize("n, classes", [(10, 10), (23, 10), (7, 3), (5, 8)])
 def test_balanced_labels(n, classes):
     labels = common.balanced_labels(n, classes)
@@ -281,7 +302,7 @@ def test_both_generators_share_the_command_line_guidance_rule_and_json_provenanc
     assert {k: args[k] for k in ("label_dropout", "min_lr", "plateau_factor", "plateau_patience", "patience", "seed",
                                  "sample", "sample_seed", "lpips_pairs", "per_class")} == \
         {"label_dropout": 0.1, "min_lr": 1e-6, "plateau_factor": 0.5, "plateau_patience": 5, "patience": 10, "seed": 0,
-         "sample": 5000, "sample_seed": 0, "lpips_pairs": None, "per_class": 8}
+         "sample": None, "sample_seed": 0, "lpips_pairs": None, "per_class": 8}
     assert set(common.GENERATOR_RANGES) <= set(script.RANGES)
     # guidance needs the null class that only label dropout trains: refused before anything is written
     with pytest.raises(UserError, match="--cfg-scale > 0 needs .*--label-dropout > 0"):
