@@ -2568,6 +2568,25 @@ def warmup_factor(step, warmup_steps):
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def generator_schedule(args, num_train):
+    """The resolved numbers of a generator's schedule, as the result JSON records them. An epoch is
+    one pass over the training images in global batches of --batch-size (incomplete batches
+    dropped: `epoch_batches`). The warm-up is counted in epochs so that it takes the same share of
+    a run on any data set (the official ones last about one epoch of their data: MaskGIT 5,000
+    steps of 256 on 1.28 M images, VAR epochs / 50; as steps, 5,000 would last ~278 of 300 epochs
+    on ODIR's ~4,700 training images): warm-up steps = --warmup-steps when given, else
+    round(--warmup-epochs x steps per epoch). The plateau schedule counts validations (one per
+    epoch) only once the warm-up is over (`end_generator_epoch`), so --plateau-patience and
+    --patience are epochs after the warm-up."""
+    steps_per_epoch = num_train // args.batch_size
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+    return {"steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
+            "warmup_epochs": warmup / steps_per_epoch if steps_per_epoch else None,
+            "plateau_patience_epochs": args.plateau_patience, "patience_epochs": args.patience,
+            "rule": "warm-up steps = --warmup-steps if given, else round(--warmup-epochs x steps per epoch); "
+                    "plateau and early-stopping patience count epochs after the warm-up"}
+
+
 class PlateauSchedule:
     """ReduceLROnPlateau with early stopping on a validation loss (paper appendix A.1: "trained
     with ReduceLROnPlateau scheduling and early stopping"), as plain state that goes into
@@ -2578,6 +2597,8 @@ class PlateauSchedule:
       * once lr has reached min_lr, `stop_patience` more validations without improvement set
         `stopped`.
     `lr` is the plateau learning rate; scripts multiply it by `warmup_factor` at every step.
+    `step(val_loss, counting=False)` (a validation inside the warm-up) keeps the best and lowest
+    losses but counts no epoch without improvement: the lr never drops while it is still rising.
     Returns True when this validation loss is the lowest so far (any decrease, no threshold): the
     caller writes best.pt then."""
 
@@ -2586,13 +2607,13 @@ class PlateauSchedule:
         self.stop_patience, self.threshold = stop_patience, threshold
         self.best, self.lowest, self.bad, self.stale_at_min, self.stopped = math.inf, math.inf, 0, 0, False
 
-    def step(self, val_loss):
+    def step(self, val_loss, counting=True):
         lowest = val_loss < self.lowest
         self.lowest = min(self.lowest, val_loss)
         at_min = self.lr <= self.min_lr * (1 + 1e-9)
         if val_loss < self.best * (1.0 - self.threshold) or not math.isfinite(self.best):
             self.best, self.bad, self.stale_at_min = val_loss, 0, 0
-        else:
+        elif counting:
             self.bad += 1
             self.stale_at_min += at_min
             if self.bad > self.patience and not at_min:
@@ -2870,7 +2891,8 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
     decoded by the frozen `tokenizer`, written as PNGs, a class-per-row grid and a token file;
     the usage of codes in the sampled tokens; g-FID / precision-recall / pixel distance / LPIPS
     diversity with their provenance (sample_metrics); then the result JSON. `sampling` holds the
-    script's sampler settings, `metrics` what the script measured already (validation loss)."""
+    script's sampler settings, `metrics` what the script measured already (validation loss);
+    `dump` is the training dump (its size resolves the recorded schedule, generator_schedule)."""
     metrics, notes, extra = dict(metrics), {}, {}
     provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
     if args.sample != 0:
@@ -2907,7 +2929,8 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
         sampling, notes["samples"] = None, "no samples: --sample 0"
     write_generator_result(paths["json"], experiment, args, metrics, history,
                            tokenizer=tokenizer_identity(tokenizer_cfg, args.tokenizer), provenance=provenance,
-                           sampling=sampling, checkpoint=checkpoint, notes=notes, **extra)
+                           sampling=sampling, checkpoint=checkpoint, notes=notes,
+                           schedule=generator_schedule(args, len(dump)), **extra)
     print0({k: v for k, v in metrics.items()})
     return metrics
 
@@ -2920,16 +2943,21 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
 # plateau signal); at every epoch end rank 0 writes best.pt (a new lowest validation loss) before
 # last.pt; --resume restores weights, optimizer, schedule and the epoch / step / history state.
 
-GENERATOR_RANGES = {"label_dropout": "[0, 1)", "min_lr": ">= 0", "plateau_factor": "(0, 1)",
+GENERATOR_RANGES = {"warmup_epochs": ">= 0", "warmup_steps": ">= 0", "label_dropout": "[0, 1)", "min_lr": ">= 0", "plateau_factor": "(0, 1)",
                     "plateau_patience": ">= 0", "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1",
                     "per_class": ">= 1", "lpips_pairs": ">= 1", "fid_images": ">= 0"}
 
 
-def add_generator_training_arguments(group):
-    """The training arguments every generator script shares, with one meaning and one default:
-    label dropout (the null class that guidance needs), the plateau schedule and early stopping,
-    the seed (their ranges: GENERATOR_RANGES). Each script adds its own recipe (--lr, --epochs,
-    --batch-size, --weight-decay, --clip, ...)."""
+def add_generator_training_arguments(group, warmup_epochs, warmup_why):
+    """The training arguments every generator script shares, with one meaning: the warm-up (in
+    epochs, default `warmup_epochs`, `warmup_why` the official recipe it follows;
+    generator_schedule), label dropout (the null class that guidance needs), the plateau schedule
+    and early stopping, the seed (their ranges: GENERATOR_RANGES). Each script adds its own recipe
+    (--lr, --epochs, --batch-size, --weight-decay, --clip, ...)."""
+    group.add_argument("--warmup-epochs", type=float, default=warmup_epochs,
+                       help=f"linear lr warm-up in passes over the training tokens ({warmup_why})")
+    group.add_argument("--warmup-steps", type=int, default=None,
+                       help="linear lr warm-up in optimizer steps instead of --warmup-epochs")
     group.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (for --cfg-scale)")
     group.add_argument("--min-lr", type=float, default=1e-6,
                        help="ReduceLROnPlateau floor (the tokenizer's, paper A.1; none given for generators)")
@@ -2970,12 +2998,13 @@ def resume_generator_training(run, model, optimizer, args, last_path):
     return schedule, state
 
 
-def end_generator_epoch(record, model, optimizer, schedule, state, args, info, paths, **saved):
+def end_generator_epoch(record, model, optimizer, schedule, state, args, info, paths, warmup_steps, **saved):
     """The end of a training epoch, after its validation: the schedule steps on
-    record["val_loss"], the record joins the history and is printed (its scalars), rank 0 writes
-    best.pt if the validation loss is the lowest so far, then last.pt, and every rank waits for
-    the files. `saved`: more checkpoint entries."""
-    improved = schedule.step(record["val_loss"])
+    record["val_loss"] (counting it toward the patience only once `warmup_steps` are done), the
+    record joins the history and is printed (its scalars), rank 0 writes best.pt if the validation
+    loss is the lowest so far, then last.pt, and every rank waits for the files. `saved`: more
+    checkpoint entries."""
+    improved = schedule.step(record["val_loss"], counting=state["step"] >= warmup_steps)
     state["history"].append(record)
     state["epoch"] += 1
     print0(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()

@@ -85,10 +85,13 @@ Choices the paper leaves open (ours; all are flags and recorded in the JSON):
     (AlexNet) over all pairs of the samples; g-FID against the tokenizer's whole test split
     (20,000 images on ImageNet-100; --fid-images N: a class-stratified subset). The checkpoint
     sampled is the one with the best validation loss.
-  * Schedule: warm-up 500 steps (VAR: 1/50 of 200 epochs = 4 epochs, ~530 steps of 768 on
-    ImageNet-100), peak lr 3e-4 (VAR: 1e-4 x batch / 256), then ReduceLROnPlateau x0.5 after 5
-    validations without improvement, floor 1e-6 (the tokenizer's, A.1), early stop after 10 more
-    at the floor; cap 200 epochs (VAR d16). VAR itself decays linearly to 0.1x instead.
+  * Schedule: warm-up --warmup-epochs 4 (VAR: 1/50 of its 200 epochs; ~530 steps of 768 on
+    ImageNet-100, 24 on ODIR's ~4,700 training images, where 500 steps would have lasted 83 of
+    200 epochs; --warmup-steps N sets steps instead; rule: common.generator_schedule, the JSON's
+    "schedule" records the resolved numbers), peak lr 3e-4 (VAR: 1e-4 x batch / 256), then, after
+    the warm-up, ReduceLROnPlateau x0.5 after 5 validations without improvement, floor 1e-6 (the
+    tokenizer's, A.1), early stop after 10 more at the floor; cap 200 epochs (VAR d16). VAR itself
+    decays linearly to 0.1x instead.
   * Validation loss with label dropout OFF (the conditional loss): VAR's forward drops labels in
     eval mode too, which makes a plateau / early-stopping signal noisy.
   * Loss: cross-entropy averaged over all L tokens (VAR's 1/L weights), label smoothing 0 (VAR).
@@ -511,9 +514,12 @@ def train(args, info, inputs, run, paths):
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     schedule, state = common.resume_generator_training(run, model, opt, args, paths["last"])
     ddp_model = common.wrap_ddp(model, info)
+    plan = common.generator_schedule(args, len(train_dump))
+    warmup_steps = plan["warmup_steps"]
     common.print0(f"VAR: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {len(train_dump)} "
                   f"training images of {train_dump.seq_len} tokens (scales {list(train_dump.scales)}), "
-                  f"{train_dump.codebook_size} codes, {train_dump.num_classes} classes")
+                  f"{train_dump.codebook_size} codes, {train_dump.num_classes} classes; "
+                  f"{plan['steps_per_epoch']} steps per epoch, warm-up {plan['warmup_steps']} steps")
     while not schedule.stopped and state["epoch"] < args.epochs:
         epoch = state["epoch"]
         torch.manual_seed(common.epoch_seed(args.seed, epoch, 1 + info.rank))
@@ -522,7 +528,7 @@ def train(args, info, inputs, run, paths):
         sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # steps, loss, gradient norm
         start = time.time()
         for rows in common.progress_bar(batches, desc=f"epoch {epoch}", leave=False):
-            common.set_lr(opt, schedule.lr * common.warmup_factor(state["step"], args.warmup_steps))
+            common.set_lr(opt, schedule.lr * common.warmup_factor(state["step"], warmup_steps))
             loss, norm = train_step(ddp_model, quantizer, train_dump.labels[rows].to(info.device),
                                     train_dump.tokens_NL[rows].to(info.device), opt, args, info.device)
             state["step"] += 1
@@ -535,7 +541,7 @@ def train(args, info, inputs, run, paths):
                   "train_loss": (sums[1] / sums[0].clamp(min=1)).item(),
                   "grad_norm": (sums[2] / sums[0].clamp(min=1)).item(), **val,
                   "images_per_second": len(batches) * args.batch_size / seconds, "seconds": seconds}
-        common.end_generator_epoch(record, model, opt, schedule, state, args, info, paths,
+        common.end_generator_epoch(record, model, opt, schedule, state, args, info, paths, warmup_steps,
                                    val_accuracy=val["val_accuracy"])
     return common.finish_generator_training(schedule, state)
 
@@ -577,12 +583,12 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
 
 RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 0", "heads": ">= 0", "mlp_ratio": "> 0",
           "drop_path": "[0, 1)", "adaln_gamma_init": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0",
-          "weight_decay": ">= 0", "warmup_steps": ">= 0", "clip": ">= 0", "label_smoothing": "[0, 1)",
+          "weight_decay": ">= 0", "clip": ">= 0", "label_smoothing": "[0, 1)",
           "epochs": ">= 0", "cfg_scale": ">= 0", "top_k": ">= 0", "top_p": "[0, 1]"}
 # Settings that define a training run: --resume refuses a checkpoint made under other values, and
 # --sample-only takes them from the checkpoint. (--grad-accum changes memory, not the maths.)
 ARCH = ("depth", "width", "heads", "mlp_ratio", "drop_path", "label_dropout", "adaln_gamma_init")
-DEFINING = ARCH + ("tokenizer", "tokens_dir", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "clip",
+DEFINING = ARCH + ("tokenizer", "tokens_dir", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "warmup_steps", "clip",
                    "label_smoothing", "plateau_factor", "plateau_patience", "patience", "seed")
 
 
@@ -642,11 +648,10 @@ def build_parser():
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (VAR's --ac)")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (VAR: 1e-4 x batch / 256)")
     g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up (VAR: 1/50 of the epochs)")
     g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clipping (0: none)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--epochs", type=int, default=200, help="cap (VAR d16: 200); early stopping usually ends sooner")
-    common.add_generator_training_arguments(g)
+    common.add_generator_training_arguments(g, 4.0, "VAR: 1/50 of its 200 epochs")
     return p
 
 

@@ -160,6 +160,28 @@ def test_plateau_schedule_follows_torch_and_stops_early():
     assert common.warmup_factor(0, 0) == 1.0
 
 
+def test_warm_up_is_counted_in_epochs_and_the_plateau_waits_for_its_end():
+    """ODIR's ~4,701 training images (issue 17 item 3): MaskGIT's batch 256 makes 18 steps per
+    epoch, VAR's 768 makes 6; one / four epochs of warm-up instead of 5,000 / 500 steps that lasted
+    ~278 of 300 / 83 of 200 epochs. --warmup-steps still sets steps. Validations inside the
+    warm-up never lower the lr."""
+    import argparse
+    args = argparse.Namespace(batch_size=256, warmup_epochs=1.0, warmup_steps=None, plateau_patience=5, patience=10)
+    plan = common.generator_schedule(args, 4701)
+    assert (plan["steps_per_epoch"], plan["warmup_steps"], plan["warmup_epochs"]) == (18, 18, 1.0)
+    assert plan["plateau_patience_epochs"] == 5 and plan["patience_epochs"] == 10
+    var = common.generator_schedule(argparse.Namespace(**dict(vars(args), batch_size=768, warmup_epochs=4.0)), 4701)
+    assert (var["steps_per_epoch"], var["warmup_steps"]) == (6, 24)
+    assert common.generator_schedule(argparse.Namespace(**dict(vars(args), warmup_steps=200)), 4701)["warmup_steps"] == 200
+    sched = common.PlateauSchedule(1.0, patience=1)
+    for loss in (1.0, 1.1, 1.2, 1.3):  # worse and worse, but still warming up
+        sched.step(loss, counting=False)
+    assert sched.lr == 1.0 and sched.bad == 0 and sched.best == 1.0
+    sched.step(1.4)
+    sched.step(1.5)
+    assert sched.lr == 0.5  # counted after the warm-up: patience 1 exceeded
+
+
 def test_fid_subset_is_class_stratified_seeded_and_keys_the_cache():
     """A budget of 20 images over classes of 50, 3, 20 and 7 items listed class by class (as an
     ImageFolder part): every class its equal share (5) unless it holds fewer (3), the 2 left over to
@@ -315,6 +337,7 @@ def test_both_generators_share_the_command_line_guidance_rule_and_json_provenanc
     assert record["sampling"]["guidance"] == script.GUIDANCE and "c - u" in script.GUIDANCE
     assert record["eval_split"] == "test" and record["data_range"] == 1.0 and record["fid_reference"] is None
     assert record["metrics"]["best_epoch"] == 0 and len(record["history"]) == 1
+    assert (record["schedule"]["steps_per_epoch"], record["schedule"]["warmup_steps"]) == (3, 1)  # 18 images / 6
     # --sample-only adopts the checkpoint's --label-dropout 0: guidance is refused there too
     best = str(tmp_path / "out" / "plain" / "best.pt")
     with pytest.raises(UserError, match="--label-dropout > 0"):
