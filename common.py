@@ -2117,22 +2117,33 @@ class SplitImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
+    @staticmethod
+    def _square(img, r):
+        """Shorter side resized to r (bicubic), centre-cropped to r x r, as a float tensor in [0, 1]."""
         from PIL import Image
 
-        relpath, label = self.items[index]
-        img = read_rgb(os.path.join(self.root, relpath))
-        r = self.resolution
         w, h = img.size
         scale = r / min(w, h)
         img = img.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC)
         w, h = img.size
         left, top = (w - r) // 2, (h - r) // 2
         img = img.crop((left, top, left + r, top + r))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+    def __getitem__(self, index):
+        relpath, label = self.items[index]
+        x = self._square(read_rgb(os.path.join(self.root, relpath)), self.resolution)
         if self.train_augment and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, label
+
+    def views(self, index):
+        """(augmented_views of the item, label): the plain image and the same image enlarged to
+        AUGMENT_SCALE x resolution (shorter side resized, centre-cropped)."""
+        relpath, label = self.items[index]
+        img = read_rgb(os.path.join(self.root, relpath))
+        return augmented_views(self._square(img, self.resolution),
+                               self._square(img, enlarged_size(self.resolution))), label
 
 
 # ---- Fashion-MNIST (Xiao et al. 2017): 70,000 real 28x28 grayscale images, readable offline ------
@@ -2282,7 +2293,7 @@ class FashionMNISTSplit(torch.utils.data.Dataset):
                             "Fashion-MNIST files': the split file belongs to other data")
         total = resolution - FASHION_MNIST_SIZE
         self.pad = (total // 2, total - total // 2, total // 2, total - total // 2)  # left, right, top, bottom
-        self.train_augment = train_augment
+        self.resolution, self.train_augment = resolution, train_augment
 
     def __len__(self):
         return len(self.labels)
@@ -2292,6 +2303,54 @@ class FashionMNISTSplit(torch.utils.data.Dataset):
         if self.train_augment and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, int(self.labels[index])
+
+    def views(self, index):
+        """(augmented_views of the item, label). The enlarged image is the garment zero-padded to
+        AUGMENT_SCALE x resolution, not resized (no blur), so its corner crops shift the garment by
+        up to (enlarged - resolution) pixels: 4 at 32 -> 36."""
+        image = self.images[index].float() / 255.0
+        total = enlarged_size(self.resolution) - FASHION_MNIST_SIZE
+        big = F.pad(image, (total // 2, total - total // 2) * 2).expand(3, -1, -1)
+        return augmented_views(F.pad(image, self.pad).expand(3, -1, -1), big), int(self.labels[index])
+
+
+# ---- Augmented views for the generators' token dumps (imagenet_tokenizer.py --dump-tokens train) ----
+# The official generators train on augmented images: VAR re-encodes a random crop of the image
+# resized to 1.125 x the resolution (its mid_reso) at every step, MaskGIT random crops and flips,
+# LlamaGen pre-extracts the codes of ten crops (four corners and the centre, and their mirror
+# images). A dump cannot re-encode per step, so, as LlamaGen, it holds a fixed set of views per
+# image and the generator draws one per image per epoch (epoch_views).
+AUGMENT_SCALE = 1.125  # VAR's mid_reso / final_reso
+VIEW_NAMES = tuple(f"{crop}{mirror}" for crop in ("plain", "top-left", "top-right", "bottom-left", "bottom-right")
+                   for mirror in ("", " mirrored"))
+
+
+def enlarged_size(resolution):
+    return round(AUGMENT_SCALE * resolution)
+
+
+def augmented_views(plain, enlarged):
+    """(len(VIEW_NAMES) = 10, C, r, r) views of one image, LlamaGen's ten crops with the plain
+    image in the place of the centre crop: view 0 is `plain`, the image exactly as the tokenizer
+    evaluates it (so view 0 of an augmented dump is the unaugmented dump), then the four corner
+    r x r crops of `enlarged` (the image at AUGMENT_SCALE x r), each crop followed by its mirror
+    image (VIEW_NAMES)."""
+    r, m = plain.shape[-1], enlarged.shape[-1]
+    crops = [plain] + [enlarged[..., top:top + r, left:left + r] for top in (0, m - r) for left in (0, m - r)]
+    return torch.stack([v for crop in crops for v in (crop, crop.flip(-1))])
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """A tokenizer dataset whose items are (augmented_views, label): what --dump-tokens train encodes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset.views(index)
 
 
 def tokenizer_datasets(cfg, data_dir=None, parts=SPLIT_PARTS, train_augment=False, download=False):
@@ -2439,9 +2498,13 @@ class TokenDump:
     """A token dump (imagenet_tokenizer.py --dump-tokens) checked and converted for training.
 
     tokens_NL   (N, L) int64: the image's tokens in raster order; for msvq the scales one after
-                another, coarsest first (VAR's idx_BL layout), L = sum of s^2
+                another, coarsest first (VAR's idx_BL layout), L = sum of s^2; of view 0, the
+                unaugmented image
     labels      (N,) int64 class indices in [0, num_classes)
     scales      side of each token map: [h] for vq (square grid), the pyramid for msvq
+    views_NVL   (N, V, L) every view's tokens (VIEW_NAMES; V = 1 for a plain dump), in the dump's
+                integer type (int16 / int32: ten views of ImageNet-100 stay ~1.4 GB); `batch`
+                reads them
     The record's other fields (checkpoint, split, split_file) are kept under `record`.
     """
     path: str
@@ -2452,6 +2515,17 @@ class TokenDump:
     codebook_size: int
     num_classes: int
     record: dict
+    views_NVL: torch.Tensor = None
+
+    @property
+    def num_views(self):
+        return 1 if self.views_NVL is None else self.views_NVL.shape[1]
+
+    def batch(self, rows, views=None):
+        """(B, L) int64 tokens of images `rows`, of view `views` (B,) each (None: view 0)."""
+        if views is None or self.views_NVL is None:
+            return self.tokens_NL[rows]
+        return self.views_NVL[rows, views].long()
 
     def __len__(self):
         return self.tokens_NL.shape[0]
@@ -2499,25 +2573,29 @@ def load_token_dump(path):
         raise UserError(f"{path}: quantizer '{quantizer}' with tokens of type {type(record['tokens']).__name__}")
     labels = torch.as_tensor(record["labels"])
     n = labels.shape[0] if labels.dim() == 1 else -1
+    views = record.get("views", 1)  # an augmented dump: maps (N, views, s, s), view 0 the plain image
+    shape = "(N, s, s)" if views == 1 else f"(N, {views}, s, s)"
     for m in maps:
-        if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[0] != n or m.shape[1] != m.shape[2] \
-                or m.is_floating_point():
-            raise UserError(f"{path}: token maps must be integer (N, s, s) tensors with one label per image; got "
+        if not isinstance(m, torch.Tensor) or m.dim() != (3 if views == 1 else 4) or m.shape[0] != n \
+                or m.shape[-1] != m.shape[-2] or (views != 1 and m.shape[1] != views) or m.is_floating_point():
+            raise UserError(f"{path}: token maps must be integer {shape} tensors with one label per image; got "
                             f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__} for "
                             f"{tuple(labels.shape)} labels")
     scales = tuple(int(m.shape[-1]) for m in maps)
     if quantizer == "msvq" and "scales" in record and list(record["scales"]) != list(scales):
         raise UserError(f"{path}: token maps of sides {list(scales)}, but scales {list(record['scales'])} recorded")
-    tokens = torch.cat([m.reshape(n, -1).long() for m in maps], 1)
     if n == 0:
         raise UserError(f"{path} holds no images")
-    if tokens.min() < 0 or tokens.max() >= k:
-        raise UserError(f"{path}: token ids must lie in [0, {k}), found {int(tokens.min())}..{int(tokens.max())}")
+    all_views = torch.cat([m.reshape(n, views, -1) for m in maps], 2)
+    if all_views.min() < 0 or all_views.max() >= k:
+        raise UserError(f"{path}: token ids must lie in [0, {k}), found {int(all_views.min())}..{int(all_views.max())}")
+    tokens = all_views[:, 0].long()
     labels = labels.long()
     num_classes = _num_classes_of(record, labels)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"{path}: labels must lie in [0, {num_classes}), found {int(labels.min())}..{int(labels.max())}")
-    return TokenDump(os.path.abspath(path), tokens, labels, quantizer, scales, int(k), num_classes, record)
+    return TokenDump(os.path.abspath(path), tokens, labels, quantizer, scales, int(k), num_classes, record,
+                     all_views if views > 1 else None)
 
 
 def check_dumps_match(dumps, tokenizer_cfg, tokenizer_path):
@@ -2544,6 +2622,19 @@ def epoch_seed(seed, epoch, stream=0):
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
+# epoch_seed's stream of the per-epoch views (far above any 1 + rank; llamagen_deferred.py's GPT
+# draws its crop codes from it since before the generators did)
+VIEW_STREAM = 10**6
+
+
+def epoch_views(n, num_views, seed, epoch):
+    """(n,) the view of each image that an epoch trains on: drawn uniformly from (seed, epoch), the
+    same on every rank and after --resume, another draw every epoch (one view per image per epoch,
+    LlamaGen's use of its ten-crop codes). num_views 1: all zeros."""
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, VIEW_STREAM))
+    return torch.randint(num_views, (n,), generator=gen)
+
+
 def epoch_batches(n, global_batch, seed, epoch, rank=0, world_size=1, shuffle=True):
     """This rank's index batches of one epoch over n items: a permutation seeded by (seed,
     epoch), cut into global batches; each global batch is split evenly over the ranks. With
@@ -2566,6 +2657,22 @@ def warmup_factor(step, warmup_steps):
     """Linear learning-rate warm-up: (step + 1) / warmup_steps for the first warmup_steps
     optimizer steps (step counted from 0), then 1."""
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def training_views(args, dump, epoch):
+    """(n,) the view of each training image in this epoch (epoch_views), or None: the plain view
+    (a plain dump or --no-augment)."""
+    if args.no_augment or dump.num_views == 1:
+        return None
+    return epoch_views(len(dump), dump.num_views, args.seed, epoch)
+
+
+def augmentation_record(args, dump):
+    """What a result JSON states about the training views (training_views)."""
+    used = 1 if args.no_augment else dump.num_views
+    return {"views_per_image": used, "dump_views": dump.num_views,
+            "view_names": list(VIEW_NAMES[:used]) if dump.num_views > 1 else ["plain"],
+            "rule": "one view per image per epoch, drawn from (seed, epoch)" if used > 1 else "the plain view only"}
 
 
 def generator_schedule(args, num_train):
@@ -2930,7 +3037,8 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
     write_generator_result(paths["json"], experiment, args, metrics, history,
                            tokenizer=tokenizer_identity(tokenizer_cfg, args.tokenizer), provenance=provenance,
                            sampling=sampling, checkpoint=checkpoint, notes=notes,
-                           schedule=generator_schedule(args, len(dump)), **extra)
+                           schedule=generator_schedule(args, len(dump)), augmentation=augmentation_record(args, dump),
+                           **extra)
     print0({k: v for k, v in metrics.items()})
     return metrics
 
@@ -2958,6 +3066,9 @@ def add_generator_training_arguments(group, warmup_epochs, warmup_why):
                        help=f"linear lr warm-up in passes over the training tokens ({warmup_why})")
     group.add_argument("--warmup-steps", type=int, default=None,
                        help="linear lr warm-up in optimizer steps instead of --warmup-epochs")
+    group.add_argument("--no-augment", action="store_true",
+                       help="train on every image's plain view only (default: one of the training dump's augmented "
+                            "views per image per epoch, when it has them; common.epoch_views)")
     group.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (for --cfg-scale)")
     group.add_argument("--min-lr", type=float, default=1e-6,
                        help="ReduceLROnPlateau floor (the tokenizer's, paper A.1; none given for generators)")

@@ -127,7 +127,7 @@ RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 1", "heads": 
           "choice_temperature": ">= 0", "temperature": "> 0"}
 # Settings that define a training run: --resume refuses a checkpoint made under other values.
 ARCH = ("depth", "width", "heads", "mlp_dim", "dropout")
-DEFINING = ARCH + ("tokenizer", "tokens_dir", "label_smoothing", "loss_on_all_tokens", "label_dropout", "lr",
+DEFINING = ARCH + ("tokenizer", "tokens_dir", "no_augment", "label_smoothing", "loss_on_all_tokens", "label_dropout", "lr",
                    "min_lr", "weight_decay", "clip", "batch_size", "warmup_epochs", "warmup_steps", "plateau_factor",
                    "plateau_patience", "patience", "seed")
 
@@ -356,12 +356,14 @@ def train_epoch(model, ddp_model, opt, sched, dump, args, info, state, warmup_st
     epoch = state["epoch"]
     torch.manual_seed(common.epoch_seed(args.seed, epoch, 1 + info.rank))  # masks, label drops, dropout
     batches = common.epoch_batches(len(dump), args.batch_size, args.seed, epoch, info.rank, info.world_size)
+    views = common.training_views(args, dump, epoch)  # one augmented view per image, or None: the plain one
     model.train()
     sums = torch.zeros(2, dtype=torch.float64, device=info.device)
     start = time.time()
     for idx in common.progress_bar(batches, desc=f"epoch {epoch}", leave=False):
         common.set_lr(opt, sched.lr * common.warmup_factor(state["step"], warmup_steps))
-        tokens, labels = dump.tokens_NL[idx].to(info.device), dump.labels[idx].to(info.device)
+        tokens = dump.batch(idx, None if views is None else views[idx]).to(info.device)
+        labels = dump.labels[idx].to(info.device)
         masked = random_mask(tokens.shape[0], tokens.shape[1], device=info.device)
         with common.autocast_for(info.device):
             logits = ddp_model(tokens.masked_fill(masked, model.mask_id),

@@ -524,13 +524,15 @@ def train(args, info, inputs, run, paths):
         epoch = state["epoch"]
         torch.manual_seed(common.epoch_seed(args.seed, epoch, 1 + info.rank))
         batches = common.epoch_batches(len(train_dump), args.batch_size, args.seed, epoch, info.rank, info.world_size)
+        views = common.training_views(args, train_dump, epoch)  # one augmented view per image, or None: plain
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # steps, loss, gradient norm
         start = time.time()
         for rows in common.progress_bar(batches, desc=f"epoch {epoch}", leave=False):
             common.set_lr(opt, schedule.lr * common.warmup_factor(state["step"], warmup_steps))
             loss, norm = train_step(ddp_model, quantizer, train_dump.labels[rows].to(info.device),
-                                    train_dump.tokens_NL[rows].to(info.device), opt, args, info.device)
+                                    train_dump.batch(rows, None if views is None else views[rows]).to(info.device),
+                                    opt, args, info.device)
             state["step"] += 1
             sums += torch.stack([torch.ones((), dtype=torch.float64, device=info.device), loss.double(), norm.double()])
         common.all_reduce_sum(sums)
@@ -588,7 +590,7 @@ RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 0", "heads": 
 # Settings that define a training run: --resume refuses a checkpoint made under other values, and
 # --sample-only takes them from the checkpoint. (--grad-accum changes memory, not the maths.)
 ARCH = ("depth", "width", "heads", "mlp_ratio", "drop_path", "label_dropout", "adaln_gamma_init")
-DEFINING = ARCH + ("tokenizer", "tokens_dir", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "warmup_steps", "clip",
+DEFINING = ARCH + ("tokenizer", "tokens_dir", "no_augment", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "warmup_steps", "clip",
                    "label_smoothing", "plateau_factor", "plateau_patience", "patience", "seed")
 
 

@@ -466,29 +466,38 @@ def reconstruction_sheet(model, dataset, info, columns=16, rows=2):
 def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     """Token indices of every image of a split, in split order: vq -> (N, h, w) tensor; msvq ->
     list of (N, s, s) tensors; int16 when the codebook fits, else int32; plus labels and the
-    number of classes of the split file (the generators' class embedding)."""
+    number of classes of the split file (the generators' class embedding). The training split
+    (unless --dump-plain) holds the 10 augmented views of every image (common.augmented_views,
+    view 0 the plain image): maps (N, 10, h, w) / (N, 10, s, s), "views" and "view_names" in the
+    record; the generators draw one view per image per epoch (common.epoch_views)."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
+    views = len(common.VIEW_NAMES) if args.dump_tokens == "train" and not args.dump_plain else 1
+    if views > 1:
+        dataset = common.AugmentedViews(dataset)
     rows, dtype = [], torch.int16 if net.quantizer.num_codes <= 2**15 else torch.int32
     subset = shard(dataset, info)
     for b, (x, y) in enumerate(common.progress_bar(loader(subset, args, info), desc="tokens", leave=False)):
-        z_q, indices, _ = net.quantizer(net.encode(x.to(info.device)))
+        n = x.shape[0]
+        z_q, indices, _ = net.quantizer(net.encode((x.flatten(0, 1) if views > 1 else x).to(info.device)))
         maps = indices if isinstance(indices, list) else [indices]
-        order = torch.arange(x.shape[0]) * info.world_size + info.rank + b * args.batch_size
-        rows.append(torch.cat([order[:, None], y[:, None].long()] + [m.reshape(x.shape[0], -1).cpu() for m in maps], 1))
+        order = torch.arange(n) * info.world_size + info.rank + b * args.batch_size
+        rows.append(torch.cat([order[:, None], y[:, None].long()] + [m.reshape(n, -1).cpu() for m in maps], 1))
     local = torch.cat(rows).to(info.device)
     table = common.all_gather_rows(local).cpu()
     table = table[table[:, 0].argsort()]
     sizes = [m.shape[-1] for m in maps]
     flat, col = [], 2
     for s in sizes:
-        flat.append(table[:, col:col + s * s].reshape(-1, s, s).to(dtype))
-        col += s * s
+        flat.append(table[:, col:col + views * s * s].reshape((-1, s, s) if views == 1 else (-1, views, s, s)).to(dtype))
+        col += views * s * s
     record = {"tokens": flat if args.quantizer == "msvq" else flat[0], "labels": table[:, 1],
               "checkpoint": os.path.abspath(ckpt_path), "quantizer": args.quantizer,
               "scales": sizes, "codebook_size": net.quantizer.num_codes, "split": args.dump_tokens,
               "split_file": args.split_file,
               "num_classes": len(common.load_split(args.split_file)["classes"])}  # a split may miss a class
+    if views > 1:
+        record.update(views=views, view_names=list(common.VIEW_NAMES))
     if info.is_main:
         common.atomic_write(out_path, lambda f: torch.save(record, f))
     return record
@@ -950,7 +959,10 @@ def build_parser():
     g.add_argument("--eval-split", choices=["train", "val", "test"], default="test")
     g.add_argument("--checkpoint", help="checkpoint for --eval-only / --dump-tokens (default <out>/<name>/best.pt)")
     g.add_argument("--dump-tokens", choices=["train", "val", "test"],
-                   help="write the token indices and labels of this split and exit")
+                   help="write the token indices and labels of this split and exit (train: 10 augmented "
+                        "views per image, view 0 the plain one; the generators draw one per epoch)")
+    g.add_argument("--dump-plain", action="store_true",
+                   help="--dump-tokens train: the plain view only (the generators then train without augmentation)")
     common.add_run_arguments(p, out_default="runs/imagenet_tokenizer")
     return p
 

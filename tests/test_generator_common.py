@@ -50,6 +50,52 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     assert ident["codebook_size"] == 16 and ident["checkpoint"] == os.path.abspath(run.checkpoint)
 
 
+def test_augmented_views_of_a_split_plain_first_then_corner_crops_and_mirrors(tokenizer_runs):
+    split = common.load_split(tokenizer_runs["vq"].split_file)
+    ds = common.SplitImageDataset(tokenizer_runs["vq"].data_dir, split, "train", 32)
+    views, label = ds.views(3)
+    assert views.shape == (len(common.VIEW_NAMES), 3, 32, 32) == (10, 3, 32, 32) and label == ds[3][1]
+    assert torch.equal(views[0], ds[3][0])  # view 0: the image as the tokenizer evaluates it
+    assert all(torch.equal(views[2 * k + 1], views[2 * k].flip(-1)) for k in range(5))  # each crop, then its mirror
+    big = common.SplitImageDataset._square(common.read_rgb(os.path.join(ds.root, ds.items[3][0])), 36)
+    assert common.enlarged_size(32) == 36
+    assert torch.equal(views[2], big[:, :32, :32]) and torch.equal(views[8], big[:, 4:, 4:])  # top-left, bottom-right
+    assert len({v.numpy().tobytes() for v in views}) == 10
+
+
+def test_token_dump_of_the_training_split_holds_ten_views_the_plain_one_first(tokenizer_runs):
+    """imagenet_tokenizer.py --dump-tokens train writes the tokens of every augmented view; view 0
+    is what a plain dump held, view 1 the tokens of the mirror image; validation dumps stay plain."""
+    run = tokenizer_runs["vq"]
+    dump, val = common.load_token_dump(run.tokens["train"]), common.load_token_dump(run.tokens["val"])
+    assert dump.num_views == 10 and dump.record["view_names"] == list(common.VIEW_NAMES) and val.num_views == 1
+    model, _ = common.load_tokenizer(run.checkpoint)
+    train = common.SplitImageDataset(run.data_dir, common.load_split(run.split_file), "train", 32)
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    with torch.no_grad():
+        plain = model.quantizer(model.encode(x))[1].flatten(1)
+        mirror = model.quantizer(model.encode(x.flip(-1)))[1].flatten(1)
+    assert torch.equal(dump.tokens_NL, plain) and torch.equal(dump.batch(torch.arange(len(dump))), plain)
+    rows = torch.tensor([0, 5, 7])
+    assert torch.equal(dump.batch(rows, torch.tensor([1, 1, 1])), mirror[rows])
+    assert torch.equal(dump.batch(rows, torch.tensor([0, 1, 0])), torch.stack([plain[0], mirror[5], plain[7]]))
+
+
+def test_each_epoch_draws_one_view_per_image_from_the_seed():
+    import argparse
+    a, b = common.epoch_views(500, 10, seed=0, epoch=0), common.epoch_views(500, 10, seed=0, epoch=1)
+    assert torch.equal(a, common.epoch_views(500, 10, seed=0, epoch=0))  # deterministic: --resume, every rank
+    assert not torch.equal(a, b) and not torch.equal(a, common.epoch_views(500, 10, seed=1, epoch=0))
+    assert a.min() == 0 and a.max() == 9 and torch.bincount(a).min() > 25  # uniform over the 10 views
+    assert torch.equal(common.epoch_views(7, 1, 0, 3), torch.zeros(7, dtype=torch.long))
+    dump = common.TokenDump("x", torch.zeros(500, 4, dtype=torch.long), torch.zeros(500, dtype=torch.long), "vq", (2,),
+                            8, 1, {}, torch.zeros(500, 10, 4, dtype=torch.int16))
+    args = argparse.Namespace(no_augment=False, seed=0)
+    assert torch.equal(common.training_views(args, dump, 1), b)
+    assert common.training_views(argparse.Namespace(no_augment=True, seed=0), dump, 1) is None
+    assert common.augmentation_record(args, dump)["views_per_image"] == 10
+
+
 def test_tokenizer_errors_are_one_line(tokenizer_runs, tmp_path):
     with pytest.raises(UserError, match="no such checkpoint"):
         common.load_tokenizer(tmp_path / "absent.pt")
@@ -78,7 +124,11 @@ def test_token_dumps_of_both_quantizers(tokenizer_runs):
     raw = torch.load(tokenizer_runs["vq"].tokens["train"], weights_only=False)
     assert raw["tokens"].dtype == torch.int16 and vq.tokens_NL.dtype == torch.int64
     assert vq.tokens_NL.shape == (18, 64) and vq.scales == (8,) and vq.num_classes == 3 and len(vq) == 18
-    assert torch.equal(vq.maps(vq.tokens_NL), raw["tokens"].long())
+    assert torch.equal(vq.maps(vq.tokens_NL), raw["tokens"][:, 0].long())  # view 0 of the augmented dump
+    ms_train = common.load_token_dump(tokenizer_runs["msvq"].tokens["train"])
+    raw_ms = torch.load(tokenizer_runs["msvq"].tokens["train"], weights_only=False)["tokens"]
+    assert ms_train.views_NVL.shape == (18, 10, 85) and ms_train.views_NVL.dtype == torch.int16
+    assert torch.equal(ms_train.views_NVL[:, 3, 1:5], raw_ms[1][:, 3].reshape(18, 4))  # view 3, the 2x2 scale
     ms = common.load_token_dump(tokenizer_runs["msvq"].tokens["val"])
     assert ms.scales == (1, 2, 4, 8) and ms.tokens_NL.shape == (6, 1 + 4 + 16 + 64)
     raw = torch.load(tokenizer_runs["msvq"].tokens["val"], weights_only=False)
@@ -338,6 +388,7 @@ def test_both_generators_share_the_command_line_guidance_rule_and_json_provenanc
     assert record["eval_split"] == "test" and record["data_range"] == 1.0 and record["fid_reference"] is None
     assert record["metrics"]["best_epoch"] == 0 and len(record["history"]) == 1
     assert (record["schedule"]["steps_per_epoch"], record["schedule"]["warmup_steps"]) == (3, 1)  # 18 images / 6
+    assert record["augmentation"]["views_per_image"] == 10  # the fixture's training dump is augmented
     # --sample-only adopts the checkpoint's --label-dropout 0: guidance is refused there too
     best = str(tmp_path / "out" / "plain" / "best.pt")
     with pytest.raises(UserError, match="--label-dropout > 0"):
