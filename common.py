@@ -27,6 +27,7 @@ Read in this order (who uses each section in brackets):
 
 Nothing here is specific to one experiment; each script decides *when* the switch happens.
 """
+import argparse
 import atexit
 import contextlib
 import copy
@@ -3087,6 +3088,27 @@ def check_guidance(args):
                         "use --cfg-scale 0")
 
 
+# The sampling the paper's diversity columns are least shaped by: no top-k (0 = off), no nucleus (top-p 1 =
+# off). A sampler that truncates by default (VAR: top-k 900, top-p 0.96) also samples this way.
+UNTRUNCATED = {"top_k": 0, "top_p": 1.0}
+UNTRUNCATED_SUFFIX = "_untruncated"
+
+
+def untruncated_args(args, name, checkpoint):
+    """The arguments of the untruncated companion of a run that samples with truncation (a script
+    with --top-k / --top-p whose values are not UNTRUNCATED): the same model and sampling stream
+    (--sample-seed) with top-k off and top-p 1, sampled as --sample-only from `checkpoint` under
+    <name>_untruncated, so that evaluate.py renders it as a row of its own beside the default.
+    None when the sampler does not truncate (MaskGIT's never does), --sample 0 or
+    --skip-untruncated."""
+    if not hasattr(args, "top_k") or args.sample == 0 or getattr(args, "skip_untruncated", False):
+        return None
+    if not (args.top_k > 0 or 0 < args.top_p < 1):  # top-k 0 and top-p 0 or 1 keep every code
+        return None
+    return argparse.Namespace(**dict(vars(args), **UNTRUNCATED, sample_only=True, checkpoint=checkpoint,
+                                     name=name + UNTRUNCATED_SUFFIX))
+
+
 def generator_run_name(args, quantizer):
     """--name, else <generator>_<tokenizer run folder>, e.g. maskgit_vq_deferred_imagenet100."""
     if args.name:
@@ -3144,7 +3166,9 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
       2. `train(args, info, inputs, run, paths) -> history` to early stopping or --epochs, or with
          --sample-only the checkpoint's settings adopted into args and its history;
       3. on rank 0, with the process group gone: `sample_and_report(args, info, inputs,
-         checkpoint, history, paths)` samples the best checkpoint and writes the result JSON.
+         checkpoint, history, paths)` samples the best checkpoint and writes the result JSON; a
+         sampler that truncates (VAR's top-k / top-p) then samples the same checkpoint once more
+         untruncated, as the --sample-only run <name>_untruncated (untruncated_args).
     `inputs` is whatever the script's load_inputs returns. The tokenizer and tokens-dir paths
     become absolute: checkpoints compare them on --resume, results record them."""
     info = setup_distributed(args.device, args.dist_timeout)
@@ -3153,6 +3177,9 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
     name = generator_run_name(args, quantizer)
     paths = generator_output_paths(args.out, name)
     outputs = [paths[k] for k in ("json", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
+    companion_paths = generator_output_paths(args.out, name + UNTRUNCATED_SUFFIX)
+    if untruncated_args(args, name, None) is not None:
+        outputs += [companion_paths[k] for k in ("json", "grid", "tokens")]
 
     def adopt(target):
         return adopt_generator_settings(target, load_checkpoint(args.checkpoint), defining,
@@ -3173,4 +3200,8 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
                 raise UserError("training ended before its first epoch; raise --epochs")
         cleanup_distributed()  # sampling and metrics run on rank 0 alone
         if info.is_main:
-            return sample_and_report(args, info, inputs, checkpoint, history, paths)
+            result = sample_and_report(args, info, inputs, checkpoint, history, paths)
+            companion = untruncated_args(args, name, checkpoint)
+            if companion is not None:
+                sample_and_report(companion, info, inputs, checkpoint, history, companion_paths)
+            return result

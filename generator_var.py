@@ -68,6 +68,8 @@ Outputs in --out, <name> = var_<tokenizer run folder> (--name overrides):
     <name>/samples/*.png      every sample, <index>_class<label>.png
     <name>/samples_grid.png   one row per class (Figure 9 material)
     <name>/samples_tokens.pt  the sampled token maps and labels
+    <name>_untruncated.json, <name>_untruncated/   the same checkpoint sampled with top-k / top-p off
+                              (when they truncate; --skip-untruncated omits it)
 Needs (unless --skip-fid / --skip-lpips): torch-fidelity's Inception weights and LPIPS's AlexNet
 backbone in $TORCH_HOME/hub/checkpoints, and the tokenizer's images (its split file's test split
 is the g-FID reference; --data-dir if they moved). Missing files fail before training, in one line.
@@ -78,6 +80,10 @@ Choices the paper leaves open (ours; all are flags and recorded in the JSON):
     it keeps 5.5% of the vocabulary instead of 22% (--top-k 3600 keeps the same share). Guidance
     is (1 + t) c - t u, t = cfg k / (K - 1) at scale k: t = 0 is the conditional model, as w in
     generator_maskgit.py; LlamaGen's scale s is 1 + t. The JSON states it (sampling.guidance).
+    Truncation moves the diversity columns and the paper states no sampling settings, so a run
+    whose --top-k / --top-p truncate samples the same checkpoint again untruncated (top-k 0 = off,
+    top-p 1 = off; same --sample-seed) as <name>_untruncated, a --sample-only run of its own that
+    evaluate.py shows as its own row ("top_k=0, top_p=1.0"); --skip-untruncated omits it.
   * Samples: 5,000 class-balanced (50 per ImageNet-100 class, VAR's per-class count); on ODIR one
     per test image with its label, the test split's size and class mix (A.1: "For the ODIR
     dataset, we use the full original test set"; common.sample_labels; --sample N overrides the
@@ -633,7 +639,10 @@ def build_parser():
     g.add_argument("--cfg-scale", type=float, default=1.5,
                    help="guidance at the last scale, t = cfg x k / (K - 1) at scale k (VAR's FID recipe: 1.5)")
     g.add_argument("--top-k", type=int, default=900, help="0: off (VAR: 900, tuned for 4,096 codes)")
-    g.add_argument("--top-p", type=float, default=0.96, help="0: off (VAR: 0.96)")
+    g.add_argument("--top-p", type=float, default=0.96, help="1: off (VAR: 0.96)")
+    g.add_argument("--skip-untruncated", action="store_true",
+                   help="no second sample set with top-k 0 / top-p 1 (default: sampled as <name>_untruncated "
+                        "whenever --top-k / --top-p truncate; common.untruncated_args)")
 
     g = p.add_argument_group("model (VAR's build_vae_var at --depth)")
     g.add_argument("--depth", type=int, default=16, help="transformer blocks (paper: 16, the smallest VAR)")

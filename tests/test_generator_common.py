@@ -453,3 +453,19 @@ def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tm
         assert record["fid_reference_subset"]["indices"] == chosen and record["fid_reference_subset"]["of"] == 7
         assert record["tokenizer"]["dataset"] == "fashion-mnist" and record["sampling"]["labels"] == "class-balanced"
     assert seen[0][1] == seen[1][1]  # both tokenizers use the same split: one reference cache
+
+
+def test_only_a_truncating_sampler_gets_an_untruncated_companion():
+    """VAR's default top-k 900 / top-p 0.96 truncate: its run also samples with top-k 0 and top-p 1
+    (off) as <name>_untruncated; MaskGIT samples the full softmax, its default row is untruncated."""
+    import generator_maskgit
+    import generator_var
+    assert common.untruncated_args(generator_maskgit.build_parser().parse_args(["--tokenizer", "t"]), "x", "c") is None
+    var = generator_var.build_parser().parse_args(["--tokenizer", "t"])
+    companion = common.untruncated_args(var, "x", "c.pt")
+    assert (companion.top_k, companion.top_p, companion.name, companion.sample_only, companion.checkpoint) == \
+        (0, 1.0, "x_untruncated", True, "c.pt")
+    assert (var.top_k, var.top_p, var.name, var.sample_only) == (900, 0.96, None, False)  # the run's own args unchanged
+    for extra in (["--top-k", "0", "--top-p", "1"], ["--skip-untruncated"], ["--sample", "0"]):
+        args = generator_var.build_parser().parse_args(["--tokenizer", "t"] + extra)
+        assert common.untruncated_args(args, "x", "c") is None
