@@ -513,3 +513,7 @@ def test_parameter_counts_match_vars_published_model_sizes():
         sizes = {d: sum(p.numel() for p in gv.VAR(1000, 4096, 32, common.VAR_SCALES, depth=d).parameters())
                  for d in (16, 20)}
     assert 310e6 <= sizes[16] < 311e6 and 600e6 <= sizes[20] < 601e6
+    # the paper's d16: 16,384 codes, ImageNet-100's 100 classes, token dimension 32 (README: 322.0 M)
+    with torch.device("meta"):
+        paper = sum(p.numel() for p in gv.VAR(100, 16384, 32, common.VAR_SCALES, depth=16).parameters())
+    assert paper == 321_957_120
