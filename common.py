@@ -27,6 +27,7 @@ Read in this order (who uses each section in brackets):
 
 Nothing here is specific to one experiment; each script decides *when* the switch happens.
 """
+import argparse
 import atexit
 import contextlib
 import copy
@@ -2443,22 +2444,33 @@ class SplitImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
+    @staticmethod
+    def _square(img, r):
+        """Shorter side resized to r (bicubic), centre-cropped to r x r, as a float tensor in [0, 1]."""
         from PIL import Image
 
-        relpath, label = self.items[index]
-        img = read_rgb(os.path.join(self.root, relpath))
-        r = self.resolution
         w, h = img.size
         scale = r / min(w, h)
         img = img.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC)
         w, h = img.size
         left, top = (w - r) // 2, (h - r) // 2
         img = img.crop((left, top, left + r, top + r))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+    def __getitem__(self, index):
+        relpath, label = self.items[index]
+        x = self._square(read_rgb(os.path.join(self.root, relpath)), self.resolution)
         if self.train_augment and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, label
+
+    def views(self, index):
+        """(augmented_views of the item, label): the plain image and the same image enlarged to
+        AUGMENT_SCALE x resolution (shorter side resized, centre-cropped)."""
+        relpath, label = self.items[index]
+        img = read_rgb(os.path.join(self.root, relpath))
+        return augmented_views(self._square(img, self.resolution),
+                               self._square(img, enlarged_size(self.resolution))), label
 
 
 # ---- Fashion-MNIST (Xiao et al. 2017): 70,000 real 28x28 grayscale images, readable offline ------
@@ -2599,6 +2611,7 @@ class FashionMNISTSplit(torch.utils.data.Dataset):
             raise UserError(f"Fashion-MNIST images are {FASHION_MNIST_SIZE}x{FASHION_MNIST_SIZE}: --resolution "
                             f"{resolution} would crop them; use 32 (zero padding)")
         where = [(name, int(index)) for name, index in (item.split("/") for item, _ in split[part])]
+        self.items = split[part]
         self.images = torch.stack([files[name][0][i] for name, i in where]) if where else torch.zeros(0, 28, 28)
         self.labels = torch.tensor([label for _, label in split[part]], dtype=torch.long)
         found = torch.tensor([int(files[name][1][i]) for name, i in where], dtype=torch.long)
@@ -2607,7 +2620,7 @@ class FashionMNISTSplit(torch.utils.data.Dataset):
                             "Fashion-MNIST files': the split file belongs to other data")
         total = resolution - FASHION_MNIST_SIZE
         self.pad = (total // 2, total - total // 2, total // 2, total - total // 2)  # left, right, top, bottom
-        self.train_augment = train_augment
+        self.resolution, self.train_augment = resolution, train_augment
 
     def __len__(self):
         return len(self.labels)
@@ -2617,6 +2630,54 @@ class FashionMNISTSplit(torch.utils.data.Dataset):
         if self.train_augment and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, int(self.labels[index])
+
+    def views(self, index):
+        """(augmented_views of the item, label). The enlarged image is the garment zero-padded to
+        AUGMENT_SCALE x resolution, not resized (no blur), so its corner crops shift the garment by
+        up to (enlarged - resolution) pixels: 4 at 32 -> 36."""
+        image = self.images[index].float() / 255.0
+        total = enlarged_size(self.resolution) - FASHION_MNIST_SIZE
+        big = F.pad(image, (total // 2, total - total // 2) * 2).expand(3, -1, -1)
+        return augmented_views(F.pad(image, self.pad).expand(3, -1, -1), big), int(self.labels[index])
+
+
+# ---- Augmented views for the generators' token dumps (imagenet_tokenizer.py --dump-tokens train) ----
+# The official generators train on augmented images: VAR re-encodes a random crop of the image
+# resized to 1.125 x the resolution (its mid_reso) at every step, MaskGIT random crops and flips,
+# LlamaGen pre-extracts the codes of ten crops (four corners and the centre, and their mirror
+# images). A dump cannot re-encode per step, so, as LlamaGen, it holds a fixed set of views per
+# image and the generator draws one per image per epoch (epoch_views).
+AUGMENT_SCALE = 1.125  # VAR's mid_reso / final_reso
+VIEW_NAMES = tuple(f"{crop}{mirror}" for crop in ("plain", "top-left", "top-right", "bottom-left", "bottom-right")
+                   for mirror in ("", " mirrored"))
+
+
+def enlarged_size(resolution):
+    return round(AUGMENT_SCALE * resolution)
+
+
+def augmented_views(plain, enlarged):
+    """(len(VIEW_NAMES) = 10, C, r, r) views of one image, LlamaGen's ten crops with the plain
+    image in the place of the centre crop: view 0 is `plain`, the image exactly as the tokenizer
+    evaluates it (so view 0 of an augmented dump is the unaugmented dump), then the four corner
+    r x r crops of `enlarged` (the image at AUGMENT_SCALE x r), each crop followed by its mirror
+    image (VIEW_NAMES)."""
+    r, m = plain.shape[-1], enlarged.shape[-1]
+    crops = [plain] + [enlarged[..., top:top + r, left:left + r] for top in (0, m - r) for left in (0, m - r)]
+    return torch.stack([v for crop in crops for v in (crop, crop.flip(-1))])
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """A tokenizer dataset whose items are (augmented_views, label): what --dump-tokens train encodes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset.views(index)
 
 
 def tokenizer_datasets(cfg, data_dir=None, parts=SPLIT_PARTS, train_augment=False, download=False):
@@ -2765,26 +2826,75 @@ def check_dump_provenance(dumps):
             return
 
 
+# A budgeted reference (--fid-images N below the split's size) is a seeded, class-stratified subset:
+# ImageFolder parts are sorted by path, i.e. grouped by class, so "the first N" would score
+# class-balanced samples against a few classes only. The seed is fixed, so every run on one split
+# with one budget (tokenizer r-FID, generator g-FID) scores against the same images and shares
+# one Inception feature cache.
+FID_SUBSET_SEED = 0
+
+
+def fid_subset(items, limit, seed=FID_SUBSET_SEED):
+    """The images a --fid-images budget keeps of one split part (its [relpath, label] items): None
+    (every image) when `limit` is 0 or not below their number, else the sorted indices of a
+    class-stratified subset: each class the same share as far as its size allows, the remainder
+    one image each to classes drawn by `seed` (`_balanced_counts`), and inside a class a seeded
+    random choice."""
+    if not 0 < limit < len(items):
+        return None
+    by_class = {}
+    for i, (_, label) in enumerate(items):
+        by_class.setdefault(label, []).append(i)
+    return _class_uniform_sample([by_class[c] for c in sorted(by_class)], limit, random.Random(seed))
+
+
+def fid_subset_record(items, indices, seed=FID_SUBSET_SEED):
+    """What a result JSON states about a budgeted reference (`fid_subset`): the seed, its size out
+    of the part's, images per class, the chosen indices into the part and a hash of their paths.
+    None when the whole part is used."""
+    if indices is None:
+        return None
+    chosen = [items[i] for i in indices]
+    per_class = {}
+    for _, label in chosen:
+        per_class[str(label)] = per_class.get(str(label), 0) + 1
+    digest = hashlib.sha256(json.dumps([path for path, _ in chosen]).encode()).hexdigest()[:16]
+    return {"rule": "class-stratified", "seed": seed, "images": len(chosen), "of": len(items),
+            "per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0]))), "indices": list(indices),
+            "paths_sha256": digest}
+
+
+def tokenizer_test_subset(cfg, limit=0):
+    """(indices or None, JSON record or None) of the g-FID reference of a tokenizer's test split
+    under a --fid-images budget (`fid_subset`)."""
+    test = load_split(cfg["split_file"])["test"]
+    indices = fid_subset(test, limit)
+    return indices, fid_subset_record(test, indices)
+
+
 def tokenizer_test_split(cfg, data_dir=None, limit=0):
     """The test images of a tokenizer's own split, prepared as the tokenizer saw them
     (`tokenizer_datasets`: an ImageFolder split or Fashion-MNIST's official test set): the
     reference set of g-FID (paper section 6.1: generated samples against the test set).
     `data_dir` overrides the folder recorded in the checkpoint (data moved to another machine);
-    `limit` > 0 keeps the first `limit` images (--fid-images: a CPU budget, stated in the JSON)."""
+    `limit` > 0 keeps a class-stratified subset of `limit` images (--fid-images: a CPU budget,
+    stated in the JSON; `fid_subset`)."""
     test = tokenizer_datasets(cfg, data_dir, parts=("test",))["test"]
-    return torch.utils.data.Subset(test, range(limit)) if 0 < limit < len(test) else test
+    indices, _ = tokenizer_test_subset(cfg, limit)
+    return test if indices is None else torch.utils.data.Subset(test, indices)
 
 
 def tokenizer_test_cache_name(cfg, data_dir=None, limit=0):
     """The name under which torch-fidelity caches the Inception statistics of a tokenizer's test
-    split (in $TORCH_HOME/fidelity_cache): a hash of the data folder (as tokenizer_datasets finds
-    it), the resolution and the list of test images, so another split, folder or size never reuses
-    them. On a CPU the reference features of 10,000 images take half an hour or more; every
-    generator run on a tokenizer of that split shares them. The sha256 of the Inception weights is
-    part of the key: features of other weights are never reused. (A changed image under an
-    unchanged file name would not be noticed: delete the cache then.)"""
+    split (in $TORCH_HOME/fidelity_cache): a hash of everything that decides those statistics,
+    the data folder (as tokenizer_datasets finds it), the resolution and the list of reference
+    images (the --fid-images subset, `fid_subset`), and the sha256 of the Inception weights, so
+    another split, folder, subset or weights never reuse them. The one place that builds the key.
+    On a CPU the reference features of 10,000 images take half an hour or more; every generator
+    run on a tokenizer of that split shares them. (A changed image under an unchanged file name would not be noticed: delete the cache.)"""
     split = load_split(cfg["split_file"])
-    test = split["test"][:limit] if limit > 0 else split["test"]
+    indices = fid_subset(split["test"], limit)
+    test = split["test"] if indices is None else [split["test"][i] for i in indices]
     key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"], test,
                       inception_weights_digest()])
     return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -2832,9 +2942,13 @@ class TokenDump:
     """A token dump (imagenet_tokenizer.py --dump-tokens) checked and converted for training.
 
     tokens_NL   (N, L) int64: the image's tokens in raster order; for msvq the scales one after
-                another, coarsest first (VAR's idx_BL layout), L = sum of s^2
+                another, coarsest first (VAR's idx_BL layout), L = sum of s^2; of view 0, the
+                unaugmented image
     labels      (N,) int64 class indices in [0, num_classes)
     scales      side of each token map: [h] for vq (square grid), the pyramid for msvq
+    views_NVL   (N, V, L) every view's tokens (VIEW_NAMES; V = 1 for a plain dump), in the dump's
+                integer type (int16 / int32: ten views of ImageNet-100 stay ~1.4 GB); `batch`
+                reads them
     The record's other fields (checkpoint, split, split_file) are kept under `record`.
     """
     path: str
@@ -2846,6 +2960,17 @@ class TokenDump:
     num_classes: int
     record: dict
     tokenizer: dict = None  # the fingerprint of the tokenizer verified to decode it (load_generator_inputs)
+    views_NVL: torch.Tensor = None
+
+    @property
+    def num_views(self):
+        return 1 if self.views_NVL is None else self.views_NVL.shape[1]
+
+    def batch(self, rows, views=None):
+        """(B, L) int64 tokens of images `rows`, of view `views` (B,) each (None: view 0)."""
+        if views is None or self.views_NVL is None:
+            return self.tokens_NL[rows]
+        return self.views_NVL[rows, views].long()
 
     def __len__(self):
         return self.tokens_NL.shape[0]
@@ -2893,10 +3018,12 @@ def load_token_dump(path):
         raise UserError(f"{path}: quantizer '{quantizer}' with tokens of type {type(record['tokens']).__name__}")
     labels = torch.as_tensor(record["labels"])
     n = labels.shape[0] if labels.dim() == 1 else -1
+    views = record.get("views", 1)  # an augmented dump: maps (N, views, s, s), view 0 the plain image
+    shape = "(N, s, s)" if views == 1 else f"(N, {views}, s, s)"
     for m in maps:
-        if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[0] != n or m.shape[1] != m.shape[2] \
-                or m.is_floating_point():
-            raise UserError(f"{path}: token maps must be integer (N, s, s) tensors with one label per image; got "
+        if not isinstance(m, torch.Tensor) or m.dim() != (3 if views == 1 else 4) or m.shape[0] != n \
+                or m.shape[-1] != m.shape[-2] or (views != 1 and m.shape[1] != views) or m.is_floating_point():
+            raise UserError(f"{path}: token maps must be integer {shape} tensors with one label per image; got "
                             f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__} for "
                             f"{tuple(labels.shape)} labels")
     scales = tuple(int(m.shape[-1]) for m in maps)
@@ -2904,14 +3031,16 @@ def load_token_dump(path):
         raise UserError(f"{path}: token maps of sides {list(scales)}, but scales {list(record['scales'])} recorded")
     if n == 0:
         raise UserError(f"{path} holds no images")
-    tokens = torch.cat([m.reshape(n, -1).long() for m in maps], 1)
-    if tokens.min() < 0 or tokens.max() >= k:
-        raise UserError(f"{path}: token ids must lie in [0, {k}), found {int(tokens.min())}..{int(tokens.max())}")
+    all_views = torch.cat([m.reshape(n, views, -1) for m in maps], 2)
+    if all_views.min() < 0 or all_views.max() >= k:
+        raise UserError(f"{path}: token ids must lie in [0, {k}), found {int(all_views.min())}..{int(all_views.max())}")
+    tokens = all_views[:, 0].long()
     labels = labels.long()
     num_classes = _num_classes_of(record, labels)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"{path}: labels must lie in [0, {num_classes}), found {int(labels.min())}..{int(labels.max())}")
-    return TokenDump(os.path.abspath(path), tokens, labels, quantizer, scales, int(k), num_classes, record)
+    return TokenDump(os.path.abspath(path), tokens, labels, quantizer, scales, int(k), num_classes, record,
+                     views_NVL=all_views if views > 1 else None)
 
 
 def check_dumps_match(dumps, tokenizer_cfg, tokenizer_path):
@@ -2938,6 +3067,19 @@ def epoch_seed(seed, epoch, stream=0):
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
+# epoch_seed's stream of the per-epoch views (far above any 1 + rank; llamagen_deferred.py's GPT
+# draws its crop codes from it since before the generators did)
+VIEW_STREAM = 10**6
+
+
+def epoch_views(n, num_views, seed, epoch):
+    """(n,) the view of each image that an epoch trains on: drawn uniformly from (seed, epoch), the
+    same on every rank and after --resume, another draw every epoch (one view per image per epoch,
+    LlamaGen's use of its ten-crop codes). num_views 1: all zeros."""
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, VIEW_STREAM))
+    return torch.randint(num_views, (n,), generator=gen)
+
+
 def epoch_batches(n, global_batch, seed, epoch, rank=0, world_size=1, shuffle=True):
     """This rank's index batches of one epoch over n items: a permutation seeded by (seed,
     epoch), cut into global batches; each global batch is split evenly over the ranks. With
@@ -2962,6 +3104,41 @@ def warmup_factor(step, warmup_steps):
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def training_views(args, dump, epoch):
+    """(n,) the view of each training image in this epoch (epoch_views), or None: the plain view
+    (a plain dump or --no-augment)."""
+    if args.no_augment or dump.num_views == 1:
+        return None
+    return epoch_views(len(dump), dump.num_views, args.seed, epoch)
+
+
+def augmentation_record(args, dump):
+    """What a result JSON states about the training views (training_views)."""
+    used = 1 if args.no_augment else dump.num_views
+    return {"views_per_image": used, "dump_views": dump.num_views,
+            "view_names": list(VIEW_NAMES[:used]) if dump.num_views > 1 else ["plain"],
+            "rule": "one view per image per epoch, drawn from (seed, epoch)" if used > 1 else "the plain view only"}
+
+
+def generator_schedule(args, num_train):
+    """The resolved numbers of a generator's schedule, as the result JSON records them. An epoch is
+    one pass over the training images in global batches of --batch-size (incomplete batches
+    dropped: `epoch_batches`). The warm-up is counted in epochs so that it takes the same share of
+    a run on any data set (the official ones last about one epoch of their data: MaskGIT 5,000
+    steps of 256 on 1.28 M images, VAR epochs / 50; as steps, 5,000 would last ~278 of 300 epochs
+    on ODIR's ~4,700 training images): warm-up steps = --warmup-steps when given, else
+    round(--warmup-epochs x steps per epoch). The plateau schedule counts validations (one per
+    epoch) only once the warm-up is over (`end_generator_epoch`), so --plateau-patience and
+    --patience are epochs after the warm-up."""
+    steps_per_epoch = num_train // args.batch_size
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+    return {"steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
+            "warmup_epochs": warmup / steps_per_epoch if steps_per_epoch else None,
+            "plateau_patience_epochs": args.plateau_patience, "patience_epochs": args.patience,
+            "rule": "warm-up steps = --warmup-steps if given, else round(--warmup-epochs x steps per epoch); "
+                    "plateau and early-stopping patience count epochs after the warm-up"}
+
+
 class PlateauSchedule:
     """ReduceLROnPlateau with early stopping on a validation loss (paper appendix A.1: "trained
     with ReduceLROnPlateau scheduling and early stopping"), as plain state that goes into
@@ -2972,6 +3149,8 @@ class PlateauSchedule:
       * once lr has reached min_lr, `stop_patience` more validations without improvement set
         `stopped`.
     `lr` is the plateau learning rate; scripts multiply it by `warmup_factor` at every step.
+    `step(val_loss, counting=False)` (a validation inside the warm-up) keeps the best and lowest
+    losses but counts no epoch without improvement: the lr never drops while it is still rising.
     Returns True when this validation loss is the lowest so far (any decrease, no threshold): the
     caller writes best.pt then."""
 
@@ -2980,13 +3159,13 @@ class PlateauSchedule:
         self.stop_patience, self.threshold = stop_patience, threshold
         self.best, self.lowest, self.bad, self.stale_at_min, self.stopped = math.inf, math.inf, 0, 0, False
 
-    def step(self, val_loss):
+    def step(self, val_loss, counting=True):
         lowest = val_loss < self.lowest
         self.lowest = min(self.lowest, val_loss)
         at_min = self.lr <= self.min_lr * (1 + 1e-9)
         if val_loss < self.best * (1.0 - self.threshold) or not math.isfinite(self.best):
             self.best, self.bad, self.stale_at_min = val_loss, 0, 0
-        else:
+        elif counting:
             self.bad += 1
             self.stale_at_min += at_min
             if self.bad > self.patience and not at_min:
@@ -3005,6 +3184,28 @@ class PlateauSchedule:
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# Samples per run when --sample is not given, except on ODIR (sample_labels): 50 per ImageNet-100
+# class, VAR's per-class count.
+DEFAULT_SAMPLES = 5000
+
+
+def sample_labels(tokenizer_cfg, n, num_classes):
+    """(labels, how they were chosen) of a generator's samples. On ODIR (the tokenizer's split
+    scheme 'odir') they follow the test split, the g-FID reference (appendix A.1: "For the ODIR
+    dataset, we use the full original test set"): with `n` None one sample per test image with its
+    label, i.e. the test split's size and class mix; with `n` given, n labels read at even steps
+    from the sorted test labels (labels[i T // n]), the same mix. Elsewhere `n` (None:
+    DEFAULT_SAMPLES) class-balanced labels (`balanced_labels`). Sorted either way, so a sample
+    grid has one block per class."""
+    if tokenizer_cfg.get("scheme") == "odir":
+        test = torch.tensor(sorted(label for _, label in load_split(tokenizer_cfg["split_file"])["test"]))
+        n = len(test) if n is None else n
+        if n < 1:
+            raise UserError(f"need at least one sample, got {n}")
+        return test[torch.arange(n) * len(test) // n], "the test split's class mix (ODIR, appendix A.1)"
+    return balanced_labels(DEFAULT_SAMPLES if n is None else n, num_classes), "class-balanced"
 
 
 def balanced_labels(n, num_classes):
@@ -3154,14 +3355,16 @@ def add_generator_arguments(parser, quantizer, out_default):
     g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
     g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
     g = parser.add_argument_group("sampling and metrics")
-    g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
+    g.add_argument("--sample", type=int, default=None,
+                   help=f"samples after training (0: none; default: {DEFAULT_SAMPLES:,} class-balanced, on ODIR one "
+                        "per test image with its label; common.sample_labels)")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
     g.add_argument("--sample-batch-size", type=int, default=100)
     g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png (at most 32)")
     g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
     g.add_argument("--fid-images", type=int, default=0,
-                   help="g-FID reference: the first N test images (0: the whole test split, the paper's; "
-                        "a CPU budget, stated in the JSON's fid_reference)")
+                   help="g-FID reference: a class-stratified subset of N test images (0: the whole test split, "
+                        "the paper's; a CPU budget, stated in the JSON's fid_reference and fid_reference_subset)")
     g.add_argument("--prc", action="store_true", help="also precision / recall (Inception features, k=3)")
     g.add_argument("--skip-lpips", action="store_true", help="no LPIPS diversity (no AlexNet weights)")
     g.add_argument("--lpips-pairs", type=int, help="random pairs for LPIPS diversity (default: all pairs)")
@@ -3203,9 +3406,9 @@ def load_generator_inputs(args, quantizer):
                 and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
             raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
         d.tokenizer = fingerprint
-    if args.sample and not args.skip_fid:
+    if args.sample != 0 and not args.skip_fid:
         check_fid_cache(tokenizer_test_cache_name(cfg, args.data_dir, args.fid_images))
-    if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
+    if args.sample != 0 and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
         raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
                         f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
     if args.batch_size > len(dumps[0]) and not args.sample_only:
@@ -3223,9 +3426,9 @@ def generator_output_paths(out, name):
 
 def check_sample_weights(args):
     """The metric weights that --sample needs (a start_run check: fails before training)."""
-    if args.sample and not args.skip_fid:
+    if args.sample != 0 and not args.skip_fid:
         inception_weights_path()
-    if args.sample and not args.skip_lpips:
+    if args.sample != 0 and not args.skip_lpips:
         load_lpips("alex")
 
 
@@ -3278,37 +3481,43 @@ def discard_stale_samples(paths, keep_samples):
 
 def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_tokens, sampling, metrics, history,
                    checkpoint, paths, device, status):
-    """The end of every generator run (rank 0): --sample class-balanced samples drawn by
+    """The end of every generator run (rank 0): samples (`sample_labels`: class-balanced, on ODIR
+    the test split's labels) drawn by
     `sample_tokens(labels_B) -> (B, L)` (which draws from ONE generator seeded once per run),
     decoded by the frozen `tokenizer`, written as PNGs, a class-per-row grid and a token file;
     the usage of codes in the sampled tokens; g-FID / precision-recall / pixel distance / LPIPS
     diversity with their provenance (sample_metrics); then the result JSON. `sampling` holds the
     script's sampler settings, `metrics` what the script measured already (validation loss),
-    `status` the sampled model's `model_status`."""
+    `status` the sampled model's `model_status`; `dump` is the training dump (its size resolves the
+    recorded schedule, generator_schedule)."""
     metrics, notes, extra = dict(metrics), {}, dict(status)
     provenance = {"eval_split": None, "fid_reference": None, "data_range": 1.0}
-    discard_stale_samples(paths, keep_samples=bool(args.sample))
+    discard_stale_samples(paths, keep_samples=args.sample != 0)
     if unfinished_note(status):
         notes["model_finished"] = unfinished_note(status)
-    if args.sample:
-        labels = balanced_labels(args.sample, dump.num_classes)
+    if args.sample != 0:
+        labels, mix = sample_labels(tokenizer_cfg, args.sample, dump.num_classes)
         start = datetime.datetime.now()
         images, tokens = generate_images(sample_tokens, tokenizer, dump, labels, args.sample_batch_size, device)
-        sampling = dict(sampling, num_samples=args.sample, labels="class-balanced", seed=args.sample_seed,
+        sampling = dict(sampling, num_samples=len(labels), labels=mix, seed=args.sample_seed,
                         batch_size=args.sample_batch_size,
                         seconds=(datetime.datetime.now() - start).total_seconds())
         write_samples(paths["samples"], images, labels, paths["grid"], args.per_class)
         atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
         counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
         metrics.update(token_perplexity=perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
-        reference, cache = None, None
+        reference, cache, subset = None, None, None
         if not args.skip_fid:
             reference = tokenizer_test_split(tokenizer_cfg, args.data_dir, args.fid_images)
             cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir, args.fid_images)
+            subset = tokenizer_test_subset(tokenizer_cfg, args.fid_images)[1]
         lpips_model = None if args.skip_lpips else load_lpips("alex", device)
         found, provenance = sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
                                            prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
                                            seed=args.sample_seed, device=device)
+        if subset is not None:
+            provenance["fid_reference"] += f" (class-stratified subset of {subset['of']}, seed {subset['seed']})"
+        provenance["fid_reference_subset"] = subset
         metrics.update(found)
         if metrics.get("pixel_diversity") is None:
             notes["pixel_diversity"] = "not defined for fewer than 2 samples (no pair)"
@@ -3322,7 +3531,9 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
         sampling, notes["samples"] = None, "no samples: --sample 0"
     write_generator_result(paths["json"], experiment, args, metrics, history,
                            tokenizer=tokenizer_identity(tokenizer_cfg, args.tokenizer), provenance=provenance,
-                           sampling=sampling, checkpoint=checkpoint, notes=notes, **extra)
+                           sampling=sampling, checkpoint=checkpoint, notes=notes,
+                           schedule=generator_schedule(args, len(dump)), augmentation=augmentation_record(args, dump),
+                           **extra)
     print0({k: v for k, v in metrics.items()})
     return metrics
 
@@ -3342,16 +3553,25 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
 # logits (below 1e-3 they overflow); seeds fit every generator torch and numpy take.
 SAMPLER_RANGES = {"cfg_scale": "[0, 1000]", "top_k": ">= 0", "top_p": "[0, 1]", "temperature": "[0.001, 1e6]",
                   "choice_temperature": "[0, 1000]", "seed": "[0, 4294967295]", "sample_seed": "[0, 4294967295]"}
-GENERATOR_RANGES = {"label_dropout": "[0, 1)", "min_lr": ">= 0", "plateau_factor": "(0, 1)",
+GENERATOR_RANGES = {"warmup_epochs": ">= 0", "warmup_steps": ">= 0", "label_dropout": "[0, 1)", "min_lr": ">= 0",
+                    "plateau_factor": "(0, 1)",
                     "plateau_patience": ">= 0", "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1",
                     "per_class": "[1, 32]", "lpips_pairs": ">= 1", "fid_images": ">= 0", **SAMPLER_RANGES}
 
 
-def add_generator_training_arguments(group):
-    """The training arguments every generator script shares, with one meaning and one default:
-    label dropout (the null class that guidance needs), the plateau schedule and early stopping,
-    the seed (their ranges: GENERATOR_RANGES). Each script adds its own recipe (--lr, --epochs,
-    --batch-size, --weight-decay, --clip, ...)."""
+def add_generator_training_arguments(group, warmup_epochs, warmup_why):
+    """The training arguments every generator script shares, with one meaning: the warm-up (in
+    epochs, default `warmup_epochs`, `warmup_why` the official recipe it follows;
+    generator_schedule), label dropout (the null class that guidance needs), the plateau schedule
+    and early stopping, the seed (their ranges: GENERATOR_RANGES). Each script adds its own recipe
+    (--lr, --epochs, --batch-size, --weight-decay, --clip, ...)."""
+    group.add_argument("--warmup-epochs", type=float, default=warmup_epochs,
+                       help=f"linear lr warm-up in passes over the training tokens ({warmup_why})")
+    group.add_argument("--warmup-steps", type=int, default=None,
+                       help="linear lr warm-up in optimizer steps instead of --warmup-epochs")
+    group.add_argument("--no-augment", action="store_true",
+                       help="train on every image's plain view only (default: one of the training dump's augmented "
+                            "views per image per epoch, when it has them; common.epoch_views)")
     group.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (for --cfg-scale)")
     group.add_argument("--min-lr", type=float, default=1e-6,
                        help="ReduceLROnPlateau floor (the tokenizer's, paper A.1; none given for generators)")
@@ -3365,9 +3585,30 @@ def add_generator_training_arguments(group):
 def check_guidance(args):
     """Classifier-free guidance mixes in the logits of the null class, which only label dropout
     trains: with --label-dropout 0 its embedding stays at its random initialisation."""
-    if args.sample and args.cfg_scale > 0 and args.label_dropout == 0:
+    if args.sample != 0 and args.cfg_scale > 0 and args.label_dropout == 0:
         raise UserError("--cfg-scale > 0 needs a model trained with --label-dropout > 0 (the null class); "
                         "use --cfg-scale 0")
+
+
+# The sampling the paper's diversity columns are least shaped by: no top-k (0 = off), no nucleus (top-p 1 =
+# off). A sampler that truncates by default (VAR: top-k 900, top-p 0.96) also samples this way.
+UNTRUNCATED = {"top_k": 0, "top_p": 1.0}
+UNTRUNCATED_SUFFIX = "_untruncated"
+
+
+def untruncated_args(args, name, checkpoint):
+    """The arguments of the untruncated companion of a run that samples with truncation (a script
+    with --top-k / --top-p whose values are not UNTRUNCATED): the same model and sampling stream
+    (--sample-seed) with top-k off and top-p 1, sampled as --sample-only from `checkpoint` under
+    <name>_untruncated, so that evaluate.py renders it as a row of its own beside the default.
+    None when the sampler does not truncate (MaskGIT's never does), --sample 0 or
+    --skip-untruncated."""
+    if not hasattr(args, "top_k") or args.sample == 0 or getattr(args, "skip_untruncated", False):
+        return None
+    if not (args.top_k > 0 or 0 < args.top_p < 1):  # top-k 0 and top-p 0 or 1 keep every code
+        return None
+    return argparse.Namespace(**dict(vars(args), **UNTRUNCATED, sample_only=True, checkpoint=checkpoint,
+                                     name=name + UNTRUNCATED_SUFFIX))
 
 
 def generator_run_name(args, quantizer):
@@ -3392,12 +3633,13 @@ def resume_generator_training(run, model, optimizer, args, last_path):
     return schedule, state
 
 
-def end_generator_epoch(record, model, optimizer, schedule, state, args, info, paths, **saved):
+def end_generator_epoch(record, model, optimizer, schedule, state, args, info, paths, warmup_steps, **saved):
     """The end of a training epoch, after its validation: the schedule steps on
-    record["val_loss"], the record joins the history and is printed (its scalars), rank 0 writes
-    best.pt if the validation loss is the lowest so far, then last.pt, and every rank waits for
-    the files. `saved`: more checkpoint entries."""
-    improved = schedule.step(record["val_loss"])
+    record["val_loss"] (counting it toward the patience only once `warmup_steps` are done), the
+    record joins the history and is printed (its scalars), rank 0 writes best.pt if the validation
+    loss is the lowest so far, then last.pt, and every rank waits for the files. `saved`: more
+    checkpoint entries."""
+    improved = schedule.step(record["val_loss"], counting=state["step"] >= warmup_steps)
     state["history"].append(record)
     state["epoch"] += 1
     finished = schedule.stopped or state["epoch"] >= args.epochs  # the loop of every generator's train ends here
@@ -3428,7 +3670,9 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
       2. `train(args, info, inputs, run, paths) -> history` to early stopping or --epochs, or with
          --sample-only the checkpoint's settings adopted into args and its history;
       3. on rank 0, with the process group gone: `sample_and_report(args, info, inputs,
-         checkpoint, history, paths)` samples the best checkpoint and writes the result JSON.
+         checkpoint, history, paths)` samples the best checkpoint and writes the result JSON; a
+         sampler that truncates (VAR's top-k / top-p) then samples the same checkpoint once more
+         untruncated, as the --sample-only run <name>_untruncated (untruncated_args).
     `inputs` is whatever the script's load_inputs returns. The tokenizer and tokens-dir paths
     become absolute: checkpoints compare them on --resume, results record them."""
     info = setup_distributed(args.device, args.dist_timeout)
@@ -3437,6 +3681,9 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
     name = generator_run_name(args, quantizer)
     paths = generator_output_paths(args.out, name)
     outputs = [paths[k] for k in ("json", "samples", "grid", "tokens") + (() if args.sample_only else ("last", "best"))]
+    companion_paths = generator_output_paths(args.out, name + UNTRUNCATED_SUFFIX)
+    if untruncated_args(args, name, None) is not None:
+        outputs += [companion_paths[k] for k in ("json", "samples", "grid", "tokens")]
 
     def adopt(target):
         return adopt_generator_settings(target, load_checkpoint(args.checkpoint), defining,
@@ -3462,4 +3709,8 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
                 mark_finished(checkpoint)  # written at an earlier epoch, reported now that training ended
         cleanup_distributed()  # sampling and metrics run on rank 0 alone
         if info.is_main:
-            return sample_and_report(args, info, inputs, checkpoint, history, paths)
+            result = sample_and_report(args, info, inputs, checkpoint, history, paths)
+            companion = untruncated_args(args, name, checkpoint)
+            if companion is not None:
+                sample_and_report(companion, info, inputs, checkpoint, history, companion_paths)
+            return result

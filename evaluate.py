@@ -1196,7 +1196,9 @@ def render_llamagen_table7(results, out_dir):
         "images); ours is shown that way and correctly (Gaussian window, range 1). Coverage: raw = stored "
         "codes (the paper's reading: LlamaGen's 1.42 and Deferred's 6.48 exceed the unit-sphere bound of "
         "about 1.41), unit = l2-normalised codes, the ones LlamaGen's quantizer uses; cosine is the same "
-        "for both. '–': run absent.")
+        "for both. '–': run absent. PSNR / SSIM ours of VAR and VQGAN stay '–': the paper's values are not "
+        "marked * (its authors measured them on the public checkpoints); we read only those checkpoints' "
+        "codebooks (`evaluate.py codebook`) and have no reconstruction path for VAR's VQVAE or taming's VQGAN.")
 
 
 @renderer("Table 12 (LlamaGen-B on ImageNet-1K 256x256)")

@@ -59,7 +59,9 @@ Outputs in --out, <name> = maskgit_<tokenizer run folder> unless --name:
 
 What the official code fixes and what we chose (google-research/maskgit, valeoai/Maskgit-pytorch):
   * Architecture (official class-conditional config): BERT-style post-LayerNorm transformer,
-    24 layers, width 768, 16 heads, MLP 3072, dropout 0.1, LayerNorm eps 1e-12, learned position
+    24 layers, width 768, 16 heads, MLP 3072, dropout 0.1 (on the embeddings, the attention
+    probabilities and the output of the attention and the MLP, not inside the MLP; 183.6 M
+    parameters at 16,384 codes, 100 classes and 256 tokens), LayerNorm eps 1e-12, learned position
     embeddings, truncated-normal(0.02) init, an MLM head (dense, GELU, LayerNorm) whose output
     weights are the token embedding (tied) plus a bias. The class token is prepended.
   * Token ids: codes 0..K-1, [MASK] = K (never a code id; the official -1 wraps to the last
@@ -73,11 +75,16 @@ What the official code fixes and what we chose (google-research/maskgit, valeoai
     the official MaskGIT has no guidance (valeoai's port drops labels with p 0.1). --cfg-scale 0
     (default) samples from the conditional model alone, as the official sampler does.
   * Optimisation: AdamW (betas 0.9, 0.96, weight decay 0.045 on matrices and embeddings, not on
-    biases / LayerNorms), lr 1e-4, linear warm-up 5000 steps, batch 256 (official); gradient
-    clipping 1.0 (valeoai); bf16 autocast on CUDA. Paper appendix A.1: ReduceLROnPlateau and early
-    stopping (no values given): we reduce by 0.5 after 5 epochs without validation improvement,
-    down to 1e-6, and stop after 10 more epochs at the minimum; --epochs (300, valeoai) caps it.
-    The validation loss uses fixed masks and no label dropout, so epochs compare.
+    biases / LayerNorms), lr 1e-4, batch 256 (official); gradient clipping 1.0 (valeoai); bf16
+    autocast on CUDA. Linear warm-up of --warmup-epochs 1: the official 5,000 steps of 256 are one
+    ImageNet epoch; counted in epochs it takes the same share of a run on any data set (as steps it
+    would last ~278 of 300 epochs on ODIR's ~4,700 training images, 18 steps per epoch);
+    --warmup-steps N sets steps instead (rule: common.generator_schedule; the JSON's "schedule"
+    records steps per epoch, warm-up steps and patience). Paper appendix A.1: ReduceLROnPlateau and
+    early stopping (no values given): after the warm-up we reduce by 0.5 after 5 epochs without
+    validation improvement, down to 1e-6, and stop after 10 more epochs at the minimum; --epochs
+    (300, valeoai) caps it. The validation loss uses fixed masks and no label dropout, so epochs
+    compare.
   * Decoding (official parallel_decode.py): --steps T (12, the official `decode` default); at step
     t a token is sampled at every masked position; ratio = (t+1)/T; floor(N cos(pi/2 ratio))
     positions stay masked (at least one, and at least one fewer than before); the ones kept masked
@@ -90,10 +97,15 @@ What the official code fixes and what we chose (google-research/maskgit, valeoai
     result JSON states the formula (sampling.guidance). Guidance needs the null class, which only
     label dropout trains: --cfg-scale > 0 with --label-dropout 0 is refused (also --sample-only
     from such a checkpoint).
-  * Samples (paper: not stated): --sample 5,000 class-balanced (50 per class on ImageNet-100, as
-    VAR evaluates), drawn from ONE random stream per run (--sample-seed), so no two batches repeat
-    each other. g-FID against the tokenizer's test split (torch-fidelity, as its r-FID); pixel
-    distance and LPIPS diversity over all pairs (common.sample_metrics).
+  * Samples (paper: not stated for ImageNet-100): 5,000 class-balanced (50 per class on
+    ImageNet-100, as VAR evaluates); on ODIR one per test image with its label, the test split's
+    size and class mix (A.1: "For the ODIR dataset, we use the full original test set";
+    common.sample_labels; --sample N overrides the count). Drawn from ONE random stream per run
+    (--sample-seed), so no two batches repeat each other. g-FID against the tokenizer's test split
+    (torch-fidelity, as its r-FID; --fid-images N: a class-stratified subset); pixel distance and
+    LPIPS diversity over all pairs (common.sample_metrics). Tokenizer checkpoint: best.pt on
+    ImageNet-100, the final last.pt on ODIR (A.1: "the final checkpoint was used for the ODIR
+    dataset"); dump the tokens of that one.
   * The official config also sets `min_masking_rate = 0.5` without released training code that
     uses it; we do not use it.
 """
@@ -113,11 +125,11 @@ EXPERIMENT = "generator_maskgit"
 LAYERNORM_EPS = 1e-12  # BERT's, as the official transformer
 RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 1", "heads": ">= 1", "mlp_dim": ">= 1",
           "dropout": "[0, 1)", "label_smoothing": "[0, 1)", "lr": "> 0", "weight_decay": ">= 0", "clip": "> 0",
-          "batch_size": ">= 1", "epochs": ">= 0", "warmup_steps": ">= 0", "steps": ">= 1"}
+          "batch_size": ">= 1", "epochs": ">= 0", "steps": ">= 1"}
 # Settings that define a training run: --resume refuses a checkpoint made under other values.
 ARCH = ("depth", "width", "heads", "mlp_dim", "dropout")
-DEFINING = ARCH + ("tokenizer", "tokens_dir", "label_smoothing", "loss_on_all_tokens", "label_dropout", "lr",
-                   "min_lr", "weight_decay", "clip", "batch_size", "warmup_steps", "plateau_factor",
+DEFINING = ARCH + ("tokenizer", "tokens_dir", "no_augment", "label_smoothing", "loss_on_all_tokens", "label_dropout", "lr",
+                   "min_lr", "weight_decay", "clip", "batch_size", "warmup_epochs", "warmup_steps", "plateau_factor",
                    "plateau_patience", "patience", "seed")
 
 
@@ -145,6 +157,9 @@ class MaskGITTransformer(nn.Module):
         layer = nn.TransformerEncoderLayer(width, heads, mlp_dim, dropout, batch_first=True, norm_first=False,
                                            layer_norm_eps=LAYERNORM_EPS,
                                            activation=functools.partial(F.gelu, approximate="tanh"))
+        # torch's feed-forward block drops out after the GELU too; the official Mlp drops only its
+        # output (then the residual and LayerNorm), as torch's dropout2 does: no inner dropout
+        layer.dropout = nn.Identity()
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(approximate="tanh"),
                                   nn.LayerNorm(width, eps=LAYERNORM_EPS))
@@ -340,17 +355,19 @@ def validation_loss(model, dump, args, info):
     return (sums[0] / sums[1]).item()
 
 
-def train_epoch(model, ddp_model, opt, sched, dump, args, info, state):
+def train_epoch(model, ddp_model, opt, sched, dump, args, info, state, warmup_steps):
     """One epoch; returns (mean training loss, images per second over all ranks, seconds)."""
     epoch = state["epoch"]
     torch.manual_seed(common.epoch_seed(args.seed, epoch, 1 + info.rank))  # masks, label drops, dropout
     batches = common.epoch_batches(len(dump), args.batch_size, args.seed, epoch, info.rank, info.world_size)
+    views = common.training_views(args, dump, epoch)  # one augmented view per image, or None: the plain one
     model.train()
     sums = torch.zeros(2, dtype=torch.float64, device=info.device)
     start = time.time()
     for idx in common.progress_bar(batches, desc=f"epoch {epoch}", leave=False):
-        common.set_lr(opt, sched.lr * common.warmup_factor(state["step"], args.warmup_steps))
-        tokens, labels = dump.tokens_NL[idx].to(info.device), dump.labels[idx].to(info.device)
+        common.set_lr(opt, sched.lr * common.warmup_factor(state["step"], warmup_steps))
+        tokens = dump.batch(idx, None if views is None else views[idx]).to(info.device)
+        labels = dump.labels[idx].to(info.device)
         masked = random_mask(tokens.shape[0], tokens.shape[1], device=info.device)
         with common.autocast_for(info.device):
             logits = ddp_model(tokens.masked_fill(masked, model.mask_id),
@@ -378,15 +395,19 @@ def train(args, info, inputs, run, paths):
     opt = build_optimizer(model, args)
     sched, state = common.resume_generator_training(run, model, opt, args, paths["last"])
     ddp_model = common.wrap_ddp(model, info)
+    plan = common.generator_schedule(args, len(train_dump))
     print0(f"MaskGIT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {len(train_dump)} "
            f"training images of {train_dump.seq_len} tokens, {train_dump.codebook_size} codes, "
-           f"{train_dump.num_classes} classes")
+           f"{train_dump.num_classes} classes; {plan['steps_per_epoch']} steps per epoch, warm-up "
+           f"{plan['warmup_steps']} steps")
     while not sched.stopped and state["epoch"] < args.epochs:
-        train_loss, speed, seconds = train_epoch(model, ddp_model, opt, sched, train_dump, args, info, state)
+        train_loss, speed, seconds = train_epoch(model, ddp_model, opt, sched, train_dump, args, info, state,
+                                                 plan["warmup_steps"])
         record = {"epoch": state["epoch"], "lr": sched.lr, "train_loss": train_loss,
                   "val_loss": validation_loss(model, val_dump, args, info), "images_per_second": speed,
                   "seconds": seconds}
-        common.end_generator_epoch(record, model, opt, sched, state, args, info, paths, tokenizer=train_dump.tokenizer)
+        common.end_generator_epoch(record, model, opt, sched, state, args, info, paths, plan["warmup_steps"],
+                                   tokenizer=train_dump.tokenizer)
     return common.finish_generator_training(sched, state)
 
 
@@ -452,13 +473,12 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=256, help="global batch (all processes together)")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--weight-decay", type=float, default=0.045)
-    g.add_argument("--warmup-steps", type=int, default=5000)
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument("--loss-on-all-tokens", action="store_true",
                    help="cross-entropy on every position (official option; default: masked positions only)")
     g.add_argument("--epochs", type=int, default=300, help="cap; early stopping usually ends sooner")
-    common.add_generator_training_arguments(g)
+    common.add_generator_training_arguments(g, 1.0, "official: 5,000 steps of 256, one ImageNet epoch")
     return p
 
 

@@ -68,6 +68,8 @@ Outputs in --out, <name> = var_<tokenizer run folder> (--name overrides):
     <name>/samples/*.png      every sample, <index>_class<label>.png
     <name>/samples_grid.png   one row per class (Figure 9 material)
     <name>/samples_tokens.pt  the sampled token maps and labels
+    <name>_untruncated.json, <name>_untruncated/   the same checkpoint sampled with top-k / top-p off
+                              (when they truncate; --skip-untruncated omits it)
 Needs (unless --skip-fid / --skip-lpips): torch-fidelity's Inception weights and LPIPS's AlexNet
 backbone in $TORCH_HOME/hub/checkpoints, and the tokenizer's images (its split file's test split
 is the g-FID reference; --data-dir if they moved). Missing files fail before training, in one line.
@@ -78,15 +80,24 @@ Choices the paper leaves open (ours; all are flags and recorded in the JSON):
     it keeps 5.5% of the vocabulary instead of 22% (--top-k 3600 keeps the same share). Guidance
     is (1 + t) c - t u, t = cfg k / (K - 1) at scale k: t = 0 is the conditional model, as w in
     generator_maskgit.py; LlamaGen's scale s is 1 + t. The JSON states it (sampling.guidance).
-  * Samples: --sample 5000 class-balanced (50 per ImageNet-100 class, VAR's per-class count), one
-    random stream per run (--sample-seed); on ODIR as many as its test split (A.1: "the full test
-    set"). Pixel distance and LPIPS diversity (AlexNet) over all pairs of
-    the samples; g-FID against the tokenizer's whole test split (20,000 images on ImageNet-100).
-    The checkpoint sampled is the one with the best validation loss.
-  * Schedule: warm-up 500 steps (VAR: 1/50 of 200 epochs = 4 epochs, ~530 steps of 768 on
-    ImageNet-100), peak lr 3e-4 (VAR: 1e-4 x batch / 256), then ReduceLROnPlateau x0.5 after 5
-    validations without improvement, floor 1e-6 (the tokenizer's, A.1), early stop after 10 more
-    at the floor; cap 200 epochs (VAR d16). VAR itself decays linearly to 0.1x instead.
+    Truncation moves the diversity columns and the paper states no sampling settings, so a run
+    whose --top-k / --top-p truncate samples the same checkpoint again untruncated (top-k 0 = off,
+    top-p 1 = off; same --sample-seed) as <name>_untruncated, a --sample-only run of its own that
+    evaluate.py shows as its own row ("top_k=0, top_p=1.0"); --skip-untruncated omits it.
+  * Samples: 5,000 class-balanced (50 per ImageNet-100 class, VAR's per-class count); on ODIR one
+    per test image with its label, the test split's size and class mix (A.1: "For the ODIR
+    dataset, we use the full original test set"; common.sample_labels; --sample N overrides the
+    count); one random stream per run (--sample-seed). Pixel distance and LPIPS diversity
+    (AlexNet) over all pairs of the samples; g-FID against the tokenizer's whole test split
+    (20,000 images on ImageNet-100; --fid-images N: a class-stratified subset). The checkpoint
+    sampled is the one with the best validation loss.
+  * Schedule: warm-up --warmup-epochs 4 (VAR: 1/50 of its 200 epochs; ~530 steps of 768 on
+    ImageNet-100, 24 on ODIR's ~4,700 training images, where 500 steps would have lasted 83 of
+    200 epochs; --warmup-steps N sets steps instead; rule: common.generator_schedule, the JSON's
+    "schedule" records the resolved numbers), peak lr 3e-4 (VAR: 1e-4 x batch / 256), then, after
+    the warm-up, ReduceLROnPlateau x0.5 after 5 validations without improvement, floor 1e-6 (the
+    tokenizer's, A.1), early stop after 10 more at the floor; cap 200 epochs (VAR d16). VAR itself
+    decays linearly to 0.1x instead.
   * Validation loss with label dropout OFF (the conditional loss): VAR's forward drops labels in
     eval mode too, which makes a plateau / early-stopping signal noisy.
   * Loss: cross-entropy averaged over all L tokens (VAR's 1/L weights), label smoothing 0 (VAR).
@@ -491,20 +502,25 @@ def train(args, info, inputs, run, paths):
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     schedule, state = common.resume_generator_training(run, model, opt, args, paths["last"])
     ddp_model = common.wrap_ddp(model, info)
+    plan = common.generator_schedule(args, len(train_dump))
+    warmup_steps = plan["warmup_steps"]
     common.print0(f"VAR: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {len(train_dump)} "
                   f"training images of {train_dump.seq_len} tokens (scales {list(train_dump.scales)}), "
-                  f"{train_dump.codebook_size} codes, {train_dump.num_classes} classes")
+                  f"{train_dump.codebook_size} codes, {train_dump.num_classes} classes; "
+                  f"{plan['steps_per_epoch']} steps per epoch, warm-up {plan['warmup_steps']} steps")
     while not schedule.stopped and state["epoch"] < args.epochs:
         epoch = state["epoch"]
         torch.manual_seed(common.epoch_seed(args.seed, epoch, 1 + info.rank))
         batches = common.epoch_batches(len(train_dump), args.batch_size, args.seed, epoch, info.rank, info.world_size)
+        views = common.training_views(args, train_dump, epoch)  # one augmented view per image, or None: plain
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # steps, loss, gradient norm
         start = time.time()
         for rows in common.progress_bar(batches, desc=f"epoch {epoch}", leave=False):
-            common.set_lr(opt, schedule.lr * common.warmup_factor(state["step"], args.warmup_steps))
+            common.set_lr(opt, schedule.lr * common.warmup_factor(state["step"], warmup_steps))
             loss, norm = train_step(ddp_model, quantizer, train_dump.labels[rows].to(info.device),
-                                    train_dump.tokens_NL[rows].to(info.device), opt, args, info.device)
+                                    train_dump.batch(rows, None if views is None else views[rows]).to(info.device),
+                                    opt, args, info.device)
             state["step"] += 1
             sums += torch.stack([torch.ones((), dtype=torch.float64, device=info.device), loss.double(), norm.double()])
         common.all_reduce_sum(sums)
@@ -515,7 +531,7 @@ def train(args, info, inputs, run, paths):
                   "train_loss": (sums[1] / sums[0].clamp(min=1)).item(),
                   "grad_norm": (sums[2] / sums[0].clamp(min=1)).item(), **val,
                   "images_per_second": len(batches) * args.batch_size / seconds, "seconds": seconds}
-        common.end_generator_epoch(record, model, opt, schedule, state, args, info, paths,
+        common.end_generator_epoch(record, model, opt, schedule, state, args, info, paths, warmup_steps,
                                    val_accuracy=val["val_accuracy"], tokenizer=train_dump.tokenizer)
     return common.finish_generator_training(schedule, state)
 
@@ -558,12 +574,11 @@ def sample_and_report(args, info, inputs, ckpt_path, history, paths):
 
 RANGES = {**common.GENERATOR_RANGES, "depth": ">= 1", "width": ">= 0", "heads": ">= 0", "mlp_ratio": "> 0",
           "drop_path": "[0, 1)", "adaln_gamma_init": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0",
-          "weight_decay": ">= 0", "warmup_steps": ">= 0", "clip": ">= 0", "label_smoothing": "[0, 1)",
-          "epochs": ">= 0"}
+          "weight_decay": ">= 0", "clip": ">= 0", "label_smoothing": "[0, 1)", "epochs": ">= 0"}
 # Settings that define a training run: --resume refuses a checkpoint made under other values, and
 # --sample-only takes them from the checkpoint. (--grad-accum changes memory, not the maths.)
 ARCH = ("depth", "width", "heads", "mlp_ratio", "drop_path", "label_dropout", "adaln_gamma_init")
-DEFINING = ARCH + ("tokenizer", "tokens_dir", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "clip",
+DEFINING = ARCH + ("tokenizer", "tokens_dir", "no_augment", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "warmup_steps", "clip",
                    "label_smoothing", "plateau_factor", "plateau_patience", "patience", "seed")
 
 
@@ -603,6 +618,9 @@ def build_parser():
                    help="guidance at the last scale, t = cfg x k / (K - 1) at scale k (VAR's FID recipe: 1.5)")
     g.add_argument("--top-k", type=int, default=900, help="0: off (VAR: 900, tuned for 4,096 codes)")
     g.add_argument("--top-p", type=float, default=0.96, help="0 or 1: off (VAR: 0.96)")
+    g.add_argument("--skip-untruncated", action="store_true",
+                   help="no second sample set with top-k 0 / top-p 1 (default: sampled as <name>_untruncated "
+                        "whenever --top-k / --top-p truncate; common.untruncated_args)")
 
     g = p.add_argument_group("model (VAR's build_vae_var at --depth)")
     g.add_argument("--depth", type=int, default=16, help="transformer blocks (paper: 16, the smallest VAR)")
@@ -619,11 +637,10 @@ def build_parser():
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (VAR's --ac)")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (VAR: 1e-4 x batch / 256)")
     g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up (VAR: 1/50 of the epochs)")
     g.add_argument("--clip", type=float, default=2.0, help="gradient-norm clipping (0: none)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--epochs", type=int, default=200, help="cap (VAR d16: 200); early stopping usually ends sooner")
-    common.add_generator_training_arguments(g)
+    common.add_generator_training_arguments(g, 4.0, "VAR: 1/50 of its 200 epochs")
     return p
 
 

@@ -355,6 +355,8 @@ def evaluate(model, dataset, args, info, lpips_fn, fid_dir=None, metrics_wanted=
         shutil.rmtree(fid_dir, ignore_errors=True)
     if fid_dir and common.is_distributed():
         torch.distributed.barrier()
+    keep = common.fid_subset(dataset.items, args.fid_images)  # None: every image
+    keep = None if keep is None else set(keep)
     for b, (x, _) in enumerate(common.progress_bar(loader(subset, args, info), desc="evaluate", leave=False)):
         x = x.to(device, non_blocking=True)
         recon, indices, vq_loss = net(x)  # float32: bf16 rounding would show in MSE ~1e-4
@@ -376,8 +378,7 @@ def evaluate(model, dataset, args, info, lpips_fn, fid_dir=None, metrics_wanted=
         if indices is not None:
             count_usage(counter, indices)
         if fid_dir:
-            write_pngs(fid_dir, recon, x, start=info.rank + b * args.batch_size, stride=info.world_size,
-                       limit=args.fid_images or len(dataset))
+            write_pngs(fid_dir, recon, x, start=info.rank + b * args.batch_size, stride=info.world_size, keep=keep)
     common.all_reduce_sum(sums)
     counter.all_reduce()
     n = max(sums[0].item(), 1.0)
@@ -391,13 +392,13 @@ def evaluate(model, dataset, args, info, lpips_fn, fid_dir=None, metrics_wanted=
     return out
 
 
-def write_pngs(folder, recon, x, start, stride, limit):
+def write_pngs(folder, recon, x, start, stride, keep=None):
     """Reconstruction i and its original under the same global file name in two folders, for the
-    images of global index below `limit` (--fid-images)."""
+    images whose global index is in `keep` (the --fid-images subset, common.fid_subset; None: all)."""
     for sub, images in (("recon", recon), ("real", x)):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
         for j, img in enumerate(common.to_uint8(images).cpu()):
-            if start + j * stride < limit:
+            if keep is None or start + j * stride in keep:
                 Image.fromarray(img.permute(1, 2, 0).numpy()).save(
                     os.path.join(folder, sub, f"{start + j * stride:07d}.png"))
 
@@ -433,14 +434,16 @@ def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history
         notes["lpips"] = "not computed: --skip-lpips (the LPIPS AlexNet weights were not available)"
     if common.unfinished_note(status):
         notes["model_finished"] = common.unfinished_note(status)
+    subset = common.fid_subset(dataset.items, args.fid_images)
+    fid_reference = (f"{args.eval_split} split originals, {len(dataset) if subset is None else len(subset)} images"
+                     + ("" if subset is None else f", a class-stratified subset (seed {common.FID_SUBSET_SEED})")
+                     + " (r-FID: their reconstructions vs them)")
     if info.is_main:
         common.write_result(paths.result(args.eval_split, ".json"), EXPERIMENT, method_name(args), args,
                             metrics, history, **status, eval_split=args.eval_split,
-                            checkpoint=os.path.abspath(ckpt_path),
-                            data_range=1.0, notes=notes,
-                            fid_reference=f"{args.eval_split} split originals, the first "
-                                          f"{min(args.fid_images or res['num_images'], res['num_images'])} images "
-                                          "(r-FID: their reconstructions vs them)")
+                            checkpoint=os.path.abspath(ckpt_path), data_range=1.0, notes=notes,
+                            fid_reference=fid_reference,
+                            fid_reference_subset=common.fid_subset_record(dataset.items, subset))
         common.save_checkpoint(paths.result(args.eval_split, ".pt"), model=model.state_dict(), args=vars(args),
                                codebook=codebook, code_counts=res["counts"].float(), metrics=metrics)
         common.write_png(paths.result(args.eval_split, "_recon.png"), reconstruction_sheet(model, dataset, info))
@@ -468,32 +471,41 @@ def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     """Token indices of every image of a split, in split order: vq -> (N, h, w) tensor; msvq ->
     list of (N, s, s) tensors; int16 when the codebook fits, else int32; plus labels, the number
     of classes of the split file (the generators' class embedding) and the provenance the
-    generators check: the split's part and digest, the tokenizer's fingerprint."""
+    generators check: the split's part and digest, the tokenizer's fingerprint. The training split
+    (unless --dump-plain) holds the 10 augmented views of every image (common.augmented_views,
+    view 0 the plain image): maps (N, 10, h, w) / (N, 10, s, s), "views" and "view_names" in the
+    record; the generators draw one view per image per epoch (common.epoch_views)."""
     net = model.module if hasattr(model, "module") else model
     fingerprint = common.tokenizer_fingerprint(net, vars(args))
     split = common.load_split(args.split_file)
     net.eval()
+    views = len(common.VIEW_NAMES) if args.dump_tokens == "train" and not args.dump_plain else 1
+    if views > 1:
+        dataset = common.AugmentedViews(dataset)
     rows, dtype = [], torch.int16 if net.quantizer.num_codes <= 2**15 else torch.int32
     subset = shard(dataset, info)
     for b, (x, y) in enumerate(common.progress_bar(loader(subset, args, info), desc="tokens", leave=False)):
-        z_q, indices, _ = net.quantizer(net.encode(x.to(info.device)))
+        n = x.shape[0]
+        z_q, indices, _ = net.quantizer(net.encode((x.flatten(0, 1) if views > 1 else x).to(info.device)))
         maps = indices if isinstance(indices, list) else [indices]
-        order = torch.arange(x.shape[0]) * info.world_size + info.rank + b * args.batch_size
-        rows.append(torch.cat([order[:, None], y[:, None].long()] + [m.reshape(x.shape[0], -1).cpu() for m in maps], 1))
+        order = torch.arange(n) * info.world_size + info.rank + b * args.batch_size
+        rows.append(torch.cat([order[:, None], y[:, None].long()] + [m.reshape(n, -1).cpu() for m in maps], 1))
     local = torch.cat(rows).to(info.device)
     table = common.all_gather_rows(local).cpu()
     table = table[table[:, 0].argsort()]
     sizes = [m.shape[-1] for m in maps]
     flat, col = [], 2
     for s in sizes:
-        flat.append(table[:, col:col + s * s].reshape(-1, s, s).to(dtype))
-        col += s * s
+        flat.append(table[:, col:col + views * s * s].reshape((-1, s, s) if views == 1 else (-1, views, s, s)).to(dtype))
+        col += views * s * s
     record = {"tokens": flat if args.quantizer == "msvq" else flat[0], "labels": table[:, 1],
               "checkpoint": os.path.abspath(ckpt_path), "quantizer": args.quantizer,
               "scales": sizes, "codebook_size": net.quantizer.num_codes, "split": args.dump_tokens,
               "split_file": args.split_file, "split_sha256": common.split_fingerprint(split),
               "num_classes": len(split["classes"]),  # a split may miss a class
               "tokenizer": fingerprint}  # compared by the generators instead of the checkpoint's path
+    if views > 1:
+        record.update(views=views, view_names=list(common.VIEW_NAMES))
     if info.is_main:
         common.atomic_write(out_path, lambda f: torch.save(record, f))
     return record
@@ -969,15 +981,19 @@ def build_parser():
     g.add_argument("--skip-lpips", action="store_true", help="no LPIPS metric (the JSON says why)")
     g.add_argument("--fid-batch-size", type=int, default=128)
     g.add_argument("--fid-images", type=int, default=0,
-                   help="r-FID on the first N images of a split (0: all); on a CPU Inception-v3 takes ~10 "
-                        "images/s, so 2 x 10,000 images cost half an hour")
+                   help="r-FID on a class-stratified subset of N images of a split (0: all; common.fid_subset, "
+                        "stated in the JSON); on a CPU Inception-v3 takes ~10 images/s, so 2 x 10,000 images cost "
+                        "half an hour")
     g.add_argument("--report-checkpoint", choices=["best", "last"],
                    help="checkpoint evaluated at the end (default: best for imagenet100, last for odir, as in A.1)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --eval-split")
     g.add_argument("--eval-split", choices=["train", "val", "test"], default="test")
     g.add_argument("--checkpoint", help="checkpoint for --eval-only / --dump-tokens (default <out>/<name>/best.pt)")
     g.add_argument("--dump-tokens", choices=["train", "val", "test"],
-                   help="write the token indices and labels of this split and exit")
+                   help="write the token indices and labels of this split and exit (train: 10 augmented "
+                        "views per image, view 0 the plain one; the generators draw one per epoch)")
+    g.add_argument("--dump-plain", action="store_true",
+                   help="--dump-tokens train: the plain view only (the generators then train without augmentation)")
     common.add_run_arguments(p, out_default="runs/imagenet_tokenizer")
     return p
 

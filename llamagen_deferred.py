@@ -1179,8 +1179,7 @@ def train_gpt(args, info):
             batches = common.epoch_batches(len(codes), args.gpt_batch_size, args.seed, epoch, info.rank,
                                            info.world_size)
             # one of the image's views per epoch, the same draw on every rank (LlamaGen: random crop code)
-            view = torch.randint(codes.num_views, (len(codes),),
-                                 generator=torch.Generator().manual_seed(common.epoch_seed(args.seed, epoch, 10**6)))
+            view = common.epoch_views(len(codes), codes.num_views, args.seed, epoch)
             for idx in batches[skip:]:
                 z = codes.batch(idx, view[idx]).to(info.device, non_blocking=True)
                 y = codes.labels[idx].to(info.device)

@@ -162,3 +162,22 @@ def test_real_files_from_the_debian_package():
         assert 0 < x.float().mean() < 255 and x.max() == 255 and x.min() == 0
     assert counts[True] + counts[False] == 70000
     assert len(common.FASHION_MNIST_CLASSES) == 10 and common.FASHION_MNIST_CLASSES[9] == "Ankle boot"
+
+
+def test_augmented_views_shift_the_garment_by_zero_padding(tmp_path):
+    """Fashion-MNIST's views (common.augmented_views): view 0 is the item itself (28 -> 32 zero
+    padding), the corner crops of the image padded to 36 (not resized: no blur) shift the garment by
+    2 pixels each way, every crop is followed by its mirror."""
+    images, labels = make_data(12)
+    write_split(str(tmp_path), "train", images, labels)
+    write_split(str(tmp_path), "t10k", images[:3], labels[:3])
+    split = common.make_fashion_mnist_split(str(tmp_path), 0, val_size=2)
+    files = {"train": common.load_fashion_mnist(str(tmp_path), True)}
+    ds = common.FashionMNISTSplit(files, split, "train", 32)
+    views, label = ds.views(1)
+    garment = ds[1][0][:, 2:30, 2:30]
+    assert views.shape == (10, 3, 32, 32) and label == ds[1][1] and torch.equal(views[0], ds[1][0])
+    for k, (top, left) in enumerate(((4, 4), (4, 0), (0, 4), (0, 0))):  # top-left crop: the garment moves right/down
+        assert torch.equal(views[2 + 2 * k][:, top:top + 28, left:left + 28], garment)
+        assert torch.equal(views[3 + 2 * k], views[2 + 2 * k].flip(-1))
+        assert views[2 + 2 * k].sum().item() == pytest.approx(garment.sum().item())  # only zero padding was cut

@@ -38,9 +38,12 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     assert name.startswith("dq-test-") and name == common.tokenizer_test_cache_name(dict(cfg))
     assert name != common.tokenizer_test_cache_name(dict(cfg, resolution=64))
     assert name != common.tokenizer_test_cache_name(cfg, data_dir="/elsewhere")
-    # --fid-images N: the first N test images, cached under a name of their own
-    first4 = common.tokenizer_test_split(cfg, limit=4)
-    assert len(first4) == 4 and all(torch.equal(first4[i][0], test[i][0]) for i in range(4))
+    # --fid-images N: a class-stratified subset of N test images, cached under a name of their own
+    four = common.tokenizer_test_split(cfg, limit=4)
+    chosen, record = common.tokenizer_test_subset(cfg, limit=4)
+    assert len(four) == 4 and all(torch.equal(four[i][0], test[j][0]) for i, j in enumerate(chosen))
+    assert sorted({test.items[j][1] for j in chosen}) == [0, 1, 2]  # every class (the first 4 hold two)
+    assert record["indices"] == chosen and sum(record["per_class"].values()) == 4 and record["of"] == 6
     assert len(common.tokenizer_test_split(cfg, limit=100)) == 6
     assert common.tokenizer_test_cache_name(cfg, limit=4) not in (name, common.tokenizer_test_cache_name(cfg, limit=5))
     assert common.tokenizer_test_cache_name(cfg, limit=0) == name
@@ -49,6 +52,52 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     ident = common.tokenizer_identity(cfg, run.checkpoint)
     assert ident["deferred"] is False and ident["gan"] is False and ident["quantizer"] == quantizer
     assert ident["codebook_size"] == 16 and ident["checkpoint"] == os.path.abspath(run.checkpoint)
+
+
+def test_augmented_views_of_a_split_plain_first_then_corner_crops_and_mirrors(tokenizer_runs):
+    split = common.load_split(tokenizer_runs["vq"].split_file)
+    ds = common.SplitImageDataset(tokenizer_runs["vq"].data_dir, split, "train", 32)
+    views, label = ds.views(3)
+    assert views.shape == (len(common.VIEW_NAMES), 3, 32, 32) == (10, 3, 32, 32) and label == ds[3][1]
+    assert torch.equal(views[0], ds[3][0])  # view 0: the image as the tokenizer evaluates it
+    assert all(torch.equal(views[2 * k + 1], views[2 * k].flip(-1)) for k in range(5))  # each crop, then its mirror
+    big = common.SplitImageDataset._square(common.read_rgb(os.path.join(ds.root, ds.items[3][0])), 36)
+    assert common.enlarged_size(32) == 36
+    assert torch.equal(views[2], big[:, :32, :32]) and torch.equal(views[8], big[:, 4:, 4:])  # top-left, bottom-right
+    assert len({v.numpy().tobytes() for v in views}) == 10
+
+
+def test_token_dump_of_the_training_split_holds_ten_views_the_plain_one_first(tokenizer_runs):
+    """imagenet_tokenizer.py --dump-tokens train writes the tokens of every augmented view; view 0
+    is what a plain dump held, view 1 the tokens of the mirror image; validation dumps stay plain."""
+    run = tokenizer_runs["vq"]
+    dump, val = common.load_token_dump(run.tokens["train"]), common.load_token_dump(run.tokens["val"])
+    assert dump.num_views == 10 and dump.record["view_names"] == list(common.VIEW_NAMES) and val.num_views == 1
+    model, _ = common.load_tokenizer(run.checkpoint)
+    train = common.SplitImageDataset(run.data_dir, common.load_split(run.split_file), "train", 32)
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    with torch.no_grad():
+        plain = model.quantizer(model.encode(x))[1].flatten(1)
+        mirror = model.quantizer(model.encode(x.flip(-1)))[1].flatten(1)
+    assert torch.equal(dump.tokens_NL, plain) and torch.equal(dump.batch(torch.arange(len(dump))), plain)
+    rows = torch.tensor([0, 5, 7])
+    assert torch.equal(dump.batch(rows, torch.tensor([1, 1, 1])), mirror[rows])
+    assert torch.equal(dump.batch(rows, torch.tensor([0, 1, 0])), torch.stack([plain[0], mirror[5], plain[7]]))
+
+
+def test_each_epoch_draws_one_view_per_image_from_the_seed():
+    import argparse
+    a, b = common.epoch_views(500, 10, seed=0, epoch=0), common.epoch_views(500, 10, seed=0, epoch=1)
+    assert torch.equal(a, common.epoch_views(500, 10, seed=0, epoch=0))  # deterministic: --resume, every rank
+    assert not torch.equal(a, b) and not torch.equal(a, common.epoch_views(500, 10, seed=1, epoch=0))
+    assert a.min() == 0 and a.max() == 9 and torch.bincount(a).min() > 25  # uniform over the 10 views
+    assert torch.equal(common.epoch_views(7, 1, 0, 3), torch.zeros(7, dtype=torch.long))
+    dump = common.TokenDump("x", torch.zeros(500, 4, dtype=torch.long), torch.zeros(500, dtype=torch.long), "vq", (2,),
+                            8, 1, {}, views_NVL=torch.zeros(500, 10, 4, dtype=torch.int16))
+    args = argparse.Namespace(no_augment=False, seed=0)
+    assert torch.equal(common.training_views(args, dump, 1), b)
+    assert common.training_views(argparse.Namespace(no_augment=True, seed=0), dump, 1) is None
+    assert common.augmentation_record(args, dump)["views_per_image"] == 10
 
 
 def test_tokenizer_errors_are_one_line(tokenizer_runs, tmp_path):
@@ -79,7 +128,11 @@ def test_token_dumps_of_both_quantizers(tokenizer_runs):
     raw = torch.load(tokenizer_runs["vq"].tokens["train"], weights_only=True)
     assert raw["tokens"].dtype == torch.int16 and vq.tokens_NL.dtype == torch.int64
     assert vq.tokens_NL.shape == (18, 64) and vq.scales == (8,) and vq.num_classes == 3 and len(vq) == 18
-    assert torch.equal(vq.maps(vq.tokens_NL), raw["tokens"].long())
+    assert torch.equal(vq.maps(vq.tokens_NL), raw["tokens"][:, 0].long())  # view 0 of the augmented dump
+    ms_train = common.load_token_dump(tokenizer_runs["msvq"].tokens["train"])
+    raw_ms = torch.load(tokenizer_runs["msvq"].tokens["train"], weights_only=False)["tokens"]
+    assert ms_train.views_NVL.shape == (18, 10, 85) and ms_train.views_NVL.dtype == torch.int16
+    assert torch.equal(ms_train.views_NVL[:, 3, 1:5], raw_ms[1][:, 3].reshape(18, 4))  # view 3, the 2x2 scale
     ms = common.load_token_dump(tokenizer_runs["msvq"].tokens["val"])
     assert ms.scales == (1, 2, 4, 8) and ms.tokens_NL.shape == (6, 1 + 4 + 16 + 64)
     raw = torch.load(tokenizer_runs["msvq"].tokens["val"], weights_only=True)
@@ -159,6 +212,67 @@ def test_plateau_schedule_follows_torch_and_stops_early():
     assert again.state_dict() == ours.state_dict()
     assert [common.warmup_factor(s, 4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
     assert common.warmup_factor(0, 0) == 1.0
+
+
+def test_warm_up_is_counted_in_epochs_and_the_plateau_waits_for_its_end():
+    """ODIR's ~4,701 training images (issue 17 item 3): MaskGIT's batch 256 makes 18 steps per
+    epoch, VAR's 768 makes 6; one / four epochs of warm-up instead of 5,000 / 500 steps that lasted
+    ~278 of 300 / 83 of 200 epochs. --warmup-steps still sets steps. Validations inside the
+    warm-up never lower the lr."""
+    import argparse
+    args = argparse.Namespace(batch_size=256, warmup_epochs=1.0, warmup_steps=None, plateau_patience=5, patience=10)
+    plan = common.generator_schedule(args, 4701)
+    assert (plan["steps_per_epoch"], plan["warmup_steps"], plan["warmup_epochs"]) == (18, 18, 1.0)
+    assert plan["plateau_patience_epochs"] == 5 and plan["patience_epochs"] == 10
+    var = common.generator_schedule(argparse.Namespace(**dict(vars(args), batch_size=768, warmup_epochs=4.0)), 4701)
+    assert (var["steps_per_epoch"], var["warmup_steps"]) == (6, 24)
+    assert common.generator_schedule(argparse.Namespace(**dict(vars(args), warmup_steps=200)), 4701)["warmup_steps"] == 200
+    sched = common.PlateauSchedule(1.0, patience=1)
+    for loss in (1.0, 1.1, 1.2, 1.3):  # worse and worse, but still warming up
+        sched.step(loss, counting=False)
+    assert sched.lr == 1.0 and sched.bad == 0 and sched.best == 1.0
+    sched.step(1.4)
+    sched.step(1.5)
+    assert sched.lr == 0.5  # counted after the warm-up: patience 1 exceeded
+
+
+def test_fid_subset_is_class_stratified_seeded_and_keys_the_cache():
+    """A budget of 20 images over classes of 50, 3, 20 and 7 items listed class by class (as an
+    ImageFolder part): every class its equal share (5) unless it holds fewer (3), the 2 left over to
+    two other classes; the first 20 items (the old rule) would all be class 0."""
+    sizes = (50, 3, 20, 7)
+    items = [[f"c{c}/{i:03d}.png", c] for c, n in enumerate(sizes) for i in range(n)]
+    chosen = common.fid_subset(items, 20)
+    counts = [sum(items[i][1] == c for i in chosen) for c in range(4)]
+    assert len(chosen) == len(set(chosen)) == 20 and chosen == sorted(chosen)
+    assert counts[1] == 3 and sorted(counts[i] for i in (0, 2, 3)) == [5, 6, 6]
+    assert chosen == common.fid_subset(items, 20)  # deterministic
+    assert any(common.fid_subset(items, 20, seed=s) != chosen for s in range(1, 6))  # the seed draws the images
+    assert common.fid_subset(items, 0) is None and common.fid_subset(items, 80) is None
+    record = common.fid_subset_record(items, chosen)
+    assert record["per_class"] == {str(c): n for c, n in enumerate(counts)} and record["images"] == 20
+    assert record["indices"] == chosen and record["of"] == 80
+
+
+def test_odir_samples_follow_the_test_split_elsewhere_classes_are_balanced(tmp_path):
+    """Appendix A.1, "For the ODIR dataset, we use the full original test set": on an odir split the
+    default is one sample per test image with its label (its size and class mix); --sample N keeps
+    that mix; another scheme gets DEFAULT_SAMPLES class-balanced labels."""
+    root = tmp_path / "odir"
+    for c, n in enumerate((14, 4, 2)):  # imbalanced classes, as ODIR's
+        os.makedirs(root / f"c{c}")
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(root / f"c{c}" / f"{i}.png")
+    split = common.make_split(str(root), "odir", 0, out_path=str(tmp_path / "split.json"))
+    cfg = {"scheme": "odir", "split_file": str(tmp_path / "split.json")}
+    test = sorted(label for _, label in split["test"])
+    labels, how = common.sample_labels(cfg, None, 3)
+    assert labels.tolist() == test and len(test) == 4 and "test split" in how
+    doubled, _ = common.sample_labels(cfg, 8, 3)
+    assert doubled.tolist() == sorted(test * 2)  # the same class mix at another count
+    balanced, how = common.sample_labels({"scheme": "imagenet100"}, None, 7)
+    assert len(balanced) == common.DEFAULT_SAMPLES and how == "class-balanced"
+    assert torch.equal(balanced, common.balanced_labels(common.DEFAULT_SAMPLES, 7))
 
 
 @pytest.mark.parametrize("n, classes", [(10, 10), (23, 10), (7, 3), (5, 8)])
@@ -264,7 +378,7 @@ def test_both_generators_share_the_command_line_guidance_rule_and_json_provenanc
     assert {k: args[k] for k in ("label_dropout", "min_lr", "plateau_factor", "plateau_patience", "patience", "seed",
                                  "sample", "sample_seed", "lpips_pairs", "per_class")} == \
         {"label_dropout": 0.1, "min_lr": 1e-6, "plateau_factor": 0.5, "plateau_patience": 5, "patience": 10, "seed": 0,
-         "sample": 5000, "sample_seed": 0, "lpips_pairs": None, "per_class": 8}
+         "sample": None, "sample_seed": 0, "lpips_pairs": None, "per_class": 8}
     assert set(common.GENERATOR_RANGES) <= set(script.RANGES)
     # guidance needs the null class that only label dropout trains: refused before anything is written
     with pytest.raises(UserError, match="--cfg-scale > 0 needs .*--label-dropout > 0"):
@@ -277,6 +391,8 @@ def test_both_generators_share_the_command_line_guidance_rule_and_json_provenanc
     assert record["sampling"]["guidance"] == script.GUIDANCE and "c - u" in script.GUIDANCE
     assert record["eval_split"] == "test" and record["data_range"] == 1.0 and record["fid_reference"] is None
     assert record["metrics"]["best_epoch"] == 0 and len(record["history"]) == 1
+    assert (record["schedule"]["steps_per_epoch"], record["schedule"]["warmup_steps"]) == (3, 1)  # 18 images / 6
+    assert record["augmentation"]["views_per_image"] == 10  # the fixture's training dump is augmented
     # --sample-only adopts the checkpoint's --label-dropout 0: guidance is refused there too
     best = str(tmp_path / "out" / "plain" / "best.pt")
     with pytest.raises(UserError, match="--label-dropout > 0"):
@@ -329,14 +445,32 @@ def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tm
              "--width", "16", "--heads", "2", "--batch-size", "10", "--epochs", "1", "--sample", "10",
              "--skip-lpips", "--fid-images", "6", "--device", "cpu"]
             + (["--steps", "2", "--mlp-dim", "32"] if quantizer == "vq" else [])))
-        reference, cache = seen[-1]  # --fid-images 6: the first 6 of the 7 test images
-        assert len(reference) == 6 and [reference[i][1] for i in range(6)] == list(range(6))
+        reference, cache = seen[-1]  # --fid-images 6 of the 7 test images (labels 0..6): a stratified subset
+        chosen = reference.indices
+        assert len(reference) == 6 and sorted(reference[i][1] for i in range(6)) == sorted(set(chosen))
         x = torch.stack([reference[i][0] for i in range(6)])
-        assert x.shape == (6, 3, 32, 32) and torch.equal(x[:, :, 2:30, 2:30], (test_images[:6].float() / 255)[:, None].expand(-1, 3, -1, -1))
+        assert x.shape == (6, 3, 32, 32) and torch.equal(x[:, :, 2:30, 2:30], (test_images[chosen].float() / 255)[:, None].expand(-1, 3, -1, -1))
         assert x[:, :, :2].abs().sum() == 0 and cache == common.tokenizer_test_cache_name(
             torch.load(runs / quantizer / "best.pt", weights_only=True)["args"], limit=6)
         with open(tmp_path / "gen" / f"{common.GENERATORS[quantizer]}_{quantizer}.json") as f:
             record = json.load(f)
-        assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"] == "test split, 6 images"
+        assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"].startswith("test split, 6 images")
+        assert record["fid_reference_subset"]["indices"] == chosen and record["fid_reference_subset"]["of"] == 7
         assert record["tokenizer"]["dataset"] == "fashion-mnist" and record["sampling"]["labels"] == "class-balanced"
     assert seen[0][1] == seen[1][1]  # both tokenizers use the same split: one reference cache
+
+
+def test_only_a_truncating_sampler_gets_an_untruncated_companion():
+    """VAR's default top-k 900 / top-p 0.96 truncate: its run also samples with top-k 0 and top-p 1
+    (off) as <name>_untruncated; MaskGIT samples the full softmax, its default row is untruncated."""
+    import generator_maskgit
+    import generator_var
+    assert common.untruncated_args(generator_maskgit.build_parser().parse_args(["--tokenizer", "t"]), "x", "c") is None
+    var = generator_var.build_parser().parse_args(["--tokenizer", "t"])
+    companion = common.untruncated_args(var, "x", "c.pt")
+    assert (companion.top_k, companion.top_p, companion.name, companion.sample_only, companion.checkpoint) == \
+        (0, 1.0, "x_untruncated", True, "c.pt")
+    assert (var.top_k, var.top_p, var.name, var.sample_only) == (900, 0.96, None, False)  # the run's own args unchanged
+    for extra in (["--top-k", "0", "--top-p", "1"], ["--skip-untruncated"], ["--sample", "0"]):
+        args = generator_var.build_parser().parse_args(["--tokenizer", "t"] + extra)
+        assert common.untruncated_args(args, "x", "c") is None

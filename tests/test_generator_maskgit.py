@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import generator_maskgit as gm
@@ -318,3 +319,22 @@ def test_resume_without_best_pt_says_what_is_missing(tokenizer_runs, tmp_path):
     os.remove(tmp_path / "maskgit_vq" / "best.pt")
     with pytest.raises(UserError, match=r"--resume: .*best\.pt \(the reported model\) is missing beside .*last\.pt"):
         run_generator(tokenizer_runs, tmp_path, "--epochs", "1", "--sample", "0", "--resume")
+
+
+def test_mlp_drops_out_its_output_only_as_the_official_mlp():
+    """The official Mlp: dense, GELU, dense, dropout (then residual + LayerNorm); torch's
+    feed-forward block would drop out after the GELU as well (issue 17 item 6)."""
+    block = gm.MaskGITTransformer(8, 3, 16, depth=1, width=32, heads=2, mlp_dim=64, dropout=0.5).blocks.layers[0]
+    block.train()
+    x = torch.randn(2, 5, 32)
+    torch.manual_seed(3)
+    ours = block._ff_block(x)
+    torch.manual_seed(3)
+    hidden = F.gelu(block.linear1(x), approximate="tanh")
+    assert torch.equal(ours, F.dropout(block.linear2(hidden), 0.5, training=True))
+
+
+def test_parameter_count_of_the_paper_configuration():
+    with torch.device("meta"):
+        model = gm.MaskGITTransformer(16384, 100, 256)  # 16,384 codes, ImageNet-100, 16 x 16 tokens
+    assert sum(p.numel() for p in model.parameters()) == 183_577_600  # README: 183.6 M

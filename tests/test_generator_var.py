@@ -356,19 +356,27 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     tokens = torch.load(tmp_path / "var_msvq" / "samples_tokens.pt", weights_only=True)
     assert [tuple(t.shape) for t in tokens["tokens"]] == [(7, s, s) for s in SCALES]
     assert tokens["labels"].tolist() == [0, 0, 0, 1, 1, 2, 2]
+    # top-k 900 / top-p 0.96 truncate: the same checkpoint and sample stream again with both off (issue 17 item 5)
+    plain = json.load(open(tmp_path / "var_msvq_untruncated.json"))
+    assert (plain["sampling"]["top_k"], plain["sampling"]["top_p"]) == (0, 1.0) and plain["args"]["sample_only"]
+    assert plain["checkpoint"] == record["checkpoint"] and plain["history"] == history
+    assert plain["sampling"]["seed"] == record["sampling"]["seed"] and plain["metrics"]["num_samples"] == 7
     # sampling again from the trained generator, under another name and guidance
     gv.main(cli_args(run, tmp_path, "--sample-only", "--checkpoint", str(tmp_path / record["checkpoint"]), "--name", "again",
-                     "--sample", "4", "--cfg-scale", "0", "--depth", "7"))
+                     "--sample", "4", "--cfg-scale", "0", "--depth", "7", "--skip-untruncated"))
+    assert not os.path.exists(tmp_path / "again_untruncated.json")
     again = json.load(open(tmp_path / "again.json"))
     assert again["args"]["depth"] == 2 and again["sampling"]["cfg_scale"] == 0  # architecture from the checkpoint
     assert again["history"] == history and again["metrics"]["num_samples"] == 4
-    # evaluate.py renders both runs in the VAR row of Table 4 (ImageNet-100 scheme, no GAN, baseline),
-    # one line per recipe (guidance and sample count differ)
+    # evaluate.py renders the three runs in the VAR row of Table 4 (ImageNet-100 scheme, no GAN, baseline),
+    # one line per recipe (truncation, guidance and sample count differ)
     table = evaluate.render_generator_table(evaluate.load_results(str(tmp_path)), "Table 4")
     rows = [line.rstrip(" |").split(" | ")[1:] for line in table.splitlines() if line.startswith("| VAR ✗ |")]
-    assert sorted(row[-1] for row in rows) == ["4", "7"]  # the samples column
-    cells = next(row for row in rows if row[-1] == "7")
+    assert sorted(row[-1] for row in rows) == ["4", "7", "7"]  # the samples column
+    cells = next(row for row in rows if row[-1] == "7" and "top_k" not in row[0])
     assert cells[1:6] == ["1: seed 0 x sample 0", "12.88", "–", "70.69", f"{m['pixel_diversity']:.2f}"]
+    untruncated = next(row for row in rows if "top_k=0" in row[0])
+    assert "top_p=1.0" in untruncated[0] and untruncated[5] == f"{plain['metrics']['pixel_diversity']:.2f}"
 
 
 def cross_entropy_by_counting(dump, context):
@@ -506,3 +514,7 @@ def test_parameter_counts_match_vars_published_model_sizes():
         sizes = {d: sum(p.numel() for p in gv.VAR(1000, 4096, 32, common.VAR_SCALES, depth=d).parameters())
                  for d in (16, 20)}
     assert 310e6 <= sizes[16] < 311e6 and 600e6 <= sizes[20] < 601e6
+    # the paper's d16: 16,384 codes, ImageNet-100's 100 classes, token dimension 32 (README: 322.0 M)
+    with torch.device("meta"):
+        paper = sum(p.numel() for p in gv.VAR(100, 16384, 32, common.VAR_SCALES, depth=16).parameters())
+    assert paper == 321_957_120

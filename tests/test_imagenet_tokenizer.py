@@ -804,7 +804,7 @@ def test_reconstruction_sheet_puts_each_row_of_originals_above_its_reconstructio
         assert (block(2 * row + 1, col) == round(255 * (1 - k / 40))).all()  # its reconstruction below
 
 
-def test_fid_images_limits_the_r_fid_sets_to_the_first_images(image_folder, trained, tmp_path, monkeypatch):
+def test_fid_images_limits_the_r_fid_sets_to_a_class_stratified_subset(image_folder, trained, tmp_path, monkeypatch):
     out, runs = trained
     ckpt = torch.load(out / runs[("vq", False)][0] / "best.pt", weights_only=True)
     model = common.build_tokenizer(ckpt["args"])
@@ -817,10 +817,12 @@ def test_fid_images_limits_the_r_fid_sets_to_the_first_images(image_folder, trai
     monkeypatch.setattr(tok, "score_fid", count_pngs)
     data = common.tokenizer_datasets(ckpt["args"])
     info = common.DistInfo(0, 1, 0, torch.device("cpu"))
-    for limit, expected in ((4, 4), (0, 6)):
+    items = data["test"].items  # 6 images, 2 per class, listed class by class
+    for limit, expected in ((4, common.fid_subset(items, 4)), (0, range(6))):
         args = parse(image_folder, tmp_path, "--fid-images", str(limit))
         tok.evaluate(model, data["test"], args, info, None, fid_dir=str(tmp_path / f"fid{limit}"))
-        assert seen["recon"] == seen["real"] == [f"{i:07d}.png" for i in range(expected)]
+        assert seen["recon"] == seen["real"] == [f"{i:07d}.png" for i in expected]
+    assert sorted({items[i][1] for i in common.fid_subset(items, 4)}) == [0, 1, 2]  # not the first 4: two classes
 
 
 def test_a_seed_other_than_0_names_its_run_and_its_evaluations(image_folder, tmp_path):

@@ -243,6 +243,8 @@ def test_evaluate_renders_tables_7_and_12(pipeline, tmp_path):
     t7 = report.split("## Table 7")[1].split("##")[0]
     deferred_row = next(line for line in t7.splitlines() if line.startswith("| + Deferred"))
     assert "| 6.48 |" in deferred_row and "| 20.82 |" in deferred_row
+    # VAR's and VQGAN's PSNR / SSIM have a paper value and no reproduction path: the note says why
+    assert "PSNR / SSIM ours of VAR and VQGAN stay '–'" in t7 and "not marked *" in t7
 
 
 def test_gpt_checkpoint_from_codes_and_foreign_gpt_checkpoint_refused(pipeline, tmp_path):
