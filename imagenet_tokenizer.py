@@ -508,8 +508,7 @@ class CosineSchedule:
 
     def step(self, val_loss):
         self.done += 1
-        progress = min(self.done, self.epochs) / self.epochs
-        self.lr = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        self.lr = common.cosine_lr(self.base_lr, self.min_lr, self.done, self.epochs)
         improved = val_loss < self.best
         self.best = min(self.best, val_loss)
         return improved

@@ -512,7 +512,8 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
             every.setdefault(cifar_sweep.run_name(args), set()).add(key)
     assert all(len(v) == 1 for v in every.values())
     # fig5 + table8/9/10/11 + fig8 minus shared runs (fig6, fig7) + cpu-table9 (its 150-epoch row is fig5's)
-    assert len(every) == 26 + 1 + 7 + 4 + 30 + 6 + 5
+    # + cpu-factors (13 cells x 2 arms, none shared)
+    assert len(every) == 26 + 1 + 7 + 4 + 30 + 6 + 5 + 26
     assert "alternated_lr0.001_K1024_ep300_cont0_s0" in every  # a learning rate other than the paper's is named
 
 
