@@ -104,9 +104,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 
 from common import (FASHION_MNIST_SIZE, Decoder, Encoder, UsageCounter, UserError, VectorQuantizer,
                     add_run_arguments, all_reduce_sum, autocast_for, cleanup_distributed, codebook_metrics,
-                    cosine_lr, deferred_switch, load_fashion_mnist, load_lpips, mean_pairwise_cosine_distance,
-                    mean_pairwise_euclidean, nearest_code, perplexity_from_counts, print0, progress_bar, run_cli,
-                    save_checkpoint, seed_everything, set_lr, set_rng_state, setup_distributed, start_run, wrap_ddp,
+                    cosine_lr, deferred_switch, load_fashion_mnist, load_lpips, nearest_code, perplexity_from_counts,
+                    print0, progress_bar, run_cli, save_checkpoint, seed_everything, set_lr, set_rng_state,
+                    setup_distributed, spread_record, start_run, switch_record, switch_spreads, wrap_ddp,
                     write_result)
 
 # ================================================================================================
@@ -734,26 +734,6 @@ def switch(model, loader, args, epoch):
     print0(f"epoch {epoch}: Discretization Phase on, codebook of {args.codebook_size} from {n} embeddings "
            f"per rank ({args.init_method})")
     return model.quantizer.codebook.detach().float().cpu().clone(), kept["embeddings"]
-
-
-def switch_record(codebook, embeddings):
-    """History entries of the switch: the spread of the fresh codebook (switch_*) and of the
-    encoder outputs it was drawn from (switch_embeddings_*)."""
-    return {**spread_record("switch_", codebook), **spread_record("switch_embeddings_", embeddings)}
-
-
-def switch_spreads(history):
-    """The switch_* entries of the history's switch epoch ({} before the switch)."""
-    return next(({k: v for k, v in h.items() if k.startswith("switch_")} for h in history
-                 if "switch_euclidean" in h), {})
-
-
-def spread_record(prefix, codebook):
-    """History entries of a codebook's spread under `prefix`: mean pairwise Euclidean and cosine
-    distance (paper eqs. 4-5) in the units the quantizer sees. Per-epoch curves of these and of
-    usage show whether a coverage failure persists, shrinks or vanishes over training."""
-    return {f"{prefix}euclidean": mean_pairwise_euclidean(codebook),
-            f"{prefix}cosine": mean_pairwise_cosine_distance(codebook)}
 
 
 def train_run(args, info):

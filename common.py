@@ -1328,6 +1328,27 @@ class UsageCounter:
         return int((self.counts > 0).sum())
 
 
+def spread_record(prefix, codes):
+    """History entries of a set of vectors' spread under `prefix`: mean pairwise Euclidean and
+    cosine distance (paper eqs. 4-5) in the units the quantizer sees. Per-epoch curves of these and
+    of usage show whether a coverage failure persists, shrinks or vanishes over training."""
+    return {f"{prefix}euclidean": mean_pairwise_euclidean(codes),
+            f"{prefix}cosine": mean_pairwise_cosine_distance(codes)}
+
+
+def switch_record(codebook, embeddings):
+    """History entries of a Continuous -> Discretization switch: the spread of the fresh codebook
+    (switch_*) and of the encoder outputs it was drawn from (switch_embeddings_*): the paper's
+    Figure 3 mechanism (section 4), measured where it happens."""
+    return {**spread_record("switch_", codebook), **spread_record("switch_embeddings_", embeddings)}
+
+
+def switch_spreads(history):
+    """The switch_* entries of a run's history ({} before the switch), for its final metrics."""
+    return next(({k: v for k, v in h.items() if k.startswith("switch_")} for h in history
+                 if "switch_euclidean" in h), {})
+
+
 def codebook_metrics(codes, counts=None):
     """The coverage diagnostic suite for one codebook, as the dict every result JSON stores.
     Codes keep their dtype (each metric picks its own precision); a float64 codebook is not

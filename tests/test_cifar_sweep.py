@@ -531,11 +531,11 @@ def _sha(t):
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def evaluate(model, loader, args, device):
+def evaluate(model, loader, args, device, *rest):
     _seen["codebook_sha256"].append(_sha(model.quantizer.codebook))
     with open(os.path.join(os.environ["SPY_DIR"], f"rank{_seen['rank']}.json"), "w") as f:
         json.dump(_seen, f)
-    return _evaluate(model, loader, args, device)
+    return _evaluate(model, loader, args, device, *rest)
 
 
 def to_input(batch, device):
