@@ -54,6 +54,28 @@ Choices the paper leaves open (documented here and in the report):
     codebooks the following batches are added until there is one vector per code.
   * Codes of every baseline start from the same 10:1 sample of (untrained) encoder outputs as the
     deferred runs, so the only difference is *when* the switch happens (common.deferred_switch).
+    Every switch records the spread (mean pairwise Euclidean / cosine, eqs. 4-5) of the fresh
+    codebook (switch_*) and of a seeded sample of at most 8,192 of the encoder outputs it was drawn
+    from (switch_embeddings_*; the sample is kept in the checkpoint as `switch_embeddings`, for
+    `evaluate.py codebook --plot`): the paper's Figure 3 mechanism, measured where it happens.
+
+Factor study (issue 15, --grid cpu-factors; README "When does coverage failure appear?"): the
+Fashion-MNIST baseline here collapses (perplexity ~25 of 4,096 codes), imagenet_tokenizer.py's does
+not. Each way the tokenizer's recipe differs is a flag, so that a cell changes one of them:
+  --network vqgan        imagenet_tokenizer.py's encoder/decoder (common.Encoder / Decoder: GroupNorm,
+                         swish, mid-block attention) with its width flags --ch --ch-mult
+                         --num-res-blocks --attn-resolutions --z-channels (defaults: the chain
+                         tokenizer's 16, 1,2,2, 1, '', 16) and 1x1 convs to the token dim; 8x8 tokens
+  --lr-schedule cosine   its schedule: --lr through the Continuous Phase, then half a cosine to
+                         --min-lr over the Discretization epochs, stepped once per epoch
+  --lpips-weight W       + W x LPIPS (AlexNet, common.load_lpips; grey images repeated to RGB)
+  --init-method kmeans   the switch's k-means instead of the method's 10:1 sample
+  --pixel-range 1        the networks see [-1, 1] pixels (VQGAN's) instead of [-0.5, 0.5]
+  --adam-betas 0.5,0.9 --no-amsgrad   its Adam (taming's) instead of A.1's amsgrad
+with the existing --method (EMA vs gradient codebook), --token-dim, --lr, --batch-size, --ratio. At
+their defaults these options leave a run's name and identity as they were; otherwise each adds a
+tag to the name (as do a token dim other than 32, a ratio other than 10 and a batch size other
+than the preset's).
 
 Start-up (common.start_run, before any data is touched by training): every number is checked
 (finite, in range: RANGES), then the rules between arguments (`validate`), --out must be writable,
@@ -81,11 +103,12 @@ Commands:
     python cifar_sweep.py --dataset fashion-mnist --data-dir /usr/share/datasets/fashion-mnist \
         --method deferred_ema --codebook-size 1024 --epochs 10 --train-subset 10000 --channels 32 --res-channels 16
     # ... Figure 5 and the Table 11 methods on it: --grid cpu-fig5 / cpu-table11 with the same flags
-    # (their recipe comes from the command line; README: the timed two-process family)
+    # (their recipe comes from the command line; README: the timed two-process family); the factor
+    # study: --grid cpu-factors (results/fashion_mnist/factors/command.sh)
 
     # a whole table or figure (skips runs whose JSON exists; rerun the same line to resume after a
     # crash). Grids: fig5 table8 table9 table10 table11 fig6 fig7 fig8 (paper recipe), cpu-fig5 cpu-table11
-    # cpu-table9
+    # cpu-table9 cpu-factors
     python cifar_sweep.py --grid table11 --data-dir data/cifar10 --out runs/cifar
     # ... or spread it over 8 GPUs, one independent process each (small model: better than DDP)
     for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python cifar_sweep.py --grid table11 --grid-shard $i/8 & done
@@ -104,10 +127,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 
 from common import (FASHION_MNIST_SIZE, Decoder, Encoder, UsageCounter, UserError, VectorQuantizer,
                     add_run_arguments, all_reduce_sum, autocast_for, cleanup_distributed, codebook_metrics,
-                    cosine_lr, deferred_switch, load_fashion_mnist, load_lpips, nearest_code, perplexity_from_counts,
-                    print0, progress_bar, run_cli, save_checkpoint, seed_everything, set_lr, set_rng_state,
-                    setup_distributed, spread_record, start_run, switch_record, switch_spreads, wrap_ddp,
-                    write_result)
+                    cosine_lr, deferred_switch, float_list, int_list, load_fashion_mnist, load_lpips, nearest_code,
+                    perplexity_from_counts, print0, progress_bar, run_cli, save_checkpoint, seed_everything, set_lr,
+                    set_rng_state, setup_distributed, spread_record, start_run, switch_record, switch_spreads,
+                    wrap_ddp, write_result)
 
 # ================================================================================================
 # Methods, presets and the grids of every CIFAR-10 table
@@ -920,21 +943,6 @@ def main(args):
                 print0(f"failed: {err}")
     finally:
         cleanup_distributed()
-
-
-def int_list(text):
-    """'1,2,2' -> (1, 2, 2); '' -> () (imagenet_tokenizer.py's format)."""
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-
-
-def float_list(text):
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
 
 def add_factor_arguments(g):

@@ -27,6 +27,7 @@ Read in this order (who uses each section in brackets):
 
 Nothing here is specific to one experiment; each script decides *when* the switch happens.
 """
+import argparse
 import atexit
 import contextlib
 import copy
@@ -510,6 +511,23 @@ def start_run(args, *, name, outputs, ranges=None, defining=(), resume_from=None
             run.finish()
             raise
     return run
+
+
+def _number_list(text, kind, what):
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got '{text}'") from None
+
+
+def int_list(text):
+    """argparse type: '1,2,2' -> (1, 2, 2); '' -> () (e.g. --attn-resolutions '': none)."""
+    return _number_list(text, int, "integers")
+
+
+def float_list(text):
+    """argparse type: '0.5,0.9' -> (0.5, 0.9)."""
+    return _number_list(text, float, "numbers")
 
 
 def add_run_arguments(parser, out_default):

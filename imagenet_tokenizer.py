@@ -106,7 +106,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import common
-from common import UserError, print0
+from common import UserError, int_list, print0
 
 EXPERIMENT = "imagenet_tokenizer"
 QUANTIZER_KEYS = ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay", "simvq", "scales",
@@ -595,8 +595,7 @@ def switch_to_discretization(t, train_loader, sampler, args, info, epoch):
     """The switch (section 5). Baseline: epoch 0, untrained encoder. Deferred: after the Continuous
     Phase. Embeddings are the encoder outputs on the latent grid (for msvq: the finest scale). The
     SimVQ baseline keeps SimVQ's random frozen codebook: its switch only turns quantization on.
-    Returns the history entries of the switch (common.switch_record; {} for the SimVQ baseline) and
-    keeps its samples in t.state (checkpointed)."""
+    Returns what the checkpoints keep of it (`switch_sample`: {} for the SimVQ baseline)."""
     quantizer = t.model.quantizer
     if args.simvq and not args.deferred:
         quantizer.set_enabled(True)
@@ -608,11 +607,10 @@ def switch_to_discretization(t, train_loader, sampler, args, info, epoch):
     n = common.deferred_switch(quantizer, lambda batch: t.model.encode(batch[0].to(info.device)),
                                train_loader, args.ratio, args.init_method, args.seed, progress=True, keep=kept)
     t.model.train()
-    t.state["switch_embeddings"] = kept["embeddings"]
-    t.state["switch_codebook"] = quantizer.codebook.detach().float().cpu().clone()
     print0(f"epoch {epoch}: {PHASE_TITLES[DISCRETIZATION]}: codebook initialised from {n} embeddings per rank; "
            "quantization on")
-    return common.switch_record(t.state["switch_codebook"], t.state["switch_embeddings"])
+    return {"switch_embeddings": kept["embeddings"],
+            "switch_codebook": quantizer.codebook.detach().float().cpu().clone()}
 
 
 def train_epoch(t, train_loader, args, info, epoch, phase):
@@ -666,7 +664,9 @@ def fit(t, data, args, info, paths):
         epoch = state["epoch"]
         switched = {}
         if epoch >= switch_epoch and not quantizer.is_enabled:
-            switched = switch_to_discretization(t, train_loader, sampler, args, info, epoch)
+            state.update(switch_to_discretization(t, train_loader, sampler, args, info, epoch))
+            if "switch_codebook" in state:  # the spreads of Figure 3 where the switch happens
+                switched = common.switch_record(state["switch_codebook"], state["switch_embeddings"])
         phase = DISCRETIZATION if quantizer.is_enabled else CONTINUOUS
         sampler.set_epoch(epoch)
         record = {"epoch": epoch, "phase": phase, "lr": t.opt.param_groups[0]["lr"], **switched}
@@ -865,13 +865,6 @@ def main(args):
 # ------------------------------------------------------------------------------------------------
 # Arguments
 # ------------------------------------------------------------------------------------------------
-
-
-def int_list(text):
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
 def build_parser():
