@@ -1074,6 +1074,118 @@ def render_factor_study(results, out_dir):
     return "\n\n".join(parts) or None
 
 
+CURVE_PANELS = (("val_perplexity", "test usage perplexity"), ("val_used_codes", "used codes (test)"),
+                ("codebook_euclidean", "codebook mean pairwise Euclidean"), ("val_mse", "test MSE"))
+
+
+def _evaluated_points(runs, key):
+    """(epochs from 1, mean over seeds) of one history value at the epochs where every run has it
+    (evaluations happen every --val-every epochs; usage and spread only while quantizing)."""
+    per_run = [{h["epoch"] + 1: h[key] for h in r["history"] if h.get(key) is not None} for r in runs]
+    epochs = sorted(set.intersection(*(set(p) for p in per_run)))
+    return np.asarray(epochs), np.asarray([np.mean([p[e] for p in per_run]) for e in epochs], dtype=float)
+
+
+@renderer("Coverage over training on other data or recipes (per-epoch curves, baseline_ema vs deferred_ema)")
+def render_coverage_curves(results, out_dir):
+    """Issue: does the coverage failure outlive a short schedule? For every codebook size where both
+    arms of a recipe recorded per-evaluation usage and spread: test perplexity, used codes, codebook
+    spread and test MSE against the epoch, seeds averaged, with the epoch where the MSE curves cross."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = ("baseline_ema", "deferred_ema")
+    parts = []
+    for (experiment, recipe), runs in sorted(_recipes(results, methods).items()):
+        done = [r for r in runs if not r.get("failed") and any("val_used_codes" in h for h in r["history"])]
+        for k in sorted({r["args"]["codebook_size"] for r in done}):
+            arms = {m: [r for r in done if r["method"] == m and r["args"]["codebook_size"] == k] for m in methods}
+            if not all(arms.values()):
+                continue
+            curves = {m: {key: _evaluated_points(arms[m], key) for key, _ in CURVE_PANELS} for m in methods}
+            fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.4 * len(CURVE_PANELS), 3.8), squeeze=False)
+            for ax, (key, label) in zip(axes[0], CURVE_PANELS):
+                for m in methods:
+                    ax.plot(*curves[m][key], marker=".", label=f"{CIFAR_LABELS[m]} ({len(arms[m])} seeds)")
+                ax.set_yscale("log")
+                ax.set_xlabel("epoch")
+                ax.set_title(label, fontsize=9)
+            axes[0][0].legend(fontsize=7)
+            fig.suptitle(f"{_recipe_label(experiment, recipe)}, {k} codes", fontsize=9)
+            fig.tight_layout()
+            png = _recipe_file(f"curves_K{k}", experiment, recipe)
+            fig.savefig(os.path.join(out_dir, png), dpi=120)
+            plt.close(fig)
+            parts.append(f"**{_recipe_label(experiment, recipe)}, {k} codes**\n\n" + _curve_table(curves, methods)
+                         + f"\n\n{_mse_crossing(curves, methods)} Plot: {png}")
+    return "\n\n".join(parts) or None
+
+
+def _curve_table(curves, methods, rows=8):
+    """Every evaluated epoch of the baseline's curve thinned to about `rows` rows (always the last)."""
+    epochs = sorted(set(curves[methods[0]]["val_mse"][0]) | set(curves[methods[1]]["val_mse"][0]))
+    keep = sorted(set(epochs[::max(1, len(epochs) // rows)]) | {epochs[-1]})
+
+    def at(m, key, e):
+        xs, ys = curves[m][key]
+        hit = np.nonzero(xs == e)[0]
+        return ys[hit[0]] if hit.size else None
+    header = ["epoch"] + [f"{lab} {m.split('_')[0]}" for key, lab in CURVE_PANELS for m in methods]
+    body = [[e] + [fmt(at(m, key, e) / (CIFAR_MSE_UNIT if key == "val_mse" else 1), 0 if "used" in key else 2)
+                   if at(m, key, e) is not None else "–" for key, _ in CURVE_PANELS for m in methods]
+            for e in keep]
+    return markdown_table(header, body) + "\n\nMSE in units of 1e-3; seeds averaged; '–': not quantizing yet."
+
+
+def _mse_crossing(curves, methods):
+    """Where the test-MSE curves cross: the first evaluated epoch from which the second arm stays below."""
+    (xb, yb), (xd, yd) = (curves[m]["val_mse"] for m in methods)
+    common = sorted(set(xb) & set(xd))
+    below = [float(yd[list(xd).index(e)]) < float(yb[list(xb).index(e)]) for e in common]
+    if not common:
+        return "No common evaluation epoch."
+    if all(below):
+        return f"{CIFAR_LABELS[methods[1]]} has the lower test MSE at every evaluation."
+    if not below[-1]:
+        return f"{CIFAR_LABELS[methods[1]]} does not end below {CIFAR_LABELS[methods[0]]} in test MSE."
+    last_above = max(i for i, b in enumerate(below) if not b)
+    return f"The test-MSE curves cross for good between epochs {common[last_above]} and {common[last_above + 1]}."
+
+
+@renderer("Table 9 on other data or recipes (Continuous Phase duration, Discretization Phase fixed)")
+def render_continuous_duration(results, out_dir):
+    """deferred_ema runs of one recipe and codebook size that share their Discretization length
+    (epochs - continuous_epochs) and differ in the Continuous Phase length, at least three lengths;
+    the paper's CIFAR-10 Table 9 (8,192 codes) beside where its lengths match ours."""
+    free = SIZE_SWEEP_FREE | {"epochs"}
+    paper = PAPER["cifar10_table9"]
+    parts = []
+    for (experiment, recipe), runs in sorted(_recipes(results, ("deferred_ema",), free=free).items()):
+        done = [r for r in runs if not r.get("failed")]
+        groups = {}
+        for r in done:
+            a = r["args"]
+            groups.setdefault((a["codebook_size"], a["epochs"] - a["continuous_epochs"]), {}).setdefault(
+                a["continuous_epochs"], []).append(r)
+        for (k, disc), by_cont in sorted(groups.items()):
+            if len(by_cont) < 3:
+                continue
+            conts = sorted(by_cont)
+            body = []
+            for key, label, scale, digits in (("perplexity", "Perplexity", 1.0, 1), ("used_codes", "Used codes", 1.0, 0),
+                                              ("mse", "MSE x1e-3", CIFAR_MSE_UNIT, 2), ("euclidean", "Euclidean", 1.0, 3)):
+                body.append([f"{label} ours"] + [_mean_std_of(by_cont[c], key, digits, scale) for c in conts])
+                if key in ("perplexity", "mse"):
+                    body.append([f"{label} paper (CIFAR-10, 8,192)"] + [fmt(paper[c][key], 2) if c in paper else "–"
+                                                                       for c in conts])
+            body.append(["seeds"] + [len(by_cont[c]) for c in conts])
+            parts.append(f"**{_recipe_label(experiment, recipe)}, {k} codes, {disc} Discretization epochs**\n\n"
+                         + markdown_table(["Continuous epochs"] + [str(c) for c in conts], body)
+                         + "\n\nMean ± std over seeds, on the test split; 0 Continuous epochs = the switch at step 0 "
+                         "(a baseline trained for the Discretization epochs only).")
+    return "\n\n".join(parts) or None
+
+
 # ---- ImageNet-100 / ODIR tokenizer renderers ----
 
 TOKENIZER_TITLES = {

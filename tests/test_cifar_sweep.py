@@ -708,3 +708,45 @@ def test_evaluate_renders_size_sweeps_and_method_tables_of_other_recipes(tmp_pat
                                                 "| Alternated optimisation"]
     assert "| Alternated optimisation | 1 | 50.00 |" in methods_part and "| 16 codes" not in methods_part
     assert list((tmp_path / "rep").glob("methods_K64_fashion-mnist_*.png"))
+
+
+def test_evaluate_renders_coverage_curves_and_continuous_duration_from_real_runs(data_dir, tmp_path):
+    """Both arms trained for real (smoke recipe, 4 epochs, evaluated every 2): the curve table shows
+    each arm's recorded test usage, spread and MSE at the evaluated epochs, '–' where the deferred
+    arm was not quantizing yet; three Continuous Phase lengths with 2 Discretization epochs each make
+    a Table 9 whose cells are those runs' final metrics."""
+    out = str(tmp_path / "runs")
+    recs = {}
+    for method, cont, epochs in [("baseline_ema", 0, 4), ("deferred_ema", 2, 4), ("deferred_ema", 0, 2),
+                                 ("deferred_ema", 1, 3)]:
+        recs[(method, cont)] = smoke(data_dir, out, method, "--epochs", epochs, "--continuous-epochs", cont,
+                                     "--val-every", 2)[0]
+    report = run_cli(evaluate.main, evaluate.build_parser(), ["tables", out, "--out", str(tmp_path / "rep")])
+    curves = report.split("## Coverage over training")[1].split("\n## ")[0]
+    base, deferred = recs[("baseline_ema", 0)]["history"], recs[("deferred_ema", 2)]["history"]
+    assert [h["epoch"] for h in base if "val_used_codes" in h] == [1, 3]
+    row2 = [line for line in curves.splitlines() if line.startswith("| 2 |")][0].split(" | ")
+    # epoch 2: baseline perplexity, deferred '–' (Continuous Phase), then used codes of both arms
+    assert row2[1] == evaluate.fmt(base[1]["val_perplexity"], 2) and row2[2] == "–"
+    row4 = [line for line in curves.splitlines() if line.startswith("| 4 |")][0].split(" | ")
+    assert row4[4] == str(deferred[3]["val_used_codes"])
+    assert row4[6] == evaluate.fmt(deferred[3]["codebook_euclidean"], 2)
+    assert list((tmp_path / "rep").glob("curves_K32_cifar10_*.png"))
+    table9 = report.split("## Table 9 on other data")[1].split("\n## ")[0]
+    assert "32 codes, 2 Discretization epochs" in table9 and "| Continuous epochs | 0 | 1 | 2 |" in table9
+    perp = [line for line in table9.splitlines() if line.startswith("| Perplexity ours")][0].split(" | ")[1:]
+    assert [p.strip(" |") for p in perp] == [evaluate.fmt(recs[("deferred_ema", c)]["metrics"]["perplexity"], 1)
+                                             for c in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("deferred_mse,says", [
+    ([5.0, 4.0, 2.0, 1.0], "cross for good between epochs 20 and 30"),  # above until 20, below from 30
+    ([1.0, 4.0, 2.0, 1.0], "cross for good between epochs 20 and 30"),  # a dip at 10 is not a crossing
+    ([1.0, 1.0, 1.0, 1.0], "lower test MSE at every evaluation"),
+    ([1.0, 1.0, 1.0, 9.0], "does not end below"),
+])
+def test_mse_crossing_is_where_the_deferred_arm_stays_below(deferred_mse, says):
+    epochs = np.array([10, 20, 30, 40])
+    curves = {"baseline_ema": {"val_mse": (epochs, np.full(4, 3.0))},
+              "deferred_ema": {"val_mse": (epochs, np.array(deferred_mse))}}
+    assert says in evaluate._mse_crossing(curves, ("baseline_ema", "deferred_ema"))
