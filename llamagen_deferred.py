@@ -93,9 +93,12 @@ gpt/last.pt, samples.npz, generation.json. Training stages resume with --resume 
 (written every --ckpt-every steps): the data order is replayed exactly, augmentations are redrawn.
 """
 import argparse
+import contextlib
+import errno
 import math
 import os
 import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -349,14 +352,64 @@ def psnr_per_image(x, y):
 # ================================================================================================
 
 
+def rows_path(output):
+    """The temporary .npy that the rows of `output` are written into: `.<name>.rows.tmp`, a name
+    `common.start_run` removes as a temporary file of `output` when a killed run left it behind."""
+    folder, name = os.path.split(output)
+    return os.path.join(folder, f".{name}.rows.tmp")
+
+
 def open_npy_rows(path, shape, dtype):
-    """A writable .npy memory map that every rank fills with its own rows (rank 0 creates it)."""
-    if common.is_main_process():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-    if common.is_distributed():
-        torch.distributed.barrier()
+    """A writable .npy memory map that every rank fills with its own rows (rank 0 creates it). Its
+    blocks are allocated now: a full disk is a one-line UserError here, not a SIGBUS when a
+    memory-mapped write finds no block, hours later."""
+    common.agree_on_main(lambda: _create_npy_rows(path, shape, dtype))
     return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _create_npy_rows(path, shape, dtype):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rows = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    rows.flush()
+    size = rows.offset + rows.nbytes
+    del rows
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without allocation: write sparse
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise UserError(f"cannot write {path} ({size / 1e9:.1f} GB): {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def removed_on_failure(path):
+    """Rank 0 removes the temporary file `path` when the stage fails (a kill leaves it to the
+    next start_run)."""
+    try:
+        yield
+    except BaseException:
+        if common.is_main_process():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+
+
+def check_free_disk(folder, need, what):
+    """A start_run check: `need` bytes free where `folder` is (or will be), so that a long stage does
+    not end on a full disk."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise UserError(f"{what} needs {need / 1e9:.1f} GB on the disk of {existing}, which has "
+                        f"{free / 1e9:.1f} GB free")
 
 
 def npy_to_npz(npy_path, npz_path, **extra):
@@ -780,6 +833,7 @@ def train_tokenizer(args, info):
         if switch_step >= total:
             raise UserError(f"--continuous-steps {switch_step} leaves no Discretization Phase in {total} steps "
                             f"({args.epochs} epochs of {per_epoch}); raise --epochs")
+        check_switch_fits(args, per_epoch, info.world_size)
         model = common.build_tokenizer(tokenizer_cfg(args)).to(info.device)
         model.quantizer.set_enabled(not args.deferred)  # baseline: LlamaGen's normalised U(-1/K, 1/K) codes
         disc = common.PatchDiscriminator(ndf=args.disc_ndf, n_layers=args.disc_layers).to(info.device) \
@@ -840,6 +894,23 @@ def train_tokenizer(args, info):
                     break
         bar.close()
     print0(f"tokenizer trained: {last_path}; next --stage tokenizer-eval")
+
+
+def check_switch_fits(args, per_epoch, world_size):
+    """The switch builds the codebook from --ratio x --codebook-size embeddings (grid^2 per image)
+    of the batches left in its epoch: refuse before training a codebook they cannot fill, which
+    would otherwise fail at the switch, --continuous-steps (50,000) steps in."""
+    if not args.deferred:
+        return
+    grid = args.resolution // 2 ** (len(args.ch_mult) - 1)
+    batches_left = per_epoch - args.continuous_steps % per_epoch
+    available = batches_left * (args.batch_size // world_size) * grid * grid  # per rank
+    needed = math.ceil(math.ceil(args.ratio * args.codebook_size) / world_size)
+    if needed > available:
+        raise UserError(f"--codebook-size {args.codebook_size} at --ratio {args.ratio:g} needs {needed * world_size} "
+                        f"embeddings at the switch, but the {batches_left} batches left in its epoch give "
+                        f"{available * world_size} ({grid}x{grid} per image): use fewer codes, a lower --ratio, "
+                        "a larger --batch-size or another --continuous-steps")
 
 
 def switch(model, x, more, args, state, save, continuous_path):
@@ -933,10 +1004,10 @@ def evaluate_tokenizer(args, info):
     folder = run_dir(args)
     json_path, pt_path = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer.pt")
     npz_path = os.path.join(folder, "reconstructions.npz")
-    npy_path = os.path.join(folder, ".reconstructions.npy.rows.tmp")
+    npy_path = rows_path(npz_path)
     checks = [lambda: check_data(args, ("val",))] + ([] if args.skip_fid else [common.inception_weights_path])
     with common.start_run(args, name=f"{arm_name(args)}_tokenizer-eval", outputs=[json_path, pt_path, npz_path],
-                          ranges=TOKENIZER_RANGES, checks=checks):
+                          ranges=TOKENIZER_RANGES, checks=checks), removed_on_failure(npy_path):
         model, cfg = load_any_tokenizer(ckpt_path, args.resolution, info.device)
         if cfg["resolution"] != args.resolution:
             raise UserError(f"{ckpt_path} was trained at {cfg['resolution']}px, --resolution is {args.resolution}")
@@ -1012,9 +1083,9 @@ def tokens_paths(args):
 def extract_tokens(args, info):
     ckpt_path = tokenizer_checkpoint(args)
     pt_path, npy_path = tokens_paths(args)
-    tmp_path = os.path.join(run_dir(args), ".tokens_train.npy.rows.tmp")
+    tmp_path = rows_path(npy_path)
     with common.start_run(args, name=f"{arm_name(args)}_tokens", outputs=[pt_path, npy_path], ranges=TOKENIZER_RANGES,
-                          checks=[lambda: check_data(args, ("train",))]):
+                          checks=[lambda: check_data(args, ("train",))]), removed_on_failure(tmp_path):
         model, cfg = load_any_tokenizer(ckpt_path, args.resolution, info.device)
         data = imagenet_split(args, "train", "crops", args.crop_ranges)
         if args.max_train_images:
@@ -1161,8 +1232,12 @@ def sample_labels(args, num_classes):
 def generate_samples(args, info):
     out_path = samples_path(args)
     meta_path = out_path[:-4] + ".json"
-    tmp_path = os.path.join(run_dir(args), ".samples.npy.rows.tmp")
-    with common.start_run(args, name=f"{arm_name(args)}_sample", outputs=[out_path, meta_path], ranges=GPT_RANGES):
+    tmp_path = rows_path(out_path)
+    # the rows (uint8 images), then the .npz written from them before they are removed: twice the images
+    need = 2 * args.num_samples * args.resolution ** 2 * 3
+    disk = [lambda: check_free_disk(run_dir(args), need, f"--stage sample of {args.num_samples} images")]
+    with common.start_run(args, name=f"{arm_name(args)}_sample", outputs=[out_path, meta_path], ranges=GPT_RANGES,
+                          checks=disk), removed_on_failure(tmp_path):
         model, gpt_ckpt, trained_with = load_gpt(args, info.device)
         tok_path = args.tokenizer_checkpoint or trained_with or tokenizer_checkpoint(args)
         tokenizer, cfg = load_any_tokenizer(tok_path, args.resolution, info.device)

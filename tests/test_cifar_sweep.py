@@ -47,7 +47,7 @@ def smoke(data_dir, out, method, *extra):
     sweep("--preset", "smoke", "--method", method, "--codebook-size", 32, "--data-dir", data_dir, "--out", out, *extra)
     with open(os.path.join(out, name + ".json")) as f:
         record = json.load(f)
-    return record, torch.load(os.path.join(out, name + ".pt"), weights_only=False), name
+    return record, torch.load(os.path.join(out, name + ".pt"), weights_only=True), name
 
 
 def test_fixture_is_read_by_the_real_loader(data_dir):
@@ -93,7 +93,7 @@ def test_fashion_mnist_run_measures_the_28_pixel_images(fashion, tmp_path):
     args = cifar_sweep.resolve_args(cifar_sweep.build_parser().parse_args(
         ["--dataset", "fashion-mnist", "--preset", "smoke", "--codebook-size", "32"]))
     model = cifar_sweep.build_model(args)
-    model.load_state_dict(torch.load(tmp_path / f"{name}.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(tmp_path / f"{name}.pt", weights_only=True)["model"])
     model.eval()
     assert model.encoder[0].in_channels == 1 and model.decoder[-1].out_channels == 1
     x = torch.from_numpy(arrays["t10k"][0]).float()[:, None] / 255.0  # (64, 1, 28, 28) in [0, 1]
@@ -409,7 +409,7 @@ def test_a_diverging_run_records_its_failure_and_a_grid_goes_on(data_dir, tmp_pa
     failed = json.loads((tmp_path / "affine_sync_alr2_nu2_K32_ep3_cont0_s0_smoke.json").read_text())
     assert failed["metrics"] == {} and failed["failed"].startswith("loss became nan at epoch 1")
     assert [(h["epoch"], h.get("diverged", False)) for h in failed["history"]] == [(0, False), (1, True)]
-    assert torch.load(tmp_path / "affine_sync_alr2_nu2_K32_ep3_cont0_s0_smoke.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "affine_sync_alr2_nu2_K32_ep3_cont0_s0_smoke.pt", weights_only=True)["epoch"] == 1
     assert (tmp_path / "baseline_K32_ep1_cont0_s0_smoke.json").exists()  # the grid went on
 
 
@@ -574,7 +574,7 @@ def test_two_process_ddp_keeps_identical_codebooks(data_dir, tmp_path):
     assert len(set(ranks[0]["codebook_sha256"])) == 3  # the codebook did change every epoch
     # the ranks trained on different shards, so equality is the sync, not identical inputs
     assert ranks[0]["first_batch_sha256"] != ranks[1]["first_batch_sha256"]
-    ckpt = torch.load(out / f"{name}.pt", weights_only=False)
+    ckpt = torch.load(out / f"{name}.pt", weights_only=True)
     assert hashlib.sha256(ckpt["codebook"].numpy().tobytes()).hexdigest() == ranks[0]["codebook_sha256"][-1]
     record = json.loads((out / f"{name}.json").read_text())
     assert record["world_size"] == 2 and int(ckpt["code_counts"].sum()) == TEST_IMAGES * 64

@@ -25,7 +25,7 @@ def states(tmp_path_factory):
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
          str(dist_out)], dist_out)
     run([sys.executable, WORKER, str(single_out)], single_out)
-    load = lambda path: torch.load(path, weights_only=False)  # noqa: E731
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
     return load(dist_out / "rank0.pt"), load(dist_out / "rank1.pt"), load(single_out / "rank0.pt")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.spatial.distance import pdist
 
+import common
 from common import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,3 +143,18 @@ def test_bad_code_counts_are_refused_not_turned_into_a_perplexity(tmp_path, caps
 def test_tables_refuse_a_result_json_without_args(tmp_path, capsys):
     (tmp_path / "r.json").write_text(json.dumps({"experiment": "imagenet_tokenizer", "metrics": {"mse": 0.1}}))
     assert_refused(capsys, "r.json is a result JSON without its 'args'", "tables", tmp_path, "--out", tmp_path / "rep")
+
+
+def test_save_never_overwrites_and_records_paths_relative_to_the_json(tmp_path, capsys, codes):
+    ckpt = tmp_path / "ckpts" / "run.pt"
+    ckpt.parent.mkdir()
+    save_checkpoint(ckpt, codebook=codes)
+    save = tmp_path / "results" / "coverage.json"
+    status, _, err = run_in_process(capsys, "codebook", ckpt, "--label", "var", "--save", save)
+    assert status == 0, err
+    record = json.loads(save.read_text())
+    assert record["source"] == os.path.join("..", "ckpts", "run.pt") and record["args"]["path"] == record["source"]
+    assert common.result_path(save, record["source"]) == str(ckpt)
+    before = save.read_bytes()
+    assert_refused(capsys, "exists", "codebook", ckpt, "--label", "var", "--save", save)
+    assert save.read_bytes() == before

@@ -220,7 +220,7 @@ def test_a_run_with_every_factor_records_the_switch_spreads(fashion, tmp_path, m
                     "--epochs", 3, "--continuous-epochs", 1, *flags)
     name = cifar_sweep.run_name(args)
     record = json.loads((tmp_path / f"{name}.json").read_text())
-    ckpt = torch.load(tmp_path / f"{name}.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / f"{name}.pt", weights_only=True)
     assert [h["lr"] for h in record["history"]] == pytest.approx([1e-3, 1e-3, 1e-5 + 0.5 * (1e-3 - 1e-5)])
     switch = record["history"][1]
     embeddings, codebook = ckpt["switch_embeddings"], ckpt["switch_codebook"]
@@ -249,7 +249,7 @@ def test_tokenizer_records_the_switch_spreads(fashion, tmp_path):
         "--quantizer", "vq", "--epochs", "2", "--val-size", "8"]
     imagenet_tokenizer.main(imagenet_tokenizer.build_parser().parse_args([str(a) for a in argv]))
     record = json.loads((tmp_path / "vq_baseline_fashion-mnist.json").read_text())
-    ckpt = torch.load(tmp_path / "vq_baseline_fashion-mnist.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "vq_baseline_fashion-mnist.pt", weights_only=True)
     switch = record["history"][0]
     assert switch["switch_embeddings_euclidean"] == pytest.approx(brute_euclidean(ckpt["switch_embeddings"]), rel=1e-5)
     assert switch["switch_euclidean"] == pytest.approx(brute_euclidean(ckpt["switch_codebook"]), rel=1e-5)

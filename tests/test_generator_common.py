@@ -16,7 +16,7 @@ from generator_fixture import write_token_dump
 # ---- frozen tokenizer ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantizer", ["vq", "msvq"])
-def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_runs, quantizer):
+def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_runs, quantizer, monkeypatch):
     run = tokenizer_runs[quantizer]
     model, cfg = common.load_tokenizer(run.checkpoint)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -31,7 +31,9 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     assert torch.equal(dump.labels, torch.tensor([val[i][1] for i in range(len(val))]))
     test = common.tokenizer_test_split(cfg)  # the g-FID reference: the tokenizer's own test split
     assert len(test) == 6 and test.items == common.load_split(run.split_file)["test"]
-    # its Inception statistics are cached under a name that changes with the folder and the size
+    # its Inception statistics are cached under a name that changes with the folder, the size and
+    # the Inception weights
+    monkeypatch.setattr(common, "inception_weights_digest", lambda: "a" * 64)
     name = common.tokenizer_test_cache_name(cfg)
     assert name.startswith("dq-test-") and name == common.tokenizer_test_cache_name(dict(cfg))
     assert name != common.tokenizer_test_cache_name(dict(cfg, resolution=64))
@@ -42,6 +44,8 @@ def test_frozen_tokenizer_decodes_its_dump_like_the_training_script(tokenizer_ru
     assert len(common.tokenizer_test_split(cfg, limit=100)) == 6
     assert common.tokenizer_test_cache_name(cfg, limit=4) not in (name, common.tokenizer_test_cache_name(cfg, limit=5))
     assert common.tokenizer_test_cache_name(cfg, limit=0) == name
+    monkeypatch.setattr(common, "inception_weights_digest", lambda: "b" * 64)
+    assert common.tokenizer_test_cache_name(cfg) != name
     ident = common.tokenizer_identity(cfg, run.checkpoint)
     assert ident["deferred"] is False and ident["gan"] is False and ident["quantizer"] == quantizer
     assert ident["codebook_size"] == 16 and ident["checkpoint"] == os.path.abspath(run.checkpoint)
@@ -56,12 +60,12 @@ def test_tokenizer_errors_are_one_line(tokenizer_runs, tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         common.load_tokenizer(tmp_path / "text.pt")
-    ckpt = torch.load(tokenizer_runs["vq"].checkpoint, weights_only=False)
+    ckpt = torch.load(tokenizer_runs["vq"].checkpoint, weights_only=True)
     ckpt["model"]["quantizer.enabled"] = torch.tensor(False)
     torch.save(ckpt, tmp_path / "continuous.pt")
     with pytest.raises(UserError, match="Continuous Phase"):
         common.load_tokenizer(tmp_path / "continuous.pt")
-    ckpt = torch.load(tokenizer_runs["vq"].checkpoint, weights_only=False)
+    ckpt = torch.load(tokenizer_runs["vq"].checkpoint, weights_only=True)
     ckpt["args"]["codebook_size"] = 32
     torch.save(ckpt, tmp_path / "mismatch.pt")
     with pytest.raises(UserError, match="do not fit"):
@@ -72,13 +76,13 @@ def test_tokenizer_errors_are_one_line(tokenizer_runs, tmp_path):
 
 def test_token_dumps_of_both_quantizers(tokenizer_runs):
     vq = common.load_token_dump(tokenizer_runs["vq"].tokens["train"])
-    raw = torch.load(tokenizer_runs["vq"].tokens["train"], weights_only=False)
+    raw = torch.load(tokenizer_runs["vq"].tokens["train"], weights_only=True)
     assert raw["tokens"].dtype == torch.int16 and vq.tokens_NL.dtype == torch.int64
     assert vq.tokens_NL.shape == (18, 64) and vq.scales == (8,) and vq.num_classes == 3 and len(vq) == 18
     assert torch.equal(vq.maps(vq.tokens_NL), raw["tokens"].long())
     ms = common.load_token_dump(tokenizer_runs["msvq"].tokens["val"])
     assert ms.scales == (1, 2, 4, 8) and ms.tokens_NL.shape == (6, 1 + 4 + 16 + 64)
-    raw = torch.load(tokenizer_runs["msvq"].tokens["val"], weights_only=False)
+    raw = torch.load(tokenizer_runs["msvq"].tokens["val"], weights_only=True)
     assert all(torch.equal(a, b.long()) for a, b in zip(ms.maps(ms.tokens_NL), raw["tokens"]))
     # VAR's idx_BL layout: scale 1 first, then 2x2 in raster order, ...
     assert torch.equal(ms.tokens_NL[:, 1:5], raw["tokens"][1].reshape(6, 4).long())
@@ -311,6 +315,7 @@ def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tm
         return {"fid": 1.0}
     monkeypatch.setattr(common, "fidelity_metrics", fake_fidelity)
     monkeypatch.setattr(common, "inception_weights_path", lambda *a: "inception.pth")
+    monkeypatch.setattr(common, "inception_weights_digest", lambda: "a" * 64)
     for quantizer, script in (("vq", generator_maskgit), ("msvq", generator_var)):
         base = ["--dataset", "fashion-mnist", "--data-dir", str(data), "--out", str(runs), "--quantizer", quantizer,
                 "--name", quantizer] + without_sizes(TINY) + ["--val-size", "10"]
@@ -318,7 +323,7 @@ def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tm
         for split in ("train", "val"):
             tok.main(tok.build_parser().parse_args(base + ["--dump-tokens", split,
                                                            "--checkpoint", str(runs / quantizer / "best.pt")]))
-        assert torch.load(runs / quantizer / "tokens_val.pt", weights_only=False)["num_classes"] == 10
+        assert torch.load(runs / quantizer / "tokens_val.pt", weights_only=True)["num_classes"] == 10
         script.main(script.build_parser().parse_args(
             ["--tokenizer", str(runs / quantizer / "best.pt"), "--out", str(tmp_path / "gen"), "--depth", "1",
              "--width", "16", "--heads", "2", "--batch-size", "10", "--epochs", "1", "--sample", "10",
@@ -329,7 +334,7 @@ def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tm
         x = torch.stack([reference[i][0] for i in range(6)])
         assert x.shape == (6, 3, 32, 32) and torch.equal(x[:, :, 2:30, 2:30], (test_images[:6].float() / 255)[:, None].expand(-1, 3, -1, -1))
         assert x[:, :, :2].abs().sum() == 0 and cache == common.tokenizer_test_cache_name(
-            torch.load(runs / quantizer / "best.pt", weights_only=False)["args"], limit=6)
+            torch.load(runs / quantizer / "best.pt", weights_only=True)["args"], limit=6)
         with open(tmp_path / "gen" / f"{common.GENERATORS[quantizer]}_{quantizer}.json") as f:
             record = json.load(f)
         assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"] == "test split, 6 images"

@@ -178,13 +178,16 @@ def test_run_writes_samples_checkpoints_and_the_json(tokenizer_runs, tmp_path):
     with open(tmp_path / f"{name}.json") as f:
         record = json.load(f)
     assert record["experiment"] == "generator_maskgit" and record["method"] == "maskgit_baseline"
-    assert record["tokenizer"]["checkpoint"] == os.path.abspath(tokenizer_runs["vq"].checkpoint)
+    # paths relative to the JSON's folder, so that a clone of the results can follow them
+    assert record["tokenizer"]["checkpoint"] == os.path.relpath(tokenizer_runs["vq"].checkpoint, tmp_path)
+    assert common.result_path(tmp_path / f"{name}.json", record["args"]["tokenizer"]) == tokenizer_runs["vq"].checkpoint
+    assert record["checkpoint"] == os.path.join(name, "best.pt") and record["args"]["out"] == "."
     assert record["tokenizer"]["deferred"] is False and record["tokenizer"]["quantizer"] == "vq"
     assert record["sampling"]["steps"] == 4 and record["sampling"]["num_samples"] == 6
     assert record["eval_split"] == "test" and record["data_range"] == 1.0 and "gfid" in record["notes"]
     assert [h["epoch"] for h in record["history"]] == [0, 1]
     assert record["metrics"]["val_loss"] == min(h["val_loss"] for h in record["history"])
-    saved = torch.load(tmp_path / name / "samples_tokens.pt", weights_only=False)
+    saved = torch.load(tmp_path / name / "samples_tokens.pt", weights_only=True)
     assert saved["tokens"].shape == (6, 8, 8) and saved["tokens"].min() >= 0 and saved["tokens"].max() < 16
     assert saved["labels"].tolist() == [0, 0, 1, 1, 2, 2]  # class-balanced
     files = sorted(os.listdir(tmp_path / name / "samples"))
@@ -194,7 +197,7 @@ def test_run_writes_samples_checkpoints_and_the_json(tokenizer_runs, tmp_path):
     # validation loss: fixed masks, label dropout and dropout off -> the same value on every call
     dumps = gm.load_inputs(args)[1:]
     model = gm.build_generator(args, dumps[0])
-    model.load_state_dict(torch.load(tmp_path / name / "best.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(tmp_path / name / "best.pt", weights_only=True)["model"])
     info = common.setup_distributed("cpu")
     args.label_dropout = 0.9
     assert gm.validation_loss(model, dumps[1], args, info) == pytest.approx(record["metrics"]["val_loss"], rel=1e-6)
@@ -220,7 +223,7 @@ class Killed(BaseException):
 
 def test_resume_after_a_kill_reaches_the_same_result(tokenizer_runs, tmp_path, monkeypatch):
     run_generator(tokenizer_runs, tmp_path / "straight", "--epochs", "3", "--sample", "0")
-    straight = torch.load(tmp_path / "straight" / "maskgit_vq" / "last.pt", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "maskgit_vq" / "last.pt", weights_only=True)
 
     real_save, writes = common.save_checkpoint, []
 
@@ -235,11 +238,11 @@ def test_resume_after_a_kill_reaches_the_same_result(tokenizer_runs, tmp_path, m
     with pytest.raises(Killed):
         run_generator(tokenizer_runs, tmp_path / "killed", "--epochs", "3", "--sample", "0")
     monkeypatch.setattr(common, "save_checkpoint", real_save)
-    assert torch.load(tmp_path / "killed" / "maskgit_vq" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "killed" / "maskgit_vq" / "last.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(UserError, match="other settings"):
         run_generator(tokenizer_runs, tmp_path / "killed", "--epochs", "3", "--sample", "0", "--resume", "--lr", "1e-3")
     run_generator(tokenizer_runs, tmp_path / "killed", "--epochs", "3", "--sample", "0", "--resume")
-    resumed = torch.load(tmp_path / "killed" / "maskgit_vq" / "last.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "killed" / "maskgit_vq" / "last.pt", weights_only=True)
     assert not common.temporary_files_of(tmp_path / "killed" / "maskgit_vq" / "last.pt")
     assert resumed["epoch"] == straight["epoch"] == 3
     assert [h["val_loss"] for h in resumed["state"]["history"]] == [h["val_loss"] for h in straight["state"]["history"]]
@@ -262,7 +265,7 @@ def test_two_torchrun_ranks_train_and_validate_on_the_whole_split(tokenizer_runs
     # the all-reduced validation loss equals one process's loss over the whole validation dump
     args = gm.build_parser().parse_args(["--tokenizer", tokenizer_runs["vq"].checkpoint] + TINY)
     _, train_dump, val_dump = gm.load_inputs(args)
-    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     model = gm.build_generator(ckpt["args"], train_dump)
     model.load_state_dict(ckpt["model"])
     single = gm.validation_loss(model, val_dump, args, common.setup_distributed("cpu"))
@@ -290,6 +293,7 @@ def test_bad_inputs_fail_before_training(tokenizer_runs, tmp_path):
         (["--tokenizer", vq.checkpoint, "--width", "33"], "divisible by --heads"),
         (["--tokenizer", vq.checkpoint, "--sample-only"], "needs --checkpoint"),
         (["--tokenizer", vq.checkpoint, "--sample-only", "--checkpoint", vq.checkpoint], "not a generator_maskgit"),
+        (["--tokenizer", vq.checkpoint, "--per-class", "50000"], r"--per-class must be \[1, 32\]"),  # a 2 GB grid
     ]
     for extra, pattern in cases:
         args = gm.build_parser().parse_args(["--out", str(tmp_path / "o")] + TINY + extra)
@@ -297,7 +301,7 @@ def test_bad_inputs_fail_before_training(tokenizer_runs, tmp_path):
             gm.main(args)
     assert not os.path.exists(tmp_path / "o")
     # a Continuous-Phase tokenizer has no tokens
-    ckpt = torch.load(vq.checkpoint, weights_only=False)
+    ckpt = torch.load(vq.checkpoint, weights_only=True)
     ckpt["model"]["quantizer.enabled"] = torch.tensor(False)
     os.makedirs(tmp_path / "cont")
     torch.save(ckpt, tmp_path / "cont" / "best.pt")
@@ -305,3 +309,12 @@ def test_bad_inputs_fail_before_training(tokenizer_runs, tmp_path):
                                          "--tokens-dir", os.path.dirname(vq.checkpoint)] + TINY)
     with pytest.raises(UserError, match="Continuous Phase"):
         gm.main(args)
+
+
+def test_resume_without_best_pt_says_what_is_missing(tokenizer_runs, tmp_path):
+    """best.pt (the sampled, reported model) gone beside last.pt: --resume names it at start,
+    instead of training nothing and asking for more --epochs."""
+    run_generator(tokenizer_runs, tmp_path, "--epochs", "1", "--sample", "0")
+    os.remove(tmp_path / "maskgit_vq" / "best.pt")
+    with pytest.raises(UserError, match=r"--resume: .*best\.pt \(the reported model\) is missing beside .*last\.pt"):
+        run_generator(tokenizer_runs, tmp_path, "--epochs", "1", "--sample", "0", "--resume")

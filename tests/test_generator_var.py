@@ -340,7 +340,8 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     gv.main(cli_args(run, tmp_path, "--epochs", "3", "--sample", "7", "--sample-batch-size", "4"))
     record = json.load(open(tmp_path / "var_msvq.json"))
     assert record["experiment"] == "generator_var" and record["method"] == "var_baseline"
-    assert record["tokenizer"]["quantizer"] == "msvq" and record["tokenizer"]["checkpoint"] == run.checkpoint
+    assert record["tokenizer"]["quantizer"] == "msvq" and common.result_path(
+        tmp_path / "var_msvq.json", record["tokenizer"]["checkpoint"]) == run.checkpoint
     m = record["metrics"]
     assert m["num_samples"] == 7 and m["pixel_diversity"] > 0 and 1 <= m["token_used_codes"] <= 16
     assert "gfid" not in m and "skip-fid" in record["notes"]["gfid"]
@@ -352,11 +353,11 @@ def test_cli_trains_samples_and_writes_the_result(tokenizer_runs, tmp_path):
     samples = sorted(os.listdir(tmp_path / record["samples"]))
     assert len(samples) == 7 and samples[0] == "00000_class0.png" and samples[-1] == "00006_class2.png"
     assert os.path.exists(tmp_path / record["grid"])
-    tokens = torch.load(tmp_path / "var_msvq" / "samples_tokens.pt", weights_only=False)
+    tokens = torch.load(tmp_path / "var_msvq" / "samples_tokens.pt", weights_only=True)
     assert [tuple(t.shape) for t in tokens["tokens"]] == [(7, s, s) for s in SCALES]
     assert tokens["labels"].tolist() == [0, 0, 0, 1, 1, 2, 2]
     # sampling again from the trained generator, under another name and guidance
-    gv.main(cli_args(run, tmp_path, "--sample-only", "--checkpoint", record["checkpoint"], "--name", "again",
+    gv.main(cli_args(run, tmp_path, "--sample-only", "--checkpoint", str(tmp_path / record["checkpoint"]), "--name", "again",
                      "--sample", "4", "--cfg-scale", "0", "--depth", "7"))
     again = json.load(open(tmp_path / "again.json"))
     assert again["args"]["depth"] == 2 and again["sampling"]["cfg_scale"] == 0  # architecture from the checkpoint
@@ -429,8 +430,8 @@ def test_kill_and_resume_reaches_the_uninterrupted_result(tokenizer_runs, tmp_pa
     monkeypatch.setattr(common, "save_checkpoint", real)
     assert not os.path.exists(tmp_path / "killed" / "var_msvq.json")
     gv.main(cli_args(run, tmp_path / "killed", *extra, "--resume"))
-    full = torch.load(tmp_path / "full" / "var_msvq" / "last.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "killed" / "var_msvq" / "last.pt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "var_msvq" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "var_msvq" / "last.pt", weights_only=True)
     assert [h["val_loss"] for h in resumed["state"]["history"]] == [h["val_loss"] for h in full["state"]["history"]]
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key

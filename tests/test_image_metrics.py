@@ -133,9 +133,11 @@ def test_fidelity_metrics_without_inception_weights_names_the_file(empty_torch_h
     assert common.INCEPTION_ENV in message
 
 
-def stand_in_weights(path):
-    """A file in place of the Inception weights: a state dict with a finite logits layer."""
-    torch.save({"fc.weight": torch.ones(2, 2)}, path)
+def stand_in_weights(path, fc=torch.ones(2, 2)):
+    """A file in place of the Inception weights: a state dict with a logits layer, recorded as
+    verified (common.verify_metric_weights) so that the calls below reach torch-fidelity."""
+    torch.save({"fc.weight": fc}, path)
+    common.mark_weights_verified(str(path), "inception")
 
 
 @pytest.fixture
@@ -208,7 +210,7 @@ def test_fidelity_input_adapter_and_argument_errors(captured_fidelity, tmp_path)
 
 def test_fidelity_metrics_refuses_is_without_logits_and_unreadable_weights(empty_torch_home, tmp_path):
     path = tmp_path / "inception.pth"
-    torch.save({"fc.weight": torch.full((3, 2), float("nan"))}, path)
+    stand_in_weights(path, fc=torch.full((3, 2), float("nan")))
     with pytest.raises(UserError, match=r"^Inception Score unavailable with .*inception.pth: it has no logits"):
         common.fidelity_metrics(torch.rand(2, 3, 8, 8), None, fid=False, isc=True, weights_path=str(path))
     path.write_bytes(b"stand-in")

@@ -222,7 +222,7 @@ def test_runs_write_results_with_all_metrics(trained):
         assert m["num_images"] == 6 and 1 <= m["used_codes"] <= 16
         phases = [h["phase"] for h in record["history"]]
         assert phases == ["continuous"] * deferred + ["discretization"] * 2
-        ckpt = torch.load(out / f"{name}.pt", weights_only=False)
+        ckpt = torch.load(out / f"{name}.pt", weights_only=True)
         # usage counted over the whole test split: 6 images x (64 tokens, or 1+4+16+64 for msvq)
         per_image = 64 if quantizer == "vq" else 1 + 4 + 16 + 64
         assert ckpt["code_counts"].sum().item() == 6 * per_image
@@ -238,10 +238,10 @@ def test_eval_only_reproduces_the_final_evaluation(image_folder, trained):
     out, runs = trained
     name, record = runs[("msvq", False)]
     with pytest.raises(common.UserError, match=rf"{name}\.(json|pt) exists"):  # never replaced silently
-        run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
+        run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", common.result_path(out / f"{name}.json", record["checkpoint"]))
     for ext in tok.RESULT_FILES:
         os.remove(out / f"{name}{ext}")
-    run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", record["checkpoint"])
+    run_script(image_folder, out, "--quantizer", "msvq", "--eval-only", "--checkpoint", common.result_path(out / f"{name}.json", record["checkpoint"]))
     with open(out / f"{name}.json") as f:
         again = json.load(f)
     for key in ("mse", "psnr", "ssim", "perplexity", "used_codes", "euclidean", "vendi"):
@@ -254,14 +254,15 @@ def test_eval_only_uses_the_checkpoints_split_and_keeps_the_test_result(image_fo
     before = (out / f"{name}.json").read_bytes()
     # another --out and no --split-file: the split recorded in the checkpoint, not a fresh one
     args = tok.build_parser().parse_args(["--data-dir", str(image_folder), "--out", str(tmp_path)] + TINY +
-                                         ["--eval-only", "--checkpoint", record["checkpoint"], "--eval-split", "val"])
+                                         ["--eval-only", "--checkpoint", common.result_path(out / f"{name}.json", record["checkpoint"]), "--eval-split", "val"])
     tok.main(args)
     assert not any(p.name.startswith("split") for p in tmp_path.iterdir())
     with open(tmp_path / f"{name}_val.json") as f:
         val = json.load(f)
-    assert val["eval_split"] == "val" and val["args"]["split_file"] == str(out.parent / "split.json")
+    assert val["eval_split"] == "val" and common.result_path(tmp_path / f"{name}_val.json", val["args"]["split_file"]) == str(
+        out.parent / "split.json")
     # a validation evaluation into the run's own folder leaves the test result alone
-    run_script(image_folder, out, "--eval-only", "--checkpoint", record["checkpoint"], "--eval-split", "val")
+    run_script(image_folder, out, "--eval-only", "--checkpoint", common.result_path(out / f"{name}.json", record["checkpoint"]), "--eval-split", "val")
     assert (out / f"{name}.json").read_bytes() == before and (out / f"{name}_val.json").exists()
 
 
@@ -300,8 +301,8 @@ def test_token_dump_round_trip(image_folder, trained, quantizer):
     ckpt_path = out / name / "best.pt"
     run_script(image_folder, out, "--quantizer", quantizer, "--deferred", "--dump-tokens", "test",
                "--checkpoint", str(ckpt_path))
-    dump = torch.load(out / name / "tokens_test.pt", weights_only=False)
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    dump = torch.load(out / name / "tokens_test.pt", weights_only=True)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     model = common.build_tokenizer(ckpt["args"])
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -345,7 +346,7 @@ def kill_at(monkeypatch, when):
 def test_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path, monkeypatch):
     common_args = ["--quantizer", "vq", "--deferred", "--continuous-epochs", "1", "--epochs", "2", "--name", "r"]
     run_script(image_folder, tmp_path / "a", *common_args)
-    straight = torch.load(tmp_path / "a" / "r" / "last.pt", weights_only=False)
+    straight = torch.load(tmp_path / "a" / "r" / "last.pt", weights_only=True)
     # killed when the first Discretization epoch's checkpoints are written: last.pt is the
     # Continuous Phase's
     kill_at(monkeypatch, lambda name, state: state["epoch"] == 2)
@@ -353,13 +354,13 @@ def test_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path, monkeyp
         run_script(image_folder, tmp_path / "b", *common_args)
     monkeypatch.undo()
     last = tmp_path / "b" / "r" / "last.pt"
-    assert torch.load(last, weights_only=False)["history"][-1]["phase"] == "continuous"
+    assert torch.load(last, weights_only=True)["history"][-1]["phase"] == "continuous"
     # a Continuous-Phase checkpoint has no tokens to evaluate or dump
     for mode in (["--eval-only"], ["--dump-tokens", "test"]):
         with pytest.raises(common.UserError, match="Continuous Phase"):
             run_script(image_folder, tmp_path / "b", *mode, "--checkpoint", str(last))
     run_script(image_folder, tmp_path / "b", *common_args, "--resume")
-    resumed = torch.load(last, weights_only=False)
+    resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == straight["epoch"] == 2
     assert [h["phase"] for h in resumed["history"]] == ["continuous", "discretization"]
     for k, v in straight["model"].items():
@@ -407,7 +408,7 @@ def test_adaptive_gan_weight_matches_gradient_norm_ratio():
 def test_gan_run_trains_the_discriminator(image_folder, tmp_path):
     run_script(image_folder, tmp_path, "--quantizer", "vq", "--epochs", "1", "--gan-weight", "0.5",
                "--disc-layers", "2", "--name", "g")
-    ckpt = torch.load(tmp_path / "g" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "g" / "last.pt", weights_only=True)
     fresh = common.PatchDiscriminator(n_layers=2).state_dict()
     assert ckpt["args"]["gan_weight"] == 0.5
     # the first conv only moves through the discriminator's optimizer step (BatchNorm statistics
@@ -428,7 +429,7 @@ def test_two_process_run_counts_every_test_image_once(image_folder, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ckpt = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ckpt["code_counts"].sum().item() == 6 * (1 + 4 + 16 + 64)
     with open(tmp_path / "ddp.json") as f:
         assert json.load(f)["metrics"]["num_images"] == 6
@@ -754,13 +755,13 @@ def test_fashion_mnist_run_end_to_end(fashion_dir, tmp_path):
     split = common.load_split(tmp_path / "split_fashion-mnist.json")
     assert split["sizes"] == {"train": 20, "val": 10, "test": 8}
     # the generators' entry point gives the images the run was evaluated on
-    ckpt = torch.load(tmp_path / name / "best.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / name / "best.pt", weights_only=True)
     test = common.tokenizer_datasets(ckpt["args"], parts=("test",))["test"]
     assert len(test) == 8 and test[0][0].shape == (3, 32, 32)
     tok.main(tok.build_parser().parse_args(["--data-dir", str(fashion_dir), "--out", str(tmp_path), "--device", "cpu",
                                             "--num-workers", "0", "--dump-tokens", "test",
                                             "--checkpoint", str(tmp_path / name / "best.pt")]))
-    dump = torch.load(tmp_path / name / "tokens_test.pt", weights_only=False)
+    dump = torch.load(tmp_path / name / "tokens_test.pt", weights_only=True)
     assert dump["tokens"].shape == (8, 8, 8) and dump["labels"].tolist() == list(range(8))
     # the split belongs to the files: other data with the same class names is refused
     from test_fashion_mnist import write_split as write_idx
@@ -805,7 +806,7 @@ def test_reconstruction_sheet_puts_each_row_of_originals_above_its_reconstructio
 
 def test_fid_images_limits_the_r_fid_sets_to_the_first_images(image_folder, trained, tmp_path, monkeypatch):
     out, runs = trained
-    ckpt = torch.load(out / runs[("vq", False)][0] / "best.pt", weights_only=False)
+    ckpt = torch.load(out / runs[("vq", False)][0] / "best.pt", weights_only=True)
     model = common.build_tokenizer(ckpt["args"])
     model.load_state_dict(ckpt["model"])
     seen = {}

@@ -235,6 +235,69 @@ def test_gpt_checkpoint_from_codes_and_foreign_gpt_checkpoint_refused(pipeline, 
 
 
 # ------------------------------------------------------------------------------------------------
+# Late failures checked at start: the switch's codebook, the disk of the sample stage
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_codebook_the_switch_cannot_fill_is_refused_before_training(pipeline, tmp_path):
+    out = tmp_path / "runs"
+    # 3 steps per epoch; the switch at step 5 has 1 batch of 4 images x 64 positions = 256 embeddings left
+    with pytest.raises(common.UserError, match=r"--codebook-size 200 at --ratio 2 needs 400 embeddings at the "
+                                               r"switch, but the 1 batches left in its epoch give 256"):
+        run(TINY + ["--data-dir", str(pipeline["data"]), "--out", str(out), "--deferred", "--stage", "tokenizer",
+                    "--epochs", "3", "--continuous-steps", "5", "--codebook-size", "200"])
+    assert not any(p.suffix in (".pt", ".lock") for p in out.rglob("*"))  # nothing trained, lock released
+    # at the start of an epoch the same codebook fits (3 batches: 768 embeddings)
+    args = lg.build_parser().parse_args(TINY + ["--stage", "tokenizer", "--deferred", "--continuous-steps", "6",
+                                                "--codebook-size", "200"])
+    lg.check_switch_fits(args, 3, 1)
+
+
+def sample_stage(pipeline, out, *extra):
+    return run(pipeline["base"][:-1] + GPT_TINY + ["--out", str(out), "--arm", "x", "--stage", "sample",
+                                                   "--num-samples", "4", "--gpt-checkpoint",
+                                                   str(pipeline["arm"] / "gpt" / "last.pt")] + list(extra))
+
+
+def test_sample_stage_checks_the_disk_at_start_and_a_full_disk_is_one_line(pipeline, tmp_path, monkeypatch):
+    import collections
+    import errno
+    import shutil
+    out = tmp_path / "runs"
+    usage = collections.namedtuple("usage", "total used free")
+    need = 2 * 4 * 64 * 64 * 3  # the rows, then the .npz made from them
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - need + 1, need - 1))
+    with pytest.raises(common.UserError, match="--stage sample of 4 images needs 0.0 GB on the disk of "):
+        sample_stage(pipeline, out)
+    assert not out.exists()
+    monkeypatch.undo()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(common.UserError, match=r"cannot write .*\.samples\.npz\.rows\.tmp \(0\.0 GB\): No space left"):
+        sample_stage(pipeline, out)
+    assert sorted(p.name for p in (out / "x").iterdir()) == []  # no lock, no rows file, no samples
+
+
+def test_no_rows_file_survives_a_failed_sample_stage_or_the_next_start(pipeline, tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    stale = out / "x" / ".samples.npz.rows.tmp"  # what a killed sample stage leaves (sparse, GBs at full scale)
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\0" * 1000)
+
+    def broken(*args, **kwargs):
+        raise common.UserError("sampling failed")
+    monkeypatch.setattr(lg, "sample_tokens", broken)
+    with pytest.raises(common.UserError, match="sampling failed"):
+        sample_stage(pipeline, out)
+    assert sorted(p.name for p in (out / "x").iterdir()) == []  # the stale one went at start, the new one at failure
+    monkeypatch.undo()
+    sample_stage(pipeline, out)
+    assert sorted(p.name for p in (out / "x").iterdir()) == ["samples.json", "samples.npz"]
+
+
+# ------------------------------------------------------------------------------------------------
 # LlamaGen-B: causality, cached decoding, guidance, null class
 # ------------------------------------------------------------------------------------------------
 

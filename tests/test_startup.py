@@ -77,6 +77,23 @@ def test_out_that_is_a_file_or_unwritable_is_refused_before_anything_is_written(
     assert not (tmp_path / "new").exists()
 
 
+def test_a_read_only_run_folder_is_refused_at_start(tmp_path, monkeypatch):
+    """--out writable, the run's own folder inside it not: refused before training, not when the
+    first epoch's checkpoint is written. (A probe, not chmod: root writes into read-only folders.)"""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    make = common.tempfile.TemporaryFile
+
+    def read_only_run_dir(*a, dir=None, **k):
+        if os.path.abspath(dir) == str(run_dir):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return make(*a, dir=dir, **k)
+    monkeypatch.setattr(common.tempfile, "TemporaryFile", read_only_run_dir)
+    with pytest.raises(UserError, match=r"^run folder .*run is not writable .*Read-only file system"):
+        common.start_run(ns(out=str(tmp_path)), name="r", outputs=[str(run_dir / "last.pt"), str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.lock").exists()
+
+
 def test_checks_run_before_the_lock_so_a_refused_run_leaves_no_trace(tmp_path):
     def missing_data():
         raise UserError("data folder not found: /nowhere")

