@@ -54,6 +54,28 @@ Choices the paper leaves open (documented here and in the report):
     codebooks the following batches are added until there is one vector per code.
   * Codes of every baseline start from the same 10:1 sample of (untrained) encoder outputs as the
     deferred runs, so the only difference is *when* the switch happens (common.deferred_switch).
+    Every switch records the spread (mean pairwise Euclidean / cosine, eqs. 4-5) of the fresh
+    codebook (switch_*) and of a seeded sample of at most 8,192 of the encoder outputs it was drawn
+    from (switch_embeddings_*; the sample is kept in the checkpoint as `switch_embeddings`, for
+    `evaluate.py codebook --plot`): the paper's Figure 3 mechanism, measured where it happens.
+
+Factor study (issue 15, --grid cpu-factors; README "When does coverage failure appear?"): the
+Fashion-MNIST baseline here collapses (perplexity ~25 of 4,096 codes), imagenet_tokenizer.py's does
+not. Each way the tokenizer's recipe differs is a flag, so that a cell changes one of them:
+  --network vqgan        imagenet_tokenizer.py's encoder/decoder (common.Encoder / Decoder: GroupNorm,
+                         swish, mid-block attention) with its width flags --ch --ch-mult
+                         --num-res-blocks --attn-resolutions --z-channels (defaults: the chain
+                         tokenizer's 16, 1,2,2, 1, '', 16) and 1x1 convs to the token dim; 8x8 tokens
+  --lr-schedule cosine   its schedule: --lr through the Continuous Phase, then half a cosine to
+                         --min-lr over the Discretization epochs, stepped once per epoch
+  --lpips-weight W       + W x LPIPS (AlexNet, common.load_lpips; grey images repeated to RGB)
+  --init-method kmeans   the switch's k-means instead of the method's 10:1 sample
+  --pixel-range 1        the networks see [-1, 1] pixels (VQGAN's) instead of [-0.5, 0.5]
+  --adam-betas 0.5,0.9 --no-amsgrad   its Adam (taming's) instead of A.1's amsgrad
+with the existing --method (EMA vs gradient codebook), --token-dim, --lr, --batch-size, --ratio. At
+their defaults these options leave a run's name and identity as they were; otherwise each adds a
+tag to the name (as do a token dim other than 32, a ratio other than 10 and a batch size other
+than the preset's).
 
 Start-up (common.start_run, before any data is touched by training): every number is checked
 (finite, in range: RANGES), then the rules between arguments (`validate`), --out must be writable,
@@ -81,11 +103,12 @@ Commands:
     python cifar_sweep.py --dataset fashion-mnist --data-dir /usr/share/datasets/fashion-mnist \
         --method deferred_ema --codebook-size 1024 --epochs 10 --train-subset 10000 --channels 32 --res-channels 16
     # ... Figure 5 and the Table 11 methods on it: --grid cpu-fig5 / cpu-table11 with the same flags
-    # (their recipe comes from the command line; README: the timed two-process family)
+    # (their recipe comes from the command line; README: the timed two-process family); the factor
+    # study: --grid cpu-factors (results/fashion_mnist/factors/command.sh)
 
     # a whole table or figure (skips runs whose JSON exists; rerun the same line to resume after a
     # crash). Grids: fig5 table8 table9 table10 table11 fig6 fig7 fig8 (paper recipe), cpu-fig5 cpu-table11
-    # cpu-table9
+    # cpu-table9 cpu-factors
     python cifar_sweep.py --grid table11 --data-dir data/cifar10 --out runs/cifar
     # ... or spread it over 8 GPUs, one independent process each (small model: better than DDP)
     for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python cifar_sweep.py --grid table11 --grid-shard $i/8 & done
@@ -102,12 +125,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from common import (FASHION_MNIST_SIZE, UsageCounter, UserError, VectorQuantizer, add_run_arguments,
-                    all_reduce_sum, autocast_for, cleanup_distributed, codebook_metrics, deferred_switch,
-                    load_fashion_mnist, mean_pairwise_cosine_distance, mean_pairwise_euclidean, nearest_code,
-                    perplexity_from_counts, print0, progress_bar, run_cli,
-                    save_checkpoint, seed_everything, set_rng_state, setup_distributed, start_run, wrap_ddp,
-                    write_result)
+from common import (FASHION_MNIST_SIZE, Decoder, Encoder, UsageCounter, UserError, VectorQuantizer,
+                    add_run_arguments, all_reduce_sum, autocast_for, cleanup_distributed, codebook_metrics,
+                    cosine_lr, deferred_switch, float_list, int_list, load_fashion_mnist, load_lpips, nearest_code,
+                    perplexity_from_counts, print0, progress_bar, run_cli, save_checkpoint, seed_everything, set_lr,
+                    set_rng_state, setup_distributed, spread_record, start_run, switch_record, switch_spreads,
+                    wrap_ddp, write_result)
 
 # ================================================================================================
 # Methods, presets and the grids of every CIFAR-10 table
@@ -160,6 +183,39 @@ CPU_TABLE11_SIZE = 1024
 # the paper's 150 epochs; the 150-epoch row is cpu-fig5's Deferred run at 4,096 codes (same name,
 # run once), the 0-epoch row a baseline trained for 150 epochs.
 CPU_TABLE9_SIZE, CPU_TABLE9_CONTINUOUS_EPOCHS = 4096, [0, 10, 20, 40, 80, 150]
+# The factor study (issue 15, --grid cpu-factors): from the failing recipe (cpu-fig5's Baseline +
+# EMA at 4,096 codes: perplexity ~25) towards imagenet_tokenizer.py's Fashion-MNIST recipe
+# (results/fashion_mnist/chain/1_tokenizers.sh, no failure), one factor at a time, both arms per
+# cell (the baseline switching at step 0, Deferred after FACTOR_CONTINUOUS of FACTOR_EPOCHS
+# epochs, the same split for both codebook updates). name -> (codebook update, options changed).
+# The last cell changes all of them at once: if it still fails, a factor not listed here decides.
+TOKENIZER_RECIPE = dict(network="vqgan", token_dim=8, lr=1e-3, lr_schedule="cosine", min_lr=1e-5, lpips_weight=1.0,
+                        batch_size=64, ratio=2.0, pixel_range=1.0, adam_betas=(0.5, 0.9), amsgrad=False)
+FACTORS = {
+    "base (failing recipe)": ("ema", {}),
+    "network: VQGAN blocks": ("ema", dict(network="vqgan")),
+    "codebook update: gradient": ("gradient", {}),
+    "token dim 8": ("ema", dict(token_dim=8)),
+    "lr 1e-3": ("ema", dict(lr=1e-3)),
+    "cosine schedule": ("ema", dict(lr_schedule="cosine", min_lr=1e-5)),
+    "LPIPS weight 1": ("ema", dict(lpips_weight=1.0)),
+    "batch 64": ("ema", dict(batch_size=64)),
+    "ratio 2": ("ema", dict(ratio=2.0)),
+    "pixels in [-1, 1]": ("ema", dict(pixel_range=1.0)),
+    "Adam betas (0.5, 0.9), no amsgrad": ("ema", dict(adam_betas=(0.5, 0.9), amsgrad=False)),
+    "k-means init": ("ema", dict(init_method="kmeans")),  # the issue's other init (the tokenizer samples)
+    "all: tokenizer recipe": ("gradient", TOKENIZER_RECIPE),
+}
+FACTOR_ARMS = {"ema": ("baseline_ema", "deferred_ema"), "gradient": ("baseline", "deferred")}
+FACTOR_SIZE, FACTOR_EPOCHS, FACTOR_CONTINUOUS = 4096, 10, 5
+
+
+def factor_configs():
+    """[(cell name, arm config)] of the factor study, the two arms of a cell side by side (so that
+    --grid-shard I/2 runs every baseline in one process and every Deferred run in the other)."""
+    return [(cell, dict(method=method, codebook_size=FACTOR_SIZE, epochs=FACTOR_EPOCHS,
+                        continuous_epochs=FACTOR_CONTINUOUS if method.startswith("deferred") else 0, **options))
+            for cell, (update, options) in FACTORS.items() for method in FACTOR_ARMS[update]]
 
 
 def run_config(method, codebook_size, continuous_epochs=None, epochs=None, **extra):
@@ -199,17 +255,32 @@ def grid_configs(name):
     if name == "cpu-table9":  # the phase split is the grid's: --epochs from the command line is ignored
         return [dict(method="deferred_ema", codebook_size=CPU_TABLE9_SIZE, continuous_epochs=e, epochs=e + 150)
                 for e in CPU_TABLE9_CONTINUOUS_EPOCHS]
+    if name == "cpu-factors":  # epochs, split and the changed factor are the grid's; the rest the command line's
+        return [config for _, config in factor_configs()]
     raise UserError(f"unknown grid '{name}' (use {', '.join(GRIDS)})")
 
 
 GRIDS = ("fig5", "table8", "table9", "table10", "table11", "fig6", "fig7", "fig8", "cpu-fig5", "cpu-table11",
-         "cpu-table9")
+         "cpu-table9", "cpu-factors")
 
 # Options that change what a run computes. A checkpoint made under other values cannot be resumed,
 # and evaluate.py averages only runs that agree on all of them except the seed.
 RUN_DEFINING = ("dataset", "method", "codebook_size", "continuous_epochs", "epochs", "init_std", "affine_lr", "sync_nu",
                 "dead_code_steps", "ratio", "token_dim", "channels", "res_channels", "res_blocks", "beta",
-                "ema_decay", "lr", "batch_size", "train_subset", "test_subset", "preset", "seed")
+                "ema_decay", "lr", "batch_size", "train_subset", "test_subset", "preset", "seed",
+                "network", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "lr_schedule",
+                "min_lr", "lpips_weight", "init_method", "pixel_range", "adam_betas", "amsgrad")
+# The factor-study options (issue 15) and their defaults, the failing recipe's. At its default an
+# option is left out of a run's identity (`defining_keys`) and name, so runs, results and
+# checkpoints made before it existed keep theirs; the VQGAN widths count only for --network vqgan,
+# --min-lr only for --lr-schedule cosine, --init-method only where it is not the method's own.
+FACTOR_DEFAULTS = dict(network="vqvae", lr_schedule="constant", lpips_weight=0.0, pixel_range=0.5,
+                       adam_betas=(0.9, 0.999), amsgrad=True)
+# --network vqgan: common.Encoder / Decoder with imagenet_tokenizer.py's flags; defaults = the
+# chain's tokenizer (results/fashion_mnist/chain/1_tokenizers.sh). Three levels: 32 -> 8 x 8 tokens.
+VQGAN_DEFAULTS = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=16)
+MIN_LR = 1e-5  # the chain tokenizer's --min-lr
+DEFAULT_TOKEN_DIM, DEFAULT_RATIO = 32, 10.0
 
 
 # Every number the parser accepts, checked before any work (common.check_ranges; floats must also
@@ -219,7 +290,9 @@ RANGES = {"codebook_size": ">= 1", "continuous_epochs": ">= 0", "epochs": ">= 1"
           "affine_lr": ">= 0", "sync_nu": ">= 0", "dead_code_steps": ">= 0", "ratio": ">= 1", "token_dim": ">= 1",
           "channels": ">= 2", "res_channels": ">= 1", "res_blocks": ">= 0", "beta": ">= 0", "ema_decay": "(0, 1)",
           "lr": "> 0", "batch_size": ">= 1", "train_subset": ">= 1", "test_subset": ">= 1", "num_workers": ">= 0",
-          "seed": ">= 0", "dist_timeout": "> 0", "val_every": ">= 1"}
+          "seed": ">= 0", "dist_timeout": "> 0", "val_every": ">= 1", "ch": ">= 1", "ch_mult": ">= 1",
+          "num_res_blocks": ">= 1", "attn_resolutions": ">= 1", "z_channels": ">= 1", "min_lr": ">= 0",
+          "lpips_weight": ">= 0", "pixel_range": "> 0", "adam_betas": "[0, 1)"}
 # The network sees 32 x 32 images and makes 8 x 8 tokens of them (two stride-2 convolutions).
 NET_SIZE = 32
 TOKENS_PER_IMAGE = (NET_SIZE // 4) ** 2
@@ -231,16 +304,35 @@ DATASETS = {"cifar10": dict(channels=3, size=32, data_dir="data/cifar10"),
             "fashion-mnist": dict(channels=1, size=FASHION_MNIST_SIZE, data_dir="data/fashion-mnist")}
 
 
+def as_tuple(value):
+    """Lists (JSON) and tuples (argparse) of one option compare and hash alike."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def defining_keys(args):
-    """The RUN_DEFINING options of a run (a namespace or a dict); sigma only for gaussian."""
+    """The RUN_DEFINING options of a run (a namespace or a dict): sigma only for gaussian, the
+    factor-study options only away from their defaults (FACTOR_DEFAULTS)."""
     a = args if isinstance(args, dict) else vars(args)
-    return [k for k in RUN_DEFINING if k != "init_std" or a.get("method") == "gaussian"]
+
+    def counts(k):
+        if k == "init_std":
+            return a.get("method") == "gaussian"
+        if k in VQGAN_DEFAULTS:
+            return a.get("network", "vqvae") == "vqgan"
+        if k == "min_lr":
+            return a.get("lr_schedule", "constant") == "cosine"
+        if k == "init_method":
+            return a.get(k) not in (None, METHODS[a["method"]]["switch"])
+        if k in FACTOR_DEFAULTS:
+            return as_tuple(a.get(k, FACTOR_DEFAULTS[k])) != FACTOR_DEFAULTS[k]
+        return True
+    return [k for k in RUN_DEFINING if counts(k)]
 
 
 def defining_args(args):
-    """The RUN_DEFINING values of resolved args (a namespace or a dict)."""
+    """The RUN_DEFINING values of resolved args (a namespace or a dict), lists as tuples."""
     a = args if isinstance(args, dict) else vars(args)
-    return {k: a.get(k) for k in defining_keys(a)}
+    return {k: as_tuple(a.get(k)) for k in defining_keys(a)}
 
 
 def resolve_args(args):
@@ -260,7 +352,23 @@ def resolve_args(args):
     for key, default in (("affine_lr", 0.0), ("sync_nu", 0.0), ("dead_code_steps", 0), ("beta", BETA)):
         if getattr(args, key) is None:
             setattr(args, key, m.get(key, default))
+    resolve_factor_options(args)
     return args
+
+
+def resolve_factor_options(args):
+    """The switch's init defaults to the method's; --network vqgan takes VQGAN_DEFAULTS for the
+    widths not given (a width given for the VQ-VAE network is refused: it would change nothing)."""
+    if getattr(args, "init_method", None) is None:
+        args.init_method = METHODS[args.method]["switch"]
+    elif METHODS[args.method]["switch"] is None:
+        raise UserError(f"{args.method} has no switch (its codes start from a Gaussian): --init-method does not apply")
+    given = [k for k in VQGAN_DEFAULTS if getattr(args, k, None) is not None]
+    if args.network == "vqvae" and given:
+        raise UserError(f"--{given[0].replace('_', '-')} sets the VQGAN network: add --network vqgan")
+    for key, value in VQGAN_DEFAULTS.items():
+        if args.network == "vqgan" and getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 def default_continuous_epochs(m, epochs):
@@ -288,6 +396,23 @@ def validate(args, world_size=1):
         raise UserError(f"--codebook-size {args.codebook_size} is outside the paper's range 16 ... 65,536")
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
+    if args.network == "vqgan":
+        validate_vqgan(args)
+    if args.lr_schedule == "cosine" and args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr:g} must not exceed --lr {args.lr:g}")
+    if len(args.adam_betas) != 2:
+        raise UserError(f"--adam-betas takes two numbers, e.g. 0.9,0.999, got {len(args.adam_betas)}")
+
+
+def validate_vqgan(args):
+    """Two downsamplings (three --ch-mult levels) give the 8 x 8 tokens of the VQ-VAE; attention
+    only at a resolution the network has (32, 16, 8)."""
+    if len(args.ch_mult) != 3:
+        raise UserError(f"--ch-mult needs three levels (two downsamplings: 32 x 32 -> {NET_SIZE // 4} x "
+                        f"{NET_SIZE // 4} tokens), got {','.join(map(str, args.ch_mult))}")
+    missing = [r for r in args.attn_resolutions if r not in (NET_SIZE, NET_SIZE // 2, NET_SIZE // 4)]
+    if missing:
+        raise UserError(f"--attn-resolutions {missing[0]}: the VQGAN network's resolutions are 32, 16 and 8")
 
 
 def switch_ratio(args, num_train):
@@ -325,12 +450,52 @@ def run_name(args):
         tags.append(f"dead{args.dead_code_steps}")
     if args.lr != LR:
         tags.append(f"lr{args.lr:g}")
+    tags += factor_tags(args)
     tags += [f"K{args.codebook_size}", f"ep{args.epochs}", f"cont{args.continuous_epochs}", f"s{args.seed}"]
     if args.preset != "paper":
         tags.append(args.preset)
     if args.dataset != "cifar10":
         tags.append(args.dataset)
     return "_".join(tags)
+
+
+def factor_tags(args):
+    """Name tags of the factor-study options away from their defaults, and of the token dim, the
+    switch's ratio and the batch size where they differ from the paper's (earlier names had none:
+    none of their runs changed them)."""
+    tags = []
+    if args.network == "vqgan":
+        tags.append(vqgan_tag(args))
+    if args.token_dim != DEFAULT_TOKEN_DIM:
+        tags.append(f"d{args.token_dim}")
+    if args.lr_schedule == "cosine":
+        tags.append("cos" + (f"{args.min_lr:g}" if args.min_lr != MIN_LR else ""))
+    if args.lpips_weight > 0:
+        tags.append(f"lpips{args.lpips_weight:g}")
+    if args.batch_size != PRESETS[args.preset]["batch_size"]:
+        tags.append(f"bs{args.batch_size}")
+    if args.ratio != DEFAULT_RATIO:
+        tags.append(f"ratio{args.ratio:g}")
+    if args.init_method != METHODS[args.method]["switch"]:
+        tags.append(f"init-{args.init_method}")
+    if args.pixel_range != FACTOR_DEFAULTS["pixel_range"]:
+        tags.append(f"px{args.pixel_range:g}")
+    if as_tuple(args.adam_betas) != FACTOR_DEFAULTS["adam_betas"]:
+        tags.append("betas" + "-".join(f"{b:g}" for b in args.adam_betas))
+    if not args.amsgrad:
+        tags.append("noams")
+    return tags
+
+
+def vqgan_tag(args):
+    """'vqgan', and each width that differs from VQGAN_DEFAULTS, e.g. 'vqgan-ch32-m1.2.4'."""
+    parts = ["vqgan"]
+    for key, short in (("ch", "ch"), ("ch_mult", "m"), ("num_res_blocks", "rb"), ("attn_resolutions", "at"),
+                       ("z_channels", "z")):
+        value = as_tuple(getattr(args, key))
+        if value != VQGAN_DEFAULTS[key]:
+            parts.append(short + (".".join(map(str, value)) if isinstance(value, tuple) else str(value)))
+    return "-".join(parts)
 
 
 # ================================================================================================
@@ -353,28 +518,56 @@ class ResidualStack(nn.Module):
         return F.relu(x)
 
 
-class VQVAE(nn.Module):
+class Autoencoder(nn.Module):
+    """encoder -> quantizer -> decoder on images in [-0.5, 0.5] (`to_input`). The networks see
+    them scaled to [-pixel_range, pixel_range] (--pixel-range: 0.5 the classic VQ-VAE's, 1 VQGAN's
+    [-1, 1]) and their output is scaled back, so the loss is the same MSE on [0, 1] pixels whatever
+    the range (imagenet_tokenizer.py's, whose networks see [-1, 1]); at 0.5 both scalings are by 1.
+    `encode` gives the pre-quantization latents the switch initialises the codebook from."""
+
+    def __init__(self, encoder, quantizer, decoder, pixel_range=0.5):
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+        self.pixel_scale = 2.0 * pixel_range
+
+    def encode(self, x):
+        return self.encoder(x * self.pixel_scale)
+
+    def forward(self, x):
+        z_q, indices, vq_loss = self.quantizer(self.encode(x))
+        return self.decoder(z_q) / self.pixel_scale, indices, vq_loss
+
+
+class VQVAE(Autoencoder):
     """32x32 image -> two stride-2 4x4 convs -> 8x8 x `channels` -> 3x3 conv -> residual stack ->
     1x1 conv to the token dim -> quantizer -> mirrored decoder. 64 tokens per image."""
 
-    def __init__(self, quantizer, channels=128, res_channels=64, res_blocks=2, token_dim=32, image_channels=3):
-        super().__init__()
-        self.encoder = nn.Sequential(
+    def __init__(self, quantizer, channels=128, res_channels=64, res_blocks=2, token_dim=32, image_channels=3,
+                 pixel_range=0.5):
+        encoder = nn.Sequential(
             nn.Conv2d(image_channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(channels // 2, channels, 4, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1),
             ResidualStack(channels, res_channels, res_blocks),
             nn.Conv2d(channels, token_dim, 1))
-        self.quantizer = quantizer
-        self.decoder = nn.Sequential(
+        decoder = nn.Sequential(
             nn.Conv2d(token_dim, channels, 3, padding=1),
             ResidualStack(channels, res_channels, res_blocks),
             nn.ConvTranspose2d(channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
             nn.ConvTranspose2d(channels // 2, image_channels, 4, stride=2, padding=1))
+        super().__init__(encoder, quantizer, decoder, pixel_range)
 
-    def forward(self, x):
-        z_q, indices, vq_loss = self.quantizer(self.encoder(x))
-        return self.decoder(z_q), indices, vq_loss
+
+def vqgan_network(quantizer, args, image_channels):
+    """--network vqgan: imagenet_tokenizer.py's encoder / decoder (common.Encoder / Decoder:
+    GroupNorm, swish, ResnetBlocks, mid-block attention, --ch --ch-mult --num-res-blocks
+    --attn-resolutions --z-channels) and its 1x1 convs between z-channels and the token dim
+    (common.VQAutoencoder's quant_conv / post_quant_conv), on the 32 x 32 images: 8 x 8 tokens."""
+    arch = dict(ch=args.ch, ch_mult=tuple(args.ch_mult), num_res_blocks=args.num_res_blocks,
+                attn_resolutions=tuple(args.attn_resolutions), resolution=NET_SIZE, z_channels=args.z_channels)
+    encoder = nn.Sequential(Encoder(in_channels=image_channels, **arch), nn.Conv2d(args.z_channels, args.token_dim, 1))
+    decoder = nn.Sequential(nn.Conv2d(args.token_dim, args.z_channels, 1), Decoder(out_channels=image_channels, **arch))
+    return Autoencoder(encoder, quantizer, decoder, args.pixel_range)
 
 
 class AlternatedQuantizer(VectorQuantizer):
@@ -427,8 +620,11 @@ def build_model(args):
         init="gaussian" if args.method == "gaussian" else "uniform", init_std=args.init_std,
         enabled=m["switch"] is None, dead_code_steps=args.dead_code_steps,
         affine_lr=args.affine_lr, sync_nu=args.sync_nu)
-    return VQVAE(quantizer, args.channels, args.res_channels, args.res_blocks, args.token_dim,
-                 DATASETS[args.dataset]["channels"])
+    image_channels = DATASETS[args.dataset]["channels"]
+    if args.network == "vqgan":
+        return vqgan_network(quantizer, args, image_channels)
+    return VQVAE(quantizer, args.channels, args.res_channels, args.res_blocks, args.token_dim, image_channels,
+                 args.pixel_range)
 
 
 # ================================================================================================
@@ -501,17 +697,30 @@ def build_loaders(args, info, data):
 # ================================================================================================
 
 
+def penalties(recon, x, vq_loss, args, lpips_fn):
+    """The loss beyond the MSE: VQ loss, plus --lpips-weight x mean LPIPS (imagenet_tokenizer.py's
+    L_LPIPS) where lpips_fn is given. LPIPS takes both images from [-0.5, 0.5] to the [0, 1] of
+    common.load_lpips, grey ones repeated to the RGB AlexNet needs (as the tokenizer's
+    Fashion-MNIST data are), over the network's 32 x 32 (the tokenizer's too: AlexNet needs >= 31)."""
+    if lpips_fn is None:
+        return vq_loss
+
+    def rgb(images):
+        return (images.float() + 0.5).expand(-1, 3, -1, -1)
+    return vq_loss + args.lpips_weight * lpips_fn(rgb(recon), rgb(x)).mean()
+
+
 @torch.no_grad()
-def evaluate(model, loader, args, device):
+def evaluate(model, loader, args, device, lpips_fn=None):
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # squared error, vq loss x images, images
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # squared error, penalties x images, images
     usage = UsageCounter(args.codebook_size, device)
     for batch in loader:
         x = to_input(batch, device)
         with autocast_for(device):
             recon, indices, vq_loss = model(x)
         sums[0] += F.mse_loss(image_pixels(recon.float(), args), image_pixels(x, args), reduction="sum").double()
-        sums[1] += vq_loss.double() * x.shape[0]
+        sums[1] += penalties(recon, x, vq_loss, args, lpips_fn).double() * x.shape[0]
         sums[2] += x.shape[0]
         if indices is not None:
             usage.update(indices)
@@ -528,32 +737,26 @@ def evaluate(model, loader, args, device):
 
 
 def switch(model, loader, args, epoch):
-    """Continuous -> Discretization (common.deferred_switch) from this epoch's batches. Returns the
-    new codebook (a copy): with the 'sample' init it is a random subset of the encoder outputs the
-    switch collected, so its spread is theirs (the paper's Figure 3 mechanism, on real images)."""
-    m = METHODS[args.method]
+    """Continuous -> Discretization (common.deferred_switch, --init-method) from this epoch's
+    batches. Returns (the new codebook, a seeded sample of at most common.SWITCH_SAMPLE of the
+    encoder outputs it was drawn from), copies: with the 'sample' init the codebook is a random
+    subset of those outputs, so its spread is theirs (the paper's Figure 3 mechanism, on real
+    images); k-means centres are not, hence the sample."""
     ratio = switch_ratio(args, len(loader.dataset))
     loader.sampler.set_epoch(epoch)
     model.eval()
     device = next(model.parameters()).device
 
     def encode(batch):
-        return model.encoder(to_input(batch, device))
+        return model.encode(to_input(batch, device))
 
+    kept = {}
     with autocast_for(device):
-        n = deferred_switch(model.quantizer, encode, loader, ratio, method=m["switch"], seed=args.seed,
-                            progress=True)
+        n = deferred_switch(model.quantizer, encode, loader, ratio, method=args.init_method, seed=args.seed,
+                            progress=True, keep=kept)
     print0(f"epoch {epoch}: Discretization Phase on, codebook of {args.codebook_size} from {n} embeddings "
-           f"per rank ({m['switch']})")
-    return model.quantizer.codebook.detach().float().cpu().clone()
-
-
-def spread_record(prefix, codebook):
-    """History entries of a codebook's spread under `prefix`: mean pairwise Euclidean and cosine
-    distance (paper eqs. 4-5) in the units the quantizer sees. Per-epoch curves of these and of
-    usage show whether a coverage failure persists, shrinks or vanishes over training."""
-    return {f"{prefix}euclidean": mean_pairwise_euclidean(codebook),
-            f"{prefix}cosine": mean_pairwise_cosine_distance(codebook)}
+           f"per rank ({args.init_method})")
+    return model.quantizer.codebook.detach().float().cpu().clone(), kept["embeddings"]
 
 
 def train_run(args, info):
@@ -566,8 +769,9 @@ def train_run(args, info):
         data.update(load_data(args))
         check_switch_embeddings(args, len(data["train"]))
 
+    weights = [lambda: load_lpips(net="alex")] if args.lpips_weight > 0 else []  # a missing file: one line
     with start_run(args, name=name, outputs=[paths["ckpt"], paths["json"]], ranges=RANGES,
-                   defining=defining_keys(args), resume_from=paths["ckpt"], checks=[check_data],
+                   defining=defining_keys(args), resume_from=paths["ckpt"], checks=[check_data] + weights,
                    validate=lambda a: validate(a, info.world_size)) as run:
         if not data:  # the other ranks (rank 0 has downloaded, if asked, by now)
             data.update(load_data(args))
@@ -582,13 +786,15 @@ def train(args, info, name, paths, data, ckpt):
     model = build_model(args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, amsgrad=True)
-    start_epoch, history, switch_codebook = 0, [], None
+    # appendix A.1's Adam (amsgrad); --adam-betas (0.5, 0.9) --no-amsgrad is taming's VQGAN setting
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas), amsgrad=args.amsgrad)
+    lpips_fn = load_lpips(net="alex", device=device) if args.lpips_weight > 0 else None
+    start_epoch, history, switch_codebook, switch_embeddings = 0, [], None, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
-        switch_codebook = ckpt.get("switch_codebook")
+        switch_codebook, switch_embeddings = ckpt.get("switch_codebook"), ckpt.get("switch_embeddings")
         set_rng_state(ckpt["rng"])
         print0(f"resuming {name} at epoch {start_epoch}")
     # The gradient codebook / affine parameters sit unused during the Continuous Phase.
@@ -600,7 +806,7 @@ def train(args, info, name, paths, data, ckpt):
             save_checkpoint(paths["ckpt"], model=model.state_dict(), optimizer=optimizer.state_dict(),
                             epoch=epochs_done, history=history, args=vars(args),
                             codebook=model.quantizer.codebook.detach().float().cpu(), code_counts=code_counts,
-                            switch_codebook=switch_codebook)
+                            switch_codebook=switch_codebook, switch_embeddings=switch_embeddings)
 
     def result(metrics, **extra):
         if info.is_main:
@@ -612,12 +818,13 @@ def train(args, info, name, paths, data, ckpt):
     for epoch in range(start_epoch, args.epochs):
         switched = {}
         if epoch == args.continuous_epochs and not model.quantizer.is_enabled:
-            switch_codebook = switch(model, train_loader, args, epoch)
-            switched = spread_record("switch_", switch_codebook)
+            switch_codebook, switch_embeddings = switch(model, train_loader, args, epoch)
+            switched = switch_record(switch_codebook, switch_embeddings)
         phase = "discretization" if model.quantizer.is_enabled else "continuous"
         sampler.set_epoch(epoch)
+        set_lr(optimizer, epoch_lr(args, epoch))
         t_epoch = time.time()
-        stats = train_epoch(ddp, optimizer, train_loader, args, info,
+        stats = train_epoch(ddp, optimizer, train_loader, args, info, lpips_fn,
                             desc=f"{name} epoch {epoch} ({phase.title()} Phase)")
         train_seconds = time.time() - t_epoch
         if not stats["finite"]:  # Figure 7's failure: record it, keep the last good checkpoint, stop
@@ -625,13 +832,14 @@ def train(args, info, name, paths, data, ckpt):
             failure = f"loss became {stats['train_loss']} at epoch {epoch}; lower the learning rate or check the data"
             result({}, failed=failure)
             raise Diverged(f"{name}: {failure} (the history up to it is in {paths['json']})")
-        record = {"epoch": epoch, "phase": phase, "train_loss": stats["train_loss"], "train_mse": stats["train_mse"],
+        record = {"epoch": epoch, "phase": phase, "lr": optimizer.param_groups[0]["lr"],
+                  "train_loss": stats["train_loss"], "train_mse": stats["train_mse"],
                   "train_perplexity": stats["train_perplexity"], "quantized_steps": stats["quantized_steps"],
                   "train_seconds": train_seconds, **switched}
         val = None
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
             t_val = time.time()
-            val = evaluate(model, test_loader, args, device)
+            val = evaluate(model, test_loader, args, device, lpips_fn)
             record.update(val_loss=val["loss"], val_mse=val["mse"], val_seconds=time.time() - t_val)
             if model.quantizer.is_enabled:  # usage and spread exist once codes do
                 record.update(val_perplexity=perplexity_from_counts(val["counts"]),
@@ -642,15 +850,18 @@ def train(args, info, name, paths, data, ckpt):
                + (f", val mse {val['mse']:.5f}" if val else ""))
         save(epoch + 1, val and val["counts"])
     final = val  # the last epoch's test evaluation is the result (at 16,384 codes it costs an epoch)
+    switched = switch_spreads(history)
     if not model.quantizer.is_enabled:  # posthoc_kmeans: discretize after training, no fine-tuning
-        switch_codebook = switch(model, train_loader, args, args.epochs)
+        switch_codebook, switch_embeddings = switch(model, train_loader, args, args.epochs)
+        switched = switch_record(switch_codebook, switch_embeddings)
         final = None
     if final is None:  # posthoc_kmeans, or a run resumed after its last epoch
-        final = evaluate(model, test_loader, args, device)
+        final = evaluate(model, test_loader, args, device, lpips_fn)
         save(args.epochs, final["counts"])
     metrics = codebook_metrics(model.quantizer.codebook, final["counts"])
     metrics["mse"] = final["mse"]
     metrics["val_loss"] = final["loss"]
+    metrics.update(switched)  # the spreads at the switch beside the final ones (issue 15, paper Figure 3)
     result(metrics)
     print0(f"{name}: test mse {metrics['mse']:.5f}, perplexity {metrics['perplexity']:.1f}, "
            f"vendi {metrics['vendi']:.3f}, euclidean {metrics['euclidean']:.3f}")
@@ -661,7 +872,16 @@ class Diverged(UserError):
     """The training loss stopped being finite (a result of its own: the run's JSON records it)."""
 
 
-def train_epoch(ddp, optimizer, loader, args, info, desc):
+def epoch_lr(args, epoch):
+    """The learning rate of an epoch: --lr throughout (appendix A.1), or with --lr-schedule cosine
+    imagenet_tokenizer.py's: --lr through the Continuous Phase, then half a cosine to --min-lr over
+    the Discretization epochs, one step per epoch (its first epoch at --lr)."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    return cosine_lr(args.lr, args.min_lr, max(0, epoch - args.continuous_epochs), args.epochs - args.continuous_epochs)
+
+
+def train_epoch(ddp, optimizer, loader, args, info, lpips_fn, desc):
     """One epoch over this rank's shard. Sums stay on the device (no host sync per step) and are
     all-reduced once: mean loss and MSE, the usage perplexity of every training assignment of the
     epoch (Figure 8: collapse shows as perplexity -> 1), and the number of quantized steps."""
@@ -674,7 +894,7 @@ def train_epoch(ddp, optimizer, loader, args, info, desc):
         with autocast_for(device):
             recon, indices, vq_loss = ddp(x)
         mse = F.mse_loss(image_pixels(recon.float(), args), image_pixels(x, args))
-        loss = mse + vq_loss
+        loss = mse + penalties(recon, x, vq_loss, args, lpips_fn)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -725,6 +945,34 @@ def main(args):
         cleanup_distributed()
 
 
+def add_factor_arguments(g):
+    """The options that walk the failing recipe towards imagenet_tokenizer.py's (--grid
+    cpu-factors); VQGAN widths and --min-lr have that script's names and meanings."""
+    g.add_argument("--network", choices=["vqvae", "vqgan"], default="vqvae",
+                   help="vqvae: the classic VQ-VAE (--channels --res-channels --res-blocks); vqgan: "
+                        "imagenet_tokenizer.py's encoder/decoder (--ch ... --z-channels), 8x8 tokens")
+    g.add_argument("--ch", type=int, help=f"vqgan: backbone width (default {VQGAN_DEFAULTS['ch']})")
+    g.add_argument("--ch-mult", type=int_list, help="vqgan: width multipliers, three levels (default 1,2,2)")
+    g.add_argument("--num-res-blocks", type=int, help=f"vqgan: default {VQGAN_DEFAULTS['num_res_blocks']}")
+    g.add_argument("--attn-resolutions", type=int_list,
+                   help="vqgan: attention at these of 32,16,8 besides the mid block's (default '': none)")
+    g.add_argument("--z-channels", type=int, help=f"vqgan: default {VQGAN_DEFAULTS['z_channels']}")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant --lr (A.1), or cosine annealing to --min-lr over the Discretization epochs, "
+                        "once per epoch (imagenet_tokenizer.py's)")
+    g.add_argument("--min-lr", type=float, default=MIN_LR, help="--lr-schedule cosine: the final lr")
+    g.add_argument("--lpips-weight", type=float, default=0.0,
+                   help="loss + this x LPIPS (AlexNet; imagenet_tokenizer.py: 1); its weights must be in the torch hub cache")
+    g.add_argument("--init-method", choices=["sample", "kmeans"],
+                   help="how the switch builds the codebook (default: the method's, sample for baseline/deferred)")
+    g.add_argument("--pixel-range", type=float, default=0.5,
+                   help="the networks see pixels in [-R, R]: 0.5 the VQ-VAE's, 1 VQGAN's (the loss stays the MSE on [0, 1])")
+    g.add_argument("--adam-betas", type=float_list, default=FACTOR_DEFAULTS["adam_betas"],
+                   help="Adam's betas (default 0.9,0.999; imagenet_tokenizer.py: 0.5,0.9 as taming)")
+    g.add_argument("--amsgrad", action=argparse.BooleanOptionalAction, default=True,
+                   help="Adam's amsgrad variant (A.1; imagenet_tokenizer.py: off)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="deferred_ema", choices=sorted(METHODS))
@@ -761,6 +1009,8 @@ def build_parser():
     p.add_argument("--val-every", type=int, default=1,
                    help="evaluate the test split every N epochs (Figure 6's curves; always after the last)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    add_factor_arguments(p.add_argument_group(
+        "factor study (issue 15): what imagenet_tokenizer.py's recipe does differently; defaults: appendix A.1"))
     add_run_arguments(p, out_default="runs/cifar")  # --out, --resume (--grid: automatic), --device, --dist-timeout
     return p
 

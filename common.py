@@ -560,6 +560,23 @@ def start_run(args, *, name, outputs, ranges=None, defining=(), resume_from=None
     return run
 
 
+def _number_list(text, kind, what):
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got '{text}'") from None
+
+
+def int_list(text):
+    """argparse type: '1,2,2' -> (1, 2, 2); '' -> () (e.g. --attn-resolutions '': none)."""
+    return _number_list(text, int, "integers")
+
+
+def float_list(text):
+    """argparse type: '0.5,0.9' -> (0.5, 0.9)."""
+    return _number_list(text, float, "numbers")
+
+
 def add_run_arguments(parser, out_default):
     """The arguments every script shares, with one meaning: --out, --resume, --device,
     --dist-timeout."""
@@ -1211,7 +1228,25 @@ class VectorQuantizer(nn.Module):
         self._write_from_rank0(torch.ones(self.num_codes, dtype=torch.bool, device=self.embed.device), choose)
 
 
-def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, progress=False):
+# Encoder outputs a switch keeps for the record (`deferred_switch(keep=...)`): enough for a mean
+# pairwise distance to three digits (its standard error shrinks as 1/sqrt(n)) at 8,192^2 / 2 pairs,
+# about a second on one CPU thread; 1 MiB at token dim 32 in a checkpoint.
+SWITCH_SAMPLE = 8192
+
+
+@torch.no_grad()
+def embedding_sample(local, quantizer, seed, limit=SWITCH_SAMPLE):
+    """A seeded random subsample (at most `limit` rows, without replacement) of the embeddings
+    every rank collected at the switch, gathered from all ranks (call it on every rank), in the
+    units the codebook is drawn from (an l2_norm quantizer's unit vectors). Its own draw (seed + 1):
+    independent of the codebook's, which with the 'sample' init is itself such a subsample."""
+    unit = getattr(quantizer, "_unit", lambda x: x)  # the multi-scale quantizer has no l2_norm mode
+    pool = all_gather_rows(unit(local.float()))
+    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed + 1))[:limit]
+    return pool[order.to(pool.device)].cpu()
+
+
+def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, progress=False, keep=None):
     """The switch from the Continuous Phase to the Discretization Phase (paper section 5).
 
     Collects encoder embeddings over as many batches as needed until ratio x num_codes vectors
@@ -1221,7 +1256,9 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     set_enabled (the multi-scale quantizer). `encode(batch)` returns the pre-quantization latents,
     (N, dim) or (B, dim, H, W).
     Called at step 0 with an untrained encoder this is exactly the usual baseline initialisation.
-    Returns the number of embeddings this rank contributed.
+    Returns the number of embeddings this rank contributed. With a dict `keep` (on every rank), also
+    stores keep["embeddings"] = `embedding_sample` of the collected embeddings: what the codebook
+    was drawn from, whose spread the paper's Figure 3 compares with the codebook's (section 4).
     """
     if not ratio >= 1:
         raise UserError(f"the embedding-to-code ratio must be >= 1 (one embedding per code at least), got {ratio}")
@@ -1241,6 +1278,8 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     bar.close()
     device = next(quantizer.buffers()).device  # an empty shard must still be gathered on the right device
     local = torch.cat(collected)[:per_rank] if collected else torch.zeros(0, quantizer.dim, device=device)
+    if keep is not None:
+        keep["embeddings"] = embedding_sample(local, quantizer, seed)
     quantizer.init_from_embeddings(local, method=method, seed=seed)
     quantizer.set_enabled(True)
     return local.shape[0]
@@ -1558,6 +1597,27 @@ class UsageCounter:
 
     def used_codes(self):
         return int((self.counts > 0).sum())
+
+
+def spread_record(prefix, codes):
+    """History entries of a set of vectors' spread under `prefix`: mean pairwise Euclidean and
+    cosine distance (paper eqs. 4-5) in the units the quantizer sees. Per-epoch curves of these and
+    of usage show whether a coverage failure persists, shrinks or vanishes over training."""
+    return {f"{prefix}euclidean": mean_pairwise_euclidean(codes),
+            f"{prefix}cosine": mean_pairwise_cosine_distance(codes)}
+
+
+def switch_record(codebook, embeddings):
+    """History entries of a Continuous -> Discretization switch: the spread of the fresh codebook
+    (switch_*) and of the encoder outputs it was drawn from (switch_embeddings_*): the paper's
+    Figure 3 mechanism (section 4), measured where it happens."""
+    return {**spread_record("switch_", codebook), **spread_record("switch_embeddings_", embeddings)}
+
+
+def switch_spreads(history):
+    """The switch_* entries of a run's history ({} before the switch), for its final metrics."""
+    return next(({k: v for k, v in h.items() if k.startswith("switch_")} for h in history
+                 if "switch_euclidean" in h), {})
 
 
 def codebook_metrics(codes, counts=None):
@@ -3179,6 +3239,15 @@ class PlateauSchedule:
     def load_state_dict(self, state):
         for k, v in state.items():
             setattr(self, k, v)
+
+
+def cosine_lr(lr, min_lr, done, total):
+    """Half a cosine from `lr` to `min_lr` over `total` steps, after `done` of them (then `min_lr`;
+    `lr` when there is no step to anneal over): appendix A.1's cosine annealing."""
+    if total <= 0:
+        return lr
+    progress = min(done, total) / total
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer, lr):

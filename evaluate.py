@@ -6,6 +6,9 @@ beside ours so agreement and disagreement are visible at a glance.
 Commands:
     # coverage diagnostics (paper appendix A.2) of any codebook
     python evaluate.py codebook runs/cifar/deferred_ema_8192.pt
+    # ... and its picture (paper Figure 3 on real codes): sorted usage, 2-D PCA of the codes by usage,
+    # with the encoder outputs sampled at the switch where the checkpoint keeps them
+    python evaluate.py codebook runs/cifar/deferred_ema_8192.pt --plot deferred_8192.png
     python evaluate.py codebook foreign.ckpt --key state_dict.quantize.embedding.weight --json
     python evaluate.py codebook codes.npy
     # public checkpoints (LlamaGen vq_ds16_c2i.pt, VAR vae_ch160v4096z32.pth, taming last.ckpt: their
@@ -388,11 +391,101 @@ def codebook_views(codes, counts, view):
     return {name: codebook_metrics(views[name], counts) for name in names}
 
 
+def check_plot_path(path):
+    """--plot writes a new PNG into an existing folder: refused in one line before any work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path.lower().endswith(".png"):
+        raise UserError(f"--plot {path}: the figure is a PNG, name it *.png")
+    if not os.path.isdir(folder):
+        raise UserError(f"--plot {path}: folder {folder} does not exist")
+    if os.path.exists(path):
+        raise UserError(f"--plot {path} exists: not overwritten (remove it or choose another name)")
+
+
+def load_switch_embeddings(path, dim):
+    """The encoder outputs a checkpoint kept from its Continuous -> Discretization switch (our
+    scripts' 'switch_embeddings': a seeded sample of what the codebook was drawn from), or None."""
+    if path.endswith(".npy"):
+        return None
+    ckpt = load_checkpoint(path)
+    kept = ckpt.get("switch_embeddings") if isinstance(ckpt, dict) else None
+    if kept is None:
+        return None
+    kept = as_float_codes(kept, f"'switch_embeddings' in {path}")
+    if kept.shape[1] != dim:
+        raise UserError(f"'switch_embeddings' in {path} are {kept.shape[1]}-dimensional, the codes {dim}-dimensional")
+    return kept
+
+
+def pca_2d(codes, *others):
+    """The codes and `others` projected on the codes' two principal axes (centred on the codes'
+    mean; a one-dimensional codebook gets a zero second axis)."""
+    x = codes.double()
+    mean = x.mean(0, keepdim=True)
+    _, vectors = torch.linalg.eigh((x - mean).T @ (x - mean))
+    axes = vectors[:, -2:].flip(1) if x.shape[1] > 1 else torch.cat([vectors, torch.zeros_like(vectors)], 1)
+    return [((t.double() - mean) @ axes).numpy() for t in (codes, *others)]
+
+
+def codebook_figure(path, codes, counts, embeddings, title):
+    """Sorted usage curve (where counts exist) and the 2-D PCA of the codes, sized and coloured by
+    usage (dead codes grey), with the switch embeddings in the same basis behind them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = 2 if counts is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.5), squeeze=False)
+    if counts is not None:
+        ax = axes[0][0]
+        share = np.sort(counts.numpy())[::-1] / max(float(counts.sum()), 1.0)
+        ax.plot(np.arange(1, len(share) + 1), share)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("code rank (most used first)")
+        ax.set_ylabel("share of assignments")
+        ax.set_title(f"usage: {int((counts > 0).sum())} of {len(counts)} codes used")
+    ax = axes[0][-1]
+    projected = pca_2d(codes, *([embeddings] if embeddings is not None else []))
+    if embeddings is not None:
+        ax.scatter(*projected[1].T, s=3, c="0.75", alpha=0.5, lw=0,
+                   label=f"encoder outputs at the switch ({len(embeddings)})")
+    if counts is None:
+        ax.scatter(*projected[0].T, s=6, c="C0", label=f"codes ({len(codes)})")
+    else:
+        used = (counts > 0).numpy()
+        ax.scatter(*projected[0][~used].T, s=4, c="0.45", marker="x", lw=0.5, label=f"unused codes ({(~used).sum()})")
+        c = counts.numpy()[used]
+        dots = ax.scatter(*projected[0][used].T, s=4 + 60 * c / c.max() if c.size else 4, c=np.log10(c), cmap="viridis",
+                          label=f"used codes ({used.sum()})")
+        fig.colorbar(dots, ax=ax, label="log10 assignments")
+    ax.set_xlabel("PC 1 of the codes")
+    ax.set_ylabel("PC 2 of the codes")
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def plot_title(path, codes, metrics, embeddings):
+    """The file, and the spreads that Figure 3 compares: codes vs the outputs they were drawn from."""
+    from common import mean_pairwise_euclidean
+    parts = [f"codes: mean pairwise Euclidean {metrics['euclidean']:.3g}"]
+    if embeddings is not None:
+        parts.append(f"switch embeddings: {mean_pairwise_euclidean(embeddings):.3g}")
+    if "perplexity" in metrics:
+        parts.append(f"perplexity {metrics['perplexity']:.1f} of {len(codes)}")
+    return os.path.basename(path) + "\n" + "; ".join(parts)
+
+
 def cmd_codebook(args):
+    if args.plot:
+        check_plot_path(args.plot)
     if args.save and os.path.exists(args.save):
         raise UserError(f"--save {args.save} exists: delete it or name another file (a result is never overwritten)")
     codes, counts = load_codebook(args.path, args.key)
     views = codebook_views(codes, counts, args.view)
+    embeddings = load_switch_embeddings(args.path, codes.shape[1]) if args.plot else None
     if args.save:
         from common import write_result
         if not args.label:
@@ -413,6 +506,9 @@ def cmd_codebook(args):
         print(f"{'':>13}  " + "  ".join(f"{n:>10}" for n in names))
         for k in views[names[0]]:
             print(f"{k:>13}: " + "  ".join(f"{fmt(views[n][k], 4):>10}" for n in names))
+    if args.plot:
+        raw = views.get("raw") or codebook_metrics(codes, counts)
+        codebook_figure(args.plot, codes, counts, embeddings, plot_title(args.path, codes, raw, embeddings))
     return metrics
 
 
@@ -526,7 +622,8 @@ def _cifar_runs(results, config):
     vars(args).update(config)
     expected = defining_args(resolve_args(args))
     expected.pop("seed")
-    return select(results, "cifar10", **expected)
+    # the whole identity: a run with a factor-study option (absent at its default) is another recipe
+    return [r for r in select(results, "cifar10", **expected) if _run_key(r) == tuple(sorted(expected.items()))]
 
 
 def _cifar_mean(results, config):
@@ -888,6 +985,150 @@ def render_methods_at_size(results, out_dir):
             header = ["method", "seeds"] + [label for _, label, _ in columns] + ["status"]
             parts.append(f"**{_recipe_label(experiment, recipe)}, {k} codes**\n\n" + markdown_table(header, body)
                          + f"\n\nMean ± std over seeds, on the test split. Training curves: {png}")
+    return "\n\n".join(parts) or None
+
+
+# ---- The factor study (issue 15, cifar_sweep.py --grid cpu-factors): from the failing recipe to
+# imagenet_tokenizer.py's, one factor per cell, both arms. A base is any recipe of the command line
+# (dataset, subset, widths ...); its cells are the runs that cifar_sweep.FACTORS makes from it.
+
+FACTOR_COLUMNS = (("perplexity", "perplexity", 1, 1.0), ("used_codes", "used codes", 0, 1.0),
+                  ("mse", "MSE x1e-3", 2, CIFAR_MSE_UNIT),
+                  ("switch_embeddings_euclidean", "switch: embeddings Euc.", 3, 1.0),
+                  ("switch_euclidean", "switch: codes Euc.", 3, 1.0), ("euclidean", "final codes Euc.", 3, 1.0))
+FAILURE_RATIO = 0.25  # issue 15: a coverage failure = baseline perplexity below a quarter of Deferred's
+
+
+@functools.lru_cache(maxsize=None)
+def _sweep_parser():
+    from cifar_sweep import build_parser
+    return build_parser()
+
+
+def _factor_reset():
+    """The options a factor cell sets: a base recipe is a run's args without them."""
+    from cifar_sweep import FACTOR_DEFAULTS, FACTORS, VQGAN_DEFAULTS
+    return (set(FACTOR_DEFAULTS) | set(VQGAN_DEFAULTS) | {"init_method", "min_lr"}
+            | {k for _, options in FACTORS.values() for k in options})
+
+
+def _factor_key(args, config):
+    """The identity (defining args but the seed) of the run that `config` makes from the recipe
+    of `args` (a result's args dict); None when cifar_sweep would refuse it."""
+    from cifar_sweep import defining_args, resolve_args
+    ns = _sweep_parser().parse_args([])
+    reset = _factor_reset()
+    vars(ns).update({k: v for k, v in args.items() if k not in reset})
+    vars(ns).update(config)
+    try:
+        identity = defining_args(resolve_args(ns))
+    except UserError:
+        return None
+    identity.pop("seed")
+    return tuple(sorted(identity.items()))
+
+
+def _run_key(run):
+    from cifar_sweep import defining_args
+    identity = defining_args(run["args"])
+    identity.pop("seed")
+    return tuple(sorted(identity.items()))
+
+
+def factor_studies(results):
+    """{base recipe: {cell: (baseline runs, deferred runs)}} of every recipe whose base cell and at
+    least one other cell have runs (finished ones; failed runs are left out)."""
+    from cifar_sweep import DATASETS, factor_configs
+    runs = [r for r in results if r["experiment"] in DATASETS and not r.get("failed")]
+    by_key = {}
+    for r in runs:
+        by_key.setdefault(_run_key(r), []).append(r)
+    configs = factor_configs()
+    studies = {}
+    for r in runs:
+        base = _factor_key(r["args"], configs[0][1])
+        if base is None or base in studies:
+            continue
+        cells = {}
+        for cell, config in configs:
+            cells.setdefault(cell, []).append(by_key.get(_factor_key(r["args"], config), []))
+        cells = {cell: tuple(arms) for cell, arms in cells.items() if any(arms)}
+        if configs[0][0] in cells and len(cells) > 1:
+            studies[base] = (r["experiment"], cells)
+    return studies
+
+
+def _scaled(run, key, scale):
+    value = run["metrics"].get(key)
+    return None if value is None else value / scale
+
+
+def _arm_mean(runs, key, scale):
+    values = [v for v in (_scaled(r, key, scale) for r in runs) if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _perplexity_ratio(arms):
+    baseline, deferred = (_arm_mean(runs, "perplexity", 1.0) for runs in arms)
+    return baseline / deferred if baseline is not None and deferred else None
+
+
+def _factor_figure(path, cells, title):
+    """Per cell: baseline / Deferred perplexity (log scale, the failure threshold marked) and the
+    spread of the encoder outputs each arm's codebook was drawn from."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(cells)
+    y = np.arange(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(names) + 1.8), sharey=True)
+    ratios = [_perplexity_ratio(cells[n]) for n in names]
+    axes[0].barh(y, [r if r is not None else np.nan for r in ratios],
+                 color=["C3" if r is not None and r < FAILURE_RATIO else "C0" for r in ratios])
+    axes[0].axvline(FAILURE_RATIO, color="k", ls="--", lw=1, label=f"failure: below {FAILURE_RATIO:g}")
+    axes[0].axvline(1.0, color="0.5", lw=1)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("perplexity, baseline / Deferred")
+    axes[0].legend(fontsize=8)
+    for offset, arm, label in ((-0.2, 0, "baseline"), (0.2, 1, "Deferred")):
+        axes[1].barh(y + offset, [_arm_mean(cells[n][arm], "switch_embeddings_euclidean", 1.0) or np.nan
+                                  for n in names], height=0.4, label=label)
+    axes[1].set_xlabel("spread of the encoder outputs at the switch (mean pairwise Euclidean)")
+    axes[1].legend(fontsize=8)
+    axes[0].set_yticks(y, names)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+@renderer("Factor study: where coverage failure appears (cifar_sweep --grid cpu-factors, issue 15)")
+def render_factor_study(results, out_dir):
+    """One table per base recipe: per cell (the failing recipe with one factor changed towards
+    imagenet_tokenizer.py's), baseline / Deferred side by side: final usage, MSE, the spread of the
+    encoder outputs and of the codebook at the switch, and of the final codebook (Figure 3's
+    mechanism); the baseline / Deferred perplexity ratio, and a figure of it per cell."""
+    parts = []
+    for base, (experiment, cells) in sorted(factor_studies(results).items()):
+        label = _recipe_label(experiment, tuple((k, v) for k, v in base if k not in ("method", "codebook_size",
+                                                                                 "continuous_epochs", "epochs")))
+        png = _factor_figure(os.path.join(out_dir, _recipe_file("factors", experiment, base)), cells, label)
+        body = []
+        for cell, arms in cells.items():
+            ratio = _perplexity_ratio(arms)
+            body.append([cell, " / ".join(str(len(runs)) for runs in arms), fmt(ratio, 3),
+                         "yes" if ratio is not None and ratio < FAILURE_RATIO else ("no" if ratio is not None else "–")]
+                        + [" / ".join(mean_std([_scaled(r, key, scale) for r in runs], digits) for runs in arms)
+                           for key, _, digits, scale in FACTOR_COLUMNS])
+        header = (["cell", "seeds", "perplexity ratio", "failure"]
+                  + [f"{name} (baseline / Deferred)" for _, name, _, _ in FACTOR_COLUMNS])
+        parts.append(f"**{label}**\n\n" + markdown_table(header, body)
+                     + f"\n\nMean ± std over seeds, test split. Failure: baseline perplexity below "
+                     f"{FAILURE_RATIO:g} x Deferred's. Spreads are mean pairwise Euclidean distances in the units the "
+                     f"quantizer sees; switch embeddings: a seeded sample of the encoder outputs each codebook was "
+                     f"drawn from. Plot: {png}")
     return "\n\n".join(parts) or None
 
 
@@ -1795,6 +2036,8 @@ def build_parser():
                    help="the stored codes, their l2-normalised rows, or both")
     c.add_argument("--save", help="also write a result JSON (experiment 'codebook') for `tables`")
     c.add_argument("--label", help="with --save: the row it fills (llamagen, var, vqgan for Table 7)")
+    c.add_argument("--plot", help="also draw the codebook into this new PNG: sorted usage, 2-D PCA of the codes "
+                                  "by usage, and the encoder outputs sampled at the switch where the checkpoint has them")
     c.set_defaults(func=cmd_codebook)
     t = sub.add_parser("tables", help="render the paper's tables and figures from result JSONs")
     t.add_argument("runs", help="folder searched recursively for result JSON files")

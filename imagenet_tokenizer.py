@@ -106,7 +106,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import common
-from common import UserError, print0
+from common import UserError, int_list, print0
 
 EXPERIMENT = "imagenet_tokenizer"
 QUANTIZER_KEYS = ("quantizer", "codebook_size", "token_dim", "beta", "ema_decay", "simvq", "scales",
@@ -416,17 +416,19 @@ def score_fid(folder, args, device):
     return common.broadcast_from_main(value).item()
 
 
-def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history, status):
-    """Evaluate on one split and write <out>/<stem>.json and <out>/<stem>.pt (codebook + counts),
-    stem = name for the test split (what the tables read), name_<split> otherwise, so that an
-    evaluation on val or train never replaces the test result. `status`: the checkpoint's
-    common.model_status (whether its training finished), stated in the JSON."""
+def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history, status, switch=None):
+    """Evaluate on one split and write <out>/<stem>.json and <out>/<stem>.pt (codebook + counts, and
+    `switch`: the evaluated checkpoint's `switch_sample`), stem = name for the test split (what the
+    tables read), name_<split> otherwise, so that an evaluation on val or train never replaces the
+    test result. The metrics carry the spreads at the switch beside the final ones. `status`: the
+    checkpoint's common.model_status (whether its training finished), stated in the JSON."""
     fid_dir = None if args.skip_fid else os.path.join(paths.folder, f"fid_{args.eval_split}")
     res = evaluate(model, dataset, args, info, lpips_fn, fid_dir=fid_dir)
     codebook = model.quantizer.codebook.detach().float().cpu()
     metrics = common.codebook_metrics(codebook, res["counts"])
     metrics.update({k: res[k] for k in ("mse", "psnr", "ssim", "lpips")},
                    rfid=res.get("rfid"), eval_loss=res["loss"], num_images=res["num_images"])
+    metrics.update(common.switch_spreads(history))
     notes = {}
     if args.skip_fid:
         notes["rfid"] = "not computed: --skip-fid (the Inception weights were not available)"
@@ -445,7 +447,7 @@ def final_report(model, dataset, args, info, lpips_fn, paths, ckpt_path, history
                             fid_reference=fid_reference,
                             fid_reference_subset=common.fid_subset_record(dataset.items, subset))
         common.save_checkpoint(paths.result(args.eval_split, ".pt"), model=model.state_dict(), args=vars(args),
-                               codebook=codebook, code_counts=res["counts"].float(), metrics=metrics)
+                               codebook=codebook, code_counts=res["counts"].float(), metrics=metrics, **(switch or {}))
         common.write_png(paths.result(args.eval_split, "_recon.png"), reconstruction_sheet(model, dataset, info))
     print0({k: v for k, v in metrics.items()})
     return metrics
@@ -528,8 +530,7 @@ class CosineSchedule:
 
     def step(self, val_loss):
         self.done += 1
-        progress = min(self.done, self.epochs) / self.epochs
-        self.lr = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        self.lr = common.cosine_lr(self.base_lr, self.min_lr, self.done, self.epochs)
         improved = val_loss < self.best
         self.best = min(self.best, val_loss)
         return improved
@@ -574,7 +575,8 @@ class Trainer:
                     schedule=self.schedule.state_dict(), state=self.state, epoch=self.state["epoch"],
                     step=self.state["discretization_steps"], args=vars(args), experiment=EXPERIMENT,
                     finished=bool(self.schedule.stopped or self.state["epoch"] >= args.epochs),
-                    history=self.state["history"], codebook=self.model.quantizer.codebook.detach().float().cpu())
+                    history=self.state["history"], codebook=self.model.quantizer.codebook.detach().float().cpu(),
+                    **switch_sample(self.state))
         if self.disc is not None:
             blob.update(disc=self.disc.state_dict(), disc_optimizer=self.opt_d.state_dict())
         return blob
@@ -603,22 +605,33 @@ def make_trainer(args, info, model, lpips_fn, resumed):
                    common.wrap_ddp(disc, info) if disc is not None else None, opt, opt_d, schedule, lpips_fn, state)
 
 
+def switch_sample(state):
+    """What a checkpoint keeps of the switch (none for the SimVQ baseline): a seeded sample of the
+    encoder outputs the codebook was drawn from and the fresh codebook, for `evaluate.py codebook
+    --plot` (paper Figure 3 on real images)."""
+    return {k: state[k] for k in ("switch_embeddings", "switch_codebook") if k in state}
+
+
 def switch_to_discretization(t, train_loader, sampler, args, info, epoch):
     """The switch (section 5). Baseline: epoch 0, untrained encoder. Deferred: after the Continuous
     Phase. Embeddings are the encoder outputs on the latent grid (for msvq: the finest scale). The
-    SimVQ baseline keeps SimVQ's random frozen codebook: its switch only turns quantization on."""
+    SimVQ baseline keeps SimVQ's random frozen codebook: its switch only turns quantization on.
+    Returns what the checkpoints keep of it (`switch_sample`: {} for the SimVQ baseline)."""
     quantizer = t.model.quantizer
     if args.simvq and not args.deferred:
         quantizer.set_enabled(True)
         print0(f"epoch {epoch}: {PHASE_TITLES[DISCRETIZATION]}: SimVQ's random codebook, quantization on")
-        return
+        return {}
     sampler.set_epoch(10**6 + epoch)  # its own data order, independent of the epochs
     t.model.eval()
+    kept = {}
     n = common.deferred_switch(quantizer, lambda batch: t.model.encode(batch[0].to(info.device)),
-                               train_loader, args.ratio, args.init_method, args.seed, progress=True)
+                               train_loader, args.ratio, args.init_method, args.seed, progress=True, keep=kept)
     t.model.train()
     print0(f"epoch {epoch}: {PHASE_TITLES[DISCRETIZATION]}: codebook initialised from {n} embeddings per rank; "
            "quantization on")
+    return {"switch_embeddings": kept["embeddings"],
+            "switch_codebook": quantizer.codebook.detach().float().cpu().clone()}
 
 
 def train_epoch(t, train_loader, args, info, epoch, phase):
@@ -670,11 +683,14 @@ def fit(t, data, args, info, paths):
     quantizer, state = t.model.quantizer, t.state
     while not t.schedule.stopped and state["epoch"] < args.epochs:
         epoch = state["epoch"]
+        switched = {}
         if epoch >= switch_epoch and not quantizer.is_enabled:
-            switch_to_discretization(t, train_loader, sampler, args, info, epoch)
+            state.update(switch_to_discretization(t, train_loader, sampler, args, info, epoch))
+            if "switch_codebook" in state:  # the spreads of Figure 3 where the switch happens
+                switched = common.switch_record(state["switch_codebook"], state["switch_embeddings"])
         phase = DISCRETIZATION if quantizer.is_enabled else CONTINUOUS
         sampler.set_epoch(epoch)
-        record = {"epoch": epoch, "phase": phase, "lr": t.opt.param_groups[0]["lr"]}
+        record = {"epoch": epoch, "phase": phase, "lr": t.opt.param_groups[0]["lr"], **switched}
         record.update(train_epoch(t, train_loader, args, info, epoch, phase))
 
         # Validation: loss every epoch; r-FID every --fid-every Discretization epochs for best.pt.
@@ -741,7 +757,7 @@ def train(args, info):
         ckpt = common.load_checkpoint(report)
         model.load_state_dict(ckpt["model"])
         final_report(model, data[args.eval_split], args, info, lpips_fn, paths, report, t.state["history"],
-                     common.model_status(ckpt))
+                     common.model_status(ckpt), switch_sample(ckpt))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -860,7 +876,7 @@ def evaluate_checkpoint(args, info):
             print0(f"wrote {outputs[0]}")
         else:
             final_report(model, data[args.eval_split], args, info, load_lpips_if_needed(args, info), paths,
-                         ckpt_path, ckpt.get("history", []), common.model_status(ckpt))
+                         ckpt_path, ckpt.get("history", []), common.model_status(ckpt), switch_sample(ckpt))
 
 
 def check_checkpoint_split(ckpt_path, saved, split, split_file):
@@ -890,13 +906,6 @@ def main(args):
 # ------------------------------------------------------------------------------------------------
 # Arguments
 # ------------------------------------------------------------------------------------------------
-
-
-def int_list(text):
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
 def build_parser():

@@ -512,7 +512,8 @@ def test_grid_skips_finished_runs_and_runs_the_rest(tmp_path, monkeypatch):
             every.setdefault(cifar_sweep.run_name(args), set()).add(key)
     assert all(len(v) == 1 for v in every.values())
     # fig5 + table8/9/10/11 + fig8 minus shared runs (fig6, fig7) + cpu-table9 (its 150-epoch row is fig5's)
-    assert len(every) == 26 + 1 + 7 + 4 + 30 + 6 + 5
+    # + cpu-factors (13 cells x 2 arms, none shared)
+    assert len(every) == 26 + 1 + 7 + 4 + 30 + 6 + 5 + 26
     assert "alternated_lr0.001_K1024_ep300_cont0_s0" in every  # a learning rate other than the paper's is named
 
 
@@ -530,11 +531,11 @@ def _sha(t):
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def evaluate(model, loader, args, device):
+def evaluate(model, loader, args, device, *rest):
     _seen["codebook_sha256"].append(_sha(model.quantizer.codebook))
     with open(os.path.join(os.environ["SPY_DIR"], f"rank{_seen['rank']}.json"), "w") as f:
         json.dump(_seen, f)
-    return _evaluate(model, loader, args, device)
+    return _evaluate(model, loader, args, device, *rest)
 
 
 def to_input(batch, device):
