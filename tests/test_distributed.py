@@ -57,3 +57,40 @@ def test_usage_all_reduce_equals_single_process_counts(states):
 def test_ddp_keeps_each_ranks_buffers_in_forward(states):
     rank0, rank1, _ = states
     assert rank0["buffer_after_forward"] == 0.0 and rank1["buffer_after_forward"] == 1.0
+
+
+FROZEN = '''
+import sys, time
+sys.path.insert(0, {root!r})
+import argparse, torch
+import common
+
+def main(args):
+    common.setup_distributed("cpu", timeout_minutes=0.05)  # 3 s
+    if common.torch.distributed.get_rank() == 1:
+        time.sleep(12)  # frozen past rank 0's timeout
+    common.all_reduce_sum(torch.ones(1))
+
+common.run_cli(main, argparse.ArgumentParser())
+'''
+
+
+def test_a_frozen_rank_ends_every_rank_with_one_line(tmp_path):
+    """Rank 1 freezes past --dist-timeout: rank 0 times out and ends with one 'error:' line on its
+    stderr (exit status 2), not a gloo traceback; torchrun then stops rank 1 (if it finds its peer
+    gone first, it says so in one line too)."""
+    script = tmp_path / "frozen.py"
+    script.write_text(FROZEN.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    logs = tmp_path / "logs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "--log-dir", str(logs), "--redirects", "3", str(script)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    stderrs = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
+    assert sorted(stderrs) == ["0", "1"]
+    for rank, text in stderrs.items():
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert len(lines) == (1 if rank == "0" else len(lines[:1])), text[-2000:]
+        assert all(line.startswith(f"error: rank {rank}: a torchrun peer died") for line in lines), text[-2000:]
+    assert "--dist-timeout" in stderrs["0"] and "Timed out" in stderrs["0"]

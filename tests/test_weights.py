@@ -304,3 +304,37 @@ def test_a_bad_fid_cache_or_inception_file_is_refused_at_start(own_torch_home, t
     assert generator_start(tokenizer_runs, tmp_path / "b", "--skip-lpips") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and common.INCEPTION_WEIGHTS in err and not (tmp_path / "b").exists(), err
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("bad", ["empty", "truncated", "code"])
+def test_an_existing_bad_weights_file_is_one_line_and_never_runs(tmp_path, bad):
+    """`evaluate.py weights` verifies a file already in place before keeping it: an empty, a
+    truncated or a code-running file is refused in one line (exit 2), nothing in it runs, and
+    --force replaces it with the verified conversion."""
+    converted_torch_home()
+    out, marker = tmp_path / "ckpt", tmp_path / "ran"
+    out.mkdir()
+    target = out / "alexnet-owt-7be5be79.pth"
+    good = os.path.join(converted_torch_home(), "hub", "checkpoints", target.name)
+    if bad == "empty":
+        target.write_bytes(b"")
+    elif bad == "truncated":
+        target.write_bytes(open(good, "rb").read()[:4096])
+    else:
+        import pickle
+        target.write_bytes(pickle.dumps(_Exploit(marker)))
+    command = [sys.executable, os.path.join(ROOT, "evaluate.py"), "weights", "--only", "alex", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert not marker.exists()
+    proc = subprocess.run(command + ["--force"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and not marker.exists(), proc.stderr
+    assert target.read_bytes() == open(good, "rb").read()
