@@ -830,7 +830,7 @@ def train(args, info, name, paths, data, ckpt):
         if not stats["finite"]:  # Figure 7's failure: record it, keep the last good checkpoint, stop
             history.append({"epoch": epoch, "phase": phase, "train_loss": None, "diverged": True})
             failure = f"loss became {stats['train_loss']} at epoch {epoch}; lower the learning rate or check the data"
-            result({}, failed=failure)
+            result({}, failed=failure, model_finished=False, model_epoch=epoch)
             raise Diverged(f"{name}: {failure} (the history up to it is in {paths['json']})")
         record = {"epoch": epoch, "phase": phase, "lr": optimizer.param_groups[0]["lr"],
                   "train_loss": stats["train_loss"], "train_mse": stats["train_mse"],
@@ -862,7 +862,7 @@ def train(args, info, name, paths, data, ckpt):
     metrics["mse"] = final["mse"]
     metrics["val_loss"] = final["loss"]
     metrics.update(switched)  # the spreads at the switch beside the final ones (issue 15, paper Figure 3)
-    result(metrics)
+    result(metrics, model_finished=True, model_epoch=args.epochs)  # written once training has ended
     print0(f"{name}: test mse {metrics['mse']:.5f}, perplexity {metrics['perplexity']:.1f}, "
            f"vendi {metrics['vendi']:.3f}, euclidean {metrics['euclidean']:.3f}")
     return metrics

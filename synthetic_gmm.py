@@ -293,7 +293,8 @@ def train_arm(args, method, data, device, resume_state=None):
     train_s = extra["train_seconds"]
     write_result(os.path.join(args.out, name + ".json"), EXPERIMENT, method + ("_ema" if args.ema else ""),
                  args, metrics, history, name=name, init_digest=init_digest,
-                 init_codebook=extra["init_codebook"], switch_epoch=switch_epoch, train_seconds=train_s)
+                 init_codebook=extra["init_codebook"], switch_epoch=switch_epoch, train_seconds=train_s,
+                 model_finished=True, model_epoch=args.epochs)  # written once training has ended
     print0(f"{name}: mse {metrics['mse']:.4f}  modes {metrics['modes_covered']}/{args.clusters}  "
            f"own-mode {metrics['own_mode_share']:.3f}  spread {metrics['within_mode_spread']:.2f}  "
            f"used codes {metrics['used_codes']}/{args.codebook_size}  "

@@ -140,6 +140,7 @@ def test_every_method_writes_a_valid_result(data_dir, tmp_path, method):
     assert record["experiment"] == "cifar10" and record["method"] == method
     assert record["args"]["codebook_size"] == 32 and record["run_name"] == name
     assert all(np.isfinite(record["metrics"][k]) for k in REQUIRED)
+    assert record["model_finished"] is True and record["model_epoch"] == record["args"]["epochs"]
     args = record["args"]
     history = record["history"]
     assert [h["epoch"] for h in history] == list(range(args["epochs"]))
@@ -408,6 +409,7 @@ def test_a_diverging_run_records_its_failure_and_a_grid_goes_on(data_dir, tmp_pa
     assert "failed: affine_sync_alr2_nu2_K32_ep3_cont0_s0_smoke: loss became nan at epoch 1" in err
     failed = json.loads((tmp_path / "affine_sync_alr2_nu2_K32_ep3_cont0_s0_smoke.json").read_text())
     assert failed["metrics"] == {} and failed["failed"].startswith("loss became nan at epoch 1")
+    assert failed["model_finished"] is False and failed["model_epoch"] == 1
     assert [(h["epoch"], h.get("diverged", False)) for h in failed["history"]] == [(0, False), (1, True)]
     assert torch.load(tmp_path / "affine_sync_alr2_nu2_K32_ep3_cont0_s0_smoke.pt", weights_only=True)["epoch"] == 1
     assert (tmp_path / "baseline_K32_ep1_cont0_s0_smoke.json").exists()  # the grid went on

@@ -107,6 +107,7 @@ def test_compare_writes_results_checkpoints_and_figures(compare_dir):
         name = f"{method}_d2_t1_s0"
         record = read(compare_dir / f"{name}.json")
         assert record["experiment"] == "synthetic_gmm" and record["method"] == method
+        assert record["model_finished"] is True and record["model_epoch"] == record["args"]["epochs"]
         m = record["metrics"]
         for key in ("mse", "perplexity", "used_codes", "euclidean", "cosine", "vendi",
                     "modes_covered", "own_mode_share", "within_mode_spread"):
