@@ -125,9 +125,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from common import (FASHION_MNIST_SIZE, Decoder, Encoder, UsageCounter, UserError, VectorQuantizer,
-                    add_run_arguments, all_reduce_sum, autocast_for, cleanup_distributed, codebook_metrics,
-                    cosine_lr, deferred_switch, float_list, int_list, load_fashion_mnist, load_lpips, nearest_code,
+from common import (FASHION_MNIST_SIZE, SWEEP_DATASETS, SWEEP_NET_SIZE, SWEEP_TOKEN_GRID, UsageCounter, UserError,
+                    add_run_arguments, all_reduce_sum, autocast_for, build_sweep_model, cleanup_distributed,
+                    codebook_metrics, cosine_lr, deferred_switch, float_list, int_list, load_fashion_mnist, load_lpips,
                     perplexity_from_counts, print0, progress_bar, run_cli, save_checkpoint, seed_everything, set_lr,
                     set_rng_state, setup_distributed, spread_record, start_run, switch_record, switch_spreads,
                     wrap_ddp, write_result)
@@ -156,8 +156,6 @@ METHODS = {
 }
 BETA = 0.25  # commitment weight of every method but alternated (appendix A.1)
 LR = 3e-4    # Adam (amsgrad) learning rate (appendix A.1); runs with another one carry it in their name
-# Alternated optimisation's inner SGD step on the codebook (vqtorch README's in-place optimizer).
-ALTERNATED_LR, ALTERNATED_MOMENTUM = 50.0, 0.9
 
 # Everything not given on the command line: the paper recipe, or a seconds-long CPU rehearsal that
 # runs the identical code path on a few hundred images with a narrower network.
@@ -293,15 +291,12 @@ RANGES = {"codebook_size": ">= 1", "continuous_epochs": ">= 0", "epochs": ">= 1"
           "seed": ">= 0", "dist_timeout": "> 0", "val_every": ">= 1", "ch": ">= 1", "ch_mult": ">= 1",
           "num_res_blocks": ">= 1", "attn_resolutions": ">= 1", "z_channels": ">= 1", "min_lr": ">= 0",
           "lpips_weight": ">= 0", "pixel_range": "> 0", "adam_betas": "[0, 1)"}
-# The network sees 32 x 32 images and makes 8 x 8 tokens of them (two stride-2 convolutions).
-NET_SIZE = 32
-TOKENS_PER_IMAGE = (NET_SIZE // 4) ** 2
-# Datasets: image channels, side in pixels, default --data-dir. A 28 x 28 Fashion-MNIST image is
-# zero-padded by 2 pixels on each side to 32 x 32: exact (its background is 0, so the padding is
-# more background), the network stays the paper's, and every reported MSE is taken over the 28 x 28
-# original pixels only (the padding is not data). One channel: first and last convolutions 1-wide.
-DATASETS = {"cifar10": dict(channels=3, size=32, data_dir="data/cifar10"),
-            "fashion-mnist": dict(channels=1, size=FASHION_MNIST_SIZE, data_dir="data/fashion-mnist")}
+# The network sees 32 x 32 images and makes 8 x 8 tokens of them (two stride-2 convolutions);
+# the datasets' channels, sizes and default folders, and Fashion-MNIST's 28 -> 32 zero padding:
+# common.SWEEP_DATASETS (the generators decode these runs' tokens too).
+NET_SIZE = SWEEP_NET_SIZE
+TOKENS_PER_IMAGE = SWEEP_TOKEN_GRID ** 2
+DATASETS = SWEEP_DATASETS
 
 
 def as_tuple(value):
@@ -499,132 +494,17 @@ def vqgan_tag(args):
 
 
 # ================================================================================================
-# Model: the classic VQ-VAE CIFAR-10 network (van den Oord et al. 2017), appendix A.1
+# Model: the classic VQ-VAE CIFAR-10 network (van den Oord et al. 2017), appendix A.1, or the VQGAN
+# blocks (--network vqgan): common.build_sweep_model, shared with the generators (common.load_tokenizer)
 # ================================================================================================
 
 
-class ResidualStack(nn.Module):
-    """ReLU, 3x3 conv to `hidden`, ReLU, 1x1 conv back, added to the input; a final ReLU."""
-
-    def __init__(self, channels, hidden, num_blocks):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(hidden, channels, 1)) for _ in range(num_blocks))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return F.relu(x)
-
-
-class Autoencoder(nn.Module):
-    """encoder -> quantizer -> decoder on images in [-0.5, 0.5] (`to_input`). The networks see
-    them scaled to [-pixel_range, pixel_range] (--pixel-range: 0.5 the classic VQ-VAE's, 1 VQGAN's
-    [-1, 1]) and their output is scaled back, so the loss is the same MSE on [0, 1] pixels whatever
-    the range (imagenet_tokenizer.py's, whose networks see [-1, 1]); at 0.5 both scalings are by 1.
-    `encode` gives the pre-quantization latents the switch initialises the codebook from."""
-
-    def __init__(self, encoder, quantizer, decoder, pixel_range=0.5):
-        super().__init__()
-        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
-        self.pixel_scale = 2.0 * pixel_range
-
-    def encode(self, x):
-        return self.encoder(x * self.pixel_scale)
-
-    def forward(self, x):
-        z_q, indices, vq_loss = self.quantizer(self.encode(x))
-        return self.decoder(z_q) / self.pixel_scale, indices, vq_loss
-
-
-class VQVAE(Autoencoder):
-    """32x32 image -> two stride-2 4x4 convs -> 8x8 x `channels` -> 3x3 conv -> residual stack ->
-    1x1 conv to the token dim -> quantizer -> mirrored decoder. 64 tokens per image."""
-
-    def __init__(self, quantizer, channels=128, res_channels=64, res_blocks=2, token_dim=32, image_channels=3,
-                 pixel_range=0.5):
-        encoder = nn.Sequential(
-            nn.Conv2d(image_channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(channels // 2, channels, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            ResidualStack(channels, res_channels, res_blocks),
-            nn.Conv2d(channels, token_dim, 1))
-        decoder = nn.Sequential(
-            nn.Conv2d(token_dim, channels, 3, padding=1),
-            ResidualStack(channels, res_channels, res_blocks),
-            nn.ConvTranspose2d(channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(channels // 2, image_channels, 4, stride=2, padding=1))
-        super().__init__(encoder, quantizer, decoder, pixel_range)
-
-
-def vqgan_network(quantizer, args, image_channels):
-    """--network vqgan: imagenet_tokenizer.py's encoder / decoder (common.Encoder / Decoder:
-    GroupNorm, swish, ResnetBlocks, mid-block attention, --ch --ch-mult --num-res-blocks
-    --attn-resolutions --z-channels) and its 1x1 convs between z-channels and the token dim
-    (common.VQAutoencoder's quant_conv / post_quant_conv), on the 32 x 32 images: 8 x 8 tokens."""
-    arch = dict(ch=args.ch, ch_mult=tuple(args.ch_mult), num_res_blocks=args.num_res_blocks,
-                attn_resolutions=tuple(args.attn_resolutions), resolution=NET_SIZE, z_channels=args.z_channels)
-    encoder = nn.Sequential(Encoder(in_channels=image_channels, **arch), nn.Conv2d(args.z_channels, args.token_dim, 1))
-    decoder = nn.Sequential(nn.Conv2d(args.token_dim, args.z_channels, 1), Decoder(out_channels=image_channels, **arch))
-    return Autoencoder(encoder, quantizer, decoder, args.pixel_range)
-
-
-class AlternatedQuantizer(VectorQuantizer):
-    """Alternated optimisation of Huh et al. (2023) as vqtorch implements it (see the docstring of
-    this script): in a training forward, after the nearest-code search, one SGD step with momentum
-    on L = mean ||c_k(i) - sg(z_i)||^2 moves the assigned codes towards the encoder outputs; the
-    forward then looks the same indices up in the moved codebook. The gradient is closed-form,
-    dL/dc_k = 2 (n_k c_k - s_k) / (N dim) with n_k, s_k the count and sum of the vectors assigned to
-    code k; n_k, s_k and N are summed over ranks, so every rank takes the same step. The momentum
-    buffer is part of the state dict (checkpoints resume exactly)."""
-
-    def __init__(self, *args, inner_lr=ALTERNATED_LR, inner_momentum=ALTERNATED_MOMENTUM, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.inner_lr, self.inner_momentum = inner_lr, inner_momentum
-        self.register_buffer("inner_velocity", torch.zeros_like(self.embed))
-        self.register_buffer("inner_steps", torch.zeros((), dtype=torch.long))
-
-    def quantize_flat(self, z):
-        if not self.training:
-            return super().quantize_flat(z)
-        with torch.autocast(z.device.type, enabled=False):
-            z = z.float()
-            indices = nearest_code(z, self.codebook)
-            self.inner_step(z.detach(), indices)
-            q = F.embedding(indices, self.codebook.float())  # the moved codes, the same assignments
-            loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())  # eq. 2
-            self.update_after_assignment(z.detach(), indices)
-            return self.straight_through(z, q), indices, loss
-
-    @torch.no_grad()
-    def inner_step(self, z, indices):
-        rows = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-        stats = all_reduce_sum(rows.new_zeros(self.num_codes, self.dim + 1).index_add_(0, indices, rows))
-        sums, counts = stats[:, :-1], stats[:, -1:]
-        total = counts.sum()
-        grad = 2.0 * (counts * self.embed - sums) / (total * self.dim)
-        # torch.optim.SGD's momentum: the first step takes the gradient itself as the velocity
-        if int(self.inner_steps) == 0:
-            self.inner_velocity.copy_(grad)
-        else:
-            self.inner_velocity.mul_(self.inner_momentum).add_(grad)
-        self.embed.sub_(self.inner_lr * self.inner_velocity)
-        self.inner_steps.add_(1)
-
-
 def build_model(args):
+    """The run's autoencoder (common.build_sweep_model) with what its method decides: the codebook
+    update, alternated optimisation, and quantization on from step 0 for a method without a switch."""
     m = METHODS[args.method]
-    quantizer = (AlternatedQuantizer if m.get("alternated") else VectorQuantizer)(
-        args.codebook_size, args.token_dim, beta=args.beta, ema_decay=args.ema_decay if m["ema"] else None,
-        init="gaussian" if args.method == "gaussian" else "uniform", init_std=args.init_std,
-        enabled=m["switch"] is None, dead_code_steps=args.dead_code_steps,
-        affine_lr=args.affine_lr, sync_nu=args.sync_nu)
-    image_channels = DATASETS[args.dataset]["channels"]
-    if args.network == "vqgan":
-        return vqgan_network(quantizer, args, image_channels)
-    return VQVAE(quantizer, args.channels, args.res_channels, args.res_blocks, args.token_dim, image_channels,
-                 args.pixel_range)
+    return build_sweep_model(vars(args), ema=m["ema"], alternated=bool(m.get("alternated")),
+                             enabled=m["switch"] is None)
 
 
 # ================================================================================================

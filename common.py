@@ -2324,6 +2324,158 @@ def build_tokenizer(cfg):
         raise UserError(f"the last --scales entry must equal the latent grid {grid}, got {cfg['scales'][-1]}")
     return model
 
+
+# ---- cifar_sweep.py's networks (paper Figure 5, Tables 8-11), also a tokenizer of the generators ----
+# The classic VQ-VAE CIFAR-10 network (van den Oord et al. 2017; appendix A.1) and, for the factor
+# study (issue 15, --network vqgan), the VQGAN blocks above on the same 32 x 32 images. Shared here
+# because cifar_sweep.py trains them and the generators decode with them (`load_tokenizer`).
+
+SWEEP_NET_SIZE = 32                     # the networks see 32 x 32 images (Fashion-MNIST zero-padded)
+SWEEP_TOKEN_GRID = SWEEP_NET_SIZE // 4  # two stride-2 stages: 8 x 8 tokens
+# Datasets: image channels, side in pixels, default --data-dir. A 28 x 28 Fashion-MNIST image is
+# zero-padded by 2 pixels on each side to 32 x 32: exact (its background is 0, so the padding is
+# more background), the network stays the paper's, and every reported MSE is taken over the 28 x 28
+# original pixels only (the padding is not data). One channel: first and last convolutions 1-wide.
+SWEEP_DATASETS = {"cifar10": dict(channels=3, size=32, data_dir="data/cifar10"),
+                  "fashion-mnist": dict(channels=1, size=28, data_dir="data/fashion-mnist")}
+# Alternated optimisation's inner SGD step on the codebook (vqtorch README's in-place optimizer).
+ALTERNATED_LR, ALTERNATED_MOMENTUM = 50.0, 0.9
+
+
+class ResidualStack(nn.Module):
+    """ReLU, 3x3 conv to `hidden`, ReLU, 1x1 conv back, added to the input; a final ReLU."""
+
+    def __init__(self, channels, hidden, num_blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(hidden, channels, 1)) for _ in range(num_blocks))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return F.relu(x)
+
+
+class Autoencoder(nn.Module):
+    """encoder -> quantizer -> decoder on images in [-0.5, 0.5] (cifar_sweep.to_input). The networks
+    see them scaled to [-pixel_range, pixel_range] (--pixel-range: 0.5 the classic VQ-VAE's, 1 VQGAN's
+    [-1, 1]) and their output is scaled back, so the loss is the same MSE on [0, 1] pixels whatever
+    the range (imagenet_tokenizer.py's, whose networks see [-1, 1]); at 0.5 both scalings are by 1.
+    `encode` gives the pre-quantization latents the switch initialises the codebook from."""
+
+    def __init__(self, encoder, quantizer, decoder, pixel_range=0.5):
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+        self.pixel_scale = 2.0 * pixel_range
+
+    def encode(self, x):
+        return self.encoder(x * self.pixel_scale)
+
+    def forward(self, x):
+        z_q, indices, vq_loss = self.quantizer(self.encode(x))
+        return self.decoder(z_q) / self.pixel_scale, indices, vq_loss
+
+    def decode_indices(self, indices):
+        """(B, h, w) token ids (dumps store int16) -> images in [0, 1], 3 channels as the generators'
+        reference images (tokenizer_datasets: a grey image repeated), at the network's 32 x 32: the
+        decoder's output + 0.5, i.e. what `forward` reconstructs, shifted back from [-0.5, 0.5]."""
+        images = self.decoder(self.quantizer.decode_indices(indices.long())) / self.pixel_scale + 0.5
+        return as_rgb(images)
+
+
+class VQVAE(Autoencoder):
+    """32x32 image -> two stride-2 4x4 convs -> 8x8 x `channels` -> 3x3 conv -> residual stack ->
+    1x1 conv to the token dim -> quantizer -> mirrored decoder. 64 tokens per image."""
+
+    def __init__(self, quantizer, channels=128, res_channels=64, res_blocks=2, token_dim=32, image_channels=3,
+                 pixel_range=0.5):
+        encoder = nn.Sequential(
+            nn.Conv2d(image_channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(channels // 2, channels, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            ResidualStack(channels, res_channels, res_blocks),
+            nn.Conv2d(channels, token_dim, 1))
+        decoder = nn.Sequential(
+            nn.Conv2d(token_dim, channels, 3, padding=1),
+            ResidualStack(channels, res_channels, res_blocks),
+            nn.ConvTranspose2d(channels, channels // 2, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(channels // 2, image_channels, 4, stride=2, padding=1))
+        super().__init__(encoder, quantizer, decoder, pixel_range)
+
+
+def vqgan_network(quantizer, cfg, image_channels):
+    """--network vqgan: imagenet_tokenizer.py's encoder / decoder (Encoder / Decoder: GroupNorm,
+    swish, ResnetBlocks, mid-block attention, --ch --ch-mult --num-res-blocks --attn-resolutions
+    --z-channels of the args dict `cfg`) and its 1x1 convs between z-channels and the token dim
+    (VQAutoencoder's quant_conv / post_quant_conv), on the 32 x 32 images: 8 x 8 tokens."""
+    arch = dict(ch=cfg["ch"], ch_mult=tuple(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
+                attn_resolutions=tuple(cfg["attn_resolutions"]), resolution=SWEEP_NET_SIZE,
+                z_channels=cfg["z_channels"])
+    encoder = nn.Sequential(Encoder(in_channels=image_channels, **arch), nn.Conv2d(cfg["z_channels"], cfg["token_dim"], 1))
+    decoder = nn.Sequential(nn.Conv2d(cfg["token_dim"], cfg["z_channels"], 1), Decoder(out_channels=image_channels, **arch))
+    return Autoencoder(encoder, quantizer, decoder, cfg["pixel_range"])
+
+
+class AlternatedQuantizer(VectorQuantizer):
+    """Alternated optimisation of Huh et al. (2023) as vqtorch implements it (cifar_sweep.py's
+    docstring): in a training forward, after the nearest-code search, one SGD step with momentum
+    on L = mean ||c_k(i) - sg(z_i)||^2 moves the assigned codes towards the encoder outputs; the
+    forward then looks the same indices up in the moved codebook. The gradient is closed-form,
+    dL/dc_k = 2 (n_k c_k - s_k) / (N dim) with n_k, s_k the count and sum of the vectors assigned to
+    code k; n_k, s_k and N are summed over ranks, so every rank takes the same step. The momentum
+    buffer is part of the state dict (checkpoints resume exactly)."""
+
+    def __init__(self, *args, inner_lr=ALTERNATED_LR, inner_momentum=ALTERNATED_MOMENTUM, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inner_lr, self.inner_momentum = inner_lr, inner_momentum
+        self.register_buffer("inner_velocity", torch.zeros_like(self.embed))
+        self.register_buffer("inner_steps", torch.zeros((), dtype=torch.long))
+
+    def quantize_flat(self, z):
+        if not self.training:
+            return super().quantize_flat(z)
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            indices = nearest_code(z, self.codebook)
+            self.inner_step(z.detach(), indices)
+            q = F.embedding(indices, self.codebook.float())  # the moved codes, the same assignments
+            loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())  # eq. 2
+            self.update_after_assignment(z.detach(), indices)
+            return self.straight_through(z, q), indices, loss
+
+    @torch.no_grad()
+    def inner_step(self, z, indices):
+        rows = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        stats = all_reduce_sum(rows.new_zeros(self.num_codes, self.dim + 1).index_add_(0, indices, rows))
+        sums, counts = stats[:, :-1], stats[:, -1:]
+        total = counts.sum()
+        grad = 2.0 * (counts * self.embed - sums) / (total * self.dim)
+        # torch.optim.SGD's momentum: the first step takes the gradient itself as the velocity
+        if int(self.inner_steps) == 0:
+            self.inner_velocity.copy_(grad)
+        else:
+            self.inner_velocity.mul_(self.inner_momentum).add_(grad)
+        self.embed.sub_(self.inner_lr * self.inner_velocity)
+        self.inner_steps.add_(1)
+
+
+def build_sweep_model(cfg, *, ema, alternated=False, enabled=False):
+    """cifar_sweep.py's autoencoder from its args dict `cfg` (a run's resolved args, or the "args"
+    of its checkpoint) and what the method decides (cifar_sweep.METHODS): an EMA or a gradient
+    codebook, alternated optimisation, quantization on from the start (`enabled`) or after a switch."""
+    quantizer = (AlternatedQuantizer if alternated else VectorQuantizer)(
+        cfg["codebook_size"], cfg["token_dim"], beta=cfg["beta"], ema_decay=cfg["ema_decay"] if ema else None,
+        init="gaussian" if cfg["method"] == "gaussian" else "uniform", init_std=cfg["init_std"], enabled=enabled,
+        dead_code_steps=cfg["dead_code_steps"], affine_lr=cfg["affine_lr"], sync_nu=cfg["sync_nu"])
+    image_channels = SWEEP_DATASETS[cfg.get("dataset", "cifar10")]["channels"]
+    pixel_range = cfg.get("pixel_range", 0.5)  # runs before the factor study: the VQ-VAE's 0.5
+    if cfg.get("network", "vqvae") == "vqgan":
+        return vqgan_network(quantizer, dict(cfg, pixel_range=pixel_range), image_channels)
+    return VQVAE(quantizer, cfg["channels"], cfg["res_channels"], cfg["res_blocks"], cfg["token_dim"], image_channels,
+                 pixel_range)
+
+
 # ================================================================================================
 # 6. Data: image folders, reproducible split files
 # ================================================================================================
@@ -2652,25 +2804,43 @@ def load_fashion_mnist(data_dir, train=True, download=False):
 FASHION_MNIST_SCHEME = "fashion-mnist"
 
 
-def make_fashion_mnist_split(data_dir, seed, val_size=5000, out_path=None, download=False):
+def make_fashion_mnist_split(data_dir, seed, val_size=5000, out_path=None, download=False, train_subset=None,
+                             test_subset=None):
     """The Fashion-MNIST split of a tokenizer run: the official 60,000 training images minus a
     seeded, class-balanced validation set of `val_size` (drawn like the imagenet100 scheme's), and
     the official 10,000 test images. Items name an image as '<file>/<index>' ('train/123' is image
     123 of the training file), with its label. Written to `out_path` unless None; returns the
-    split dict (scheme 'fashion-mnist', classes FASHION_MNIST_CLASSES, sizes)."""
+    split dict (scheme 'fashion-mnist', classes FASHION_MNIST_CLASSES, sizes).
+
+    A cifar_sweep.py run (--train-subset N, --test-subset M) trained on the first N training images
+    and was evaluated on the first M test images: its split (`train_subset`, `test_subset`) is train =
+    those N images, exactly the tokenizer's training set; val = `val_size` drawn as above from the
+    OTHER 60,000 - N training images, so that neither a validation image nor a g-FID reference image
+    was seen by the tokenizer (a generator's validation loss then measures generalisation over
+    images new to both); test = those M test images. The split records both numbers."""
     _, train_labels = load_fashion_mnist(data_dir, train=True, download=download)
     _, test_labels = load_fashion_mnist(data_dir, train=False, download=download)
-    if not 0 < val_size < len(train_labels):
-        raise UserError(f"--val-size {val_size} must leave training images among the {len(train_labels)}")
+    n = len(train_labels)
+    first = 0 if train_subset is None else min(train_subset, n)  # images before `first` stay in train
+    if train_subset is not None and not 0 < val_size <= n - first:
+        raise UserError(f"--val-size {val_size}: the tokenizer trained on the first {first} of the {n} training "
+                        f"images, which leaves {n - first} unseen images for validation")
+    if not 0 < val_size < n:
+        raise UserError(f"--val-size {val_size} must leave training images among the {n}")
     by_class = [[] for _ in FASHION_MNIST_CLASSES]
-    for i, label in enumerate(train_labels.tolist()):
+    for i, label in enumerate(train_labels.tolist()[first:], start=first):
         by_class[label].append((i, label))
     val = _class_uniform_sample(by_class, val_size, random.Random(seed))
-    parts = {"train": [("train", it) for it in sorted(it for rest in by_class for it in rest)],
-             "val": [("train", it) for it in val], "test": [("test", it) for it in enumerate(test_labels.tolist())]}
+    train = (sorted(it for rest in by_class for it in rest) if train_subset is None
+             else list(enumerate(train_labels.tolist()[:first])))
+    test = list(enumerate(test_labels.tolist()))[:test_subset]
+    parts = {"train": [("train", it) for it in train], "val": [("train", it) for it in val],
+             "test": [("test", it) for it in test]}
     split = {"scheme": FASHION_MNIST_SCHEME, "seed": seed, "root": os.path.abspath(data_dir),
              "classes": list(FASHION_MNIST_CLASSES), "sizes": {k: len(v) for k, v in parts.items()},
              **{k: [[f"{name}/{i}", label] for name, (i, label) in v] for k, v in parts.items()}}
+    if train_subset is not None or test_subset is not None:
+        split["subsets"] = {"train": train_subset, "test": test_subset}
     if out_path is not None:
         write_json(out_path, split)
     return split
@@ -2793,22 +2963,67 @@ def tokenizer_datasets(cfg, data_dir=None, parts=SPLIT_PARTS, train_augment=Fals
 
 
 def load_tokenizer(path, device="cpu"):
-    """(model, args dict) of a trained tokenizer checkpoint (imagenet_tokenizer.py best.pt /
-    last.pt), frozen: eval mode, no gradients. One-line UserErrors for a missing or unreadable
-    file, a file that is not a tokenizer checkpoint, and a Continuous-Phase checkpoint (its
-    quantizer is off, so it has no tokens to decode)."""
+    """(model, args dict) of a trained tokenizer checkpoint, frozen: eval mode, no gradients. Two
+    kinds: imagenet_tokenizer.py's best.pt / last.pt, and a finished cifar_sweep.py run's <name>.pt
+    (`sweep_tokenizer`: the VQ-VAE of paper Figure 5 on Fashion-MNIST, its args dict completed with
+    what the generators read). One-line UserErrors for a missing or unreadable file, a file that is
+    neither, and a Continuous-Phase checkpoint (its quantizer is off, so it has no tokens to decode)."""
     ckpt = load_checkpoint(path)
     cfg = ckpt.get("args") if isinstance(ckpt, dict) else None
     needed = TOKENIZER_ARCH_KEYS + ("quantizer", "codebook_size", "token_dim")
-    if not isinstance(cfg, dict) or "model" not in ckpt or any(k not in cfg for k in needed):
-        raise UserError(f"{path} is not a tokenizer checkpoint of imagenet_tokenizer.py (no 'model' and 'args')")
-    model = build_tokenizer(cfg)
-    load_weights(model, ckpt["model"], path, "the architecture in its args")
+    if isinstance(cfg, dict) and "model" in ckpt and all(k in cfg for k in SWEEP_KEYS):
+        model, cfg = sweep_tokenizer(ckpt, path)
+    elif not isinstance(cfg, dict) or "model" not in ckpt or any(k not in cfg for k in needed):
+        raise UserError(f"{path} is not a tokenizer checkpoint of imagenet_tokenizer.py or cifar_sweep.py "
+                        "(no 'model' and 'args')")
+    else:
+        model = build_tokenizer(cfg)
+        load_weights(model, ckpt["model"], path, "the architecture in its args")
     if not model.quantizer.is_enabled:
         raise UserError(f"{path} is from the Continuous Phase (quantization off): it has no tokens; "
                         "use the run's best.pt or a last.pt written after the switch")
     model.eval().requires_grad_(False)
     return model.to(device), cfg
+
+
+# What marks a cifar_sweep.py checkpoint's args (imagenet_tokenizer.py's have no method / res_channels).
+SWEEP_KEYS = ("method", "codebook_size", "token_dim", "channels", "res_channels", "res_blocks", "epochs",
+              "continuous_epochs")
+
+
+def sweep_split_file(path):
+    """The split file of a cifar_sweep.py checkpoint <out>/<name>.pt: <out>/<name>/split.json,
+    written by its first --dump-tokens beside the dumps (make_fashion_mnist_split)."""
+    return os.path.join(os.path.splitext(os.path.abspath(path))[0], "split.json")
+
+
+def sweep_tokenizer(ckpt, path):
+    """(model, args dict) of a cifar_sweep.py checkpoint as a tokenizer (`load_tokenizer`): the run
+    must be on Fashion-MNIST (the generators read its images through a split file,
+    tokenizer_datasets) and finished (its checkpoint at the run's last epoch: earlier ones are
+    overwritten while it trains, so dumps and samples would come from different weights). The
+    codebook update (EMA statistics) and alternated optimisation's buffers are read from the
+    weights. The args gain what the generators read: quantizer 'vq', resolution 32 and the 8 x 8
+    token grid (Fashion-MNIST zero-padded 28 -> 32, as it trained: decoded samples stay 32 x 32,
+    LPIPS needs >= 31 pixels, and the g-FID reference is the same padded test images, as for
+    imagenet_tokenizer.py's Fashion-MNIST tokenizer), its split file (`sweep_split_file`), the run
+    name (the file's stem) and `deferred` (a Continuous Phase before the switch)."""
+    saved, state = ckpt["args"], ckpt["model"]
+    dataset = saved.get("dataset", "cifar10")
+    if dataset != FASHION_MNIST_SCHEME:
+        raise UserError(f"{path} is a cifar_sweep.py run on {dataset}: only its Fashion-MNIST runs are tokenizers "
+                        "of the generators (their images come from a Fashion-MNIST split)")
+    if ckpt.get("epoch") != saved["epochs"]:
+        raise UserError(f"{path} is a cifar_sweep.py run whose training has not finished (epoch {ckpt.get('epoch')} "
+                        f"of {saved['epochs']}): finish it first (its result JSON is written at the end)")
+    model = build_sweep_model(saved, ema="quantizer.cluster_size" in state,
+                              alternated="quantizer.inner_velocity" in state)
+    load_weights(model, state, path, "the cifar_sweep.py network in its args")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    cfg = dict(saved, quantizer="vq", resolution=SWEEP_NET_SIZE, token_grid=SWEEP_TOKEN_GRID,
+               scheme=FASHION_MNIST_SCHEME, name=stem, deferred=saved["continuous_epochs"] > 0,
+               split_file=sweep_split_file(path), tokenizer_script="cifar_sweep.py")
+    return model, cfg
 
 
 def tokenizer_identity(cfg, path):
@@ -2844,12 +3059,18 @@ def tokenizer_fingerprint(model, cfg):
     size K, the token maps it writes (latent grid; the scales of msvq), a digest of its effective
     codebook (what token ids index) and one of all its weights (usage counters left out: they
     change nothing a token decodes to)."""
-    grid = cfg["resolution"] // 2 ** (len(cfg["ch_mult"]) - 1)
+    grid = tokenizer_grid(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("steps_unused")}
     return {"quantizer": cfg["quantizer"], "codebook_size": int(cfg["codebook_size"]), "grid": grid,
             "scales": [int(s) for s in cfg["scales"]] if cfg["quantizer"] == "msvq" else [grid],
             "codebook_sha256": tensor_digest({"codebook": model.quantizer.codebook}),
             "weights_sha256": tensor_digest(state)}
+
+
+def tokenizer_grid(cfg):
+    """Side of a tokenizer's token grid: recorded (cifar_sweep.py's, `sweep_tokenizer`), else one
+    halving per ch_mult level after the first (imagenet_tokenizer.py's VQGAN encoder)."""
+    return cfg.get("token_grid") or cfg["resolution"] // 2 ** (len(cfg["ch_mult"]) - 1)
 
 
 _FINGERPRINTS = {}
@@ -2887,6 +3108,27 @@ def split_fingerprint(split):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def token_dump_record(maps, labels, *, quantizer, codebook_size, part, split_file, ckpt_path, fingerprint, views=1):
+    """What a token dump file holds (imagenet_tokenizer.py and cifar_sweep.py --dump-tokens; read by
+    `load_token_dump`): the token maps of every image of split part `part`, in split order (vq: one
+    (N, h, w) tensor; msvq: a list of (N, s, s); with `views` > 1, (N, views, s, s) and the view
+    names, common.VIEW_NAMES), int16 when the codebook fits, else int32; labels; the class count of
+    the split (a split may miss a class) and the provenance the generators check: the part, the
+    split's file and digest, and the tokenizer's fingerprint (compared instead of the checkpoint's
+    path, which changes when files move)."""
+    split = load_split(split_file)
+    dtype = torch.int16 if codebook_size <= 2**15 else torch.int32
+    maps = [m.to(dtype) for m in maps]
+    record = {"tokens": maps if quantizer == "msvq" else maps[0], "labels": labels,
+              "checkpoint": os.path.abspath(ckpt_path), "quantizer": quantizer,
+              "scales": [int(m.shape[-1]) for m in maps], "codebook_size": codebook_size, "split": part,
+              "split_file": split_file, "split_sha256": split_fingerprint(split), "num_classes": len(split["classes"]),
+              "tokenizer": fingerprint}
+    if views > 1:
+        record.update(views=views, view_names=list(VIEW_NAMES))
+    return record
+
+
 def check_dump_provenance(dumps):
     """The training and validation dumps (in that order) must hold the train and val parts of ONE
     split: a dump of the test split used for training or validation would leak the g-FID reference
@@ -2895,7 +3137,7 @@ def check_dump_provenance(dumps):
         recorded = d.record.get("split")
         if recorded is not None and recorded != part:
             raise UserError(f"{d.path} holds the tokens of the '{recorded}' split, not '{part}': dump the {part} "
-                            f"split (imagenet_tokenizer.py --dump-tokens {part})")
+                            f"split (imagenet_tokenizer.py or cifar_sweep.py --dump-tokens {part})")
     for key in ("split_sha256", "split_file"):  # the digest where recorded, else the file
         values = [d.record.get(key) for d in dumps]
         if all(v is not None for v in values):
@@ -3019,7 +3261,7 @@ def check_fid_cache(name):
 
 @dataclass
 class TokenDump:
-    """A token dump (imagenet_tokenizer.py --dump-tokens) checked and converted for training.
+    """A token dump (imagenet_tokenizer.py or cifar_sweep.py --dump-tokens) checked and converted for training.
 
     tokens_NL   (N, L) int64: the image's tokens in raster order; for msvq the scales one after
                 another, coarsest first (VAR's idx_BL layout), L = sum of s^2; of view 0, the
@@ -3087,7 +3329,7 @@ def load_token_dump(path):
     that do not match the recorded quantizer / scales, ids outside [0, codebook_size), labels
     outside [0, num_classes). int16 tokens become int64 (embedding layers need long ids)."""
     if not os.path.exists(path):
-        raise UserError(f"token dump not found: {path} (write it with imagenet_tokenizer.py --dump-tokens)")
+        raise UserError(f"token dump not found: {path} (write it with imagenet_tokenizer.py or cifar_sweep.py --dump-tokens)")
     record = load_checkpoint(path)
     keys = ("tokens", "labels", "quantizer", "codebook_size")
     if not isinstance(record, dict) or any(k not in record for k in keys):
@@ -3464,10 +3706,19 @@ def add_generator_arguments(parser, quantizer, out_default):
     return g
 
 
+def tokenizer_run_folder(path):
+    """The run folder of a tokenizer checkpoint, where --dump-tokens writes its dumps: the folder
+    <out>/<name>/ of a checkpoint <out>/<name>.pt where that folder exists (a cifar_sweep.py run;
+    imagenet_tokenizer.py's evaluated copy of best.pt), else the checkpoint's own folder
+    (imagenet_tokenizer.py's <out>/<name>/best.pt)."""
+    path = os.path.abspath(path)
+    stem = os.path.splitext(path)[0]
+    return stem if os.path.isdir(stem) else os.path.dirname(path)
+
+
 def generator_tokens_dir(args):
-    """Where the token dumps are: --tokens-dir, else the tokenizer's run folder, where
-    imagenet_tokenizer.py --dump-tokens writes them."""
-    return args.tokens_dir or os.path.dirname(os.path.abspath(args.tokenizer))
+    """Where the token dumps are: --tokens-dir, else the tokenizer's run folder (tokenizer_run_folder)."""
+    return args.tokens_dir or tokenizer_run_folder(args.tokenizer)
 
 
 def load_generator_inputs(args, quantizer):
@@ -3704,7 +3955,7 @@ def generator_run_name(args, quantizer):
     """--name, else <generator>_<tokenizer run folder>, e.g. maskgit_vq_deferred_imagenet100."""
     if args.name:
         return args.name
-    return f"{GENERATORS[quantizer]}_" + os.path.basename(os.path.dirname(os.path.abspath(args.tokenizer)))
+    return f"{GENERATORS[quantizer]}_" + os.path.basename(tokenizer_run_folder(args.tokenizer))
 
 
 def resume_generator_training(run, model, optimizer, args, last_path):

@@ -479,12 +479,11 @@ def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     record; the generators draw one view per image per epoch (common.epoch_views)."""
     net = model.module if hasattr(model, "module") else model
     fingerprint = common.tokenizer_fingerprint(net, vars(args))
-    split = common.load_split(args.split_file)
     net.eval()
     views = len(common.VIEW_NAMES) if args.dump_tokens == "train" and not args.dump_plain else 1
     if views > 1:
         dataset = common.AugmentedViews(dataset)
-    rows, dtype = [], torch.int16 if net.quantizer.num_codes <= 2**15 else torch.int32
+    rows = []
     subset = shard(dataset, info)
     for b, (x, y) in enumerate(common.progress_bar(loader(subset, args, info), desc="tokens", leave=False)):
         n = x.shape[0]
@@ -498,16 +497,11 @@ def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
     sizes = [m.shape[-1] for m in maps]
     flat, col = [], 2
     for s in sizes:
-        flat.append(table[:, col:col + views * s * s].reshape((-1, s, s) if views == 1 else (-1, views, s, s)).to(dtype))
+        flat.append(table[:, col:col + views * s * s].reshape((-1, s, s) if views == 1 else (-1, views, s, s)))
         col += views * s * s
-    record = {"tokens": flat if args.quantizer == "msvq" else flat[0], "labels": table[:, 1],
-              "checkpoint": os.path.abspath(ckpt_path), "quantizer": args.quantizer,
-              "scales": sizes, "codebook_size": net.quantizer.num_codes, "split": args.dump_tokens,
-              "split_file": args.split_file, "split_sha256": common.split_fingerprint(split),
-              "num_classes": len(split["classes"]),  # a split may miss a class
-              "tokenizer": fingerprint}  # compared by the generators instead of the checkpoint's path
-    if views > 1:
-        record.update(views=views, view_names=list(common.VIEW_NAMES))
+    record = common.token_dump_record(flat, table[:, 1], quantizer=args.quantizer, codebook_size=net.quantizer.num_codes,
+                                      part=args.dump_tokens, split_file=args.split_file, ckpt_path=ckpt_path,
+                                      fingerprint=fingerprint, views=views)
     if info.is_main:
         common.atomic_write(out_path, lambda f: torch.save(record, f))
     return record

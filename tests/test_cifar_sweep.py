@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cifar_sweep
+import common
 import evaluate
 from cifar_fixture import allow_fixture_checksums, write_cifar_fixture, write_fashion_fixture
 from common import perplexity_from_counts, run_cli
@@ -366,7 +367,7 @@ def test_alternated_step_equals_sgd_with_momentum_on_the_codebook_loss():
     with the assignments of the nearest-code search, over three training forwards; the forward
     output is the moved codes (straight-through), and evaluation does not move anything."""
     torch.manual_seed(0)
-    q = cifar_sweep.AlternatedQuantizer(8, 4, beta=0.0)
+    q = common.AlternatedQuantizer(8, 4, beta=0.0)
     q.embed.data.copy_(torch.randn(8, 4))
     ref = q.embed.detach().clone().requires_grad_(True)
     sgd = torch.optim.SGD([ref], lr=50.0, momentum=0.9)
