@@ -121,16 +121,17 @@ import os
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from common import (FASHION_MNIST_SIZE, SWEEP_DATASETS, SWEEP_NET_SIZE, SWEEP_TOKEN_GRID, UsageCounter, UserError,
-                    add_run_arguments, all_reduce_sum, autocast_for, build_sweep_model, cleanup_distributed,
-                    codebook_metrics, cosine_lr, deferred_switch, float_list, int_list, load_fashion_mnist, load_lpips,
+from common import (FASHION_MNIST_SIZE, SWEEP_DATASETS, SWEEP_NET_SIZE, SWEEP_TOKEN_GRID, VIEW_NAMES, AugmentedViews,
+                    UsageCounter, UserError, add_run_arguments, all_reduce_sum, atomic_write, autocast_for,
+                    build_sweep_model, cleanup_distributed, codebook_metrics, cosine_lr, deferred_switch, float_list,
+                    int_list, load_fashion_mnist, load_lpips, load_split, load_tokenizer, make_fashion_mnist_split,
                     perplexity_from_counts, print0, progress_bar, run_cli, save_checkpoint, seed_everything, set_lr,
-                    set_rng_state, setup_distributed, spread_record, start_run, switch_record, switch_spreads,
-                    wrap_ddp, write_result)
+                    set_rng_state, setup_distributed, split_fingerprint, spread_record, start_run, sweep_split_file,
+                    switch_record, switch_spreads, token_dump_record, tokenizer_datasets, tokenizer_fingerprint,
+                    wrap_ddp, write_json, write_result)
 
 # ================================================================================================
 # Methods, presets and the grids of every CIFAR-10 table
@@ -290,7 +291,7 @@ RANGES = {"codebook_size": ">= 1", "continuous_epochs": ">= 0", "epochs": ">= 1"
           "lr": "> 0", "batch_size": ">= 1", "train_subset": ">= 1", "test_subset": ">= 1", "num_workers": ">= 0",
           "seed": ">= 0", "dist_timeout": "> 0", "val_every": ">= 1", "ch": ">= 1", "ch_mult": ">= 1",
           "num_res_blocks": ">= 1", "attn_resolutions": ">= 1", "z_channels": ">= 1", "min_lr": ">= 0",
-          "lpips_weight": ">= 0", "pixel_range": "> 0", "adam_betas": "[0, 1)"}
+          "lpips_weight": ">= 0", "pixel_range": "> 0", "adam_betas": "[0, 1)", "val_size": ">= 1"}
 # The network sees 32 x 32 images and makes 8 x 8 tokens of them (two stride-2 convolutions);
 # the datasets' channels, sizes and default folders, and Fashion-MNIST's 28 -> 32 zero padding:
 # common.SWEEP_DATASETS (the generators decode these runs' tokens too).
@@ -790,6 +791,99 @@ def train_epoch(ddp, optimizer, loader, args, info, lpips_fn, desc):
             "train_perplexity": perplexity_from_counts(usage.counts.cpu()) if usage.counts.sum() > 0 else None}
 
 
+# ================================================================================================
+# Token dumps: a finished Fashion-MNIST run as the generators' tokenizer (issue 15 item 3)
+# ================================================================================================
+
+
+def validate_dump(args, world_size):
+    """--dump-tokens: one finished run named by the flags, in one process, never resumed."""
+    if args.grid is not None:
+        raise UserError("--dump-tokens dumps one run: name it with its flags, not --grid")
+    if args.resume:
+        raise UserError("--resume continues training; --dump-tokens does not train")
+    if world_size > 1:
+        raise UserError("--dump-tokens runs in one process (not under torchrun)")
+    if args.dataset != "fashion-mnist":
+        raise UserError(f"--dump-tokens: only Fashion-MNIST runs are tokenizers of the generators, not {args.dataset}")
+
+
+def dump_split(args, saved):
+    """The generators' split of a run (make_fashion_mnist_split): train = the first
+    --train-subset training images it trained on, val = --val-size images drawn with the run's seed
+    from the training images it never saw, test = the test images it was evaluated on (--test-subset).
+    Written once to <out>/<name>/split.json (sweep_split_file); a later dump must find the same."""
+    first = saved["train_subset"] or len(load_fashion_mnist(args.data_dir, train=True)[1])
+    return make_fashion_mnist_split(args.data_dir, saved["seed"], args.val_size, train_subset=first,
+                                    test_subset=saved["test_subset"])
+
+
+@torch.no_grad()
+def encode_part(model, dataset, views, args, device):
+    """(token maps, labels) of every image of a split part, in its order: (N, 8, 8), or with
+    `views` > 1 (N, views, 8, 8) of augmented_views (view 0 the plain image). The images come
+    as the generators' reference does (tokenizer_datasets: [0, 1], 3 channels, zero-padded to
+    32) and enter the network as in training (to_input: one channel, shifted to [-0.5, 0.5])."""
+    channels = DATASETS[args.dataset]["channels"]
+    loader = DataLoader(AugmentedViews(dataset) if views > 1 else dataset, batch_size=args.batch_size,
+                        shuffle=False, num_workers=args.num_workers)
+    maps, labels = [], []
+    for x, y in progress_bar(loader, desc="tokens", leave=False):
+        x = (x.flatten(0, 1) if views > 1 else x)[:, :channels].to(device) - 0.5
+        _, indices, _ = model.quantizer(model.encode(x))
+        maps.append(indices.reshape((-1, views) + indices.shape[1:]) if views > 1 else indices)
+        labels.append(y)
+    return torch.cat(maps).cpu(), torch.cat(labels)
+
+
+def dump_tokens(args, info):
+    """--dump-tokens PART of the run the flags name (<out>/<name>.pt, which must have finished
+    training): writes <out>/<name>/tokens_PART.pt in imagenet_tokenizer.py's format
+    (token_dump_record: int16 maps, labels, split part and digest, the tokenizer's
+    fingerprint; the train part with the 10 augmented views unless --dump-plain) and, with the
+    first dump, the split file beside it (`dump_split`). The flags must be those the run was
+    trained with (settings in RUN_DEFINING); an existing dump is never replaced."""
+    name = run_name(args)
+    ckpt_path = os.path.join(args.out, name + ".pt")
+    out_path = os.path.join(args.out, name, f"tokens_{args.dump_tokens}.pt")
+    split_path = sweep_split_file(ckpt_path)
+    found = {}
+
+    def check():
+        if os.path.exists(out_path):
+            raise UserError(f"{out_path} exists: a token dump is never replaced (delete it to dump again)")
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"no checkpoint {ckpt_path}: train the run first (the same flags without --dump-tokens)")
+        found["model"], found["cfg"] = load_tokenizer(ckpt_path, info.device)  # refuses an unfinished run
+        saved, wanted = defining_args(found["cfg"]), defining_args(args)
+        diff = [k for k in wanted if saved.get(k) != wanted[k]]
+        if diff:
+            raise UserError(f"{ckpt_path} was trained with --{diff[0].replace('_', '-')} {saved.get(diff[0])!r}, not "
+                            f"{wanted[diff[0]]!r}: dump it with the flags it was trained with")
+        split = dump_split(args, found["cfg"])
+        if os.path.exists(split_path) and split_fingerprint(load_split(split_path)) != \
+                split_fingerprint(split):
+            raise UserError(f"{split_path} holds another split than --val-size {args.val_size} and --data-dir "
+                            f"{args.data_dir} give: dump with the settings of the run's earlier dumps, or delete them")
+        found["split"] = split
+
+    with start_run(args, name=name, outputs=[out_path], ranges=RANGES, checks=[check],
+                   validate=lambda a: (validate_dump(a, info.world_size), validate(a))):
+        model, cfg = found["model"], found["cfg"]
+        if not os.path.exists(split_path):
+            write_json(split_path, found["split"])
+        part = args.dump_tokens
+        views = len(VIEW_NAMES) if part == "train" and not args.dump_plain else 1
+        dataset = tokenizer_datasets(cfg, args.data_dir, parts=(part,))[part]
+        maps, labels = encode_part(model, dataset, views, args, info.device)
+        record = token_dump_record([maps], labels, quantizer="vq", codebook_size=args.codebook_size, part=part,
+                                          split_file=split_path, ckpt_path=ckpt_path,
+                                          fingerprint=tokenizer_fingerprint(model, cfg), views=views)
+        atomic_write(out_path, lambda f: torch.save(record, f))
+        print0(f"wrote {out_path}: {len(labels)} images of the {part} split" + (f", {views} views each" if views > 1 else ""))
+        return record
+
+
 def parse_shard(text):
     """'I/N' -> (I, N): this process runs every N-th configuration of the grid, starting at I."""
     try:
@@ -804,6 +898,8 @@ def parse_shard(text):
 def main(args):
     info = setup_distributed(args.device, args.dist_timeout)
     try:
+        if args.dump_tokens:
+            return dump_tokens(resolve_args(args), info)
         if args.grid is None:
             return train_run(resolve_args(args), info)
         shard, num_shards = parse_shard(args.grid_shard)
@@ -889,6 +985,13 @@ def build_parser():
     p.add_argument("--val-every", type=int, default=1,
                    help="evaluate the test split every N epochs (Figure 6's curves; always after the last)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    g = p.add_argument_group("token dumps for the generators (a finished Fashion-MNIST run named by the flags above)")
+    g.add_argument("--dump-tokens", choices=["train", "val", "test"],
+                   help="write <out>/<name>/tokens_<split>.pt for generator_maskgit.py --tokenizer <out>/<name>.pt")
+    g.add_argument("--dump-plain", action="store_true",
+                   help="--dump-tokens train: the plain view only (the generators then train without augmentation)")
+    g.add_argument("--val-size", type=int, default=5000,
+                   help="--dump-tokens: validation images, drawn from the training images the run did not train on")
     add_factor_arguments(p.add_argument_group(
         "factor study (issue 15): what imagenet_tokenizer.py's recipe does differently; defaults: appendix A.1"))
     add_run_arguments(p, out_default="runs/cifar")  # --out, --resume (--grid: automatic), --device, --dist-timeout

@@ -3148,6 +3148,18 @@ def check_dump_provenance(dumps):
             return
 
 
+def check_dumps_of_tokenizer_split(dumps, tokenizer_cfg, tokenizer_path):
+    """The dumps must hold parts of the tokenizer's own split, whose test part is the g-FID
+    reference (`tokenizer_test_split`): the train part of another split may hold those test images.
+    Judged by the split digest where the dump records it and the tokenizer's split file exists."""
+    split_file, recorded = tokenizer_cfg.get("split_file"), dumps[0].record.get("split_sha256")
+    if recorded is None or not split_file or not os.path.exists(split_file):
+        return
+    if split_fingerprint(load_split(split_file)) != recorded:
+        raise UserError(f"{dumps[0].path} holds the tokens of another split than {split_file}, the split of --tokenizer "
+                        f"{tokenizer_path} (its test part is the g-FID reference): dump the tokens again")
+
+
 # A budgeted reference (--fid-images N below the split's size) is a seeded, class-stratified subset:
 # ImageFolder parts are sorted by path, i.e. grouped by class, so "the first N" would score
 # class-balanced samples against a few classes only. The seed is fixed, so every run on one split
@@ -3735,6 +3747,7 @@ def load_generator_inputs(args, quantizer):
     dumps = [load_token_dump(os.path.join(generator_tokens_dir(args), f"tokens_{s}.pt")) for s in ("train", "val")]
     check_dumps_match(dumps, cfg, args.tokenizer)
     check_dump_provenance(dumps)
+    check_dumps_of_tokenizer_split(dumps, cfg, args.tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer, cfg)
     for d in dumps:
         if list(d.scales) != fingerprint["scales"]:
