@@ -105,6 +105,15 @@ Commands:
     # ... Figure 5 and the Table 11 methods on it: --grid cpu-fig5 / cpu-table11 with the same flags
     # (their recipe comes from the command line; README: the timed two-process family); the factor
     # study: --grid cpu-factors (results/fashion_mnist/factors/command.sh)
+    # ... a finished run as the generators' tokenizer (issue 15 item 3): its flags + --dump-tokens
+    # writes <out>/<name>/tokens_<split>.pt (train: 10 augmented views unless --dump-plain) and the
+    # split file beside them (train = its --train-subset images, val = --val-size unseen training
+    # images, test = its test images; common.make_fashion_mnist_split); then MaskGIT on them
+    # (results/fashion_mnist/c4c5/command.sh)
+    for split in train val test; do python cifar_sweep.py --dataset fashion-mnist --data-dir /usr/share/datasets/fashion-mnist \
+        --method deferred_ema --codebook-size 1024 --epochs 10 --train-subset 10000 --channels 32 --res-channels 16 \
+        --num-workers 0 --device cpu --dump-tokens $split; done
+    python generator_maskgit.py --tokenizer runs/cifar/deferred_ema_K1024_ep10_cont5_s0_fashion-mnist.pt ...
 
     # a whole table or figure (skips runs whose JSON exists; rerun the same line to resume after a
     # crash). Grids: fig5 table8 table9 table10 table11 fig6 fig7 fig8 (paper recipe), cpu-fig5 cpu-table11

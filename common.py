@@ -3694,7 +3694,8 @@ def add_generator_arguments(parser, quantizer, out_default):
     their metrics, --name and the run arguments (add_run_arguments). Returns the "sampling and
     metrics" group, to which the script adds its sampler's options."""
     g = parser.add_argument_group("inputs")
-    g.add_argument("--tokenizer", required=True, help=f"tokenizer checkpoint (imagenet_tokenizer.py, --quantizer {quantizer})")
+    g.add_argument("--tokenizer", required=True, help=f"tokenizer checkpoint (imagenet_tokenizer.py, --quantizer {quantizer}"
+                   + (", or a finished cifar_sweep.py Fashion-MNIST run's <name>.pt)" if quantizer == "vq" else ")"))
     g.add_argument("--tokens-dir", help="folder of tokens_train.pt / tokens_val.pt (default: the tokenizer's folder)")
     g.add_argument("--data-dir", help="the tokenizer's image data, if moved (g-FID reference: its test split)")
     g = parser.add_argument_group("sampling and metrics")

@@ -7,14 +7,17 @@ token grid; samples start fully masked and are revealed over a few parallel deco
 decoded to images by the tokenizer. The paper's claim: tokens with better coverage (Deferred
 Quantization) give more diverse samples (higher pixel distance and LPIPS diversity, lower g-FID).
 
-Inputs: a tokenizer checkpoint of imagenet_tokenizer.py (--quantizer vq) and its token dumps
-`tokens_train.pt` / `tokens_val.pt` (imagenet_tokenizer.py --dump-tokens train|val), which that
-script writes next to the checkpoint. The tokenizer stays frozen; it only decodes samples.
+Inputs: a tokenizer checkpoint of imagenet_tokenizer.py (--quantizer vq) or a finished Fashion-MNIST
+run of cifar_sweep.py (<out>/<name>.pt, its VQ-VAE), and its token dumps `tokens_train.pt` /
+`tokens_val.pt` (--dump-tokens train|val of either script), which that script writes into the
+tokenizer's run folder (common.tokenizer_run_folder). The tokenizer stays frozen; it only decodes samples.
 
 Commands
     # the tokenizer's token dumps (once per tokenizer)
     python imagenet_tokenizer.py --dump-tokens train --checkpoint runs/in100/vq_deferred_imagenet100/best.pt ...
     python imagenet_tokenizer.py --dump-tokens val --checkpoint runs/in100/vq_deferred_imagenet100/best.pt ...
+    # ... or of a cifar_sweep.py Fashion-MNIST run (its training flags + --dump-tokens), then --tokenizer <out>/<name>.pt
+    python cifar_sweep.py --dataset fashion-mnist --method deferred_ema --codebook-size 4096 ... --dump-tokens train
 
     # CPU smoke run (a 2-layer model, 2 epochs, 20 samples, no pretrained weights needed)
     python generator_maskgit.py --tokenizer runs/smoke/vq_deferred_imagenet100/best.pt --out runs/smoke_maskgit \
