@@ -818,10 +818,10 @@ def validate_dump(args, world_size):
 
 
 def dump_split(args, saved):
-    """The generators' split of a run (make_fashion_mnist_split): train = the first
+    """The generators' split of a run (common.make_fashion_mnist_split): train = the first
     --train-subset training images it trained on, val = --val-size images drawn with the run's seed
     from the training images it never saw, test = the test images it was evaluated on (--test-subset).
-    Written once to <out>/<name>/split.json (sweep_split_file); a later dump must find the same."""
+    Written once to <out>/<name>/split.json (common.sweep_split_file); a later dump must find the same."""
     first = saved["train_subset"] or len(load_fashion_mnist(args.data_dir, train=True)[1])
     return make_fashion_mnist_split(args.data_dir, saved["seed"], args.val_size, train_subset=first,
                                     test_subset=saved["test_subset"])
@@ -830,8 +830,8 @@ def dump_split(args, saved):
 @torch.no_grad()
 def encode_part(model, dataset, views, args, device):
     """(token maps, labels) of every image of a split part, in its order: (N, 8, 8), or with
-    `views` > 1 (N, views, 8, 8) of augmented_views (view 0 the plain image). The images come
-    as the generators' reference does (tokenizer_datasets: [0, 1], 3 channels, zero-padded to
+    `views` > 1 (N, views, 8, 8) of common.augmented_views (view 0 the plain image). The images come
+    as the generators' reference does (common.tokenizer_datasets: [0, 1], 3 channels, zero-padded to
     32) and enter the network as in training (to_input: one channel, shifted to [-0.5, 0.5])."""
     channels = DATASETS[args.dataset]["channels"]
     loader = DataLoader(AugmentedViews(dataset) if views > 1 else dataset, batch_size=args.batch_size,
@@ -848,7 +848,7 @@ def encode_part(model, dataset, views, args, device):
 def dump_tokens(args, info):
     """--dump-tokens PART of the run the flags name (<out>/<name>.pt, which must have finished
     training): writes <out>/<name>/tokens_PART.pt in imagenet_tokenizer.py's format
-    (token_dump_record: int16 maps, labels, split part and digest, the tokenizer's
+    (common.token_dump_record: int16 maps, labels, split part and digest, the tokenizer's
     fingerprint; the train part with the 10 augmented views unless --dump-plain) and, with the
     first dump, the split file beside it (`dump_split`). The flags must be those the run was
     trained with (settings in RUN_DEFINING); an existing dump is never replaced."""

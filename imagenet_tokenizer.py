@@ -470,10 +470,11 @@ def reconstruction_sheet(model, dataset, info, columns=16, rows=2):
 
 @torch.no_grad()
 def dump_tokens(model, dataset, args, info, ckpt_path, out_path):
-    """Token indices of every image of a split, in split order: vq -> (N, h, w) tensor; msvq ->
-    list of (N, s, s) tensors; int16 when the codebook fits, else int32; plus labels, the number
-    of classes of the split file (the generators' class embedding) and the provenance the
-    generators check: the split's part and digest, the tokenizer's fingerprint. The training split
+    """Token indices of every image of a split, in split order, in the record of
+    common.token_dump_record: vq -> (N, h, w) tensor; msvq -> list of (N, s, s) tensors; int16 when
+    the codebook fits, else int32; plus labels, the number of classes of the split file (the
+    generators' class embedding) and the provenance the generators check: the split's part and
+    digest, the tokenizer's fingerprint. The training split
     (unless --dump-plain) holds the 10 augmented views of every image (common.augmented_views,
     view 0 the plain image): maps (N, 10, h, w) / (N, 10, s, s), "views" and "view_names" in the
     record; the generators draw one view per image per epoch (common.epoch_views)."""
