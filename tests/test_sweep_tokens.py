@@ -136,6 +136,10 @@ def test_refusals_are_one_line(run, tmp_path):
     busy = base[:-2] + ["--out", tmp_path / "busy"]
     one_line(r"whose training has not finished \(epoch 1 of 2\)", sweep, *busy, "--dump-tokens", "val")
     assert not os.path.exists(tmp_path / "busy" / NAME)
+    ckpt["epoch"], ckpt["args"]["dataset"] = 2, "cifar10"
+    torch.save(ckpt, tmp_path / "busy" / "cifar.pt")
+    one_line("is a cifar_sweep.py run on cifar10: only its Fashion-MNIST runs", common.load_tokenizer,
+             str(tmp_path / "busy" / "cifar.pt"))
     one_line(r"no checkpoint .*: train the run first", sweep, *busy[:-1], tmp_path / "none", "--dump-tokens", "val")
     one_line("tokens_val.pt exists: a token dump is never replaced", sweep, *base, "--dump-tokens", "val")
     one_line("not --grid", sweep, *base, "--grid", "cpu-fig5", "--dump-tokens", "val")
