@@ -25,9 +25,9 @@
 # Smoke (tiny settings; the dumps still cover every image):
 #     OUT=/tmp/c4c5 TOK_EPOCHS=2 GEN_EPOCHS=1 SAMPLE=20 FID_IMAGES=100 bash results/fashion_mnist/c4c5/command.sh
 #
-# CPU budget (estimated from the smoke timings of this script's commit under load 4 and the chain's
-# measured MaskGIT / Inception speeds; see the end of this file): about 5 CPU-hours, i.e. ~2.5-3 h
-# wall on the two workers.
+# CPU budget (estimated from the smoke timings below, at load ~4.5, and the chain's measured
+# Inception speed): ~37,000 CPU-s (10 CPU-hours), ~5 h wall on the two workers; on quiet cores,
+# where MaskGIT steps ran 2.2x faster (the chain), ~6 CPU-hours, ~3 h wall.
 set -u
 source ~/.cache/dq-venv/*/bin/activate
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
@@ -118,3 +118,12 @@ python evaluate.py tables $OUT/maskgit --out $OUT/report
 # then (what is committed here): the sampling JSONs and grids, the tokenizers' JSONs, the report
 #   mkdir -p results/fashion_mnist/c4c5/runs && cp $OUT/*.json results/fashion_mnist/c4c5/runs/
 #   cp -r $OUT/maskgit results/fashion_mnist/c4c5/ (without samples/ and samples_tokens.pt), $OUT/report/*
+#
+# Smoke (the line above, at code commit 3fd8bfe, 2 workers beside two other long jobs, load ~4.5):
+# tokenizer 2 epochs + dumps (train 10,000 x 10 views, val 5,000, test 10,000) 161-165 s per arm;
+# reference of 100 images 69 s; MaskGIT 1 epoch of 10,000 images (78 steps) + validation 312-339 s;
+# 3 samplings of 20 images with g-FID / LPIPS 51-105 s (~35 s each, mostly loading). Full run, per
+# stage: tokenizers 2 x ~130 s (fig5's measured runs) + dumps 2 x ~130 s; reference 5,000 images
+# ~1,150 s (the chain: 454 s per 2,000); MaskGIT 4 runs x 22 epochs x ~325 s ~ 28,600 s (less if
+# the plateau stops one early); samplings 12 x ~600 s (2,000 samples x 8 steps, Inception features
+# of 2,000 at the chain's ~0.23 s per image, LPIPS over all pairs from per-image features) ~ 7,200 s.
