@@ -742,7 +742,7 @@ def save_checkpoints(last_path, best_path=None, **state):
 # ---- Loading files without running code -------------------------------------------------------
 #
 # A .pt file is a pickle, and unpickling may call any function the file names: a downloaded
-# checkpoint read with torch.load(weights_only=False) can run os.system before any check of ours.
+# checkpoint read with torch.load's full unpickler can run os.system before any check of ours.
 # Every file (ours, a user's, a public checkpoint) is read with torch's weights_only unpickler,
 # which builds tensors, numbers, strings and containers only; our own files hold nothing else
 # (RNG states as tensors, argparse settings as dicts). It is given two kinds of globals more:
@@ -3254,7 +3254,7 @@ def _cached_statistics_ok(item):
 
 def check_fid_cache(name):
     """torch-fidelity reuses cached reference features without looking at them (and unpickles them
-    with weights_only=False): a truncated, foreign or hostile file there would crash the run after
+    with its full unpickler): a truncated, foreign or hostile file there would crash the run after
     training, or run code. A start_run check: each cached file of `name` is read here without
     running anything and must hold what torch-fidelity writes, finite (N, 2048) pool features or
     a 2048-d mean with its 2048 x 2048 covariance; anything else is refused in one line."""
