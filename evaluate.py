@@ -1197,17 +1197,17 @@ def _curve_table(curves, methods, rows=8):
 
 def _mse_crossing(curves, methods):
     """Where the test-MSE curves cross: the first evaluated epoch from which the second arm stays below."""
-    (xb, yb), (xd, yd) = (curves[m]["val_mse"] for m in methods)
-    common = sorted(set(xb) & set(xd))
-    below = [float(yd[list(xd).index(e)]) < float(yb[list(xb).index(e)]) for e in common]
-    if not common:
+    base, deferred = (dict(zip(*map(list, curves[m]["val_mse"]))) for m in methods)
+    shared = sorted(set(base) & set(deferred))
+    below = [deferred[e] < base[e] for e in shared]
+    if not shared:
         return "No common evaluation epoch."
     if all(below):
         return f"{CIFAR_LABELS[methods[1]]} has the lower test MSE at every evaluation."
     if not below[-1]:
         return f"{CIFAR_LABELS[methods[1]]} does not end below {CIFAR_LABELS[methods[0]]} in test MSE."
     last_above = max(i for i, b in enumerate(below) if not b)
-    return f"The test-MSE curves cross for good between epochs {common[last_above]} and {common[last_above + 1]}."
+    return f"The test-MSE curves cross for good between epochs {shared[last_above]} and {shared[last_above + 1]}."
 
 
 @renderer("Table 9 on other data or recipes (Continuous Phase duration, Discretization Phase fixed)")
