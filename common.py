@@ -1936,7 +1936,8 @@ def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, 
     if reference is not None:
         kwargs["input2"] = _fidelity_source(reference, "reference")
     kwargs.update(fidelity_kwargs)
-    raw = torch_fidelity.calculate_metrics(**kwargs)
+    with fid_cache_lock(kwargs.get("input2_cache_name") if kwargs.get("cache") else None):
+        raw = torch_fidelity.calculate_metrics(**kwargs)
     names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc", "inception_score_std": "isc_std",
              "precision": "precision", "recall": "recall"}
     return {ours: float(raw[theirs]) for theirs, ours in names.items() if theirs in raw}
@@ -3239,6 +3240,30 @@ def fid_cache_files(name):
     features and their FID statistics, in $TORCH_HOME/fidelity_cache (where torch-fidelity puts them)."""
     prefix = os.path.join(torch.hub._get_torch_home(), "fidelity_cache", f"{name}-inception-v3-compat-")
     return {"features": prefix + "features-2048.pt", "statistics": prefix + "stat-fid-2048.pt"}
+
+
+@contextlib.contextmanager
+def fid_cache_lock(name):
+    """Hold an exclusive lock on torch-fidelity's cache of the reference set `name` (None: no cache,
+    no lock). torch-fidelity writes its cache in place, not through a temporary file: two workers
+    that evaluate against the same reference at once (both arms of a pair, side by side) would
+    otherwise both compute it and one could read the other's half-written file. The second worker
+    waits, then reads the finished cache. POSIX only (fcntl); elsewhere no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if name is None or fcntl is None:
+        yield
+        return
+    path = fid_cache_files(name)["features"] + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as handle:  # the lock dies with the process, so a killed run leaves none behind
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cached_features_ok(item):

@@ -1,5 +1,6 @@
 """Image metrics (common.py section 4): values against independent computations and failure modes."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -305,3 +306,31 @@ def test_lpips_diversity_over_all_pairs_is_exact(real_weights, net, size):
     # a random subset of pairs still goes pair by pair, through the same model
     subset = common.lpips_diversity(x, model, max_pairs=7, generator=torch.Generator().manual_seed(0))
     assert min(pairs) <= subset <= max(pairs) and subset != pytest.approx(fast, rel=1e-6)
+
+
+def test_fid_cache_is_locked_while_torch_fidelity_fills_it(captured_fidelity, monkeypatch):
+    """Two workers scoring against one cached reference at once must not both write it (issue 17,
+    the two arms of 8_protocol_rerun.sh): the cache's lock is held for the whole torch-fidelity call,
+    and only when a cache is used."""
+    import fcntl
+    import torch_fidelity
+    lock = common.fid_cache_files("dq-test-lock")["features"] + ".lock"
+    held = []
+
+    def probe(**kwargs):  # another process's attempt at the same lock, made while torch-fidelity runs
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        with open(lock, "a") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return {"frechet_inception_distance": 1.0}
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", probe)
+    images = torch.rand(2, 3, 8, 8)
+    common.fidelity_metrics(images, images, cache=True, input2_cache_name="dq-test-lock")
+    common.fidelity_metrics(images, images)
+    assert held == [True, False]
+    with open(lock, "a") as after:  # released afterwards
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
