@@ -3,7 +3,8 @@
 # generator protocol of issue 17: augmented token dumps (10 views per training image, one drawn per
 # image per epoch), a class-stratified 2,000-image g-FID reference (and 1,000-image r-FID subset),
 # the default sampling (MaskGIT's sampler never truncates: its one row is the untruncated one; a VAR
-# run would add <name>_untruncated). Everything else as before, including --warmup-steps 200 (the
+# run would add <name>_untruncated), and two more samplings per trained model (sample seeds 1, 2, as
+# 5_sampling_noise.sh did for the old pair, so both tables have three). Everything else as before, including --warmup-steps 200 (the
 # old pair's warm-up, so that only the protocol changes; drop it for the new default of one epoch).
 # The old chain's tokenizer checkpoints are gone (runs/fashion_chain), so both arms train again with
 # the recipe of 1_tokenizers.sh. One single-thread process per arm, side by side.
@@ -14,7 +15,8 @@
 # A smoke run with tiny settings (the token dumps still cover all 55,000 training images):
 #     OUT=/tmp/chain8 TOK_EPOCHS=1 TOK_STEPS=2 CONT=0 GEN_EPOCHS=1 SAMPLE=20 FID=0 \
 #         bash results/fashion_mnist/chain/8_protocol_rerun.sh
-# Then: python evaluate.py tables $OUT --out $OUT/report   (beside report.md's old numbers).
+# Then: python evaluate.py tables $OUT --out $OUT/report   (beside report.md's old numbers; the
+# table's mean +- std over the three samplings of each arm).
 set -u
 source ~/.cache/dq-venv/*/bin/activate
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
@@ -55,6 +57,16 @@ maskgit() {  # arm
     $(resume_if $OUT/maskgit/$name/last.pt)
 }
 
+resample() {  # arm: samplings 1 and 2 of the trained MaskGIT (its run above is sampling 0)
+  local name=maskgit_vq_$1_fashion-mnist seed
+  for seed in 1 2; do
+    [ -e $OUT/maskgit_reseed/${name}_seed$seed.json ] || python generator_maskgit.py \
+      --tokenizer $OUT/vq_$1_fashion-mnist/best.pt --out $OUT/maskgit_reseed --sample-only \
+      --checkpoint $OUT/maskgit/$name/best.pt --sample $SAMPLE --steps 8 --fid-images 2000 --sample-seed $seed \
+      --device cpu --name ${name}_seed$seed $SKIP || return 1
+  done
+}
+
 arm() {  # the whole chain of one arm, one process at a time
   local start=$(date +%s)
   if [ $1 = deferred ]; then tokenizer deferred --deferred --continuous-epochs $CONT; else tokenizer baseline; fi \
@@ -63,7 +75,9 @@ arm() {  # the whole chain of one arm, one process at a time
   dumps $1 || { log "$1: token dumps failed"; return 1; }
   log "$1 token dumps (train: 10 views): $(( $(date +%s) - start )) s"; start=$(date +%s)
   maskgit $1 || { log "$1: maskgit failed"; return 1; }
-  log "$1 maskgit + samples + metrics: $(( $(date +%s) - start )) s"
+  log "$1 maskgit + samples + metrics: $(( $(date +%s) - start )) s"; start=$(date +%s)
+  resample $1 || { log "$1: re-sampling failed"; return 1; }
+  log "$1 samplings 1 and 2: $(( $(date +%s) - start )) s"
 }
 
 log "start $(date -u +%FT%TZ) at code commit $(git rev-parse --short HEAD)"
