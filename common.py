@@ -1906,7 +1906,7 @@ def _fidelity_source(x, name):
 
 
 def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, batch_size=64,
-                     device=None, weights_path=None, verbose=False, **fidelity_kwargs):
+                     device=None, weights_path=None, verbose=False, num_workers=None, **fidelity_kwargs):
     """FID, Inception Score and precision/recall with torch-fidelity's TF-compatible Inception-v3.
 
     generated / reference: a folder of images (searched recursively, png/jpg), a torch Dataset
@@ -1917,6 +1917,12 @@ def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, 
     VGG-16. Returns a dict with the keys of the metrics asked for: fid, isc, isc_std, precision,
     recall. Feature caching is off (a folder path is not a content hash); extra keyword arguments
     go to torch_fidelity.calculate_metrics. `device`: 'cuda' / 'cpu' (default: CUDA when present).
+    `num_workers`: the caller's --num-workers. torch-fidelity reads its inputs with up to four
+    DataLoader worker processes of its own unless told to save CPU RAM; image tensors gain nothing
+    from them (each worker is a fork of this process that copies slices), and a run started with
+    --num-workers 0 asked for none, so both read in this process (save_cpu_ram, which also computes
+    precision / recall in chunks: the same distances). Folders and Datasets that decode files keep
+    torch-fidelity's workers otherwise.
     IS needs the Inception's logits layer, which weights converted offline by `evaluate.py weights`
     do not have (require_inception_logits); FID and precision/recall work with them.
     """
@@ -1935,6 +1941,9 @@ def fidelity_metrics(generated, reference=None, fid=True, isc=False, prc=False, 
                   batch_size=batch_size, cuda=cuda, samples_find_deep=True, cache=False, verbose=verbose)
     if reference is not None:
         kwargs["input2"] = _fidelity_source(reference, "reference")
+    in_memory = all(isinstance(getattr(kwargs.get(k), "source", None), torch.Tensor)
+                    for k in ("input1", "input2") if k in kwargs)
+    kwargs["save_cpu_ram"] = num_workers == 0 or in_memory
     kwargs.update(fidelity_kwargs)
     with fid_cache_lock(kwargs.get("input2_cache_name") if kwargs.get("cache") else None):
         raw = torch_fidelity.calculate_metrics(**kwargs)

@@ -410,7 +410,7 @@ def score_fid(folder, args, device):
     value = torch.zeros(1, dtype=torch.float64, device=device)
     if common.is_main_process():
         res = common.fidelity_metrics(os.path.join(folder, "recon"), os.path.join(folder, "real"),
-                                      fid=True, batch_size=args.fid_batch_size)
+                                      fid=True, batch_size=args.fid_batch_size, num_workers=args.num_workers)
         value[0] = res["fid"]
         shutil.rmtree(folder, ignore_errors=True)
     return common.broadcast_from_main(value).item()

@@ -1070,7 +1070,8 @@ def evaluate_tokenizer(args, info):
             notes["rfid"] = "not computed: --skip-fid"
         else:
             metrics["rfid"] = common.fidelity_metrics(NHWCImages(npz_images(npz_path)), data, fid=True,
-                                                      batch_size=args.fid_batch_size)["fid"]
+                                                      batch_size=args.fid_batch_size,
+                                                      num_workers=args.num_workers)["fid"]
         raw, unit = codebook_views(model.quantizer)
         metrics.update(common.codebook_metrics(raw, counter.counts.cpu()))
         unit_metrics = common.codebook_metrics(unit)

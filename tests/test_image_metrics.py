@@ -334,3 +334,16 @@ def test_fid_cache_is_locked_while_torch_fidelity_fills_it(captured_fidelity, mo
     assert held == [True, False]
     with open(lock, "a") as after:  # released afterwards
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_torch_fidelity_reads_in_process_for_tensors_and_num_workers_0(captured_fidelity, tmp_path):
+    """torch-fidelity forks up to four DataLoader workers unless save_cpu_ram: never for image
+    tensors (nothing to decode) nor for a run with --num-workers 0; folders keep them otherwise."""
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    images = torch.rand(2, 3, 8, 8)
+    common.fidelity_metrics(images, images)
+    common.fidelity_metrics(images, folder)
+    common.fidelity_metrics(images, folder, num_workers=0)
+    common.fidelity_metrics(folder, folder, num_workers=4)
+    assert [c["save_cpu_ram"] for c in captured_fidelity] == [True, False, True, False]
