@@ -203,6 +203,17 @@ def imagenet_split(args, part, view, crop_ranges=(1.1,)):
     return ImageFolderSplit(root, args.resolution, view, crop_ranges)
 
 
+def keep_budget(data, limit):
+    """Keep a class-stratified, seeded subset of `limit` images of `data` (common.fid_subset) and
+    return its record for the JSON (None: every image kept). ImageFolder lists are sorted by class,
+    so "the first N" of ImageNet's val split would be its first N / 50 classes."""
+    indices = common.fid_subset(data.items, limit)
+    record = common.fid_subset_record(data.items, indices)
+    if indices is not None:
+        data.items = [data.items[i] for i in indices]
+    return record
+
+
 def check_data(args, parts):
     """Before anything is created (cheap: no walk over 1.28M files): the ImageFolder trees exist and
     have the same class folders. The datasets themselves refuse a tree without images."""
@@ -1027,8 +1038,7 @@ def evaluate_tokenizer(args, info):
         model, cfg = load_any_tokenizer(ckpt_path, args.resolution, info.device)
         check_tokenizer_resolution(cfg, args.resolution, ckpt_path)
         data = imagenet_split(args, "val", "eval")
-        if args.max_eval_images:
-            data.items = data.items[:args.max_eval_images]
+        subset = keep_budget(data, args.max_eval_images)
         n, r = len(data), args.resolution
         rows = open_npy_rows(npy_path, (n, r, r, 3), np.uint8)
         sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # images, psnr, ssim_llamagen, ssim
@@ -1085,7 +1095,8 @@ def evaluate_tokenizer(args, info):
                             tokenizer=common.tokenizer_identity(cfg, ckpt_path),
                             eval_split=f"ImageNet-1K val, ADM centre crop {r}",
                             fid_reference=None if args.skip_fid else f"ImageNet-1K val, {n} images",
-                            data_range=1.0, reconstructions=os.path.basename(npz_path), notes=notes)
+                            eval_subset=subset, data_range=1.0, reconstructions=os.path.basename(npz_path),
+                            notes=notes)
         common.save_checkpoint(pt_path, codebook=unit, codebook_raw=raw, code_counts=counter.counts.float().cpu(),
                                metrics=metrics, args=cfg)
         print0({k: v for k, v in metrics.items()})
@@ -1110,8 +1121,7 @@ def extract_tokens(args, info):
         model, cfg = load_any_tokenizer(ckpt_path, args.resolution, info.device)
         check_tokenizer_resolution(cfg, args.resolution, ckpt_path)
         data = imagenet_split(args, "train", "crops", args.crop_ranges)
-        if args.max_train_images:
-            data.items = data.items[:args.max_train_images]
+        subset = keep_budget(data, args.max_train_images)
         grid = args.resolution // 2 ** (len(cfg["ch_mult"]) - 1)
         views = 10 * len(args.crop_ranges)
         dtype = np.int16 if cfg["codebook_size"] <= 2 ** 15 else np.int32
@@ -1138,6 +1148,7 @@ def extract_tokens(args, info):
                       "quantizer": "vq", "scales": [grid], "codebook_size": cfg["codebook_size"],
                       "num_classes": len(data.classes), "classes": data.classes, "split": "train",
                       "checkpoint": os.path.abspath(ckpt_path), "crop_ranges": list(args.crop_ranges),
+                      "train_subset": subset,
                       "views": "per crop range: TenCrop (tl, tr, bl, br, centre, then the same of the mirror image)"}
             common.atomic_write(pt_path, lambda f: torch.save(record, f))
             print0(f"wrote {npy_path} ({len(data)} images x {views} views); next --stage gpt")
@@ -1437,8 +1448,10 @@ def build_parser():
     g.add_argument("--data-dir", help="ImageNet-1K root holding the ImageFolder trees train/ and val/")
     g.add_argument("--resolution", type=int, default=256)
     g.add_argument("--num-workers", type=int, default=8, help="DataLoader workers per process")
-    g.add_argument("--max-eval-images", type=int, default=0, help="evaluate only the first N val images (0: all)")
-    g.add_argument("--max-train-images", type=int, default=0, help="tokens stage: only the first N images (0: all)")
+    g.add_argument("--max-eval-images", type=int, default=0,
+                   help="evaluate a class-stratified, seeded subset of N val images (0: all)")
+    g.add_argument("--max-train-images", type=int, default=0,
+                   help="tokens stage: a class-stratified, seeded subset of N training images (0: all)")
 
     g = p.add_argument_group("tokenizer (LlamaGen VQ-16)")
     g.add_argument("--ch", type=int, default=128)

@@ -205,6 +205,25 @@ def argparse_ns(pipeline):
     return lg.build_parser().parse_args(pipeline["base"] + ["--stage", "tokenizer-eval"])
 
 
+def test_image_budgets_keep_a_class_stratified_subset_and_say_which(pipeline, tmp_path):
+    """--max-eval-images / --max-train-images: ImageFolder lists are sorted by class, so "the first
+    N" would evaluate (or train the generator on) the first classes only."""
+    val = lg.imagenet_split(argparse_ns(pipeline), "val", "eval")
+    assert [label for _, label in val.items] == [0, 0, 1, 1, 2, 2]
+    assert lg.keep_budget(val, 0) is None and len(val) == 6
+    record = lg.keep_budget(val, 3)
+    assert sorted(label for _, label in val.items) == [0, 1, 2] and record["per_class"] == {"0": 1, "1": 1, "2": 1}
+    ckpt = str(pipeline["arm"] / "tokenizer" / "last.pt")
+    run(pipeline["base"] + ["--stage", "tokenizer-eval", "--skip-fid", "--max-eval-images", "3", "--arm", "budget",
+                            "--tokenizer-checkpoint", ckpt])
+    result = common.read_json(str(pipeline["out"] / "budget" / "tokenizer.json"))
+    assert result["metrics"]["num_images"] == 3 and result["eval_subset"]["per_class"] == {"0": 1, "1": 1, "2": 1}
+    run(pipeline["base"] + ["--stage", "tokens", "--max-train-images", "6", "--arm", "budget",
+                            "--tokenizer-checkpoint", ckpt])
+    tokens = common.load_checkpoint(str(pipeline["out"] / "budget" / "tokens_train.pt"))
+    assert tokens["labels"].tolist() == [0, 0, 1, 1, 2, 2] and tokens["train_subset"]["of"] == 12
+
+
 def test_ten_crop_codes_layout(pipeline):
     record = common.load_checkpoint(str(pipeline["arm"] / "tokens_train.pt"))
     codes = np.load(pipeline["arm"] / "tokens_train.npy")
