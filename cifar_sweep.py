@@ -982,8 +982,11 @@ def build_parser():
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--lr", type=float, default=LR, help="Adam (amsgrad) learning rate")
     p.add_argument("--batch-size", type=int, help="global batch size (paper preset 128)")
-    p.add_argument("--train-subset", type=int, help="use only the first N training images")
-    p.add_argument("--test-subset", type=int, help="use only the first N test images")
+    # The first N, not a stratified draw: both datasets' files are stored in shuffled class order
+    # (Fashion-MNIST's first 10,000 training images hold 942-1,027 per class), and a draw would change
+    # the training data of every committed run.
+    p.add_argument("--train-subset", type=int, help="use only the first N training images (files in shuffled order)")
+    p.add_argument("--test-subset", type=int, help="use only the first N test images (files in shuffled order)")
     p.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
     p.add_argument("--data-dir", help="cifar10: the folder holding cifar-10-batches-py (default data/cifar10); "
                    "fashion-mnist: torchvision's layout or a folder with the four idx .gz files, e.g. "
