@@ -3,7 +3,7 @@ alone? Scores the saved samples of one MaskGIT run (sampling 0) against the new 
 class-stratified, seeded 2,000 of the test split: must reproduce the run's JSON) and against the old
 one (the first 2,000 test images), with the same Inception.
 
-    python results/fashion_mnist/chain/10_reference_check.py runs/fashion_chain_protocol baseline
+    PYTHONPATH=. python results/fashion_mnist/chain/10_reference_check.py runs/fashion_chain_protocol baseline
 """
 import json
 import os
