@@ -27,6 +27,9 @@ GEN_EPOCHS=${GEN_EPOCHS:-4} SAMPLE=${SAMPLE:-1000} FID=${FID:-1}
 if [ "$FID" = 1 ]; then SKIP=""; else SKIP="--skip-fid --skip-lpips"; fi
 mkdir -p $OUT
 log() { echo "$1" | tee -a $OUT/time.txt; }
+took() {  # stage name, its start: logs the seconds, unless the stage was skipped (it ran before: 0 s)
+  local s=$(( $(date +%s) - $2 )); [ $s -gt 0 ] && log "$1: $s s"; start=$(date +%s)
+}
 
 resume_if() { [ -e "$1" ] && echo --resume; }  # --resume when the run's last.pt exists
 
@@ -71,13 +74,13 @@ arm() {  # the whole chain of one arm, one process at a time
   local start=$(date +%s)
   if [ $1 = deferred ]; then tokenizer deferred --deferred --continuous-epochs $CONT; else tokenizer baseline; fi \
     || { log "$1: tokenizer failed"; return 1; }
-  log "$1 tokenizer: $(( $(date +%s) - start )) s"; start=$(date +%s)
+  took "$1 tokenizer" $start
   dumps $1 || { log "$1: token dumps failed"; return 1; }
-  log "$1 token dumps (train: 10 views): $(( $(date +%s) - start )) s"; start=$(date +%s)
+  took "$1 token dumps (train: 10 views)" $start
   maskgit $1 || { log "$1: maskgit failed"; return 1; }
-  log "$1 maskgit + samples + metrics: $(( $(date +%s) - start )) s"; start=$(date +%s)
+  took "$1 maskgit + samples + metrics" $start
   resample $1 || { log "$1: re-sampling failed"; return 1; }
-  log "$1 samplings 1 and 2: $(( $(date +%s) - start )) s"
+  took "$1 samplings 1 and 2" $start
 }
 
 log "start $(date -u +%FT%TZ) at code commit $(git rev-parse --short HEAD)"
