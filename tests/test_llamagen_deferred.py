@@ -205,7 +205,7 @@ def argparse_ns(pipeline):
     return lg.build_parser().parse_args(pipeline["base"] + ["--stage", "tokenizer-eval"])
 
 
-def test_image_budgets_keep_a_class_stratified_subset_and_say_which(pipeline, tmp_path):
+def test_image_budgets_keep_a_class_stratified_subset_and_say_which(pipeline, tmp_path, monkeypatch):
     """--max-eval-images / --max-train-images: ImageFolder lists are sorted by class, so "the first
     N" would evaluate (or train the generator on) the first classes only."""
     val = lg.imagenet_split(argparse_ns(pipeline), "val", "eval")
@@ -214,10 +214,14 @@ def test_image_budgets_keep_a_class_stratified_subset_and_say_which(pipeline, tm
     record = lg.keep_budget(val, 3)
     assert sorted(label for _, label in val.items) == [0, 1, 2] and record["per_class"] == {"0": 1, "1": 1, "2": 1}
     ckpt = str(pipeline["arm"] / "tokenizer" / "last.pt")
-    run(pipeline["base"] + ["--stage", "tokenizer-eval", "--skip-fid", "--max-eval-images", "3", "--arm", "budget",
+    scored = []  # r-FID's reference: the same 3 images (the network is not what is tested here)
+    monkeypatch.setattr(common, "inception_weights_path", lambda *a, **k: "inception.pth")
+    monkeypatch.setattr(common, "fidelity_metrics", lambda recon, ref, **k: scored.append(len(ref)) or {"fid": 1.0})
+    run(pipeline["base"] + ["--stage", "tokenizer-eval", "--max-eval-images", "3", "--arm", "budget",
                             "--tokenizer-checkpoint", ckpt])
     result = common.read_json(str(pipeline["out"] / "budget" / "tokenizer.json"))
     assert result["metrics"]["num_images"] == 3 and result["eval_subset"]["per_class"] == {"0": 1, "1": 1, "2": 1}
+    assert scored == [3] and result["fid_reference"] == "ImageNet-1K val, 3 images (class-stratified subset of 6, seed 0)"
     run(pipeline["base"] + ["--stage", "tokens", "--max-train-images", "6", "--arm", "budget",
                             "--tokenizer-checkpoint", ckpt])
     tokens = common.load_checkpoint(str(pipeline["out"] / "budget" / "tokens_train.pt"))
