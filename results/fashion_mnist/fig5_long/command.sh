@@ -8,7 +8,7 @@
 # per-epoch curves), then 256 and 16,384, then Table 9's Continuous Phase lengths at 4,096, then a
 # second seed at 1,024 and 4,096, then 512 / 2,048 / 8,192.
 # State after the second session (see README): deferred_ema 4,096 s0 finished (runs/); the baselines
-# at 4,096 (epoch 170) and 1,024 (epoch 103) codes paused at the epochs their checkpoints in resume/
+# at 4,096 (epoch 209) and 1,024 (epoch 159) codes paused at the epochs their checkpoints in resume/
 # record: copy resume/*.pt into $OUT first to continue them
 # (`cp results/fashion_mnist/fig5_long/resume/*.pt runs/fmnist_long/`); the JSONs in runs/ go into
 # $OUT too, so finished runs are skipped.
