@@ -3208,6 +3208,11 @@ def fid_subset_record(items, indices, seed=FID_SUBSET_SEED):
             "paths_sha256": digest}
 
 
+def fid_subset_note(record):
+    """What a reference description adds for a budgeted subset (`fid_subset_record`); '' for none."""
+    return f" (class-stratified subset of {record['of']}, seed {record['seed']})" if record else ""
+
+
 def tokenizer_test_subset(cfg, limit=0):
     """(indices or None, JSON record or None) of the g-FID reference of a tokenizer's test split
     under a --fid-images budget (`fid_subset`)."""
@@ -3267,12 +3272,9 @@ def fid_cache_lock(name):
         return
     path = fid_cache_files(name)["features"] + ".lock"
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as handle:  # the lock dies with the process, so a killed run leaves none behind
+    with open(path, "a") as handle:  # closing it (or the process dying) releases the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def _cached_features_ok(item):
@@ -3904,7 +3906,7 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
                                            prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
                                            seed=args.sample_seed, device=device)
         if subset is not None:
-            provenance["fid_reference"] += f" (class-stratified subset of {subset['of']}, seed {subset['seed']})"
+            provenance["fid_reference"] += fid_subset_note(subset)
         provenance["fid_reference_subset"] = subset
         metrics.update(found)
         if metrics.get("pixel_diversity") is None:

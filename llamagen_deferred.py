@@ -1091,11 +1091,11 @@ def evaluate_tokenizer(args, info):
         status = checkpoint_status(ckpt)
         if common.unfinished_note(status):
             notes["model_finished"] = common.unfinished_note(status)
-        chosen = f" (class-stratified subset of {subset['of']}, seed {subset['seed']})" if subset else ""
         common.write_result(json_path, TOKENIZER_EXPERIMENT, arm_name(args), args, metrics, history, **status,
                             tokenizer=common.tokenizer_identity(cfg, ckpt_path),
                             eval_split=f"ImageNet-1K val, ADM centre crop {r}",
-                            fid_reference=None if args.skip_fid else f"ImageNet-1K val, {n} images{chosen}",
+                            fid_reference=None if args.skip_fid
+                            else f"ImageNet-1K val, {n} images{common.fid_subset_note(subset)}",
                             eval_subset=subset, data_range=1.0, reconstructions=os.path.basename(npz_path),
                             notes=notes)
         common.save_checkpoint(pt_path, codebook=unit, codebook_raw=raw, code_counts=counter.counts.float().cpu(),
