@@ -154,6 +154,36 @@ def test_ema_step_matches_hand_computation():
     assert not any(p is vq.embed for p in vq.parameters())
 
 
+def test_unused_ema_codes_decay_to_exact_zero_not_to_subnormals():
+    """An unused code's EMA state shrinks by gamma per step; float32 subnormals (< 1.2e-38) are
+    flushed to 0 (CPU arithmetic on them is tens of times slower), normal values are untouched."""
+    tiny = torch.finfo(torch.float32).tiny
+    gamma = 0.99
+    vq = fixed_vq(8, 3, ema_decay=gamma)
+    vq.cluster_size.copy_(torch.tensor([4.0, 3.0, 2.0, 1.0, 1e-30, 1e-30, 2 * tiny, 1.5 * tiny]))
+    vq.embed_avg.copy_(vq.cluster_size[:, None] * torch.tensor([1.0, -2.0, 0.5]))
+    vq.embed.copy_(vq.embed_avg / vq.cluster_size[:, None])
+    z = vq.embed[:4].repeat(8, 1) + 0.01 * torch.randn(32, 3)  # only codes 0-3 are used
+    _, idx, _ = vq.train()(z)
+    assert set(idx.tolist()) <= {0, 1, 2, 3}
+    size = gamma * torch.tensor([1e-30, 1e-30, 2 * tiny, 1.5 * tiny], dtype=torch.float64)
+    expected = torch.where(size < tiny, 0.0, size).float()  # 1.98 tiny stays, 1.485 tiny stays, ...
+    assert torch.equal(vq.cluster_size[4:], expected)
+    for _ in range(100):  # 0.99^100 * 2 tiny < tiny: codes 6 and 7 reach the subnormal range
+        vq(z)
+    for state in (vq.cluster_size, vq.embed_avg, vq.embed):
+        assert not ((state != 0) & (state.abs() < tiny)).any()
+    assert torch.equal(vq.cluster_size[6:], torch.zeros(2)) and torch.equal(vq.embed_avg[6:, 0], torch.zeros(2))
+    assert (vq.cluster_size[4:6] > 0).all() and (vq.cluster_size[:4] > 0.5).all()
+
+
+def test_flush_subnormal_keeps_normal_values_and_signs():
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor([tiny, -tiny, tiny / 2, -tiny / 4, 0.0, 1.0, -3e-30, 2e-45])
+    out = common.flush_subnormal_(x.clone())
+    assert torch.equal(out, torch.tensor([tiny, -tiny, 0.0, 0.0, 0.0, 1.0, -3e-30, 0.0]))
+
+
 def test_ema_does_not_update_in_eval_mode():
     vq = fixed_vq(8, 3, ema_decay=0.9).eval()
     before = vq.embed.clone()
