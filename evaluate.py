@@ -1162,9 +1162,10 @@ def render_coverage_curves(results, out_dir):
                 continue
             curves = {m: {key: _evaluated_points(arms[m], key) for key, _ in CURVE_PANELS} for m in methods}
             fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.4 * len(CURVE_PANELS), 3.8), squeeze=False)
+            legend = {m: f"{CIFAR_LABELS[m]} ({len(arms[m])} seed{'s' if len(arms[m]) > 1 else ''})" for m in methods}
             for ax, (key, label) in zip(axes[0], CURVE_PANELS):
                 for m in methods:
-                    ax.plot(*curves[m][key], marker=".", label=f"{CIFAR_LABELS[m]} ({len(arms[m])} seeds)")
+                    ax.plot(*curves[m][key], marker=".", label=legend[m])
                 ax.set_yscale("log")
                 ax.set_xlabel("epoch")
                 ax.set_title(label, fontsize=9)

@@ -7,11 +7,12 @@
 # Order = priority (what lands first if the budget ends): both arms at 4,096 and 1,024 codes (the
 # per-epoch curves), then 256 and 16,384, then Table 9's Continuous Phase lengths at 4,096, then a
 # second seed at 1,024 and 4,096, then 512 / 2,048 / 8,192.
-# State after the second session (see README): deferred_ema 4,096 s0 finished (runs/); the baselines
-# at 4,096 (epoch 209) and 1,024 (epoch 159) codes paused at the epochs their checkpoints in resume/
-# record: copy resume/*.pt into $OUT first to continue them
-# (`cp results/fashion_mnist/fig5_long/resume/*.pt runs/fmnist_long/`); the JSONs in runs/ go into
-# $OUT too, so finished runs are skipped.
+# State: deferred_ema 4,096 s0 finished in the first session; the baselines at 4,096 and 1,024 codes
+# were paused at epochs 209 / 159 (second session) and finished in the third, after the quantizer
+# began flushing subnormal EMA state (commit d76384c; README "Training throughput on a CPU"), which
+# made their later epochs 12-17x faster. To continue the grid elsewhere, copy the committed JSONs
+# into $OUT first (`cp results/fashion_mnist/fig5_long/runs/*.json runs/fmnist_long/`), so finished
+# runs are skipped.
 set -u
 source ~/.cache/dq-venv/*/bin/activate
 OUT=${OUT:-runs/fmnist_long}
