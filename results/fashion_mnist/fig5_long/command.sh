@@ -2,7 +2,7 @@
 # Figure 5 and Table 9 on Fashion-MNIST on the paper's schedule (README "Figure 5 on the paper's
 # schedule"): 300 epochs, Deferred 150 + 150, the 10-epoch run's subset and width (10,000 training
 # images, channels 32 / residual 16), full 10,000-image test split evaluated every 10 epochs.
-# Two single-thread workers; run from the repository root. Rerunning continues: a run whose JSON
+# Two single-thread workers (WORKERS=1 for one, beside another job); run from the repository root. Rerunning continues: a run whose JSON
 # exists is skipped, a started one (its .pt exists) resumes bit-for-bit.
 # Order = priority (what lands first if the budget ends): both arms at 4,096 and 1,024 codes (the
 # per-epoch curves), then 256 and 16,384, then Table 9's Continuous Phase lengths at 4,096, then a
@@ -16,6 +16,7 @@
 set -u
 source ~/.cache/dq-venv/*/bin/activate
 OUT=${OUT:-runs/fmnist_long}
+WORKERS=${WORKERS:-2}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 COMMON="--dataset fashion-mnist --data-dir /usr/share/datasets/fashion-mnist --train-subset 10000 \
@@ -31,10 +32,10 @@ run() {  # method size continuous total seed
   echo "$name: $(( $(date +%s) - t0 )) s" >> "$OUT/time.txt"
 }
 
-worker() {  # each worker runs every other line of the plan, arms of one cell split between workers
+worker() {  # worker w runs lines w, w + WORKERS, ... of the plan: with two, the arms of a cell run side by side
   local i=0
   while read -r m k c e s; do
-    [ $(( i++ % 2 )) -eq "$1" ] && run "$m" "$k" "$c" "$e" "$s"
+    [ $(( i++ % WORKERS )) -eq "$1" ] && run "$m" "$k" "$c" "$e" "$s"
   done <<'PLAN'
 deferred_ema 4096 150 300 0
 baseline_ema 4096 0 300 0
@@ -61,7 +62,7 @@ baseline_ema 8192 0 300 0
 deferred_ema 8192 150 300 0
 PLAN
 }
-for w in 0 1; do
+for w in $(seq 0 $(( WORKERS - 1 ))); do
   worker $w > "$OUT/worker$w.log" 2>&1 &
 done
 wait
