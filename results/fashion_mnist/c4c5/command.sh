@@ -17,6 +17,10 @@
 # The Inception statistics of the shared reference are computed once (the baseline worker, between
 # its dumps and its MaskGIT runs; the other worker waits for them before its first sampling), so
 # that two processes never write torch-fidelity's cache at once.
+# State after the session that started it (d76384c, 2026-12-03): tokenizers, dumps and the g-FID
+# reference done; deferred MaskGIT seed 0 finished (22 epochs, val loss 4.84), baseline seed 0 and
+# deferred seed 1 training; no sampling yet. runs/, maskgit_train/ and time.txt here are what had
+# landed. Rerunning the command in the same $OUT continues.
 # Said in advance (written before any MaskGIT of this pair ran; the tokenizers: baseline perplexity
 # 20.1 / 45 codes used, deferred 2,818 / 3,811, test MSE 13.2 vs 10.0 x1e-3). The paper predicts the
 # deferred arm's samples are more diverse (C4) and better (C5). Counts against C4: the deferred
