@@ -18,8 +18,8 @@
 # its dumps and its MaskGIT runs; the other worker waits for them before its first sampling), so
 # that two processes never write torch-fidelity's cache at once.
 # State after the session that started it (d76384c, 2026-12-03): tokenizers, dumps and the g-FID
-# reference done; deferred MaskGIT seed 0 finished (22 epochs, val loss 4.84), baseline seed 0 and
-# deferred seed 1 training; no sampling yet. runs/, maskgit_train/ and time.txt here are what had
+# reference done; MaskGIT seed 0 finished in both arms (22 epochs; val loss deferred 4.84, baseline
+# 2.85: its tokens have perplexity 20), seed 1 training in both; no sampling yet. runs/, maskgit_train/ and time.txt here are what had
 # landed. Rerunning the command in the same $OUT continues.
 # Said in advance (written before any MaskGIT of this pair ran; the tokenizers: baseline perplexity
 # 20.1 / 45 codes used, deferred 2,818 / 3,811, test MSE 13.2 vs 10.0 x1e-3). The paper predicts the
