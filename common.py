@@ -3235,6 +3235,14 @@ def tokenizer_test_subset(cfg, limit=0):
     return indices, fid_subset_record(test, indices)
 
 
+def tokenizer_test_labels(cfg, limit=0):
+    """The class labels of the g-FID reference (`tokenizer_test_split` with the same `limit`), in
+    its order, read from the split file (no image is loaded)."""
+    test = load_split(cfg["split_file"])["test"]
+    indices, _ = tokenizer_test_subset(cfg, limit)
+    return [test[i][1] for i in (range(len(test)) if indices is None else indices)]
+
+
 def tokenizer_test_split(cfg, data_dir=None, limit=0):
     """The test images of a tokenizer's own split, prepared as the tokenizer saw them
     (`tokenizer_datasets`: an ImageFolder split or Fashion-MNIST's official test set): the
@@ -3687,14 +3695,59 @@ def write_samples(folder, images, labels, grid_path, per_class=8):
 LPIPS_MIN_SIZE = 31
 
 
+# The real-data anchor of the diversity columns (shared/generators.md, audit item 7): the paper's
+# pixel distance and LPIPS diversity have no scale of their own (is 18 pixel units a lot?), and a
+# generator whose tokens cover little of the codebook shows up as samples *less* diverse than the
+# data. So every sample set is scored beside real test images with its own class mix, measured the
+# same way: per class as many images of the g-FID reference as there are samples of that class.
+
+def real_anchor_indices(reference_labels, sample_labels, seed):
+    """Sorted indices into the reference of the real-data anchor of a sample set: per class as
+    many reference images as `sample_labels` holds of that class (all of the class where it has
+    fewer), a random choice with `seed` inside each class."""
+    by_class = {}
+    for i, label in enumerate(reference_labels):
+        by_class.setdefault(int(label), []).append(i)
+    wanted = {}
+    for label in sample_labels:
+        wanted[int(label)] = wanted.get(int(label), 0) + 1
+    rng = random.Random(seed)
+    chosen = []
+    for label in sorted(wanted):
+        pool = by_class.get(label, [])
+        chosen += rng.sample(pool, min(wanted[label], len(pool)))
+    return sorted(chosen)
+
+
+def real_anchor_metrics(images, reference, reference_labels, sample_labels, *, lpips_model=None, lpips_pairs=None,
+                        seed=0, pixel_scale=PIXEL_DISTANCE_SCALE):
+    """(metrics, provenance) of the real-data anchor (`real_anchor_indices`): the pixel distance
+    and, with `lpips_model`, the LPIPS diversity of real reference images with the samples' class
+    mix, computed as for the samples (same pixel scale, channels, pair budget and pair seed)."""
+    indices = real_anchor_indices(reference_labels, sample_labels, seed)
+    real = torch.stack([reference[i][0] for i in indices]).float()
+    if real.shape[1] != images.shape[1]:  # grey samples vs a reference that repeats the grey channel (as_rgb)
+        real = real.mean(1, keepdim=True)
+    metrics = {"real_pixel_diversity": pixel_diversity(real, scale=pixel_scale)}
+    if lpips_model is not None and len(indices) > 1:
+        metrics["real_lpips_diversity"] = lpips_diversity(as_rgb(real), lpips_model, max_pairs=lpips_pairs,
+                                                          generator=torch.Generator().manual_seed(seed))
+    note = (f"{len(indices)} images of the g-FID reference with the samples' class mix (as many per class as "
+            f"samples, all of a class that has fewer), drawn with seed {seed}")
+    return metrics, {"real_anchor": note}
+
+
 def sample_metrics(images, reference, *, reference_split="test", reference_cache=None, fid=True, prc=False,
-                   lpips_model=None, lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE):
+                   lpips_model=None, lpips_pairs=None, seed=0, device=None, pixel_scale=PIXEL_DISTANCE_SCALE,
+                   reference_labels=None, sample_labels=None):
     """The paper's generation metrics of one sample set (section 6.1): g-FID against
     `reference` (the tokenizer's test split; torch-fidelity, as r-FID), optionally precision /
     recall, mean pairwise pixel distance, and LPIPS diversity over all pairs (`lpips_pairs` caps
     them, drawn with `seed`). Images float in [0, 1]. `reference_cache` names torch-fidelity's
-    cache of the reference features (tokenizer_test_cache_name). Returns (metrics, provenance):
-    the provenance (split, reference set, image range, pixel scale, pairs) goes into the JSON."""
+    cache of the reference features (tokenizer_test_cache_name). With the labels of the reference
+    and of the samples, also the real-data anchor of the two diversity measures
+    (`real_anchor_metrics`). Returns (metrics, provenance): the provenance (split, reference set,
+    image range, pixel scale, pairs, anchor) goes into the JSON."""
     metrics = {"num_samples": int(images.shape[0]), "pixel_diversity": pixel_diversity(images, scale=pixel_scale)}
     provenance = {"eval_split": reference_split, "data_range": 1.0, "pixel_scale": pixel_scale,
                   "fid_reference": None, "lpips_pairs": None}
@@ -3713,6 +3766,12 @@ def sample_metrics(images, reference, *, reference_split="test", reference_cache
         metrics["lpips_diversity"] = lpips_diversity(as_rgb(images), lpips_model, max_pairs=lpips_pairs,
                                                      generator=generator)
         provenance["lpips_pairs"] = min(n_pairs, lpips_pairs or n_pairs)
+    if reference is not None and reference_labels is not None and sample_labels is not None:
+        anchor, note = real_anchor_metrics(images, reference, reference_labels, sample_labels,
+                                           lpips_model=lpips_model, lpips_pairs=lpips_pairs, seed=seed,
+                                           pixel_scale=pixel_scale)
+        metrics.update(anchor)
+        provenance.update(note)
     return metrics, provenance
 
 
@@ -3910,15 +3969,17 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
         atomic_write(paths["tokens"], lambda f: torch.save({"tokens": dump.maps(tokens), "labels": labels}, f))
         counts = torch.bincount(tokens.flatten(), minlength=dump.codebook_size)
         metrics.update(token_perplexity=perplexity_from_counts(counts), token_used_codes=int((counts > 0).sum()))
-        reference, cache, subset = None, None, None
+        reference, cache, subset, reference_labels = None, None, None, None
         if not args.skip_fid:
             reference = tokenizer_test_split(tokenizer_cfg, args.data_dir, args.fid_images)
             cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir, args.fid_images)
             subset = tokenizer_test_subset(tokenizer_cfg, args.fid_images)[1]
+            reference_labels = tokenizer_test_labels(tokenizer_cfg, args.fid_images)
         lpips_model = None if args.skip_lpips else load_lpips("alex", device)
         found, provenance = sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
                                            prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
-                                           seed=args.sample_seed, device=device)
+                                           seed=args.sample_seed, device=device, reference_labels=reference_labels,
+                                           sample_labels=labels)
         if subset is not None:
             provenance["fid_reference"] += fid_subset_note(subset)
         provenance["fid_reference_subset"] = subset
@@ -3929,6 +3990,7 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
         extra.update({k: os.path.relpath(paths[k], folder) for k in ("samples", "grid")})
         if args.skip_fid:
             notes["gfid"] = "not computed: --skip-fid"
+            notes["real_anchor"] = "not computed: --skip-fid (the anchor's real images are the g-FID reference)"
         if args.skip_lpips:
             notes["lpips_diversity"] = "not computed: --skip-lpips"
     else:

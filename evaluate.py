@@ -1577,7 +1577,7 @@ def render_other_generation(results, out_dir):
     if not runs:
         return None
     cols = (("gfid", 2), ("pixel_diversity", 2), ("lpips_diversity", 4), ("token_perplexity", 1),
-            ("token_used_codes", 0), ("val_loss", 4))
+            ("token_used_codes", 0), ("val_loss", 4), ("real_pixel_diversity", 2), ("real_lpips_diversity", 4))
     arms = {}
     for r in runs:
         t = r["tokenizer"]
@@ -1590,7 +1590,9 @@ def render_other_generation(results, out_dir):
             for key in sorted(arms, key=str) for experiment, dataset, gan, codes, deferred in [key]
             for settings, group in generator_groups(arms[key])]
     return markdown_table(header, body) + _generator_note(runs) + (
-        " Mean ± std over the runs of one recipe (runs that differ only in their seeds).")
+        " Mean ± std over the runs of one recipe (runs that differ only in their seeds). real_*: the same "
+        "diversity measures on real test images with the samples' class mix (one draw per sampling seed), "
+        "the scale the sample columns are read against.")
 
 
 @renderer("Figure 9 (samples without / with Deferred Quantization)")

@@ -88,10 +88,14 @@ def test_runs_of_one_arm_are_averaged_and_named_not_picked(tmp_path):
     # on other data: one row per arm, over sample seeds of one trained run as well
     for name, sample_seed, lpips in (("c", 0, 0.10), ("d", 1, 0.12), ("e", 2, 0.14)):
         write_run(tmp_path / "fm", name, "maskgit", False, dataset="fashion-mnist", sample_seed=sample_seed,
-                  sample_only=sample_seed > 0, metrics={"lpips_diversity": lpips, "num_samples": 1000})
+                  sample_only=sample_seed > 0, metrics={"lpips_diversity": lpips, "num_samples": 1000,
+                                                        "real_lpips_diversity": 2 * lpips})
     other = evaluate.render_other_generation(evaluate.load_results(str(tmp_path / "fm")), None)
+    header = [c.strip(" |") for c in other.splitlines()[0].split(" | ")]
     cells = next(line for line in other.splitlines() if line.startswith("| maskgit")).split(" | ")
     assert cells[5:9] == ["paper", "3: seed 0 x sample 0, 1, 2", "1000", "–"] and cells[10] == "0.1200 ± 0.0200"
+    assert cells[header.index("real_lpips_diversity")].strip(" |") == "0.2400 ± 0.0400"
+    assert cells[header.index("real_pixel_diversity")] == "–"  # not measured: absent, not zero
 
 
 def test_figure9_shows_the_trained_run_of_an_arm_not_a_later_resampling(tmp_path):

@@ -332,6 +332,40 @@ def test_sample_metrics_record_their_provenance(monkeypatch):
         common.sample_metrics(images[..., :30, :], reference, fid=False, lpips_model=object())
 
 
+def test_real_anchor_takes_the_samples_class_mix_from_the_reference():
+    reference_labels = [0] * 5 + [1] * 2 + [2] * 4 + [3] * 3
+    samples = [0, 0, 0, 1, 1, 1, 2]  # class 1: more samples than reference images; class 3: none
+    chosen = common.real_anchor_indices(reference_labels, samples, seed=0)
+    assert chosen == sorted(chosen) and len(set(chosen)) == len(chosen)
+    assert [reference_labels[i] for i in chosen] == [0, 0, 0, 1, 1, 2]  # 3 of class 0, all 2 of class 1, 1 of 2
+    assert chosen == common.real_anchor_indices(reference_labels, samples, seed=0)  # seeded
+    draws = {tuple(common.real_anchor_indices(reference_labels, samples, seed=s)) for s in range(20)}
+    assert len(draws) > 1  # another sampling seed draws other images inside a class
+
+
+def test_sample_metrics_score_real_images_beside_the_samples(monkeypatch):
+    seen = []
+    monkeypatch.setattr(common, "fidelity_metrics", lambda *a, **k: {"fid": 1.0})
+    monkeypatch.setattr(common, "lpips_diversity",
+                        lambda images, model, max_pairs=None, generator=None: seen.append(images) or 0.25)
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(10, 1, 32, 32, generator=g)
+    reference = [(grey[i].expand(3, -1, -1), i % 2) for i in range(10)]  # RGB items repeating a grey channel
+    samples = torch.rand(4, 1, 32, 32, generator=g)
+    labels = torch.tensor([0, 0, 1, 1])
+    metrics, prov = common.sample_metrics(samples, reference, reference_labels=[i % 2 for i in range(10)],
+                                          sample_labels=labels, lpips_model=object(), seed=3)
+    chosen = common.real_anchor_indices([i % 2 for i in range(10)], labels, 3)
+    assert len(chosen) == 4 and metrics["real_lpips_diversity"] == 0.25
+    # independent: the mean L2 distance over the pairs of the chosen grey images, as for the grey samples
+    assert metrics["real_pixel_diversity"] == pytest.approx(torch.pdist(grey[chosen].flatten(1)).mean().item(), rel=1e-5)
+    assert metrics["pixel_diversity"] == pytest.approx(torch.pdist(samples.flatten(1)).mean().item(), rel=1e-5)
+    assert torch.allclose(seen[1], grey[chosen].expand(-1, 3, -1, -1))  # LPIPS sees the anchor in RGB
+    assert "4 images of the g-FID reference" in prov["real_anchor"] and "seed 3" in prov["real_anchor"]
+    metrics, prov = common.sample_metrics(samples, reference, lpips_model=object())  # no labels: no anchor
+    assert "real_pixel_diversity" not in metrics and "real_anchor" not in prov
+
+
 def test_generate_images_decodes_each_batch(tokenizer_runs):
     model, _ = common.load_tokenizer(tokenizer_runs["msvq"].checkpoint)
     dump = common.load_token_dump(tokenizer_runs["msvq"].tokens["val"])
@@ -456,6 +490,10 @@ def test_generators_on_a_fashion_mnist_tokenizer_score_against_its_test_split(tm
             record = json.load(f)
         assert record["metrics"]["gfid"] == 1.0 and record["fid_reference"].startswith("test split, 6 images")
         assert record["fid_reference_subset"]["indices"] == chosen and record["fid_reference_subset"]["of"] == 7
+        # the real-data anchor: one sample per class, so every one of the 6 reference images (6 classes)
+        assert record["metrics"]["real_pixel_diversity"] == pytest.approx(torch.pdist(x.flatten(1)).mean().item(),
+                                                                          rel=1e-5)
+        assert record["real_anchor"].startswith("6 images of the g-FID reference")
         assert record["tokenizer"]["dataset"] == "fashion-mnist" and record["sampling"]["labels"] == "class-balanced"
     assert seen[0][1] == seen[1][1]  # both tokenizers use the same split: one reference cache
 
