@@ -1189,11 +1189,13 @@ class VectorQuantizer(nn.Module):
 
     # ---- codebook writes (identical on every rank) --------------------------------------------
     @torch.no_grad()
-    def set_codes(self, mask, values):
+    def set_codes(self, mask, values, unit=True):
         """Write raw code vectors for the codes in `mask` and reset their EMA state consistently
         (cluster_size 1, embed_avg = embed), so the next EMA step moves them by a weighted mean
-        of old position and new data instead of erasing the write."""
-        self.embed.data[mask] = self._unit(values.to(self.embed.dtype))
+        of old position and new data instead of erasing the write. In l2_norm mode the stored
+        vectors are unit vectors unless `unit` is False (`init_from_embeddings(unit_codes=False)`)."""
+        values = values.to(self.embed.dtype)
+        self.embed.data[mask] = self._unit(values) if unit else values
         self.steps_unused[mask] = 0
         if self.ema_decay is not None:
             self.cluster_size[mask] = 1.0
@@ -1211,13 +1213,13 @@ class VectorQuantizer(nn.Module):
             return torch.linalg.solve(self.simvq_map.weight.float(), shifted.t()).t()
         return codes
 
-    def _write_from_rank0(self, mask, choose):
-        """set_codes(mask, choose()) with `choose` run on rank 0 only and its (n, dim) effective
-        codes broadcast, so random draws and k-means give one codebook on every rank."""
+    def _write_from_rank0(self, mask, choose, unit=True):
+        """set_codes(mask, choose(), unit) with `choose` run on rank 0 only and its (n, dim)
+        effective codes broadcast, so random draws and k-means give one codebook on every rank."""
         n = int(mask.sum())
         codes = choose() if is_main_process() else torch.empty(n, self.dim)
         codes = broadcast_from_main(codes.to(self.embed.device, torch.float32).contiguous())
-        self.set_codes(mask, self._to_raw(codes))
+        self.set_codes(mask, self._to_raw(codes), unit)
 
     @torch.no_grad()
     def replace_codes(self, mask, z):
@@ -1234,7 +1236,7 @@ class VectorQuantizer(nn.Module):
         self._write_from_rank0(mask, choose)
 
     @torch.no_grad()
-    def init_from_embeddings(self, embeddings, method="sample", kmeans_iters=20, seed=0):
+    def init_from_embeddings(self, embeddings, method="sample", kmeans_iters=20, seed=0, unit_codes=True):
         """Initialise every code from encoder embeddings (paper section 5, appendix A.1).
 
         `embeddings` are this rank's (N_r, dim) vectors or (B, dim, H, W) maps; they are gathered
@@ -1242,11 +1244,20 @@ class VectorQuantizer(nn.Module):
         k-means on them ('kmeans'); the result is broadcast, so every rank starts from the same
         codebook. EMA state is reset to match (see `set_codes`); a SimVQ layer is reset to the
         identity, so its frozen codebook holds the embeddings themselves (see the class docstring).
+        In l2_norm mode the codes are unit vectors unless `unit_codes` is False: then the raw
+        embeddings are stored (k-means clusters them raw) and only the search normalises them. Same
+        effective codes under 'sample', but a gradient step turns a code of norm r by ~1/r as much
+        (the paper's Table 7 measured raw LlamaGen codes of mean distance 6.48, which unit codes
+        cannot reach). Gradient codebooks only: an l2 EMA update writes unit vectors back.
         """
         if method not in ("sample", "kmeans"):
             raise UserError(f"unknown init method '{method}' (use sample or kmeans)")
+        if not unit_codes and self.l2_norm and self.ema_decay is not None:
+            raise UserError("raw (unnormalised) codes need a gradient-trained codebook: the l2 EMA update "
+                            "stores unit vectors")
         # l2_norm: sample / cluster the unit vectors that the search will compare codes with
-        pool = all_gather_rows(self._unit(latent_rows(embeddings.detach(), self.dim).float()))
+        rows = latent_rows(embeddings.detach(), self.dim).float()
+        pool = all_gather_rows(self._unit(rows) if unit_codes else rows)
         if pool.shape[0] < self.num_codes:
             raise UserError(f"codebook of {self.num_codes} codes is larger than the {pool.shape[0]} "
                             "embeddings collected to initialise it; collect more or use fewer codes")
@@ -1259,7 +1270,8 @@ class VectorQuantizer(nn.Module):
         if self.simvq_map is not None:
             nn.init.eye_(self.simvq_map.weight)
             nn.init.zeros_(self.simvq_map.bias)
-        self._write_from_rank0(torch.ones(self.num_codes, dtype=torch.bool, device=self.embed.device), choose)
+        self._write_from_rank0(torch.ones(self.num_codes, dtype=torch.bool, device=self.embed.device), choose,
+                               unit_codes)
 
 
 # Encoder outputs a switch keeps for the record (`deferred_switch(keep=...)`): enough for a mean
@@ -1280,7 +1292,8 @@ def embedding_sample(local, quantizer, seed, limit=SWITCH_SAMPLE):
     return pool[order.to(pool.device)].cpu()
 
 
-def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, progress=False, keep=None):
+def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, progress=False, keep=None,
+                    **init_kwargs):
     """The switch from the Continuous Phase to the Discretization Phase (paper section 5).
 
     Collects encoder embeddings over as many batches as needed until ratio x num_codes vectors
@@ -1293,6 +1306,7 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     Returns the number of embeddings this rank contributed. With a dict `keep` (on every rank), also
     stores keep["embeddings"] = `embedding_sample` of the collected embeddings: what the codebook
     was drawn from, whose spread the paper's Figure 3 compares with the codebook's (section 4).
+    Other keyword arguments go to `init_from_embeddings` (unit_codes).
     """
     if not ratio >= 1:
         raise UserError(f"the embedding-to-code ratio must be >= 1 (one embedding per code at least), got {ratio}")
@@ -1314,7 +1328,7 @@ def deferred_switch(quantizer, encode, batches, ratio, method="sample", seed=0, 
     local = torch.cat(collected)[:per_rank] if collected else torch.zeros(0, quantizer.dim, device=device)
     if keep is not None:
         keep["embeddings"] = embedding_sample(local, quantizer, seed)
-    quantizer.init_from_embeddings(local, method=method, seed=seed)
+    quantizer.init_from_embeddings(local, method=method, seed=seed, **init_kwargs)
     quantizer.set_enabled(True)
     return local.shape[0]
 

@@ -54,10 +54,13 @@ Choices the paper leaves open (section 6.4 / A.1 say only "50,000 steps", "first
   * Normalisation during the Continuous Phase: on. The quantizer, switched off, still projects the
     encoder outputs onto the unit sphere, so the decoder trains on the kind of vectors it receives
     after the switch; only quantization is deferred. (Raw outputs would hand the decoder vectors of
-    another norm at the switch.) The switch writes unit vectors into the codebook. The paper's
-    Deferred Euclidean 6.48 in Table 7 cannot come from unit codes (at most 2): it measured the raw
-    parameter, which suggests it wrote unnormalised encoder outputs; our JSON reports raw and unit
-    views, and only the unit view compares two l2 tokenizers fairly.
+    another norm at the switch.) The switch writes unit vectors into the codebook (--switch-codes
+    unit). The paper's Deferred Euclidean 6.48 in Table 7 cannot come from unit codes (at most 2):
+    it measured the raw parameter, which suggests it wrote unnormalised encoder outputs; --switch-
+    codes raw does that. The search normalises codes either way, so both start from the same
+    effective codebook, but they train differently: Adam moves a stored code by about lr per step
+    whatever its norm, which turns a code of norm r by ~lr / r, so raw codes of norm > 1 move more
+    slowly. Our JSON reports raw and unit views; only the unit view compares two l2 tokenizers fairly.
   * The codebook comes from the first global batch of the Discretization Phase: 128 images x 256
     positions = 32,768 = 2 x 16,384 embeddings (--ratio 2), sampled without replacement.
   * The GAN across the switch: the discriminator starts --gan-start (20,000) steps into the
@@ -811,7 +814,10 @@ def load_codes(path):
 
 
 def arm_name(args):
-    return args.arm or ("deferred" if args.deferred else "baseline")
+    """The run's folder under --out: --arm, else baseline / deferred / deferred_raw (--switch-codes raw)."""
+    if args.arm:
+        return args.arm
+    return "baseline" if not args.deferred else "deferred_raw" if args.switch_codes == "raw" else "deferred"
 
 
 def run_dir(args):
@@ -948,7 +954,7 @@ def switch(model, x, more, args, state, save, continuous_path):
     save(continuous_path)
     model.eval()
     n = common.deferred_switch(model.quantizer, model.encode, _chain(x, more), args.ratio, args.init_method,
-                               args.seed, progress=True)
+                               args.seed, progress=True, unit_codes=args.switch_codes == "unit")
     model.train()
     state["switched_at"] = state["step"]
     print0(f"step {state['step']}: codebook initialised from {n} embeddings per rank; Discretization Phase")
@@ -1384,7 +1390,7 @@ TOKENIZER_RANGES = {"seed": common.SAMPLER_RANGES["seed"], "codebook_size": ">= 
                     "eval_batch_size": ">= 1", "fid_batch_size": ">= 1", "crop_ranges": ">= 1",
                     "max_eval_images": ">= 0", "max_train_images": ">= 0", "disc_layers": ">= 1", "disc_ndf": ">= 1"}
 TOKENIZER_DEFINING = ("codebook_size", "token_dim", "beta", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
-                      "resolution", "z_channels", "deferred", "continuous_steps", "ratio", "init_method", "epochs",
+                      "resolution", "z_channels", "deferred", "continuous_steps", "ratio", "init_method", "switch_codes", "epochs",
                       "batch_size", "lr", "adam_beta1", "adam_beta2", "grad_clip", "lpips_weight", "gan_weight",
                       "gan_start", "disc_layers", "disc_ndf", "seed")
 GPT_RANGES = {"gpt_layers": ">= 1", "gpt_dim": ">= 1", "gpt_heads": ">= 1", "gpt_dropout": "[0, 1)",
@@ -1470,6 +1476,9 @@ def build_parser():
     g.add_argument("--ratio", type=float, default=2.0,
                    help="embeddings per code at the switch (2: exactly the first batch of 128 x 256)")
     g.add_argument("--init-method", choices=["sample", "kmeans"], default="sample")
+    g.add_argument("--switch-codes", choices=["unit", "raw"], default="unit",
+                   help="what the switch stores: the l2-normalised embeddings (ours) or the raw ones (what the "
+                        "paper's Table 7 Euclidean 6.48 implies); the search normalises both")
 
     g = p.add_argument_group("tokenizer training (LlamaGen vq_train.py)")
     g.add_argument("--epochs", type=int, default=40, help="TOTAL epochs, both phases (paper deferred: 45)")

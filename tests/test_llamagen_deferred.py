@@ -168,6 +168,39 @@ def test_baseline_starts_with_llamagen_uniform_codes_and_quantizes_from_step_0(p
     assert not os.path.exists(tmp_path / "baseline" / "tokenizer" / "continuous.pt")
 
 
+def test_switch_codes_raw_stores_the_encoder_outputs_unnormalised(pipeline, tmp_path, monkeypatch):
+    seen = []
+    original = common.deferred_switch
+
+    def spy(quantizer, encode, batches, ratio, *a, **kw):
+        kept = []
+
+        def keep(batch):
+            out = encode(batch)
+            kept.append(common.latent_rows(out.detach(), quantizer.dim).float())
+            return out
+        n = original(quantizer, keep, batches, ratio, *a, **kw)
+        seen.append((torch.cat(kept), quantizer.embed.detach().clone(), quantizer.codebook.detach().clone()))
+        return n
+    monkeypatch.setattr(common, "deferred_switch", spy)
+    run(TINY + ["--data-dir", str(pipeline["data"]), "--out", str(tmp_path), "--stage", "tokenizer", "--deferred",
+                "--epochs", "2", "--continuous-steps", "3", "--gan-weight", "0", "--switch-codes", "raw"])
+    (embeddings, stored, effective), = seen
+    match = torch.cdist(stored.double(), embeddings.double()).min(1)
+    assert match.values.max() < 1e-4 and match.indices.unique().numel() == K  # K distinct raw encoder outputs
+    assert not torch.allclose(stored.norm(dim=1), torch.ones(K), atol=1e-2)  # not projected at the switch
+    assert torch.allclose(effective.norm(dim=1), torch.ones(K), atol=1e-5)  # the search still sees unit codes
+    ckpt = common.load_checkpoint(str(tmp_path / "deferred_raw" / "tokenizer" / "last.pt"))  # its own folder
+    assert ckpt["args"]["switch_codes"] == "raw" and not os.path.exists(tmp_path / "deferred")
+    with pytest.raises(common.UserError, match="--switch-codes 'raw' -> 'unit'"):  # another run: no resume
+        run(TINY + ["--data-dir", str(pipeline["data"]), "--out", str(tmp_path), "--stage", "tokenizer", "--deferred",
+                    "--epochs", "2", "--continuous-steps", "3", "--gan-weight", "0", "--resume", "--arm", "deferred_raw"])
+    # evaluate.py gives it its own Table 7 / 12 row, never the unit arm's
+    arms = [evaluate._arm_of({"args": dict(deferred=d, switch_codes=c, arm=None)})
+            for d, c in ((True, "raw"), (True, "unit"), (False, "raw"), (True, None))]
+    assert arms == ["deferred_raw", "deferred", "baseline", "deferred"]  # None: a JSON from before the flag
+
+
 def test_switch_after_all_steps_is_refused_before_training(pipeline, tmp_path):
     with pytest.raises(common.UserError, match="no Discretization Phase"):
         run(TINY + ["--data-dir", str(pipeline["data"]), "--out", str(tmp_path), "--stage", "tokenizer", "--deferred",
@@ -264,8 +297,10 @@ def test_evaluate_renders_tables_7_and_12(pipeline, tmp_path):
         ["tables", str(pipeline["out"]), "--out", str(tmp_path)]))
     assert "## Table 7" in report and "## Table 12" in report
     t7 = report.split("## Table 7")[1].split("##")[0]
-    deferred_row = next(line for line in t7.splitlines() if line.startswith("| + Deferred"))
+    deferred_row = next(line for line in t7.splitlines() if line.startswith("| + Deferred |"))
     assert "| 6.48 |" in deferred_row and "| 20.82 |" in deferred_row
+    raw_row = next(line for line in t7.splitlines() if line.startswith("| + Deferred, raw switch codes |"))
+    assert raw_row.split(" | ")[4] == "–" and deferred_row.split(" | ")[4] != "–"  # PSNR ours: the pipeline ran the unit arm
     # VAR's and VQGAN's PSNR / SSIM have a paper value and no reproduction path: the note says why
     assert "PSNR / SSIM ours of VAR and VQGAN stay '–'" in t7 and "not marked *" in t7
 

@@ -124,6 +124,32 @@ def test_data_init_writes_unit_vectors_of_the_embeddings():
     assert torch.allclose(vq.embed.norm(dim=1), torch.ones(16), atol=1e-6)
 
 
+def test_raw_data_init_stores_the_embeddings_and_searches_as_the_unit_one():
+    emb = torch.randn(40, 4) * 5
+    raw, unit = l2_vq(num_codes=16, dim=4), l2_vq(num_codes=16, dim=4)
+    raw.init_from_embeddings(emb, method="sample", seed=1, unit_codes=False)
+    unit.init_from_embeddings(emb, method="sample", seed=1)
+    match = torch.cdist(raw.embed.detach().double(), emb.double()).min(1)
+    assert match.values.max() < 1e-5 and match.indices.unique().numel() == 16  # the embeddings themselves
+    assert raw.embed.detach().norm(dim=1).min() > 1.5  # not projected (these embeddings have norm ~10)
+    assert torch.allclose(raw.codebook, unit.codebook, atol=1e-6)  # same draw, same effective codes
+    z = torch.randn(50, 4)
+    assert torch.equal(raw(z)[1], unit(z)[1])
+    # with Adam a step moves a stored code by ~lr whatever its norm: the raw code turns ~||code|| times less
+    angles = []
+    for vq in (raw, unit):
+        opt = torch.optim.Adam(vq.parameters(), lr=1e-2)
+        before = vq.codebook.detach().clone()
+        _, _, loss = vq(z)
+        loss.backward()
+        opt.step()
+        moved = vq.codebook.detach()
+        angles.append(torch.arccos((before * moved).sum(1).clamp(-1, 1)).max())
+    assert angles[0] < angles[1] / 3
+    with pytest.raises(UserError, match="gradient-trained codebook"):  # an l2 EMA update writes unit vectors
+        l2_vq(num_codes=16, dim=4, ema_decay=0.99).init_from_embeddings(emb, unit_codes=False)
+
+
 def test_deferred_switch_initialises_exactly_once_from_the_first_batch(monkeypatch):
     vq = l2_vq(num_codes=8, dim=4, enabled=False)
     calls = []
