@@ -17,11 +17,12 @@
 # The Inception statistics of the shared reference are computed once (the baseline worker, between
 # its dumps and its MaskGIT runs; the other worker waits for them before its first sampling), so
 # that two processes never write torch-fidelity's cache at once.
-# State after the session that started it (d76384c, 2026-12-03): tokenizers, dumps and the g-FID
-# reference done; MaskGIT seed 0 finished in both arms (22 epochs; val loss deferred 4.84, baseline
-# 2.85: its tokens have perplexity 20), seed 1 training in both; no sampling yet. runs/, maskgit_train/ and time.txt here are what had
-# landed. Rerunning the command in the same $OUT continues.
-# Said in advance (written before any MaskGIT of this pair ran; the tokenizers: baseline perplexity
+# State: finished (2026-12-03, two sessions; samplings at code commit f312f8b, which added the
+# real-data anchor to every sampling's JSON). runs/ (tokenizer JSONs), maskgit_train/ (the 4 trained
+# MaskGITs' JSONs), maskgit/ (the 12 samplings' JSONs and grids), report.md, Figure 9 and time.txt
+# here are its outputs; checkpoints, samples and token files are not committed. Result and verdict:
+# README "C4 / C5 on a pair with the failure (issue 15)".
+# Said in advance (written before any MaskGIT of this pair had finished; the tokenizers: baseline perplexity
 # 20.1 / 45 codes used, deferred 2,818 / 3,811, test MSE 13.2 vs 10.0 x1e-3). The paper predicts the
 # deferred arm's samples are more diverse (C4) and better (C5). Counts against C4: the deferred
 # arm's LPIPS diversity or sampled-token perplexity is not above the baseline's by more than the
