@@ -1255,7 +1255,7 @@ class VectorQuantizer(nn.Module):
         if not unit_codes and self.l2_norm and self.ema_decay is not None:
             raise UserError("raw (unnormalised) codes need a gradient-trained codebook: the l2 EMA update "
                             "stores unit vectors")
-        # l2_norm: sample / cluster the unit vectors that the search will compare codes with
+        # l2_norm: sample / cluster the unit vectors that the search will compare codes with (or the raw rows)
         rows = latent_rows(embeddings.detach(), self.dim).float()
         pool = all_gather_rows(self._unit(rows) if unit_codes else rows)
         if pool.shape[0] < self.num_codes:

@@ -1390,8 +1390,8 @@ TOKENIZER_RANGES = {"seed": common.SAMPLER_RANGES["seed"], "codebook_size": ">= 
                     "eval_batch_size": ">= 1", "fid_batch_size": ">= 1", "crop_ranges": ">= 1",
                     "max_eval_images": ">= 0", "max_train_images": ">= 0", "disc_layers": ">= 1", "disc_ndf": ">= 1"}
 TOKENIZER_DEFINING = ("codebook_size", "token_dim", "beta", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
-                      "resolution", "z_channels", "deferred", "continuous_steps", "ratio", "init_method", "switch_codes", "epochs",
-                      "batch_size", "lr", "adam_beta1", "adam_beta2", "grad_clip", "lpips_weight", "gan_weight",
+                      "resolution", "z_channels", "deferred", "continuous_steps", "ratio", "init_method", "switch_codes",
+                      "epochs", "batch_size", "lr", "adam_beta1", "adam_beta2", "grad_clip", "lpips_weight", "gan_weight",
                       "gan_start", "disc_layers", "disc_ndf", "seed")
 GPT_RANGES = {"gpt_layers": ">= 1", "gpt_dim": ">= 1", "gpt_heads": ">= 1", "gpt_dropout": "[0, 1)",
               "class_dropout": "[0, 1)", "gpt_epochs": ">= 1", "gpt_batch_size": ">= 1", "gpt_lr": "> 0",
