@@ -11,7 +11,8 @@
 # were paused at epochs 209 / 159 (second session) and finished in the third, after the quantizer
 # began flushing subnormal EMA state (commit d76384c; README "Training throughput on a CPU"), which
 # made their later epochs 12-17x faster. Fourth session (2026-12-03/04, code f312f8b): the 16,384 pair and
-# Table 9's Continuous 10 and 20 finished; Continuous 80 and 40 were running at the stop (resume them). To continue the grid elsewhere, copy the committed JSONs
+# Table 9's Continuous 10 and 20 finished; Continuous 80 and the seed-1 4,096 baseline were running at
+# the stop (they resume from their .pt in runs/fmnist_long). To continue the grid elsewhere, copy the committed JSONs
 # into $OUT first (`cp results/fashion_mnist/fig5_long/runs/*.json runs/fmnist_long/`), so finished
 # runs are skipped.
 set -u
