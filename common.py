@@ -3249,11 +3249,11 @@ def tokenizer_test_subset(cfg, limit=0):
     return indices, fid_subset_record(test, indices)
 
 
-def tokenizer_test_labels(cfg, limit=0):
-    """The class labels of the g-FID reference (`tokenizer_test_split` with the same `limit`), in
-    its order, read from the split file (no image is loaded)."""
+def tokenizer_test_labels(cfg, indices=None):
+    """The class labels of the g-FID reference in its order: the test split's labels at the
+    `indices` of its --fid-images subset (`tokenizer_test_subset`; None: every test image), read
+    from the split file (no image is loaded)."""
     test = load_split(cfg["split_file"])["test"]
-    indices, _ = tokenizer_test_subset(cfg, limit)
     return [test[i][1] for i in (range(len(test)) if indices is None else indices)]
 
 
@@ -3987,8 +3987,8 @@ def report_samples(args, experiment, tokenizer, tokenizer_cfg, dump, sample_toke
         if not args.skip_fid:
             reference = tokenizer_test_split(tokenizer_cfg, args.data_dir, args.fid_images)
             cache = tokenizer_test_cache_name(tokenizer_cfg, args.data_dir, args.fid_images)
-            subset = tokenizer_test_subset(tokenizer_cfg, args.fid_images)[1]
-            reference_labels = tokenizer_test_labels(tokenizer_cfg, args.fid_images)
+            indices, subset = tokenizer_test_subset(tokenizer_cfg, args.fid_images)
+            reference_labels = tokenizer_test_labels(tokenizer_cfg, indices)
         lpips_model = None if args.skip_lpips else load_lpips("alex", device)
         found, provenance = sample_metrics(images, reference, reference_cache=cache, fid=not args.skip_fid,
                                            prc=args.prc, lpips_model=lpips_model, lpips_pairs=args.lpips_pairs,
