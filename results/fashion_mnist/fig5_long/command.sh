@@ -2,8 +2,10 @@
 # Figure 5 and Table 9 on Fashion-MNIST on the paper's schedule (README "Figure 5 on the paper's
 # schedule"): 300 epochs, Deferred 150 + 150, the 10-epoch run's subset and width (10,000 training
 # images, channels 32 / residual 16), full 10,000-image test split evaluated every 10 epochs.
-# Two single-thread workers (WORKERS=1 for one, beside another job); run from the repository root. Rerunning continues: a run whose JSON
-# exists is skipped, a started one (its .pt exists) resumes bit-for-bit.
+# Two single-thread workers (WORKERS=1 for one, beside another job); run from the repository root.
+# Rerunning continues: a run whose JSON exists is skipped, a started one (its .pt exists) resumes
+# bit-for-bit. Locks left by a killed run on another host (a new session) are refused: delete them
+# first (`rm -f runs/fmnist_long/*.lock`) when nothing else is running.
 # Order = priority (what lands first if the budget ends): both arms at 4,096 and 1,024 codes (the
 # per-epoch curves), then 256 and 16,384, then Table 9's Continuous Phase lengths at 4,096, then a
 # second seed at 1,024 and 4,096, then 512 / 2,048 / 8,192.
@@ -30,14 +32,15 @@ run() {  # method size continuous total seed
   [ -f "$OUT/$name.pt" ] && resume="--resume"
   local t0=$(date +%s)
   python cifar_sweep.py --method "$1" --codebook-size "$2" --continuous-epochs "$3" --epochs "$4" --seed "$5" \
-    $COMMON $resume
+    $COMMON $resume || return 0  # refused (the other worker holds its lock) or failed: the log says which
   echo "$name: $(( $(date +%s) - t0 )) s" >> "$OUT/time.txt"
 }
 
-worker() {  # worker w runs lines w, w + WORKERS, ... of the plan: with two, the arms of a cell run side by side
-  local i=0
+worker() {  # every worker walks the whole plan in order and takes the first run nobody holds: a run
+  # the other worker is training is refused by its lock (common.RunLock), so both cores stay busy to
+  # the end and the two arms of a cell still run side by side
   while read -r m k c e s; do
-    [ $(( i++ % WORKERS )) -eq "$1" ] && run "$m" "$k" "$c" "$e" "$s"
+    run "$m" "$k" "$c" "$e" "$s"
   done <<'PLAN'
 deferred_ema 4096 150 300 0
 baseline_ema 4096 0 300 0
@@ -65,7 +68,8 @@ deferred_ema 8192 150 300 0
 PLAN
 }
 for w in $(seq 0 $(( WORKERS - 1 ))); do
-  worker $w > "$OUT/worker$w.log" 2>&1 &
+  worker > "$OUT/worker$w.log" 2>&1 &
+  sleep 5  # the first worker takes its lock before the second reads the plan
 done
 wait
 # then (what is committed): the JSONs, and the tables / figures rendered from them
