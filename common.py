@@ -2560,6 +2560,14 @@ def _balanced_counts(capacity, total, rng):
     return counts
 
 
+def indices_by_class(labels):
+    """{class: [positions of that class in `labels`, ascending]} for integer labels (ints or 0-d tensors)."""
+    by_class = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    return by_class
+
+
 def _class_uniform_sample(by_class, size, rng):
     """Draw `size` items spread uniformly over classes; removes them from `by_class` in place."""
     counts = _balanced_counts([len(v) for v in by_class], size, rng)
@@ -3214,9 +3222,7 @@ def fid_subset(items, limit, seed=FID_SUBSET_SEED):
     random choice."""
     if not 0 < limit < len(items):
         return None
-    by_class = {}
-    for i, (_, label) in enumerate(items):
-        by_class.setdefault(label, []).append(i)
+    by_class = indices_by_class(label for _, label in items)
     return _class_uniform_sample([by_class[c] for c in sorted(by_class)], limit, random.Random(seed))
 
 
@@ -3719,9 +3725,7 @@ def real_anchor_indices(reference_labels, sample_labels, seed):
     """Sorted indices into the reference of the real-data anchor of a sample set: per class as
     many reference images as `sample_labels` holds of that class (all of the class where it has
     fewer), a random choice with `seed` inside each class."""
-    by_class = {}
-    for i, label in enumerate(reference_labels):
-        by_class.setdefault(int(label), []).append(i)
+    by_class = indices_by_class(reference_labels)
     wanted = {}
     for label in sample_labels:
         wanted[int(label)] = wanted.get(int(label), 0) + 1
