@@ -8,7 +8,8 @@
 # first (`rm -f runs/fmnist_long/*.lock`) when nothing else is running.
 # Order = priority (what lands first if the budget ends): both arms at 4,096 and 1,024 codes (the
 # per-epoch curves), then 256 and 16,384, then Table 9's Continuous Phase lengths at 4,096, then a
-# second seed at 1,024 and 4,096, then 512 / 2,048 / 8,192.
+# second seed at 1,024 and 4,096, then 512 / 2,048 / 8,192, then the paper's two other Table 9 lengths
+# (60, 100; the issue asked for 0 / 10 / 20 / 40 / 80 / 150).
 # State: deferred_ema 4,096 s0 finished in the first session; the baselines at 4,096 and 1,024 codes
 # were paused at epochs 209 / 159 (second session) and finished in the third, after the quantizer
 # began flushing subnormal EMA state (commit d76384c; README "Training throughput on a CPU"), which
@@ -65,6 +66,8 @@ baseline_ema 2048 0 300 0
 deferred_ema 2048 150 300 0
 baseline_ema 8192 0 300 0
 deferred_ema 8192 150 300 0
+deferred_ema 4096 60 210 0
+deferred_ema 4096 100 250 0
 PLAN
 }
 for w in $(seq 0 $(( WORKERS - 1 ))); do
