@@ -1137,11 +1137,12 @@ CURVE_PANELS = (("val_perplexity", "test usage perplexity"), ("val_used_codes", 
 
 
 def _evaluated_points(runs, key):
-    """(epochs from 1, mean over seeds) of one history value at the epochs where every run has it
-    (evaluations happen every --val-every epochs; usage and spread only while quantizing)."""
+    """(epochs from 1, values (runs x epochs)) of one history value at the epochs where every run has
+    it (evaluations happen every --val-every epochs; usage and spread only while quantizing)."""
     per_run = [{h["epoch"] + 1: h[key] for h in r["history"] if h.get(key) is not None} for r in runs]
     epochs = sorted(set.intersection(*(set(p) for p in per_run)))
-    return np.asarray(epochs), np.asarray([np.mean([p[e] for p in per_run]) for e in epochs], dtype=float)
+    return np.asarray(epochs), np.asarray([[p[e] for e in epochs] for p in per_run], dtype=float).reshape(
+        len(runs), len(epochs))
 
 
 @renderer("Coverage over training on other data or recipes (per-epoch curves, baseline_ema vs deferred_ema)")
@@ -1160,12 +1161,18 @@ def render_coverage_curves(results, out_dir):
             arms = {m: [r for r in done if r["method"] == m and r["args"]["codebook_size"] == k] for m in methods}
             if not all(arms.values()):
                 continue
-            curves = {m: {key: _evaluated_points(arms[m], key) for key, _ in CURVE_PANELS} for m in methods}
+            points = {m: {key: _evaluated_points(arms[m], key) for key, _ in CURVE_PANELS} for m in methods}
+            curves = {m: {key: (epochs, values.mean(0)) for key, (epochs, values) in points[m].items()}
+                      for m in methods}
             fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.4 * len(CURVE_PANELS), 3.8), squeeze=False)
-            legend = {m: f"{CIFAR_LABELS[m]} ({len(arms[m])} seed{'s' if len(arms[m]) > 1 else ''})" for m in methods}
+            legend = {m: f"{CIFAR_LABELS[m]} ({len(arms[m])} seed{'s: mean, band = range' if len(arms[m]) > 1 else ''})"
+                      for m in methods}
             for ax, (key, label) in zip(axes[0], CURVE_PANELS):
                 for m in methods:
-                    ax.plot(*curves[m][key], marker=".", label=legend[m])
+                    epochs, values = points[m][key]
+                    line, = ax.plot(epochs, values.mean(0), marker=".", label=legend[m])
+                    if len(values) > 1:  # seed-to-seed range: is a gap between the arms larger than it?
+                        ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.25, lw=0)
                 ax.set_yscale("log")
                 ax.set_xlabel("epoch")
                 ax.set_title(label, fontsize=9)

@@ -753,3 +753,51 @@ def test_mse_crossing_is_where_the_deferred_arm_stays_below(deferred_mse, says):
     curves = {"baseline_ema": {"val_mse": (epochs, np.full(4, 3.0))},
               "deferred_ema": {"val_mse": (epochs, np.array(deferred_mse))}}
     assert says in evaluate._mse_crossing(curves, ("baseline_ema", "deferred_ema"))
+
+
+def test_evaluated_points_keep_every_seed_at_the_epochs_all_of_them_evaluated():
+    """Two seeds, one evaluated at an extra epoch and one missing a value: only the shared epochs
+    stay, one row per seed in run order, so the curve's mean and its seed band come from the same
+    points."""
+    def run(values):  # {epoch from 0: value}; None = not recorded at that evaluation
+        return {"history": [{"epoch": e, "val_mse": v} for e, v in values.items()]}
+    seed0 = run({9: 4.0, 19: 3.0, 29: 2.0})
+    seed1 = run({9: 6.0, 19: None, 29: 1.0, 39: 0.5})
+    epochs, values = evaluate._evaluated_points([seed0, seed1], "val_mse")
+    assert epochs.tolist() == [10, 30]
+    assert values.tolist() == [[4.0, 2.0], [6.0, 1.0]]
+    assert values.mean(0).tolist() == [5.0, 1.5]
+    assert evaluate._evaluated_points([seed0], "val_mse")[1].shape == (1, 3)
+
+
+def test_coverage_curves_average_two_seeds_and_draw_their_range(tmp_path, monkeypatch):
+    """Two seeds per arm: the curve table shows the seed mean at each evaluation, and the plot
+    draws each arm's seed range as a band (one fill per arm and panel) around that mean."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for method, cont in (("baseline_ema", 0), ("deferred_ema", 1)):
+        for seed, scale in ((0, 1.0), (1, 3.0)):
+            history = [{"epoch": e, "val_mse": 0.004 * scale / (e + 1) / (1 + cont),
+                        **({} if e < cont else {"val_perplexity": 10.0 * scale * (e + 1), "val_used_codes": 4 * (e + 1),
+                                                "codebook_euclidean": 0.5 * scale})} for e in range(3)]
+            fake_result(runs, {"method": method, "codebook_size": 16}, 0.003, 30.0, 1.0, name=f"{method}s{seed}",
+                        argv=("--epochs", "3", "--continuous-epochs", str(cont), "--seed", str(seed)), history=history)
+    import matplotlib.axes
+    fills = []
+    real_fill = matplotlib.axes.Axes.fill_between
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between",
+                        lambda ax, x, lo, hi, **kw: fills.append((list(x), list(lo), list(hi))) or real_fill(
+                            ax, x, lo, hi, **kw))
+    report = run_cli(evaluate.main, evaluate.build_parser(), ["tables", str(runs), "--out", str(tmp_path / "rep")])
+    curves = report.split("## Coverage over training")[1].split("\n## ")[0]
+    row3 = [line for line in curves.splitlines() if line.startswith("| 3 |")][0].split(" | ")
+    assert row3[1] == evaluate.fmt(20.0 * 3, 2) and row3[2] == evaluate.fmt(20.0 * 3, 2)  # mean of 30 and 90
+    assert row3[7] == evaluate.fmt(8.0 / 3, 2)  # baseline MSE x1e-3: mean of 4/3 and 12/3
+    assert row3[8].strip(" |") == evaluate.fmt(4.0 / 3, 2)  # deferred: half of it
+    assert len(fills) == 8  # 4 panels x 2 arms
+    mse_bands = [(x, lo, hi) for x, lo, hi in fills if max(hi) < 1]
+    assert len(mse_bands) == 2
+    for (x, lo, hi), factor in zip(mse_bands, (1.0, 0.5)):  # baseline first: seed 0 the minimum, seed 1 the maximum
+        assert list(x) == [1, 2, 3]
+        assert np.allclose(lo, [factor * 4e-3 / e for e in (1, 2, 3)])
+        assert np.allclose(hi, [factor * 12e-3 / e for e in (1, 2, 3)])
