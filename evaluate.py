@@ -1169,8 +1169,8 @@ def render_coverage_curves(results, out_dir):
                       for m in methods}
             for ax, (key, label) in zip(axes[0], CURVE_PANELS):
                 for m in methods:
+                    line, = ax.plot(*curves[m][key], marker=".", label=legend[m])
                     epochs, values = points[m][key]
-                    line, = ax.plot(epochs, values.mean(0), marker=".", label=legend[m])
                     if len(values) > 1:  # seed-to-seed range: is a gap between the arms larger than it?
                         ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.25, lw=0)
                 ax.set_yscale("log")

@@ -15,9 +15,9 @@
 # began flushing subnormal EMA state (commit d76384c; README "Training throughput on a CPU"), which
 # made their later epochs 12-17x faster. Fourth session (2026-12-03/04, code f312f8b): the 16,384 pair and
 # Table 9's Continuous 10 and 20 finished; Continuous 80 and the seed-1 4,096 baseline were running at
-# the stop (they resume from their .pt in runs/fmnist_long). Fifth session (2026-12-04, code 423fa4b): everything
-# up to the 8,192 pair finished; Continuous 60 / 100 were running at the stop. To continue the grid elsewhere, copy the committed JSONs
-# into $OUT first (`cp results/fashion_mnist/fig5_long/runs/*.json runs/fmnist_long/`), so finished
+# the stop (they resume from their .pt in runs/fmnist_long). Fifth session (2026-12-04, code
+# 423fa4b): everything up to the 8,192 pair finished; Continuous 60 / 100 were running at the stop.
+# To continue the grid elsewhere, copy the committed JSONs into $OUT first (`cp results/fashion_mnist/fig5_long/runs/*.json runs/fmnist_long/`), so finished
 # runs are skipped.
 set -u
 source ~/.cache/dq-venv/*/bin/activate
